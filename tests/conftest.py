@@ -25,7 +25,3 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: _nan_filled(_torch_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _nan_filled(_torch_empty_like(*a, **kw)))
 
-
-def requires_cuda(fn):
-    """GPU-only checks (large shapes, timing-free correctness on Hopper); recorded in docs when run there."""
-    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn)
