@@ -1,0 +1,83 @@
+"""Llama attention (full or sliding-window) with RoPE: flash-attn when installed, PyTorch SDPA otherwise."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .context import SequenceContext
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:  # flash-attn is optional; SDPA serves every case it would
+    flash_attn_func = None
+
+
+def attention_mask_for(
+    query_slots: torch.Tensor, key_slots: torch.Tensor, window: int | None, key_valid: torch.Tensor | None
+) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, Tq, Tk]: causal, within the window, keys not padding.
+
+    Slots are indices in the (left-padded) token stream; with left padding, slot distance equals token
+    distance between real tokens. A query may always see itself, so padded queries never get an
+    all-masked row (their outputs are ignored).
+    """
+    distance = query_slots[:, None] - key_slots[None, :]  # [Tq, Tk]
+    allowed = distance >= 0
+    if window is not None:
+        allowed = allowed & (distance < window)
+    allowed = allowed[None, None]  # [1, 1, Tq, Tk]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :].bool()
+    return allowed | (distance == 0)[None, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads; `window` set makes it sliding-window attention."""
+
+    def __init__(self, config, layer_idx: int, window: int | None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = window
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None) -> torch.Tensor:
+        """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a transformers DynamicLayer / DynamicSlidingWindowLayer."""
+        batch, length, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = context.position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [B, H, T, D], [B, Hkv, T, D]
+        if layer_cache is not None:
+            k, v = layer_cache.update(k, v)  # [B, Hkv, Tk, D]: cached keys (window-trimmed) then the new ones
+        out = self._attend(q, k, v, context.attention_mask, context.past_tokens)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _attend(self, q, k, v, attention_mask, past_tokens):
+        length, key_length = q.shape[2], k.shape[2]
+        total = past_tokens + length
+        padded = attention_mask is not None
+        windowed = self.window is not None and total > self.window
+        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not padded:
+            # flash-attn aligns the causal diagonal bottom-right, which is what a cache continuation needs.
+            window = (self.window - 1, 0) if self.window is not None else (-1, -1)
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window_size=window)
+            return out.transpose(1, 2)
+        gqa = self.num_heads != self.num_kv_heads
+        if not padded and not windowed and length == key_length:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa)
+        if not padded and not windowed and length == 1:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        key_slots = torch.arange(total - key_length, total, device=q.device)
+        query_slots = torch.arange(past_tokens, total, device=q.device)
+        key_valid = attention_mask[:, total - key_length : total] if padded else None
+        mask = attention_mask_for(query_slots, key_slots, self.window, key_valid)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

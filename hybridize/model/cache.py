@@ -1,0 +1,99 @@
+"""HybridCache: KV caches for attention layers and conv + recurrent states for Mamba2 / GDN layers, for `generate()`."""
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+
+class RecurrentLayerCache:
+    """The state one Mamba2 or GDN layer carries between forwards: a short-conv window and a recurrent state.
+
+    conv_state: [B, D_conv, W-1] (the last W-1 conv inputs), recurrent_state: [B, H, K, V] in fp32.
+    Both are set by the first (prefill) forward, then updated in place by single-token decode steps.
+    """
+
+    is_compileable = False
+    supports_early_init = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self):
+        self.conv_state: torch.Tensor | None = None
+        self.recurrent_state: torch.Tensor | None = None
+
+    @property
+    def has_state(self) -> bool:
+        return self.recurrent_state is not None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.conv_state, self.recurrent_state) if t is not None]
+
+    def _apply(self, fn) -> None:
+        if self.has_state:
+            self.conv_state, self.recurrent_state = fn(self.conv_state), fn(self.recurrent_state)
+
+    def reset(self) -> None:
+        self.conv_state = self.recurrent_state = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a recurrent state cannot be rolled back; assisted decoding is not supported")
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self) -> None:
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        """Offloading is not used for recurrent states: they are small and fixed-size."""
+
+
+def _layer_cache(config, kind: str):
+    if kind == "full_attention":
+        return DynamicLayer()
+    if kind == "sliding_attention":
+        return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)
+    return RecurrentLayerCache()
+
+
+class HybridCache(Cache):
+    """One layer cache per decoder layer, chosen by `config.layer_types`.
+
+    The number of tokens seen is tracked here rather than read off an attention layer, so that a
+    model with no attention layer at all still knows its position.
+    """
+
+    def __init__(self, config):
+        super().__init__(layers=[_layer_cache(config, kind) for kind in config.layer_types])
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    @property
+    def is_compileable(self) -> bool:
+        # generate() would otherwise build 4D masks from our config with HF's mask helpers; we build our own.
+        return False
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("HybridCache cannot be cropped: recurrent states cannot be rolled back")
+
+    def nbytes(self) -> int:
+        """Bytes held by every cached tensor (KV, conv windows, recurrent states)."""
+        total = 0
+        for layer in self.layers:
+            tensors = layer.tensors() if isinstance(layer, RecurrentLayerCache) else [layer.keys, layer.values]
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return total

@@ -1,0 +1,107 @@
+"""HybridConfig: a Llama decoder whose per-layer token mixer is attention, sliding-window attention, Mamba2 or GDN."""
+
+from transformers import PretrainedConfig
+
+LAYER_TYPES = ("full_attention", "sliding_attention", "mamba2", "gated_deltanet")
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+RECURRENT_TYPES = ("mamba2", "gated_deltanet")
+
+
+class HybridConfigError(ValueError):
+    """A HybridConfig field holds a value the model cannot be built from."""
+
+
+class HybridConfig(PretrainedConfig):
+    """Teacher (Llama) dimensions plus `layer_types` and the hyperparameters of each mixer.
+
+    Mixer sizes left as None are derived from the attention shape, which is what conversion from
+    attention needs: Mamba2 and GDN get one head per query head, with head and state dims equal to
+    `head_dim`. The derived values are written back, so a saved config is explicit.
+    """
+
+    model_type = "hybridize"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    layer_types: list[str] | None = None
+    sliding_window: int = 512
+    conv_kernel_size: int = 4
+    mamba_num_heads: int | None = None
+    mamba_head_dim: int | None = None
+    mamba_state_size: int | None = None
+    mamba_num_groups: int | None = None
+    mamba_chunk_size: int = 64
+    gdn_num_heads: int | None = None
+    gdn_num_k_heads: int | None = None
+    gdn_head_k_dim: int | None = None
+    gdn_head_v_dim: int | None = None
+    gdn_chunk_size: int = 64
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        self.layer_types = list(self.layer_types)
+        heads, dim = self.num_attention_heads, self.head_dim
+        self.mamba_num_heads = self.mamba_num_heads or heads
+        self.mamba_head_dim = self.mamba_head_dim or dim
+        self.mamba_state_size = self.mamba_state_size or dim
+        self.mamba_num_groups = self.mamba_num_groups or self.mamba_num_heads
+        self.gdn_num_heads = self.gdn_num_heads or heads
+        self.gdn_num_k_heads = self.gdn_num_k_heads or self.gdn_num_heads
+        self.gdn_head_k_dim = self.gdn_head_k_dim or dim
+        self.gdn_head_v_dim = self.gdn_head_v_dim or dim
+        super().__post_init__(**kwargs)
+        self.check()
+
+    def check(self) -> None:
+        """Raise HybridConfigError naming the first field that cannot work."""
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise HybridConfigError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
+            )
+        for i, kind in enumerate(self.layer_types):
+            if kind not in LAYER_TYPES:
+                raise HybridConfigError(f"layer_types[{i}] is {kind!r}; allowed values: {', '.join(LAYER_TYPES)}")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                 f"must divide num_attention_heads ({self.num_attention_heads}), got {self.num_key_value_heads}")
+        _require(self.mamba_num_heads % self.mamba_num_groups == 0, "mamba_num_groups",
+                 f"must divide mamba_num_heads ({self.mamba_num_heads}), got {self.mamba_num_groups}")
+        _require(self.gdn_num_heads % self.gdn_num_k_heads == 0, "gdn_num_k_heads",
+                 f"must divide gdn_num_heads ({self.gdn_num_heads}), got {self.gdn_num_k_heads}")
+        _require(2 <= self.conv_kernel_size <= 4, "conv_kernel_size", f"must be in 2..4, got {self.conv_kernel_size}")
+        _require(self.sliding_window >= 1, "sliding_window", f"must be >= 1, got {self.sliding_window}")
+        _require(self.hidden_act == "silu", "hidden_act", f"allowed values: silu; got {self.hidden_act!r}")
+        for name in ("mamba_chunk_size", "gdn_chunk_size"):
+            value = getattr(self, name)
+            _require(value in (16, 32, 64, 128), name, f"allowed values: 16, 32, 64, 128; got {value}")
+
+    def count(self, kind: str) -> int:
+        return sum(t == kind for t in self.layer_types)
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise HybridConfigError(f"{field} {message}")

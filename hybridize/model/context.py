@@ -1,0 +1,22 @@
+"""SequenceContext: what every token mixer may need about the current forward, passed as one object."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SequenceContext:
+    """position_embeddings: RoPE (cos, sin) [B, T, D], used by attention only.
+    attention_mask: [B, past_tokens + T] with 0 at left padding, or None when nothing is padded.
+    past_tokens: tokens already in the cache before this forward.
+    """
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    attention_mask: torch.Tensor | None
+    past_tokens: int
+
+    @property
+    def new_tokens_mask(self) -> torch.Tensor | None:
+        """[B, T] mask of the tokens in this forward, or None."""
+        return None if self.attention_mask is None else self.attention_mask[:, self.past_tokens :]

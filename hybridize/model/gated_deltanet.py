@@ -1,0 +1,104 @@
+"""Gated DeltaNet token mixer: short conv + SiLU on q, k, v; L2-normed q, k; gated delta rule; gated RMSNorm output."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .context import SequenceContext
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class GatedDeltaNetMixer(nn.Module):
+    """S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,  o_t = S_t^T q_t / sqrt(d_k),  out = W_o RMSNorm(o) * silu(W_g x).
+
+    a_t = exp(-exp(A_log) * softplus(W_a x_t + dt_bias)) and b_t = sigmoid(W_b x_t), one of each per head.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.gdn_num_heads
+        self.num_k_heads = config.gdn_num_k_heads
+        self.head_k_dim = config.gdn_head_k_dim
+        self.head_v_dim = config.gdn_head_v_dim
+        self.chunk_size = config.gdn_chunk_size
+        self.norm_eps = config.rms_norm_eps
+        hidden = config.hidden_size
+        key_dim, value_dim = self.num_k_heads * self.head_k_dim, self.num_heads * self.head_v_dim
+        self.q_proj = nn.Linear(hidden, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, value_dim, bias=False)
+        self.a_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.b_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.g_proj = nn.Linear(hidden, value_dim, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(2 * key_dim + value_dim, config.conv_kernel_size))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.norm_weight = nn.Parameter(torch.empty(self.head_v_dim))
+        self.o_proj = nn.Linear(value_dim, hidden, bias=False)
+
+    @property
+    def conv_channels(self) -> tuple[int, int, int]:
+        key_dim = self.num_k_heads * self.head_k_dim
+        return key_dim, key_dim, self.num_heads * self.head_v_dim
+
+    @torch.no_grad()
+    def new_parameter_values(self) -> dict[str, torch.Tensor]:
+        """Values for the parameters attention has no counterpart of (GDN's own initialization)."""
+        dt = torch.exp(torch.rand(self.num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+        width = self.conv_weight.shape[1]
+        return {
+            "conv_weight": torch.empty_like(self.conv_weight).uniform_(-(width**-0.5), width**-0.5),
+            "A_log": torch.log(torch.empty(self.num_heads).uniform_(1, 16)),
+            "dt_bias": dt + torch.log(-torch.expm1(-dt)),  # inverse softplus
+            "norm_weight": torch.ones(self.head_v_dim),
+        }
+
+    def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None) -> torch.Tensor:
+        """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a RecurrentLayerCache."""
+        batch, length, _ = hidden_states.shape
+        mask = context.new_tokens_mask
+        keep = None if mask is None else mask[:, :, None].to(hidden_states.dtype)  # [B, T, 1]
+        if keep is not None:
+            # Zero q, k, v at left-padding positions: k = 0 leaves the state at zero until the first real token.
+            hidden_states = hidden_states * keep
+        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
+        decoding = layer_cache is not None and layer_cache.has_state and length == 1
+        if decoding:
+            qkv = ops.causal_conv1d_step(qkv[:, 0], self.conv_weight, None, conv_state=layer_cache.conv_state,
+                                         activation="silu")[:, None]
+        else:
+            qkv, conv_state = ops.causal_conv1d(
+                qkv, self.conv_weight, None, activation="silu",
+                initial_state=layer_cache.conv_state if layer_cache is not None else None,
+                output_final_state=layer_cache is not None,
+            )  # [B, T, D_conv]
+        if keep is not None:
+            qkv = qkv * keep
+        q, k, v = torch.split(qkv, self.conv_channels, dim=-1)
+        q = l2_normalize(q.view(batch, length, self.num_k_heads, self.head_k_dim))  # [B, T, HK, K]
+        k = l2_normalize(k.view(batch, length, self.num_k_heads, self.head_k_dim))  # [B, T, HK, K]
+        v = v.view(batch, length, self.num_heads, self.head_v_dim)  # [B, T, H, V]
+        beta = torch.sigmoid(self.b_proj(hidden_states).float())  # [B, T, H]
+        g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias)  # [B, T, H]
+        scale = self.head_k_dim**-0.5
+        if decoding:
+            o = ops.gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], layer_cache.recurrent_state,
+                                     scale=scale)[:, None]
+        else:
+            o, state = ops.chunk_gated_delta_rule(
+                q, k, v, g, beta, scale=scale, chunk_size=self.chunk_size,
+                initial_state=layer_cache.recurrent_state if layer_cache is not None else None,
+                output_final_state=layer_cache is not None,
+            )  # [B, T, H, V]
+            if layer_cache is not None:
+                layer_cache.conv_state, layer_cache.recurrent_state = conv_state, state
+        gate = self.g_proj(hidden_states).view(batch, length, self.num_heads, self.head_v_dim)
+        o = ops.gated_rms_norm(o, gate, self.norm_weight, eps=self.norm_eps)
+        return self.o_proj(o.reshape(batch, length, -1))

@@ -1,0 +1,104 @@
+"""Mamba2 token mixer: short conv on [x, B, C], scalar-decay SSD recurrence, D skip, gated RMSNorm, out projection."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .context import SequenceContext
+
+
+class Mamba2Mixer(nn.Module):
+    """S_t = a_t S_{t-1} + B_t (x_t dt_t)^T,  y_t = scale * S_t^T C_t + D x_t,  out = W_out RMSNorm(y) * silu(z).
+
+    Projections are separate modules named after what they make (z, x, B, C, dt), so conversion from
+    attention reads as `C <- W_q, B <- W_k, x <- W_v, out <- W_o`.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.state_size = config.mamba_state_size
+        self.num_groups = config.mamba_num_groups
+        self.chunk_size = config.mamba_chunk_size
+        self.norm_eps = config.rms_norm_eps
+        hidden, inner, bc = config.hidden_size, self.num_heads * self.head_dim, self.num_groups * self.state_size
+        self.z_proj = nn.Linear(hidden, inner, bias=False)
+        self.x_proj = nn.Linear(hidden, inner, bias=False)
+        self.B_proj = nn.Linear(hidden, bc, bias=False)
+        self.C_proj = nn.Linear(hidden, bc, bias=False)
+        self.dt_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(inner + 2 * bc, config.conv_kernel_size))
+        self.conv_bias = nn.Parameter(torch.empty(inner + 2 * bc))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm_weight = nn.Parameter(torch.empty(self.head_dim))
+        self.out_proj = nn.Linear(inner, hidden, bias=False)
+
+    @property
+    def conv_channels(self) -> tuple[int, int, int]:
+        inner, bc = self.num_heads * self.head_dim, self.num_groups * self.state_size
+        return inner, bc, bc
+
+    @torch.no_grad()
+    def new_parameter_values(self) -> dict[str, torch.Tensor]:
+        """Values for the parameters attention has no counterpart of (Mamba2's own initialization)."""
+        dt = torch.exp(torch.rand(self.num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+        return {
+            "conv_weight": torch.empty_like(self.conv_weight).uniform_(-0.5, 0.5),
+            "conv_bias": torch.zeros_like(self.conv_bias),
+            "A_log": torch.log(torch.empty(self.num_heads).uniform_(1, 16)),
+            "dt_bias": dt + torch.log(-torch.expm1(-dt)),  # inverse softplus
+            "D": torch.ones(self.num_heads),
+            "norm_weight": torch.ones(self.head_dim),
+        }
+
+    def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None) -> torch.Tensor:
+        """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a RecurrentLayerCache."""
+        batch, length, _ = hidden_states.shape
+        mask = context.new_tokens_mask
+        keep = None if mask is None else mask[:, :, None].to(hidden_states.dtype)  # [B, T, 1]
+        if keep is not None:
+            # Zeroed inputs at left-padding positions leave the state at zero until the first real token.
+            hidden_states = hidden_states * keep
+        xbc = torch.cat([self.x_proj(hidden_states), self.B_proj(hidden_states), self.C_proj(hidden_states)], -1)
+        decoding = layer_cache is not None and layer_cache.has_state and length == 1
+        if decoding:
+            xbc = ops.causal_conv1d_step(
+                xbc[:, 0], self.conv_weight, self.conv_bias, conv_state=layer_cache.conv_state, activation="silu"
+            )[:, None]
+        else:
+            xbc, conv_state = ops.causal_conv1d(
+                xbc, self.conv_weight, self.conv_bias, activation="silu",
+                initial_state=layer_cache.conv_state if layer_cache is not None else None,
+                output_final_state=layer_cache is not None,
+            )  # [B, T, D_conv]
+        if keep is not None:
+            xbc = xbc * keep
+        x, b, c = torch.split(xbc, self.conv_channels, dim=-1)
+        x = x.view(batch, length, self.num_heads, self.head_dim)  # [B, T, H, P]
+        b = b.view(batch, length, self.num_groups, self.state_size)  # [B, T, G, N]
+        c = c.view(batch, length, self.num_groups, self.state_size)  # [B, T, G, N]
+        dt = F.softplus(self.dt_proj(hidden_states).float() + self.dt_bias)  # [B, T, H]
+        g = -torch.exp(self.A_log.float()) * dt  # [B, T, H] log decay
+        v = x * dt[..., None].to(x.dtype)
+        scale = self.state_size**-0.5
+        if decoding:
+            y = ops.ssd_step(c[:, 0], b[:, 0], v[:, 0], g[:, 0], layer_cache.recurrent_state, scale=scale)[:, None]
+        else:
+            y, state = ops.chunk_ssd(
+                c, b, v, g, scale=scale, chunk_size=self.chunk_size,
+                initial_state=layer_cache.recurrent_state if layer_cache is not None else None,
+                output_final_state=layer_cache is not None,
+            )  # [B, T, H, P]
+            if layer_cache is not None:
+                layer_cache.conv_state, layer_cache.recurrent_state = conv_state, state
+        y = y + self.D[:, None].to(y.dtype) * x
+        z = self.z_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
+        y = ops.gated_rms_norm(y, z, self.norm_weight, eps=self.norm_eps)
+        return self.out_proj(y.reshape(batch, length, -1))

