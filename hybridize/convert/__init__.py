@@ -1,0 +1,1 @@
+"""Conversion: plans, attention-to-mixer initializers, the streaming builder and `hybridize convert`."""

@@ -1,0 +1,122 @@
+"""Build a hybrid from teacher tensors: the config, a declarative key map, and a model that owns the mapped tensors.
+
+Every teacher tensor is consumed by the key map or an initializer, or dropped with a stated reason;
+anything else stops the conversion, so a teacher with parts we do not understand is never half-converted.
+"""
+
+import re
+from collections.abc import Callable
+
+import torch
+from transformers import PretrainedConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from ..errors import UserError
+from ..model import HybridConfig, HybridForCausalLM
+from ..model.configuration_hybrid import RECURRENT_TYPES
+from .init import INITIALIZERS, InitOptions
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+# teacher key -> hybrid key; "{i}" is a layer index. self_attn tensors go through INITIALIZERS instead.
+KEPT_KEYS = {
+    "model.embed_tokens.weight": "model.embed_tokens.weight",
+    "model.norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{i}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "model.layers.{i}.mlp.{proj}.weight": "model.layers.{i}.mlp.{proj}.weight",
+    "model.layers.{i}.mlp.{proj}.bias": "model.layers.{i}.mlp.{proj}.bias",
+}
+DROPPED_KEYS = {
+    r"model\.rotary_emb\.inv_freq|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq": "recomputed from the config",
+}
+_FIELDS = {"i": r"(?P<i>\d+)", "proj": r"(?P<proj>gate_proj|up_proj|down_proj)"}
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    for name, group in _FIELDS.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), group)
+    return re.compile(pattern + "$")
+
+
+_KEPT = [(_template_regex(src), dst) for src, dst in KEPT_KEYS.items()]
+
+
+def check_teacher(config: PretrainedConfig) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"teacher architecture {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(Llama-family decoders: RMSNorm, SwiGLU MLP, RoPE, grouped KV heads)"
+        )
+
+
+def hybrid_config_from_teacher(teacher_config: PretrainedConfig, layer_types: list[str], **mixer_options) -> HybridConfig:
+    """The teacher's dimensions, token ids and RoPE, with `layer_types` and mixer options on top."""
+    check_teacher(teacher_config)
+    shared = {
+        name: getattr(teacher_config, name)
+        for name in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+            "rms_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
+            "rope_parameters", "attention_bias", "mlp_bias",
+        )
+    }
+    return HybridConfig(layer_types=list(layer_types), dtype=teacher_config.dtype, **shared, **mixer_options)
+
+
+def convert_state(
+    keys: list[str], read: Callable[[str], torch.Tensor], config: HybridConfig, options: InitOptions, seed: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(hybrid state dict, {dropped teacher key: reason}); reads each teacher tensor once, layer by layer."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    state: dict[str, torch.Tensor] = {}
+    consumed: set[str] = set()
+    for key in keys:
+        for regex, target in _KEPT:
+            if match := regex.match(key):
+                state[target.format(**match.groupdict())] = read(key)
+                consumed.add(key)
+    for i, kind in enumerate(config.layer_types):
+        prefix = f"model.layers.{i}.self_attn."
+        attention_keys = [k for k in keys if k.startswith(prefix) and k[len(prefix):].split(".")[0] in
+                          ("q_proj", "k_proj", "v_proj", "o_proj")]
+        attention = {k[len(prefix):]: read(k) for k in attention_keys}
+        if kind in RECURRENT_TYPES and any(k.endswith(".bias") for k in attention):
+            raise UserError(f"layer {i}: attention biases have no place in a {kind} layer; keep it as attention")
+        for name, tensor in INITIALIZERS[kind](attention, config, options, generator).items():
+            state[f"model.layers.{i}.mixer.{name}"] = tensor.to(dtype)
+        consumed.update(attention_keys)
+    dropped = {k: reason for k in keys if k not in consumed for pattern, reason in DROPPED_KEYS.items()
+               if re.fullmatch(pattern, k)}
+    if config.tie_word_embeddings and "lm_head.weight" in state:
+        dropped["lm_head.weight"] = "tied to model.embed_tokens.weight"
+        del state["lm_head.weight"]
+    leftover = sorted(set(keys) - consumed - set(dropped))
+    if leftover:
+        raise UserError(f"teacher tensors with no mapping: {', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}")
+    return state, dropped
+
+
+def model_from_state(config: HybridConfig, state: dict[str, torch.Tensor]) -> HybridForCausalLM:
+    """A HybridForCausalLM that owns `state`'s tensors (no second copy is allocated)."""
+    with torch.device("meta"):
+        model = HybridForCausalLM(config)
+    if config.tie_word_embeddings:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    model.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers are not in any state dict: rebuild RoPE's inverse frequencies for real.
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    model.tie_weights()
+    return model.eval()
+
+
+def convert_model(teacher, layer_types: list[str], *, seed: int = 0, options: InitOptions = InitOptions()):
+    """In memory: a HybridForCausalLM initialized from `teacher` (a LlamaForCausalLM) for `layer_types`."""
+    config = hybrid_config_from_teacher(teacher.config, layer_types)
+    teacher_state = teacher.state_dict()
+    state, _ = convert_state(list(teacher_state), lambda k: teacher_state[k].detach().clone(), config, options, seed)
+    return model_from_state(config, state)

@@ -1,0 +1,136 @@
+"""Initializers: one pure function per mapping from a teacher attention layer to a hybrid mixer.
+
+Each takes the teacher layer's attention tensors {"q_proj", "k_proj", "v_proj", "o_proj"} (weights, [out, in]),
+the HybridConfig and the InitOptions, and returns the mixer's full state dict. Parameters attention has
+no counterpart for are set by the options; docs/conversion.md records how each choice was measured.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+ATTENTION_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    """conv: "identity" makes the short conv pass x_t through (then SiLU); "random" is the mixer's own init.
+    gate: "zero" makes silu(gate) = 0, so a converted layer starts as an exact skip and the model equals the
+    teacher with that attention layer removed; "random" is a small random projection.
+    decay: "slow" starts every head near a_t = exp(-0.01) (memory of ~100 tokens); "random" spreads heads
+    over Mamba2's usual range (A in [1, 16], dt in [0.001, 0.1]).
+    """
+
+    conv: str = "identity"
+    gate: str = "zero"
+    decay: str = "slow"
+
+    def __post_init__(self):
+        for field, allowed in (("conv", ("identity", "random")), ("gate", ("zero", "random")),
+                               ("decay", ("slow", "random"))):
+            if getattr(self, field) not in allowed:
+                raise UserError(f"init option {field}={getattr(self, field)!r}; allowed: {', '.join(allowed)}")
+
+
+def repeat_heads(weight: torch.Tensor, num_heads: int, head_dim: int, times: int) -> torch.Tensor:
+    """[num_heads * head_dim, C] -> [num_heads * times * head_dim, C], each head repeated `times` (GQA expansion)."""
+    return weight.view(num_heads, head_dim, -1).repeat_interleave(times, dim=0).reshape(-1, weight.shape[-1])
+
+
+def _conv_weight(channels: int, width: int, options: InitOptions, generator: torch.Generator) -> torch.Tensor:
+    if options.conv == "identity":
+        weight = torch.zeros(channels, width)
+        weight[:, -1] = 1.0  # the newest input only
+        return weight
+    bound = width**-0.5
+    return torch.rand(channels, width, generator=generator) * 2 * bound - bound
+
+
+def _decay(num_heads: int, options: InitOptions, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_log, dt_bias) with a = exp(-exp(A_log) * softplus(dt_bias)) when the dt/alpha projection is zero."""
+    if options.decay == "slow":
+        dt = torch.full((num_heads,), 0.01)
+        a = torch.ones(num_heads)
+    else:
+        dt = torch.exp(torch.rand(num_heads, generator=generator) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+        a = torch.rand(num_heads, generator=generator) * 15 + 1
+    return torch.log(a), dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+
+
+def _gate(rows: int, columns: int, options: InitOptions, std: float, generator: torch.Generator) -> torch.Tensor:
+    if options.gate == "zero":
+        return torch.zeros(rows, columns)
+    return torch.randn(rows, columns, generator=generator) * std
+
+
+def _check_heads(config, mixer: str, heads: int, groups: int, dims: tuple[int, ...]) -> None:
+    want = (config.num_attention_heads, config.num_attention_heads) + (config.head_dim,) * len(dims)
+    if (heads, groups) + dims != want:
+        raise UserError(
+            f"{mixer} init from attention needs heads = groups = {config.num_attention_heads} and head/state dims = "
+            f"{config.head_dim} (the teacher's), got heads={heads}, groups={groups}, dims={dims}"
+        )
+
+
+def attention_to_attention(attention: dict[str, torch.Tensor], config, options: InitOptions,
+                           generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Full or sliding-window attention: the same weights (the window is in the config)."""
+    return {f"{name}.{kind}": t.clone() for name in ATTENTION_KEYS for kind in ("weight", "bias")
+            if (t := attention.get(f"{name}.{kind}")) is not None}
+
+
+def attention_to_mamba2(attention: dict[str, torch.Tensor], config, options: InitOptions,
+                        generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """C <- W_q, B <- W_k, x <- W_v (KV heads repeated to every query head), out <- W_o; D = 0 like attention."""
+    heads, dim, group = config.mamba_num_heads, config.mamba_head_dim, config.num_attention_heads // config.num_key_value_heads
+    _check_heads(config, "mamba2", heads, config.mamba_num_groups, (dim, config.mamba_state_size))
+    kv_heads, hidden = config.num_key_value_heads, config.hidden_size
+    a_log, dt_bias = _decay(heads, options, generator)
+    channels = heads * dim + 2 * config.mamba_num_groups * config.mamba_state_size
+    return {
+        "z_proj.weight": _gate(heads * dim, hidden, options, config.initializer_range, generator),
+        "x_proj.weight": repeat_heads(attention["v_proj.weight"], kv_heads, dim, group),
+        "B_proj.weight": repeat_heads(attention["k_proj.weight"], kv_heads, dim, group),
+        "C_proj.weight": attention["q_proj.weight"].clone(),
+        "dt_proj.weight": torch.zeros(heads, hidden),
+        "conv_weight": _conv_weight(channels, config.conv_kernel_size, options, generator),
+        "conv_bias": torch.zeros(channels),
+        "A_log": a_log,
+        "dt_bias": dt_bias,
+        "D": torch.zeros(heads),
+        "norm_weight": torch.ones(dim),
+        "out_proj.weight": attention["o_proj.weight"].clone(),
+    }
+
+
+def attention_to_gated_deltanet(attention: dict[str, torch.Tensor], config, options: InitOptions,
+                                generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """q <- W_q, k <- W_k, v <- W_v (KV heads repeated to every query head), o <- W_o; beta starts at 1/2."""
+    heads, group = config.gdn_num_heads, config.num_attention_heads // config.num_key_value_heads
+    _check_heads(config, "gated_deltanet", heads, config.gdn_num_k_heads, (config.gdn_head_k_dim, config.gdn_head_v_dim))
+    dim, kv_heads, hidden = config.head_dim, config.num_key_value_heads, config.hidden_size
+    a_log, dt_bias = _decay(heads, options, generator)
+    return {
+        "q_proj.weight": attention["q_proj.weight"].clone(),
+        "k_proj.weight": repeat_heads(attention["k_proj.weight"], kv_heads, dim, group),
+        "v_proj.weight": repeat_heads(attention["v_proj.weight"], kv_heads, dim, group),
+        "a_proj.weight": torch.zeros(heads, hidden),
+        "b_proj.weight": torch.zeros(heads, hidden),
+        "g_proj.weight": _gate(heads * dim, hidden, options, config.initializer_range, generator),
+        "conv_weight": _conv_weight(3 * heads * dim, config.conv_kernel_size, options, generator),
+        "A_log": a_log,
+        "dt_bias": dt_bias,
+        "norm_weight": torch.ones(dim),
+        "o_proj.weight": attention["o_proj.weight"].clone(),
+    }
+
+
+INITIALIZERS = {
+    "full_attention": attention_to_attention,
+    "sliding_attention": attention_to_attention,
+    "mamba2": attention_to_mamba2,
+    "gated_deltanet": attention_to_gated_deltanet,
+}

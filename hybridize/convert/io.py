@@ -1,0 +1,119 @@
+"""`convert_to_folder`: teacher + plan -> a self-contained hybrid folder, written atomically, with its report.
+
+Order of work, chosen so peak memory stays near one model copy:
+1. load the teacher; run it once on the calibration batch, keeping each replaced layer's attention input/output
+   and the teacher's log-probs;
+2. free the teacher, then stream its safetensors tensor by tensor into the hybrid's state (layer by layer);
+3. measure the hybrid against what was kept in 1, and write everything to a temporary folder renamed at the end.
+"""
+
+import json
+import resource
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .. import __version__
+from ..corpus import calibration_batch
+from ..errors import UserError
+from ..teacher import load_teacher, teacher_folder, teacher_identity
+from ..teacher_forcing import capture_mixer_io
+from .build import check_teacher, convert_state, hybrid_config_from_teacher, model_from_state
+from .init import InitOptions
+from .plan import describe, resolve_plan
+from .report import conversion_report, format_report, next_token_stats
+
+
+class _SafetensorsReader:
+    """Reads tensors one at a time from a folder's *.safetensors files; any unreadable file is a UserError."""
+
+    def __init__(self, folder: Path):
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{folder}: no *.safetensors weight files (other formats are not supported)")
+        self._handles, self._where = [], {}
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise UserError(f"weight file {path} is unreadable or corrupt: {err}") from err
+            self._handles.append(handle)
+            self._where.update((key, handle) for key in handle.keys())
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def read(self, key: str) -> torch.Tensor:
+        try:
+            return self._where[key].get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"weight tensor {key} is unreadable or corrupt: {err}") from err
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def convert_to_folder(
+    teacher_name: str | None, plan_spec, out_dir: str | Path, *, seed: int = 0, overwrite: bool = False,
+    options: InitOptions = InitOptions(), calibration_seq_len: int = 256, log=print,
+) -> Path:
+    """Write the converted hybrid to `out_dir` and return it; the report is also in out_dir/conversion.json."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"output directory {out_dir} exists; pass --overwrite to replace it")
+    folder = teacher_folder(teacher_name)
+    teacher, tokenizer = load_teacher(teacher_name)
+    check_teacher(teacher.config)
+    plan = resolve_plan(plan_spec, teacher.config.num_hidden_layers)
+    log("plan:\n" + describe(plan))
+    config = hybrid_config_from_teacher(teacher.config, plan)
+    generation_config = teacher.generation_config
+
+    input_ids = calibration_batch(tokenizer, seq_len=calibration_seq_len, blocks_per_domain=1)
+    replaced = [i for i, kind in enumerate(plan) if kind != "full_attention"]
+    captured = capture_mixer_io(teacher, input_ids, replaced)
+    with torch.no_grad():
+        teacher_logprobs, teacher_nll = next_token_stats(teacher(input_ids=input_ids, use_cache=False).logits, input_ids)
+    del teacher
+
+    reader = _SafetensorsReader(folder)
+    state, dropped = convert_state(reader.keys(), reader.read, config, options, seed)
+    student = model_from_state(config, state)
+    student.generation_config = generation_config
+    report = conversion_report(student, captured, input_ids, teacher_logprobs, teacher_nll)
+    log(format_report(report))
+    record = {
+        "hybridize_version": __version__,
+        "teacher": teacher_identity(teacher_name),
+        "layer_types": plan,
+        "plan_spec": plan_spec if isinstance(plan_spec, str) else "list",
+        "seed": seed,
+        "init_options": vars(options),
+        "dropped_teacher_tensors": dropped,
+        "peak_rss_gib": round(_peak_rss_gib(), 3),
+        "report": report,
+    }
+    _write_atomically(out_dir, student, tokenizer, record, overwrite)
+    log(f"wrote {out_dir} (peak RSS {record['peak_rss_gib']:.2f} GiB)")
+    return out_dir
+
+
+def _write_atomically(out_dir: Path, student, tokenizer, record: dict, overwrite: bool) -> None:
+    """Everything goes to a hidden sibling folder first; only a complete folder is renamed into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        student.save_pretrained(staging, max_shard_size="2GB")
+        tokenizer.save_pretrained(staging)
+        (staging / "conversion.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists() and overwrite:
+            shutil.rmtree(out_dir)
+        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

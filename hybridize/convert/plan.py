@@ -1,0 +1,105 @@
+"""Plans: the mixer type of every layer, from a list, a compact spec, a JSON file, or a named pattern with a budget.
+
+Accepted forms of a plan spec (resolved against the teacher's layer count):
+- a list of layer types, one per layer;
+- a compact spec: "full_attention:0,7,14,21 gated_deltanet:rest" (each layer named once; "rest" fills the others);
+- a JSON file with a "layer_types" list (what `hybridize analyze` writes);
+- "uniform:K[:MIXER]": K full-attention layers spread evenly through the depth, the rest MIXER (gated_deltanet);
+- "h2:K": K full-attention layers spread evenly, the rest cycling Mamba2 -> Gated DeltaNet -> sliding window,
+  the ordering seeds/000 and seeds/003 (Table S.1) found best when training from scratch;
+- "all:MIXER": every layer MIXER ("all:full_attention" reproduces the teacher).
+"""
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from ..model.configuration_hybrid import LAYER_TYPES, RECURRENT_TYPES
+
+H2_CYCLE = ("mamba2", "gated_deltanet", "sliding_attention")
+
+
+def uniform_positions(num_layers: int, budget: int) -> list[int]:
+    """K indices spread evenly, centred in K equal segments: never layer 0 unless K is large."""
+    return sorted({int((i + 0.5) * num_layers / budget) for i in range(budget)})
+
+
+def _check_budget(text: str, num_layers: int) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= num_layers:
+        raise UserError(f"attention budget must be an integer in 0..{num_layers}, got {text!r}")
+    return int(text)
+
+
+def _check_type(kind: str, allowed=LAYER_TYPES) -> str:
+    if kind not in allowed:
+        raise UserError(f"unknown layer type {kind!r}; allowed: {', '.join(allowed)}")
+    return kind
+
+
+def _pattern(name: str, args: list[str], num_layers: int) -> list[str]:
+    if name == "all":
+        if len(args) != 1:
+            raise UserError("pattern 'all' takes one layer type: all:MIXER")
+        return [_check_type(args[0])] * num_layers
+    if name not in ("uniform", "h2") or not args:
+        raise UserError(f"unknown plan pattern {name!r}; use uniform:K[:MIXER], h2:K or all:MIXER")
+    budget = _check_budget(args[0], num_layers)
+    kept = set(uniform_positions(num_layers, budget)) if budget else set()
+    if name == "uniform":
+        mixer = _check_type(args[1], RECURRENT_TYPES + ("sliding_attention",)) if len(args) > 1 else "gated_deltanet"
+        return ["full_attention" if i in kept else mixer for i in range(num_layers)]
+    replaced = [i for i in range(num_layers) if i not in kept]
+    plan = ["full_attention"] * num_layers
+    for n, i in enumerate(replaced):
+        plan[i] = H2_CYCLE[n % len(H2_CYCLE)]
+    return plan
+
+
+def _compact(spec: str, num_layers: int) -> list[str]:
+    plan: list[str | None] = [None] * num_layers
+    rest = None
+    for part in spec.split():
+        kind, _, where = part.partition(":")
+        _check_type(kind)
+        if where == "rest":
+            rest = kind
+            continue
+        for token in where.split(","):
+            if not token.isdigit() or int(token) >= num_layers:
+                raise UserError(f"plan {part!r}: layer index {token!r} is not in 0..{num_layers - 1}")
+            if plan[int(token)] is not None:
+                raise UserError(f"plan {part!r}: layer {token} is named twice")
+            plan[int(token)] = kind
+    missing = [i for i, kind in enumerate(plan) if kind is None]
+    if missing and rest is None:
+        raise UserError(f"plan leaves layers {missing} unnamed; add e.g. 'gated_deltanet:rest'")
+    return [kind if kind is not None else rest for kind in plan]
+
+
+def resolve_plan(spec: str | list[str], num_layers: int) -> list[str]:
+    """The layer types of a plan spec (see the module docstring), checked against `num_layers`."""
+    if isinstance(spec, str) and spec.endswith(".json"):
+        path = Path(spec)
+        try:
+            spec = json.loads(path.read_text())["layer_types"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"plan file {path}: cannot read a 'layer_types' list ({err})") from err
+    if isinstance(spec, str):
+        head, *args = spec.split(":")
+        plan = _pattern(head, args, num_layers) if head in ("uniform", "h2", "all") else _compact(spec, num_layers)
+    else:
+        plan = [_check_type(kind) for kind in spec]
+    if len(plan) != num_layers:
+        raise UserError(f"plan has {len(plan)} layers but the model has {num_layers}")
+    return plan
+
+
+def describe(plan: list[str]) -> str:
+    """One line per mixer type with its layer indices, for printing the resolved plan."""
+    short = {"full_attention": "A", "sliding_attention": "S", "mamba2": "M", "gated_deltanet": "G"}
+    lines = ["".join(short[k] for k in plan) + "   (A attention, S sliding window, M Mamba2, G Gated DeltaNet)"]
+    for kind in LAYER_TYPES:
+        layers = [i for i, k in enumerate(plan) if k == kind]
+        if layers:
+            lines.append(f"  {kind:<18} {len(layers):>3}: {','.join(map(str, layers))}")
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""The conversion report: per-layer step-0 error against the teacher's attention, model-level KL and perplexity ratio."""
+
+import torch
+import torch.nn.functional as F
+
+from ..teacher_forcing import relative_error, student_mixer_outputs
+
+
+@torch.no_grad()
+def next_token_stats(logits: torch.Tensor, input_ids: torch.LongTensor) -> tuple[torch.Tensor, float]:
+    """(log-probs [B, T-1, V] in fp32, mean next-token cross-entropy)."""
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logprobs.gather(-1, input_ids[:, 1:, None]).mean().item()
+    return logprobs, nll
+
+
+@torch.no_grad()
+def conversion_report(
+    student, captured: dict[int, tuple[torch.Tensor, torch.Tensor]], input_ids: torch.LongTensor,
+    teacher_logprobs: torch.Tensor, teacher_nll: float,
+) -> dict:
+    """Step-0 numbers for a converted model, measured on the teacher's calibration batch."""
+    outputs = student_mixer_outputs(student, {i: x for i, (x, _) in captured.items()})
+    layers = [
+        {"layer": i, "type": student.config.layer_types[i], "relative_error": relative_error(outputs[i], y)}
+        for i, (_, y) in sorted(captured.items())
+    ]
+    logprobs, nll = next_token_stats(student(input_ids=input_ids, use_cache=False).logits, input_ids)
+    kl = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(-1).mean().item()
+    return {
+        "calibration_tokens": input_ids.numel(),
+        "layers": layers,
+        "kl_teacher_hybrid": kl,
+        "teacher_ppl": float(torch.tensor(teacher_nll).exp()),
+        "hybrid_ppl": float(torch.tensor(nll).exp()),
+        "ppl_ratio": float(torch.tensor(nll - teacher_nll).exp()),
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = ["layer  type               step-0 rel. error vs teacher attention"]
+    lines += [f"{row['layer']:>5}  {row['type']:<18} {row['relative_error']:.4f}" for row in report["layers"]]
+    if not report["layers"]:
+        lines.append("  (no layer replaced)")
+    lines.append(
+        f"KL(teacher||hybrid) {report['kl_teacher_hybrid']:.4f} nats/token   ppl {report['hybrid_ppl']:.2f} vs teacher "
+        f"{report['teacher_ppl']:.2f} (ratio {report['ppl_ratio']:.3f}) on {report['calibration_tokens']} held-out tokens"
+    )
+    return "\n".join(lines)
