@@ -25,3 +25,11 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: _nan_filled(_torch_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _nan_filled(_torch_empty_like(*a, **kw)))
 
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M teacher and tokenizer, loaded once per test session (fp32, CPU)."""
+    from hybridize.teacher import load_teacher
+
+    return load_teacher()

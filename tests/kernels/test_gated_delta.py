@@ -1,0 +1,211 @@
+"""Gated delta rule: reference chunk form vs the loop, Triton (interpreted on CPU) vs the loop, decode step, dispatch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_rel_rmse, requires_cuda
+
+from hybridize.kernels.gated_delta import chunk_gated_delta_rule, gated_delta_step, reference
+
+# Per-tensor relative-RMSE tolerances. fp32 Triton vs fp32 loop differs only by summation order.
+FP32_TOL = {"o": 1e-5, "ht": 1e-5, "dq": 1e-5, "dk": 1e-5, "dv": 1e-5, "dg": 5e-5, "dbeta": 1e-5, "dh0": 1e-5}
+# bf16 inputs on the GPU against the fp32 reference fed the same (rounded) inputs.
+BF16_TOL = {"o": 1e-2, "ht": 1e-2, "dq": 2e-2, "dk": 2e-2, "dv": 2e-2, "dg": 5e-2, "dbeta": 2e-2, "dh0": 2e-2}
+
+
+def make_inputs(B, T, HK, H, K, V, *, N=None, init=True, dtype=torch.float32, device="cpu", seed=0):
+    """Layer-like inputs: L2-normalized q, k; log decay g <= 0; beta in (0, 1); optional fp32 initial state."""
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k = F.normalize(randn(B, T, HK, K), dim=-1), F.normalize(randn(B, T, HK, K), dim=-1)
+    v = randn(B, T, H, V)
+    g = F.logsigmoid(randn(B, T, H) + 2.0)  # mostly slow decay, some fast
+    beta = torch.sigmoid(randn(B, T, H))
+    # gates and states stay fp32 (fp64 in the fp64 tests), whatever the input dtype
+    fp = torch.float64 if dtype == torch.float64 else torch.float32
+    h0 = (0.5 * randn(N or B, H, K, V)).to(device, fp) if init else None
+    return [x.to(device, dtype) for x in (q, k, v)] + [x.to(device, fp) for x in (g, beta)], h0
+
+
+def run_with_grads(fn, inputs, h0, cu_seqlens=None, seed=1, **kw):
+    """o, final state and the gradients of a random linear loss of both (dq, dk, dv, dg, dbeta, dh0)."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    h0 = None if h0 is None else h0.detach().clone().requires_grad_()
+    o, ht = fn(*leaves, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(o.shape, generator=gen).to(o.device)
+    dht = torch.randn(ht.shape, generator=gen).to(ht.device)
+    ((o.float() * do).sum() + (ht * dht).sum()).backward()
+    out = {"o": o, "ht": ht}
+    out.update({name: x.grad for name, x in zip(["dq", "dk", "dv", "dg", "dbeta"], leaves)})
+    if h0 is not None:
+        out["dh0"] = h0.grad
+    return out
+
+
+def assert_all_close(actual: dict, expected: dict, tol: dict):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert_rel_rmse(actual[name].float(), expected[name].float(), tol[name], name)
+
+
+# (B, T, HK, H, K, V, cu_seqlens, init, chunk_size): GQA, T not a multiple of the chunk, odd K/V, varlen
+CASES = [
+    (2, 63, 2, 4, 16, 32, None, True, 64),
+    (1, 75, 1, 2, 32, 16, None, False, 64),
+    (2, 1, 2, 2, 16, 16, None, True, 64),
+    (1, 150, 2, 4, 16, 16, [0, 17, 80, 150], True, 64),
+    (2, 75, 1, 2, 24, 40, None, True, 32),
+]
+
+
+@pytest.mark.parametrize("T", [1, 63, 75, 200])
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_reference_chunk_equals_loop_fp64(T, chunk_size):
+    (q, k, v, g, beta), h0 = make_inputs(2, T, 2, 4, 16, 32, dtype=torch.float64)
+    o_ref, ht_ref = reference.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o, ht = reference.chunk_gated_delta_rule(
+        q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=chunk_size
+    )
+    assert_rel_rmse(o, o_ref, 1e-10, "o")
+    assert_rel_rmse(ht, ht_ref, 1e-10, "ht")
+
+
+def test_reference_chunk_equals_loop_fp64_varlen():
+    cu = torch.tensor([0, 1, 64, 139, 200])
+    (q, k, v, g, beta), h0 = make_inputs(1, 200, 1, 3, 16, 16, N=4, dtype=torch.float64)
+    kw = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    o_ref, ht_ref = reference.recurrent_gated_delta_rule(q, k, v, g, beta, **kw)
+    o, ht = reference.chunk_gated_delta_rule(q, k, v, g, beta, **kw)
+    assert_rel_rmse(o, o_ref, 1e-10, "o")
+    assert_rel_rmse(ht, ht_ref, 1e-10, "ht")
+    # varlen is the same as running each sequence alone
+    o1, ht1 = reference.recurrent_gated_delta_rule(
+        q[:, 64:139], k[:, 64:139], v[:, 64:139], g[:, 64:139], beta[:, 64:139],
+        initial_state=h0[2:3], output_final_state=True,
+    )
+    assert_rel_rmse(o[:, 64:139], o1, 1e-12, "o seq 2")
+    assert_rel_rmse(ht[2:3], ht1, 1e-12, "ht seq 2")
+
+
+def test_reference_loop_matches_definition():
+    """One hand-written token of S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, o_t = scale S_t^T q_t."""
+    (q, k, v, g, beta), h0 = make_inputs(1, 1, 1, 1, 4, 3, dtype=torch.float64)
+    o, ht = reference.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    qt, kt, vt, a, b = q[0, 0, 0], k[0, 0, 0], v[0, 0, 0], g[0, 0, 0].exp(), beta[0, 0, 0]
+    S = a * (torch.eye(4, dtype=torch.float64) - b * torch.outer(kt, kt)) @ h0[0, 0] + b * torch.outer(kt, vt)
+    torch.testing.assert_close(ht[0, 0], S)
+    torch.testing.assert_close(o[0, 0, 0], 4**-0.5 * S.T @ qt)
+
+
+@pytest.mark.parametrize("B, T, HK, H, K, V, cu, init, chunk_size", CASES)
+def test_triton_chunk_matches_loop(B, T, HK, H, K, V, cu, init, chunk_size):
+    N = B if cu is None else len(cu) - 1
+    inputs, h0 = make_inputs(B, T, HK, H, K, V, N=N, init=init)
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    expected = run_with_grads(reference.recurrent_gated_delta_rule, inputs, h0, cu_seqlens)
+    actual = run_with_grads(chunk_gated_delta_rule, inputs, h0, cu_seqlens, backend="triton", chunk_size=chunk_size)
+    assert_all_close(actual, expected, FP32_TOL)
+
+
+def test_triton_chunk_without_final_state():
+    (q, k, v, g, beta), _ = make_inputs(1, 40, 1, 1, 16, 16, init=False)
+    o, ht = chunk_gated_delta_rule(q, k, v, g, beta, scale=0.5, backend="triton")
+    o_ref, _ = reference.recurrent_gated_delta_rule(q, k, v, g, beta, scale=0.5)
+    assert ht is None
+    assert_rel_rmse(o, o_ref, 1e-5, "o")
+
+
+def test_triton_chunk_rejects_bad_shapes():
+    (q, k, v, g, beta), _ = make_inputs(2, 8, 1, 3, 16, 16, init=False)
+    with pytest.raises(ValueError):
+        chunk_gated_delta_rule(q, k, v[:, :, :2], g, beta, backend="triton")
+    with pytest.raises(ValueError):
+        chunk_gated_delta_rule(q, k, v, g, beta, backend="triton", cu_seqlens=torch.tensor([0, 8, 16]))
+
+
+def _step_inputs(B, HK, H, K, V, seed):
+    (q, k, v, g, beta), h0 = make_inputs(B, 1, HK, H, K, V, seed=seed)
+    return q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0
+
+
+def test_triton_step_matches_reference_step():
+    q, k, v, g, beta, h0 = _step_inputs(3, 2, 4, 32, 24, seed=0)
+    state, state_ref = h0.clone(), h0.clone()
+    o = gated_delta_step(q, k, v, g, beta, state, backend="triton")
+    o_ref = reference.gated_delta_step(q, k, v, g, beta, state_ref)
+    assert_rel_rmse(o, o_ref, 1e-6, "o")
+    assert_rel_rmse(state, state_ref, 1e-6, "state")
+    assert not torch.equal(state, h0), "the state must be updated in place"
+
+
+def test_triton_steps_equal_loop():
+    (q, k, v, g, beta), h0 = make_inputs(2, 6, 1, 2, 16, 16)
+    o_ref, ht_ref = reference.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    state = h0.clone()
+    o = torch.stack([gated_delta_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, backend="triton")
+                     for t in range(6)], dim=1)
+    assert_rel_rmse(o, o_ref, 1e-6, "o")
+    assert_rel_rmse(state, ht_ref, 1e-6, "state")
+
+
+def test_auto_backend_on_cpu_is_reference():
+    (q, k, v, g, beta), h0 = make_inputs(1, 20, 1, 2, 16, 16)
+    o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o_ref, ht_ref = reference.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert torch.equal(o, o_ref) and torch.equal(ht, ht_ref)
+    q1, k1, v1, g1, b1, s = _step_inputs(2, 1, 2, 16, 16, seed=3)
+    s_ref = s.clone()
+    assert torch.equal(gated_delta_step(q1, k1, v1, g1, b1, s), reference.gated_delta_step(q1, k1, v1, g1, b1, s_ref))
+    assert torch.equal(s, s_ref)
+
+
+def test_bad_backend_raises():
+    (q, k, v, g, beta), h0 = make_inputs(1, 4, 1, 1, 16, 16)
+    with pytest.raises(ValueError):
+        chunk_gated_delta_rule(q, k, v, g, beta, backend="cuda")
+    with pytest.raises(ValueError):
+        gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0, backend="fla")
+
+
+# ---- GPU: the real shapes, bf16 inputs against the fp32 reference (run by hand on the H100) ----
+
+GPU_CASES = [
+    (2, 63, 4, 8, 64, 64, None, True),
+    (2, 500, 4, 8, 128, 128, None, True),
+    (1, 2048, 2, 4, 64, 64, None, False),
+    (1, 2048, 4, 8, 128, 128, [0, 300, 1100, 2048], True),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("B, T, HK, H, K, V, cu, init", GPU_CASES)
+def test_triton_chunk_bf16_cuda(B, T, HK, H, K, V, cu, init):
+    N = B if cu is None else len(cu) - 1
+    inputs, h0 = make_inputs(B, T, HK, H, K, V, N=N, init=init, dtype=torch.bfloat16, device="cuda")
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+    # The reference sees the same bf16-rounded inputs, upcast; the chunk form equals the loop (tested above).
+    expected = run_with_grads(reference.chunk_gated_delta_rule, [x.float() for x in inputs], h0, cu_seqlens)
+    actual = run_with_grads(chunk_gated_delta_rule, inputs, h0, cu_seqlens)
+    assert_all_close(actual, expected, BF16_TOL)
+
+
+@requires_cuda
+def test_triton_chunk_fp32_cuda_matches_loop():
+    inputs, h0 = make_inputs(2, 200, 2, 4, 64, 64, device="cuda")
+    expected = run_with_grads(reference.recurrent_gated_delta_rule, inputs, h0)
+    actual = run_with_grads(chunk_gated_delta_rule, inputs, h0)
+    # tl.dot on fp32 runs in tf32 on the GPU, which is finer than bf16
+    assert_all_close(actual, expected, BF16_TOL)
+
+
+@requires_cuda
+@pytest.mark.parametrize("B, HK, H, D", [(1, 16, 16, 128), (64, 8, 16, 128), (7, 9, 9, 64)])
+def test_triton_step_cuda(B, HK, H, D):
+    q, k, v, g, beta, h0 = _step_inputs(B, HK, H, D, D, seed=5)
+    q, k, v, g, beta, h0 = (x.cuda() for x in (q, k, v, g, beta, h0))
+    state, state_ref = h0.clone(), h0.clone()
+    o = gated_delta_step(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, beta, state)
+    o_ref = reference.gated_delta_step(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, beta, state_ref)
+    assert_rel_rmse(o, o_ref, 1e-2, "o")
+    assert_rel_rmse(state, state_ref, 1e-5, "state")
