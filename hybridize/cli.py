@@ -4,6 +4,8 @@ import argparse
 import importlib
 import sys
 
+from transformers.utils import logging as transformers_logging
+
 from .errors import UserError
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if a in COMMANDS), None)
     args = build_parser(command).parse_args(argv)
+    # Our commands print their own progress; transformers' per-file bars would bury it (and user errors) in noise.
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
     try:
         return importlib.import_module(COMMANDS[args.command][0]).run(args)
     except UserError as err:

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import constants as hub_constants
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import UserError
@@ -43,7 +44,7 @@ def load_teacher(
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise UserError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from err
     model.to(device).eval()
     model.config.name_or_path = name

@@ -1,0 +1,72 @@
+"""Single-token decode step of the causal depthwise convolution in Triton, updating the rolling state in place."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import check_activation
+
+
+@triton.jit
+def causal_conv1d_step_kernel(
+    x, w, b, state, y, s_sb, s_sd, s_sw, D,
+    W: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SILU: tl.constexpr,
+):
+    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_w = tl.arange(0, BW)
+    m_d = o_d < D
+    p_s = state + i_b * s_sb + o_d[:, None] * s_sd
+
+    b_x = tl.load(x + i_b * D + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
+    # the window is the W-1 stored inputs followed by the new one
+    b_win = tl.load(p_s + o_w[None, :] * s_sw, mask=m_d[:, None] & (o_w < W - 1)[None, :], other=0.).to(tl.float32)
+    b_win = tl.where((o_w == W - 1)[None, :], b_x[:, None], b_win)  # [BD, BW]
+    # the new state is the window without its oldest column
+    b_new = tl.load(p_s + (o_w + 1)[None, :] * s_sw, mask=m_d[:, None] & (o_w < W - 2)[None, :], other=0.)
+    b_new = tl.where((o_w == W - 2)[None, :], b_x[:, None].to(b_new.dtype), b_new)  # [BD, BW]
+
+    b_w = tl.load(w + o_d[:, None] * W + o_w[None, :], mask=m_d[:, None] & (o_w < W)[None, :], other=0.)
+    b_y = tl.sum(b_win * b_w.to(tl.float32), 1)  # [BD]
+    if HAS_BIAS:
+        b_y += tl.load(b + o_d, mask=m_d, other=0.).to(tl.float32)
+    if USE_SILU:
+        b_y = b_y * tl.sigmoid(b_y)
+    tl.store(y + i_b * D + o_d, b_y.to(y.dtype.element_ty), mask=m_d)
+
+    # other threads of this program read state cells that these stores overwrite: all reads must land first
+    tl.debug_barrier()
+    tl.store(p_s + o_w[None, :] * s_sw, b_new.to(state.dtype.element_ty), mask=m_d[:, None] & (o_w < W - 1)[None, :])
+
+
+def causal_conv1d_step(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    conv_state: torch.Tensor,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """One decode step of causal_conv1d.
+
+    Args:
+        x: [B, D] the new input.
+        weight: [D, W]; bias: [D] or None; activation: None or "silu".
+        conv_state: [B, D, W-1] the last W-1 inputs, oldest first; shifted left with x appended, in place.
+    Returns:
+        y: [B, D] in x's dtype.
+    """
+    check_activation(activation)
+    B, D = x.shape
+    W = weight.shape[1]
+    if tuple(conv_state.shape) != (B, D, W - 1):
+        raise ValueError(f"conv_state must be [B={B}, D={D}, W-1={W - 1}], got {tuple(conv_state.shape)}")
+    x, weight = x.contiguous(), weight.contiguous()
+    y = torch.empty_like(x)
+    BD = min(128, triton.next_power_of_2(D))
+    causal_conv1d_step_kernel[(triton.cdiv(D, BD), B)](
+        x, weight, bias, conv_state, y, *conv_state.stride(), D,
+        W=W, BD=BD, BW=triton.next_power_of_2(W), HAS_BIAS=bias is not None, USE_SILU=activation == "silu",
+        num_warps=4,
+    )
+    return y

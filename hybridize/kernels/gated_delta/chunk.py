@@ -1,0 +1,606 @@
+"""Chunked gated delta rule in Triton: forward (WY/UT -> states -> output) and backward, as one autograd.Function.
+
+Every sequence (a batch row, or one of the cu_seqlens-packed sequences) is cut into chunks of BT tokens; a chunk
+is named by (sequence i_n, chunk-in-sequence i_t) through `chunk_indices`, and its states live at index
+chunk_offsets[i_n] + i_t of the per-chunk buffers. Matmul operands are in the input dtype, accumulators,
+gates and states in fp32. The math, including the gradients, is in README.md.
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _masked_exp(b_d, m):
+    # exp(b_d) where m, 0 elsewhere; masked before exp so the unused triangle cannot overflow.
+    return tl.where(m, tl.exp(tl.where(m, b_d, 0.0)), 0.0)
+
+
+@triton.jit
+def _solve_unit_lower(b_A, BT: tl.constexpr):
+    """(I + A)^{-1} of a strictly lower [BT, BT] tile.
+
+    The 16x16 diagonal blocks are inverted by forward substitution (row i = e_i - sum_{j<i} A_ij row_j), step i
+    doing row i of every block at once. With D that block-diagonal inverse and N = D A_off (A_off: A below the
+    diagonal blocks, so N^4 = 0): (I + A)^{-1} = (I + N)^{-1} D = (I - N)(I + N^2) D, four matmuls.
+    """
+    o_i = tl.arange(0, BT)
+    m_blk = (o_i[:, None] // 16) == (o_i[None, :] // 16)
+    b_L = tl.where(m_blk, -b_A, 0.0)
+    for i in range(1, 16):
+        m_i = (o_i % 16) == i
+        # Blocks share no columns, so one vector holds row i of every block; rows from i on are still zero there.
+        b_a = tl.sum(tl.where(m_i[:, None], b_L, 0.0), 0)
+        b_a = b_a + tl.sum(b_a[:, None] * b_L, 0)
+        b_L = tl.where(m_i[:, None] & m_blk, b_a[None, :], b_L)
+    b_D = b_L + (o_i[:, None] == o_i[None, :]).to(tl.float32)
+    b_N = tl.dot(b_D, tl.where(m_blk, 0.0, b_A))
+    b_T = b_D + tl.dot(tl.dot(b_N, b_N), b_D)
+    return b_T - tl.dot(b_N, b_T)
+
+
+@triton.jit
+def _chunk_of(cu_seqlens, chunk_indices, i_c):
+    """Sequence start, length, and chunk-in-sequence of global chunk i_c."""
+    i_n = tl.load(chunk_indices + i_c * 2)
+    i_t = tl.load(chunk_indices + i_c * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)  # block pointers want int32
+    return bos, T, i_t
+
+
+@triton.jit
+def _wy_fwd_kernel(
+    k, v, g, beta, gc, Ai, w, u, cu_seqlens, chunk_indices,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c)
+    i_hk = i_h // (H // HK)
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+
+    b_g = tl.cumsum(tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+    tl.store(gc + (bos + o_t) * H + i_h, b_g, mask=m_t)
+    b_b = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+
+    p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")  # [BT, BK]
+    # A_ij = beta_i (k_i . k_j) exp(gc_i - gc_j) for j < i; Ai = (I + A)^{-1}
+    b_A = tl.dot(b_k, tl.trans(b_k)) * b_b[:, None] * _masked_exp(b_g[:, None] - b_g[None, :], o_i[:, None] > o_i[None, :])
+    b_kb = (b_k * (b_b * tl.exp(b_g))[:, None]).to(b_k.dtype)
+    b_Ai = _solve_unit_lower(b_A, BT)  # [BT, BT]
+    p_Ai = tl.make_block_ptr(Ai + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
+    tl.store(p_Ai, b_Ai, boundary_check=(0, 1))
+
+    b_Ai = b_Ai.to(b_k.dtype)
+    p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    tl.store(p_w, tl.dot(b_Ai, b_kb).to(p_w.dtype.element_ty), boundary_check=(0, 1))
+    for i_v in range(tl.cdiv(V, BV)):
+        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
+        b_vb = (b_v * b_b[:, None]).to(b_v.dtype)
+        tl.store(p_u, tl.dot(b_Ai, b_vb).to(p_u.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _state_fwd_kernel(
+    k, w, u, gc, h, v_new, h0, ht, cu_seqlens, chunk_offsets,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_hk = i_h // (H // HK)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)  # block pointers want int32
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    o_i = tl.arange(0, BT)
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        p_h0 = tl.make_block_ptr(h0 + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        b_h = tl.load(p_h0, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    # A while loop, not range(NT): the Triton 3.6 interpreter cannot range over a loaded bound under numpy >= 2.4.
+    i_t = 0
+    while i_t < tl.cdiv(T, BT):
+        p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_h, b_h.to(p_h.dtype.element_ty), boundary_check=(0, 1))
+
+        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_vn = tl.make_block_ptr(v_new + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")
+        # What the chunk writes, given the state at its start: u - w h
+        b_v = tl.load(p_u, boundary_check=(0, 1), padding_option="zero").to(tl.float32) - tl.dot(b_w, b_h.to(b_w.dtype))
+        tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), boundary_check=(0, 1))
+
+        o_t = i_t * BT + o_i
+        b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
+        b_g_last = tl.load(gc + (bos + tl.minimum(i_t * BT + BT, T) - 1) * H + i_h)
+        p_kT = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (K, T), (1, HK * K), (0, i_t * BT), (BK, BT), (0, 1))
+        b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")  # [BK, BT]
+        b_v = (b_v * tl.exp(b_g_last - b_g)[:, None]).to(b_kT.dtype)
+        b_h = b_h * tl.exp(b_g_last) + tl.dot(b_kT, b_v)
+        i_t += 1
+    if STORE_HT:
+        p_ht = tl.make_block_ptr(ht + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_ht, b_h, boundary_check=(0, 1))
+
+
+@triton.jit
+def _output_fwd_kernel(
+    q, k, v_new, h, gc, o, scale, cu_seqlens, chunk_indices,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c)
+    i_hk = i_h // (H // HK)
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+
+    p_q = tl.make_block_ptr(q + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    p_kT = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (K, T), (1, HK * K), (0, i_t * BT), (BK, BT), (0, 1))
+    p_h = tl.make_block_ptr(h + (i_c.to(tl.int64) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+    b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
+    b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
+    b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+    b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
+
+    # o = scale (exp(gc) q h + (q k^T * decay, causal) v_new)
+    b_o = tl.dot(b_q, b_h) * tl.exp(b_g)[:, None]  # [BT, BV]
+    b_s = tl.dot(b_q, b_kT) * _masked_exp(b_g[:, None] - b_g[None, :], o_i[:, None] >= o_i[None, :])  # [BT, BT]
+    p_vn = tl.make_block_ptr(v_new + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    b_vn = tl.load(p_vn, boundary_check=(0, 1), padding_option="zero")
+    b_o = (b_o + tl.dot(b_s.to(b_vn.dtype), b_vn)) * scale
+    p_o = tl.make_block_ptr(o + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _dv_local_kernel(
+    q, k, gc, do, dv, scale, cu_seqlens, chunk_indices,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c)
+    i_hk = i_h // (H // HK)
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+
+    p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    p_qT = tl.make_block_ptr(q + (bos * HK + i_hk) * K, (K, T), (1, HK * K), (0, i_t * BT), (BK, BT), (0, 1))
+    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+    b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
+    b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
+    # The transposed intra-chunk attention: [j, i] = scale (q_i . k_j) exp(gc_i - gc_j) for i >= j
+    b_sT = tl.dot(b_k, b_qT) * _masked_exp(b_g[None, :] - b_g[:, None], o_i[:, None] <= o_i[None, :]) * scale
+    b_sT = b_sT.to(b_k.dtype)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
+        tl.store(p_dv, tl.dot(b_sT, b_do), boundary_check=(0, 1))
+
+
+@triton.jit
+def _state_bwd_kernel(
+    q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_hk = i_h // (H // HK)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)  # block pointers want int32
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    NT = tl.cdiv(T, BT)
+    o_i = tl.arange(0, BT)
+
+    # b_dh: gradient of the state at the end of the current chunk, walking the chunks backwards
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        p_dht = tl.make_block_ptr(dht + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        b_dh = tl.load(p_dht, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    i_t = NT - 1
+    while i_t >= 0:
+        p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), boundary_check=(0, 1))
+
+        o_t = i_t * BT + o_i
+        b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
+        b_g_last = tl.load(gc + (bos + tl.minimum(i_t * BT + BT, T) - 1) * H + i_h)
+        p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+        p_dvl = tl.make_block_ptr(dv_local + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_kd = (b_k * tl.exp(b_g_last - b_g)[:, None]).to(b_k.dtype)
+        # gradient of v_new: its intra-chunk part plus what flows back through the end state
+        b_dv = tl.load(p_dvl, boundary_check=(0, 1), padding_option="zero") + tl.dot(b_kd, b_dh.to(b_k.dtype))
+        b_dv = b_dv.to(p_dv.dtype.element_ty)
+        tl.store(p_dv, b_dv, boundary_check=(0, 1))
+
+        p_qT = tl.make_block_ptr(q + (bos * HK + i_hk) * K, (K, T), (1, HK * K), (0, i_t * BT), (BK, BT), (0, 1))
+        p_wT = tl.make_block_ptr(w + (bos * H + i_h) * K, (K, T), (1, H * K), (0, i_t * BT), (BK, BT), (0, 1))
+        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
+        b_qg = (b_qT * (tl.exp(b_g) * scale)[None, :]).to(b_qT.dtype)
+        b_wT = tl.load(p_wT, boundary_check=(0, 1), padding_option="zero")
+        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
+        b_dh = b_dh * tl.exp(b_g_last) + tl.dot(b_qg, b_do) - tl.dot(b_wT, b_dv)
+        i_t -= 1
+    if STORE_DH0:
+        p_dh0 = tl.make_block_ptr(dh0 + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_dh0, b_dh, boundary_check=(0, 1))
+
+
+@triton.jit
+def _dqkw_kernel(
+    q, k, v_new, h, dh, do, dv, gc, dq, dk, dw, dg, scale, cu_seqlens, chunk_indices,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    # one program per (chunk, value head, BK-slice of K); the dg it writes is that slice's share
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c)
+    i_hk = i_h // (H // HK)
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)  # rowsum(h * dh), for the decay of the whole chunk
+    for i_v in range(tl.cdiv(V, BV)):
+        p_h = tl.make_block_ptr(h + (i_c.to(tl.int64) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        p_dh = tl.make_block_ptr(dh + (i_c.to(tl.int64) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_vn = tl.make_block_ptr(v_new + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")  # [BK, BV]
+        b_dh = tl.load(p_dh, boundary_check=(0, 1), padding_option="zero")  # [BK, BV]
+        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")  # [BT, BV]
+        b_vn = tl.load(p_vn, boundary_check=(0, 1), padding_option="zero")  # [BT, BV]
+        b_dv = tl.load(p_dv, boundary_check=(0, 1), padding_option="zero")  # [BT, BV]
+        b_dq += tl.dot(b_do, tl.trans(b_h))
+        b_dk += tl.dot(b_vn, tl.trans(b_dh))
+        b_dw += tl.dot(b_dv, tl.trans(b_h))
+        b_ds += tl.dot(b_do, tl.trans(b_vn))
+        b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
+
+    p_q = tl.make_block_ptr(q + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
+    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+    b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
+    i_last = tl.minimum(i_t * BT + BT, T) - 1
+    b_g_last = tl.load(gc + (bos + i_last) * H + i_h)
+
+    b_ds = (b_ds * _masked_exp(b_g[:, None] - b_g[None, :], o_i[:, None] >= o_i[None, :]) * scale).to(b_q.dtype)
+    b_dq = b_dq * (tl.exp(b_g) * scale)[:, None] + tl.dot(b_ds, b_k)
+    b_dk_state = b_dk * tl.where(m_t, tl.exp(b_g_last - b_g), 0.0)[:, None]
+    b_dk = b_dk_state + tl.dot(tl.trans(b_ds), b_q)
+    # gate gradient (per position of the cumulative sum): what every exp(gc) factor above received
+    b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1) - tl.sum(b_k.to(tl.float32) * b_dk, 1)
+    b_dg_last = tl.sum(b_hdh) * tl.exp(b_g_last) + tl.sum(b_k.to(tl.float32) * b_dk_state)
+    b_dg = tl.where(o_t == i_last, b_dg + b_dg_last, b_dg)
+
+    p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    tl.store(p_dq, b_dq, boundary_check=(0, 1))
+    tl.store(p_dk, b_dk, boundary_check=(0, 1))
+    tl.store(p_dw, (-b_dw).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(dg + i_k * tl.num_programs(0) * 0 + (i_k * TT + bos + o_t) * H + i_h, b_dg, mask=m_t)
+
+
+@triton.jit
+def _wy_bwd_kernel(
+    k, v, beta, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, cu_seqlens, chunk_indices,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c)
+    i_hk = i_h // (H // HK)
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+
+    p_Ai = tl.make_block_ptr(Ai + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
+    b_Ai = tl.load(p_Ai, boundary_check=(0, 1), padding_option="zero")  # [BT, BT] fp32
+    b_AiT = tl.trans(b_Ai).to(du.dtype.element_ty)
+    b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
+    b_b = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+
+    # u = Ai (beta v)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    b_dAi = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_du = tl.make_block_ptr(du + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
+        b_du = tl.load(p_du, boundary_check=(0, 1), padding_option="zero")
+        b_dvb = tl.dot(b_AiT, b_du)  # [BT, BV]
+        tl.store(p_dv, b_dvb * b_b[:, None], boundary_check=(0, 1))
+        b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+        b_dAi += tl.dot(b_du, tl.trans((b_v * b_b[:, None]).to(b_v.dtype)))
+
+    # w = Ai (beta exp(gc) k)
+    p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+    b_dw = tl.load(p_dw, boundary_check=(0, 1), padding_option="zero")
+    b_bg = b_b * tl.exp(b_g)
+    b_dkbg = tl.dot(b_AiT, b_dw)  # [BT, BK]
+    b_dkbg_k = tl.sum(b_dkbg * b_k.to(tl.float32), 1)
+    b_db += b_dkbg_k * tl.exp(b_g)
+    b_dg = b_dkbg_k * b_bg
+    b_dAi += tl.dot(b_dw, tl.trans((b_k * b_bg[:, None]).to(b_k.dtype)))
+
+    # Ai = (I + A)^{-1}  =>  dA = -Ai^T dAi Ai^T, on the strictly lower triangle where A lives
+    m_lower = o_i[:, None] > o_i[None, :]
+    b_dA = tl.dot(tl.dot(tl.trans(b_Ai), b_dAi), tl.trans(b_Ai))
+    b_dA = tl.where(m_lower, -b_dA, 0.0) * _masked_exp(b_g[:, None] - b_g[None, :], m_lower)
+    # A = beta_i (k_i . k_j) exp(gc_i - gc_j); b_dA now holds dA * exp(gc_i - gc_j)
+    b_kk = tl.dot(b_k, tl.trans(b_k))
+    b_dAk = b_dA * b_kk
+    b_db += tl.sum(b_dAk, 1)
+    b_dAA = b_dAk * b_b[:, None]
+    b_dg += tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0)
+    b_dAb = (b_dA * b_b[:, None]).to(b_k.dtype)
+    p_dki = tl.make_block_ptr(dk_in + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    b_dk = b_dkbg * b_bg[:, None] + tl.load(p_dki, boundary_check=(0, 1), padding_option="zero")
+    b_dk += tl.dot(b_dAb, b_k) + tl.dot(tl.trans(b_dAb), b_k)
+
+    # gc is a cumulative sum of g within the chunk, so dg is the reverse cumulative sum of dgc.
+    b_dg = tl.where(m_t, b_dg + tl.load(dg_in + (bos + o_t) * H + i_h, mask=m_t, other=0.0), 0.0)
+    b_dg = tl.sum(b_dg, 0) - tl.cumsum(b_dg, 0) + b_dg
+
+    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
+    tl.store(p_dk, b_dk, boundary_check=(0, 1))
+    tl.store(dbeta + (bos + o_t) * H + i_h, b_db, mask=m_t)
+    tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
+
+
+class _Layout(NamedTuple):
+    """Where the chunks are: every sequence's [start, end) and every chunk's (sequence, chunk-in-sequence)."""
+
+    cu_seqlens: torch.Tensor  # [N + 1] int32
+    chunk_indices: torch.Tensor  # [NC, 2] int32, ordered by sequence then chunk
+    chunk_offsets: torch.Tensor  # [N + 1] int32, index of each sequence's first chunk
+    N: int
+    NC: int
+    BT: int
+
+
+def _layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, device: torch.device) -> _Layout:
+    if cu_seqlens is None:
+        # B equal sequences: built on the device, with no host sync.
+        NT = triton.cdiv(T, BT)
+        idx = torch.arange(B * NT, dtype=torch.int32, device=device)
+        steps = torch.arange(B + 1, dtype=torch.int32, device=device)
+        return _Layout(steps * T, torch.stack([idx // NT, idx % NT], 1).contiguous(), steps * NT, B, B * NT, BT)
+    bounds = cu_seqlens.tolist()
+    counts = [triton.cdiv(eos - bos, BT) for bos, eos in zip(bounds[:-1], bounds[1:])]
+    pairs = [(n, t) for n, c in enumerate(counts) for t in range(c)]
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    chunk_indices = as_i32(pairs).view(-1, 2)
+    return _Layout(cu_seqlens.to(torch.int32), chunk_indices, as_i32(offsets), len(counts), len(pairs), BT)
+
+
+def _blocks(K: int, V: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
+
+
+def _wy_fwd(k, v, g, beta, lay: _Layout):
+    """Chunk-local cumsum of g, Ai = (I + A)^{-1}, and the WY factors w = Ai (beta exp(gc) k), u = Ai (beta v)."""
+    _, T, HK, K = k.shape
+    H, V = v.shape[2], v.shape[3]
+    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)  # [B, T, H]
+    Ai = torch.empty(*g.shape, lay.BT, dtype=torch.float32, device=g.device)  # [B, T, H, BT]
+    w = torch.empty(*v.shape[:3], K, dtype=k.dtype, device=k.device)  # [B, T, H, K]
+    u = torch.empty_like(v)  # [B, T, H, V]
+    _launch_per_chunk(_wy_fwd_kernel, lay, k, v, g, beta, gc, Ai, w, u, H=H, HK=HK, K=K, V=V, num_warps=4)
+    return gc, Ai, w, u
+
+
+def _state_fwd(k, w, u, gc, initial_state, lay: _Layout, output_final_state: bool):
+    """The state at every chunk start (h), what each chunk writes (v_new), and the final states."""
+    HK, K = k.shape[2], k.shape[3]
+    H, V = u.shape[2], u.shape[3]
+    BK, _ = _blocks(K, V)
+    BV = min(32, max(16, triton.next_power_of_2(V)))
+    h = torch.empty(lay.NC, H, K, V, dtype=k.dtype, device=k.device)
+    v_new = torch.empty_like(u)
+    ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
+    _state_fwd_kernel[(triton.cdiv(V, BV), lay.N * H)](
+        k, w, u, gc, h, v_new, initial_state, ht, lay.cu_seqlens, lay.chunk_offsets,
+        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK, BV=BV,
+        USE_H0=initial_state is not None, STORE_HT=output_final_state, num_warps=4,
+    )
+    return h, v_new, ht
+
+
+def _output_fwd(q, k, v_new, h, gc, scale, lay: _Layout):
+    HK, K = q.shape[2], q.shape[3]
+    H, V = v_new.shape[2], v_new.shape[3]
+    BK, BV = _blocks(K, V)
+    o = torch.empty_like(v_new)
+    _output_fwd_kernel[(triton.cdiv(V, BV), lay.NC, H)](
+        q, k, v_new, h, gc, o, scale, lay.cu_seqlens, lay.chunk_indices,
+        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK, BV=BV, num_warps=4,
+    )
+    return o
+
+
+def _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay: _Layout, need_dh0: bool):
+    """Walking the chunks backwards: the end-state gradient of every chunk (dh), the full dv_new, and dh0."""
+    HK, K = q.shape[2], q.shape[3]
+    H, V = do.shape[2], do.shape[3]
+    BK, _ = _blocks(K, V)
+    BV = min(32, max(16, triton.next_power_of_2(V)))
+    dh = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=q.device)
+    dv = torch.empty(do.shape, dtype=q.dtype, device=q.device)
+    dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
+    _state_bwd_kernel[(triton.cdiv(V, BV), lay.N * H)](
+        q, k, w, gc, do, dv_local, dv, dh, dht, dh0, lay.cu_seqlens, lay.chunk_offsets, scale,
+        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK, BV=BV,
+        USE_DHT=dht is not None, STORE_DH0=need_dh0, num_warps=4,
+    )
+    return dh, dv, dh0
+
+
+def _launch_per_chunk(kernel, lay: _Layout, *args, H: int, HK: int, K: int, V: int, num_warps: int):
+    """Run a kernel with one program per (chunk, value head)."""
+    BK, BV = _blocks(K, V)
+    kernel[(lay.NC, H)](
+        *args, lay.cu_seqlens, lay.chunk_indices, H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK, BV=BV, num_warps=num_warps
+    )
+
+
+def _dv_local(q, k, gc, do, scale, lay: _Layout):
+    """The intra-chunk part of dv_new: the transposed causal attention of the chunk times do."""
+    HK, K = q.shape[2], q.shape[3]
+    H, V = do.shape[2], do.shape[3]
+    dv_local = torch.empty(do.shape, dtype=torch.float32, device=do.device)
+    _launch_per_chunk(_dv_local_kernel, lay, q, k, gc, do, dv_local, scale, H=H, HK=HK, K=K, V=V, num_warps=4)
+    return dv_local
+
+
+def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
+    """dq in full, dk and dgc without their WY parts, and dw (per value head)."""
+    B, T, HK, K = q.shape
+    H, V = do.shape[2], do.shape[3]
+    dq = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    dk = torch.empty_like(dq)
+    dw = torch.empty(B, T, H, K, dtype=q.dtype, device=q.device)
+    dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    _launch_per_chunk(
+        _dqkw_kernel, lay, q, k, v_new, h, dh, do, dv, gc, dq, dk, dw, dg, scale, H=H, HK=HK, K=K, V=V, num_warps=8
+    )
+    return dq, dk, dw, dg
+
+
+def _wy_bwd(k, v, beta, gc, Ai, dw, du, dk_in, dg_in, lay: _Layout):
+    """Back through w and u: the full dk (per value head), dv, dbeta, and dg (reverse cumsum of dgc)."""
+    HK, K = k.shape[2], k.shape[3]
+    H, V = v.shape[2], v.shape[3]
+    dk = torch.empty_like(dk_in)
+    dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    dbeta = torch.empty(beta.shape, dtype=torch.float32, device=beta.device)
+    dg = torch.empty_like(dg_in)
+    _launch_per_chunk(
+        _wy_bwd_kernel, lay, k, v, beta, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg,
+        H=H, HK=HK, K=K, V=V, num_warps=8,
+    )
+    return dk, dv, dbeta, dg
+
+
+def _sum_groups(x: torch.Tensor, HK: int) -> torch.Tensor:
+    """Gradients per value head [B, T, H, K] -> per shared q/k head [B, T, HK, K]."""
+    B, T, H, K = x.shape
+    return x.view(B, T, HK, H // HK, K).sum(3)
+
+
+def chunk_gated_delta_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, lay: _Layout):
+    gc, Ai, w, u = _wy_fwd(k, v, g, beta, lay)
+    h, v_new, ht = _state_fwd(k, w, u, gc, initial_state, lay, output_final_state)
+    o = _output_fwd(q, k, v_new, h, gc, scale, lay)
+    return o, ht, gc, Ai, w, u
+
+
+def chunk_gated_delta_bwd(q, k, v, beta, gc, Ai, w, u, scale, initial_state, do, dht, lay: _Layout):
+    # The per-chunk states are recomputed rather than kept from the forward, to save memory.
+    h, v_new, _ = _state_fwd(k, w, u, gc, initial_state, lay, output_final_state=False)
+    dv_local = _dv_local(q, k, gc, do, scale, lay)
+    dh, dv_new, dh0 = _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay, initial_state is not None)
+    dq, dk, dw, dgc = _dqkw(q, k, v_new, h, dh, do, dv_new, gc, scale, lay)
+    dk, dv, dbeta, dg = _wy_bwd(k, v, beta, gc, Ai, dw, dv_new, dk, dgc, lay)
+    HK = q.shape[2]
+    return _sum_groups(dq, HK), _sum_groups(dk, HK), dv, dg, dbeta, dh0
+
+
+class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+        lay = _layout(q.shape[0], q.shape[1], cu_seqlens, chunk_size, q.device)
+        o, ht, gc, Ai, w, u = chunk_gated_delta_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, lay)
+        ctx.save_for_backward(q, k, v, beta, gc, Ai, w, u, initial_state)
+        ctx.lay, ctx.scale, ctx.dtypes = lay, scale, (g.dtype, beta.dtype)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, gc, Ai, w, u, initial_state = ctx.saved_tensors
+        dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_bwd(
+            q, k, v, beta, gc, Ai, w, u, ctx.scale, initial_state, do.contiguous(), dht, ctx.lay
+        )
+        g_dtype, beta_dtype = ctx.dtypes
+        return (
+            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g_dtype), dbeta.to(beta_dtype),
+            None, dh0, None, None, None,
+        )
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated delta rule over whole sequences, chunked, in Triton (differentiable).
+
+    Args:
+        q, k: [B, T, HK, K], used as given (normalize them before). v: [B, T, H, V], H a multiple of HK;
+            value head h reads q/k head h // (H // HK). q, k, v share one dtype. K <= 128; K, V >= 16 work best.
+        g: [B, T, H] log decay (<= 0), fp32 or the input dtype. beta: [B, T, H].
+        scale: output scale, default K ** -0.5.
+        initial_state: [N, H, K, V] fp32 or None. output_final_state: also return the final states.
+        cu_seqlens: [N + 1] cumulative starts of N sequences packed along T (then B == 1), or None (N = B).
+        chunk_size: tokens per chunk, a power of two in [16, 64].
+    Returns:
+        o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] fp32, or None.
+    """
+    B, T, HK, K = q.shape
+    H = v.shape[2]
+    if k.shape != q.shape or v.shape[:2] != (B, T) or H % HK or g.shape != (B, T, H) or beta.shape != g.shape:
+        raise ValueError(f"shapes q {q.shape} k {k.shape} v {v.shape} g {g.shape} beta {beta.shape} do not fit")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if K > 128 or chunk_size not in (16, 32, 64):
+        raise ValueError(f"need K <= 128 and chunk_size in (16, 32, 64), got K={K}, chunk_size={chunk_size}")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1, got {B}")
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None:
+        if initial_state.shape != (N, H, K, v.shape[3]):
+            raise ValueError(f"initial_state must be {(N, H, K, v.shape[3])}, got {tuple(initial_state.shape)}")
+        initial_state = initial_state.float().contiguous()
+    scale = K**-0.5 if scale is None else scale
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    return ChunkGatedDeltaRuleFunction.apply(
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size
+    )

@@ -1,0 +1,70 @@
+"""Gated delta rule decode step in Triton: one token per sequence, the fp32 state updated in place."""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _step_kernel(
+    q, k, v, g, beta, state, o, scale,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // (H // HK)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_s = m_k[:, None] & m_v[None, :]
+
+    b_q = tl.load(q + (i_b * HK + i_hk) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_k = tl.load(k + (i_b * HK + i_hk) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_v = tl.load(v + i_bh * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_g = tl.load(g + i_bh).to(tl.float32)
+    b_b = tl.load(beta + i_bh).to(tl.float32)
+    p_s = state + i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    b_s = tl.load(p_s, mask=m_s, other=0.0) * tl.exp(b_g)  # [BK, BV]
+    # S = a S + k (b (v - (a S)^T k))^T ;  o = scale S^T q
+    b_d = b_b * (b_v - tl.sum(b_s * b_k[:, None], 0))  # [BV]
+    b_s += b_k[:, None] * b_d[None, :]
+    tl.store(p_s, b_s, mask=m_s)
+    b_o = tl.sum(b_s * b_q[:, None], 0) * scale
+    tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+def gated_delta_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One decode token of the gated delta rule (no autograd).
+
+    Args:
+        q, k: [B, HK, K]; v: [B, H, V], H a multiple of HK; g (log decay), beta: [B, H].
+        state: [B, H, K, V] fp32, contiguous; updated in place.
+        scale: output scale, default K ** -0.5.
+    Returns:
+        o: [B, H, V] in v's dtype.
+    """
+    B, HK, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    if k.shape != q.shape or v.shape[0] != B or H % HK or g.shape != (B, H) or beta.shape != (B, H):
+        raise ValueError(f"shapes q {q.shape} k {k.shape} v {v.shape} g {g.shape} beta {beta.shape} do not fit")
+    if state.shape != (B, H, K, V) or state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous fp32 [B, H, K, V] = {(B, H, K, V)} tensor")
+    scale = K**-0.5 if scale is None else scale
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    o = torch.empty_like(v)
+    BK = triton.next_power_of_2(K)
+    # The state is read and written once: many small programs keep enough bytes in flight.
+    BV = min(triton.next_power_of_2(V), max(4, 4096 // BK))
+    _step_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, v, g, beta, state, o, scale, H=H, HK=HK, K=K, V=V, BK=BK, BV=BV, num_warps=4
+    )
+    return o

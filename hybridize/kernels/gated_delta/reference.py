@@ -1,0 +1,163 @@
+"""Gated delta rule in plain PyTorch: the token-by-token loop (ground truth), the chunkwise WY/UT form, and the decode step.
+
+All three compute in fp32 (fp64 when given fp64) and are differentiable by autograd. The math is in README.md.
+"""
+
+import torch
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _sequences(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """(batch row, start, end) of every sequence: the B rows, or the N packed sequences of row 0."""
+    if cu_seqlens is None:
+        return [(b, 0, T) for b in range(B)]
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1, got {B}")
+    bounds = cu_seqlens.tolist()
+    return [(0, bos, eos) for bos, eos in zip(bounds[:-1], bounds[1:])]
+
+
+def _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    """Upcast, share q/k heads across their value-head group, and split the batch into sequences."""
+    B, T, HK, K = q.shape
+    H = v.shape[2]
+    if H % HK:
+        raise ValueError(f"value heads {H} must be a multiple of q/k heads {HK}")
+    dt = _compute_dtype(q)
+    q, k = (x.to(dt).repeat_interleave(H // HK, dim=2) for x in (q, k))  # [B, T, H, K]
+    v, g, beta = v.to(dt), g.to(dt), beta.to(dt)
+    scale = K**-0.5 if scale is None else scale
+    seqs = _sequences(B, T, cu_seqlens)
+    if initial_state is not None and initial_state.shape[0] != len(seqs):
+        raise ValueError(f"initial_state has {initial_state.shape[0]} states for {len(seqs)} sequences")
+    return q, k, v, g, beta, scale, seqs, dt
+
+
+def _finish(outs, states, v, cu_seqlens, output_final_state):
+    o = torch.stack(outs) if cu_seqlens is None else torch.cat(outs)[None]  # [B, T, H, V]
+    ht = torch.stack(states) if output_final_state else None  # [N, H, K, V] fp32 (fp64 in fp64 mode)
+    return o.to(v.dtype), ht
+
+
+def _initial(initial_state, n, H, K, V, dt, device):
+    if initial_state is None:
+        return torch.zeros(H, K, V, dtype=dt, device=device)
+    return initial_state[n].to(dt)
+
+
+def recurrent_gated_delta_rule(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """Token-by-token gated delta rule, the ground truth.
+
+    Args:
+        q, k: [B, T, HK, K]; v: [B, T, H, V] with H a multiple of HK (value head h reads q/k head h // (H // HK)).
+        g: [B, T, H] log decay (<= 0); beta: [B, T, H] write strength.
+        scale: output scale, default K ** -0.5.
+        initial_state: [N, H, K, V] or None. output_final_state: also return the final states.
+        cu_seqlens: [N + 1] cumulative sequence starts of N sequences packed in a batch of 1, or None (N = B).
+    Returns:
+        o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] fp32, or None.
+    """
+    V = v.shape[-1]
+    K = q.shape[-1]
+    q, k, v, g, beta, scale, seqs, dt = _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    H = v.shape[2]
+    outs, states = [], []
+    for n, (b, bos, eos) in enumerate(seqs):
+        S = _initial(initial_state, n, H, K, V, dt, q.device)  # [H, K, V]
+        o_n = []
+        for t in range(bos, eos):
+            S = S * g[b, t].exp()[:, None, None]
+            delta = beta[b, t, :, None] * (v[b, t] - torch.einsum("hkv,hk->hv", S, k[b, t]))  # [H, V]
+            S = S + k[b, t, :, :, None] * delta[:, None, :]
+            o_n.append(scale * torch.einsum("hkv,hk->hv", S, q[b, t]))
+        outs.append(torch.stack(o_n) if o_n else v.new_zeros(0, H, V))
+        states.append(S)
+    return _finish(outs, states, v, cu_seqlens, output_final_state)
+
+
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)^{-1} for strictly lower-triangular A [..., C, C], row by row (forward substitution)."""
+    C = A.shape[-1]
+    eye = torch.eye(C, dtype=A.dtype, device=A.device)
+    rows = [eye[0].expand(*A.shape[:-2], C)]
+    for i in range(1, C):
+        # row i of T = (I + A)^{-1}: e_i - sum_{j<i} A_ij T_j
+        prev = torch.stack(rows, dim=-2)  # [..., i, C]
+        rows.append(eye[i] - (A[..., i : i + 1, :i] @ prev).squeeze(-2))
+    return torch.stack(rows, dim=-2)
+
+
+def _decay_matrix(gc: torch.Tensor, diagonal: int) -> torch.Tensor:
+    """exp(gc_i - gc_j) on and below `diagonal`, 0 above (masked before exp so nothing overflows)."""
+    C = gc.shape[-1]
+    mask = torch.ones(C, C, dtype=torch.bool, device=gc.device).tril(diagonal)
+    diff = gc[..., :, None] - gc[..., None, :]
+    return torch.where(mask, diff.masked_fill(~mask, 0).exp(), torch.zeros_like(diff))
+
+
+def _chunk_one(q, k, v, g, beta, S, scale, C):
+    """One sequence: q, k [T, H, K]; v [T, H, V]; g, beta [T, H]; S [H, K, V]. Returns o [T, H, V] and S."""
+    T = q.shape[0]
+    NC = -(-T // C)
+    pad = NC * C - T
+    # Zero-padded tokens (k = v = beta = g = 0) leave the state unchanged and are dropped from o.
+    q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (g, beta))
+    q, k, v = (x.unflatten(0, (NC, C)).permute(2, 0, 1, 3) for x in (q, k, v))  # [H, NC, C, D]
+    g, beta = (x.unflatten(0, (NC, C)).permute(2, 0, 1) for x in (g, beta))  # [H, NC, C]
+
+    gc = g.cumsum(-1)  # [H, NC, C] log decay from the chunk start
+    A = beta[..., None] * (k @ k.transpose(-1, -2)) * _decay_matrix(gc, -1)  # [H, NC, C, C] strictly lower
+    Tm = unit_lower_inverse(A)  # (I + A)^{-1}
+    w = Tm @ (k * (beta * gc.exp())[..., None])  # [H, NC, C, K]
+    u = Tm @ (v * beta[..., None])  # [H, NC, C, V]
+    attn = (q @ k.transpose(-1, -2)) * _decay_matrix(gc, 0)  # [H, NC, C, C] causal, diagonal included
+
+    outs = []
+    for c in range(NC):
+        v_new = u[:, c] - w[:, c] @ S  # [H, C, V] what the chunk writes, given the state at its start
+        outs.append(scale * (gc[:, c, :, None].exp() * (q[:, c] @ S) + attn[:, c] @ v_new))
+        g_last = gc[:, c, -1]  # [H]
+        k_decay = k[:, c] * (g_last[:, None] - gc[:, c]).exp()[..., None]  # [H, C, K]
+        S = g_last.exp()[:, None, None] * S + k_decay.transpose(-1, -2) @ v_new
+    o = torch.cat(outs, dim=1)[:, :T].transpose(0, 1)  # [T, H, V]
+    return o, S
+
+
+def chunk_gated_delta_rule(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
+):
+    """Chunkwise (WY/UT) gated delta rule in PyTorch; same arguments and results as `recurrent_gated_delta_rule`."""
+    V = v.shape[-1]
+    K = q.shape[-1]
+    q, k, v, g, beta, scale, seqs, dt = _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    H = v.shape[2]
+    outs, states = [], []
+    for n, (b, bos, eos) in enumerate(seqs):
+        S = _initial(initial_state, n, H, K, V, dt, q.device)
+        sl = slice(bos, eos)
+        o_n, S = _chunk_one(q[b, sl], k[b, sl], v[b, sl], g[b, sl], beta[b, sl], S, scale, chunk_size)
+        outs.append(o_n)
+        states.append(S)
+    return _finish(outs, states, v, cu_seqlens, output_final_state)
+
+
+def gated_delta_step(q, k, v, g, beta, state, *, scale=None):
+    """One decode token. q, k: [B, HK, K]; v: [B, H, V]; g, beta: [B, H]; state: [B, H, K, V] fp32, updated in place.
+
+    Returns o: [B, H, V] in v's dtype.
+    """
+    H, HK = v.shape[1], q.shape[1]
+    dt = _compute_dtype(state)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k = (x.to(dt).repeat_interleave(H // HK, dim=1) for x in (q, k))  # [B, H, K]
+    S = state.to(dt) * g.to(dt).exp()[..., None, None]
+    delta = beta.to(dt)[..., None] * (v.to(dt) - torch.einsum("bhkv,bhk->bhv", S, k))  # [B, H, V]
+    S = S + k[..., None] * delta[..., None, :]
+    state.copy_(S)
+    return (scale * torch.einsum("bhkv,bhk->bhv", S, q)).to(v.dtype)

@@ -1,0 +1,119 @@
+"""`hybridize convert` end to end on a tiny local Llama: output folder, report, determinism, and every bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+import hybridize.convert.io as convert_io
+from hybridize.cli import main
+from hybridize.teacher import teacher_folder
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def save_tiny(folder, model_class, config_class, **extra):
+    torch.manual_seed(0)
+    config = config_class(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                          eos_token_id=2, bos_token_id=1, **extra)
+    model_class(config).save_pretrained(folder)
+    for name in TOKENIZER_FILES:  # the real SmolLM2 tokenizer, so calibration text tokenizes as in practice
+        shutil.copy(teacher_folder(None) / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("teacher"), LlamaForCausalLM, LlamaConfig)
+
+
+def convert(capsys, *args):
+    capsys.readouterr()  # drop what the test's own setup printed
+    code = main(["convert", *map(str, args)])
+    return code, capsys.readouterr()
+
+
+def test_convert_writes_a_self_contained_deterministic_folder(tiny_llama, tmp_path, capsys):
+    code, out = convert(capsys, tiny_llama, "--plan", "h2:1", "--out", tmp_path / "a")
+    assert code == 0
+    assert "plan:" in out.out and "KL(teacher||hybrid)" in out.out
+    record = json.loads((tmp_path / "a" / "conversion.json").read_text())
+    assert record["layer_types"] == ["mamba2", "gated_deltanet", "full_attention", "sliding_attention"]
+    assert record["seed"] == 0 and record["hybridize_version"]
+    assert record["teacher"]["files"]["model.safetensors"]  # weight hash
+    assert [row["layer"] for row in record["report"]["layers"]] == [0, 1, 3]
+    assert record["report"]["layers"][2]["relative_error"] < 1.0  # SWA copies attention: close at step 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (tmp_path / "a" / name).exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert model.config.layer_types == record["layer_types"]
+    assert convert(capsys, tiny_llama, "--plan", "h2:1", "--out", tmp_path / "b")[0] == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_all_attention_plan_reproduces_teacher_logits(tiny_llama, tmp_path, capsys):
+    assert convert(capsys, tiny_llama, "--plan", "all:full_attention", "--out", tmp_path / "h")[0] == 0
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    hybrid = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    ids = torch.randint(0, 49152, (2, 50))
+    with torch.no_grad():
+        assert (teacher(ids).logits - hybrid(ids, use_cache=False).logits).abs().max() <= 1e-4
+
+
+def corrupt_copy(tiny_llama, tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("mistral", "teacher architecture 'mistral' is not supported; supported: llama"),
+        ("plan_length", "plan has 3 layers but the model has 4"),
+        ("unknown_type", "unknown layer type 'lstm'"),
+        ("exists", "exists; pass --overwrite"),
+        ("corrupt", "could not be loaded"),
+        ("hub_offline", "is not available locally and the Hugging Face Hub cannot be reached"),
+    ],
+)
+def test_bad_input_gets_one_line_exit_2_and_no_output(case, message, tiny_llama, tmp_path, capsys):
+    teacher, plan, out = tiny_llama, "h2:1", tmp_path / "out"
+    if case == "mistral":
+        teacher = save_tiny(tmp_path / "mistral", MistralForCausalLM, MistralConfig)
+    elif case == "plan_length":
+        plan = str(tmp_path / "plan.json")
+        (tmp_path / "plan.json").write_text(json.dumps({"layer_types": ["mamba2"] * 3}))
+    elif case == "unknown_type":
+        plan = "lstm:rest"
+    elif case == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "corrupt":
+        teacher = corrupt_copy(tiny_llama, tmp_path)
+    elif case == "hub_offline":
+        teacher = "no-such-org/no-such-model"
+    code, captured = convert(capsys, teacher, "--plan", plan, "--out", out)
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in captured.err
+    if case == "exists":
+        assert (out / "keep.txt").read_text() == "mine"
+    else:
+        assert not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_interrupted_conversion_leaves_nothing_behind(tiny_llama, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_io.json, "dumps", interrupted)  # dies after the weights were written
+    code, captured = convert(capsys, tiny_llama, "--plan", "h2:1", "--out", tmp_path / "out")
+    assert code == 130 and "interrupted" in captured.err
+    assert list(tmp_path.iterdir()) == []

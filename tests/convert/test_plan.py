@@ -1,0 +1,52 @@
+"""Plan specs resolve to one layer type per layer, and bad specs get one clear UserError."""
+
+import json
+
+import pytest
+
+from hybridize.convert.plan import H2_CYCLE, resolve_plan, uniform_positions
+from hybridize.errors import UserError
+
+
+def test_uniform_spreads_attention_and_avoids_layer_zero():
+    assert uniform_positions(30, 8) == [1, 5, 9, 13, 16, 20, 24, 28]
+    plan = resolve_plan("uniform:8", 30)
+    assert [i for i, k in enumerate(plan) if k == "full_attention"] == [1, 5, 9, 13, 16, 20, 24, 28]
+    assert set(plan) == {"full_attention", "gated_deltanet"}
+    assert set(resolve_plan("uniform:3:mamba2", 12)) == {"full_attention", "mamba2"}
+
+
+def test_h2_cycles_mamba2_gdn_swa_over_replaced_layers():
+    plan = resolve_plan("h2:2", 8)
+    replaced = [k for k in plan if k != "full_attention"]
+    assert plan.count("full_attention") == 2
+    assert replaced == [H2_CYCLE[i % 3] for i in range(6)]
+
+
+def test_compact_spec_list_and_json_file(tmp_path):
+    plan = resolve_plan("full_attention:0,3 mamba2:1 gated_deltanet:rest", 5)
+    assert plan == ["full_attention", "mamba2", "gated_deltanet", "full_attention", "gated_deltanet"]
+    assert resolve_plan(list(plan), 5) == plan
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"layer_types": plan, "scores": {}}))
+    assert resolve_plan(str(path), 5) == plan
+    assert resolve_plan("all:sliding_attention", 3) == ["sliding_attention"] * 3
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("uniform:31", "attention budget must be an integer in 0..30"),
+        ("h2:x", "attention budget must be an integer"),
+        ("full_attention:0,40 mamba2:rest", "layer index '40' is not in 0..29"),
+        ("full_attention:0 mamba2:0 gated_deltanet:rest", "layer 0 is named twice"),
+        ("full_attention:0,1", "leaves layers"),
+        ("lstm:rest", "unknown layer type 'lstm'"),
+        (["mamba2"] * 29, "plan has 29 layers but the model has 30"),
+        ("missing.json", "cannot read a 'layer_types' list"),
+        ("diagonal:4", "unknown layer type 'diagonal'"),
+    ],
+)
+def test_bad_specs_get_one_clear_error(spec, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_plan(spec, 30)
