@@ -191,13 +191,14 @@ def test_backend_switch(monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("h0, activation", [(False, "silu"), (True, "silu"), (False, None)])
 @pytest.mark.parametrize("D", [2048, 4096])
-def test_cuda_bf16_big(D):
-    """bf16 on the GPU vs the fp32 reference on the same bf16 values (W=4, SiLU, bias, states)."""
-    args = _make(2048, D, 4, dtype=torch.bfloat16, device="cuda")
-    ref_args = [t.detach().float().requires_grad_() for t in args]
-    ref = _run("reference", *ref_args, activation="silu")
-    tri = _run("triton", *args, activation="silu")
+def test_cuda_bf16_big(D, h0, activation):
+    """bf16 on the GPU vs the fp32 reference on the same bf16 values (W=4, bias, final state)."""
+    args = _make(2048, D, 4, h0=h0, dtype=torch.bfloat16, device="cuda")
+    ref_args = [None if t is None else t.detach().float().requires_grad_() for t in args]
+    ref = _run("reference", *ref_args, activation=activation)
+    tri = _run("triton", *args, activation=activation)
     for name in ref:
         assert tri[name].dtype == torch.bfloat16, name
         assert_rel_rmse(tri[name].float(), ref[name], 1e-2, name)

@@ -1,4 +1,4 @@
-"""Gated delta rule: reference chunk form vs the loop, Triton (interpreted on CPU) vs the loop, decode step, dispatch."""
+"""Gated delta rule: reference chunk form vs the loop, Triton (interpreted on CPU) vs the loop, decode, dispatch."""
 
 import pytest
 import torch
@@ -56,6 +56,7 @@ CASES = [
     (2, 1, 2, 2, 16, 16, None, True, 64),
     (1, 150, 2, 4, 16, 16, [0, 17, 80, 150], True, 64),
     (2, 75, 1, 2, 24, 40, None, True, 32),
+    (1, 40, 1, 2, 80, 16, None, True, 64),
 ]
 
 

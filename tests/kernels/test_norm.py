@@ -30,7 +30,7 @@ def _run(backend, x, gate, weight, eps=1e-6, seed=1):
 
 
 @pytest.mark.parametrize("gate", [False, True])
-@pytest.mark.parametrize("shape", [(2, 63, 60), (2, 75, 3, 100), (1, 1, 100), (5, 4096)])
+@pytest.mark.parametrize("shape", [(2, 63, 60), (2, 75, 3, 100), (1, 1, 100), (3, 3000), (5, 4096)])
 def test_matches_reference(shape, gate):
     args = _make(shape, gate=gate)
     ref, tri = _run("reference", *args), _run("triton", *args)

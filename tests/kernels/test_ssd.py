@@ -68,7 +68,7 @@ def run(fn, q, k, v, g, h0, *, cu_seqlens=None, loss_on=("o", "ht"), seed=1, **k
 def assert_all_close(actual, expected, tols):
     for name, tol in tols.items():
         if name in expected:
-            assert_rel_rmse(actual[name].float(), expected[name].float(), tol, name)
+            assert_rel_rmse(actual[name], expected[name], tol, name)
 
 
 # 1. The chunked reference is the token loop, in fp64.
@@ -130,6 +130,17 @@ def test_triton_one_output_unused(loss_on):
     actual = run(chunk_ssd, *inputs, loss_on=loss_on, backend="triton")
     tols = dict(FP32_TOLS, dq=1e-5 if "o" in loss_on else 0.0)  # q does not reach the final state
     assert_all_close(actual, expected, tols)
+
+
+def test_triton_initial_state_without_grad():
+    """An initial state that needs no gradient skips dh0; the other gradients must not change."""
+    q, k, v, g, h0 = make_inputs(1, 75, 1, 2, 16, 16)
+    expected = run(recurrent_ssd, q, k, v, g, h0, loss_on=("o",))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    o, _ = chunk_ssd(*leaves, initial_state=h0, backend="triton")
+    o.backward(torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).bfloat16().float())  # run()'s do
+    actual = dict(o=o, **{name: x.grad for name, x in zip(GRADS, leaves)})
+    assert_all_close(actual, expected, {name: FP32_TOLS[name] for name in ("o", "dq", "dk", "dv", "dg")})
 
 
 def test_triton_strong_decay():

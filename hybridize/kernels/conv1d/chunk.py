@@ -7,9 +7,11 @@ import triton.language as tl
 from .reference import check_conv_args
 
 # Forward: one [BT, BD] output tile per program. Backward: each program walks NS tiles of BT rows, so that the
-# weight/bias gradients are reduced in registers and only one partial per (BT*NS rows, BD channels) is written.
-FWD_BT, FWD_BD, FWD_WARPS = 64, 128, 8
-BWD_BT, BWD_BD, BWD_NS, BWD_WARPS = 32, 128, 8, 8
+# weight/bias gradients are summed in registers and only one partial per (BT*NS rows, BD channels) is written.
+# 8-16 fp32 values per thread per tile: the backward holds about sixteen tiles at once (sm_90, W=4, SiLU:
+# ~170 registers, no spills).
+FWD_BT, FWD_BD, FWD_WARPS = 32, 128, 8
+BWD_BT, BWD_BD, BWD_NS, BWD_WARPS = 8, 128, 32, 4
 
 
 @triton.jit
@@ -166,9 +168,13 @@ def causal_conv1d_bwd_kernel(
     else:
         b_b = tl.zeros([1, BD], dtype=tl.float32)
 
-    # dw[:, i] = sum_t dz_t * x_{t-3+i} (padded taps), db = sum_t dz_t, over this program's rows
-    b_dw = tl.zeros([BD, 4], dtype=tl.float32)
-    b_db = tl.zeros([BD], dtype=tl.float32)
+    # dw[:, i] = sum_t dz_t * x_{t-3+i} (padded taps), db = sum_t dz_t, over this program's rows; summed
+    # elementwise in the loop and over rows once at the end, which keeps cross-thread reductions out of the loop
+    b_dw0 = tl.zeros([BT, BD], dtype=tl.float32)
+    b_dw1 = tl.zeros([BT, BD], dtype=tl.float32)
+    b_dw2 = tl.zeros([BT, BD], dtype=tl.float32)
+    b_dw3 = tl.zeros([BT, BD], dtype=tl.float32)
+    b_db = tl.zeros([BT, BD], dtype=tl.float32)
     for i_s in range(NS):
         s0 = (i_c * NS + i_s) * BT
         o_t = s0 + tl.arange(0, BT)
@@ -176,23 +182,27 @@ def causal_conv1d_bwd_kernel(
         b_dx, b_dz, b_xm3, b_xm2, b_xm1, b_x0 = _conv_bwd_rows(
             p_x, p_h, p_dy, s0, T, b_w0, b_w1, b_w2, b_w3, b_b, o_d, m_d, D, BT, W, USE_INITIAL_STATE, USE_SILU)
         if USE_FINAL_STATE_GRAD:
-            # the final state's column j is x_{T-W+1+j}
-            o_j = o_t - (T - (W - 1))
-            p_dhts = p_dht + o_d[None, :] * (W - 1) + o_j[:, None]
-            b_dx += tl.load(p_dhts, mask=((o_j >= 0) & m_t)[:, None] & m_d[None, :], other=0.).to(tl.float32)
+            # the final state's column j is x_{T-W+1+j}, so only the last rows of a sequence get its gradient
+            if s0 + BT > T - (W - 1):
+                for i_j in tl.static_range(W - 1):
+                    b_dhtj = tl.load(p_dht + o_d * (W - 1) + i_j, mask=m_d, other=0.).to(tl.float32)
+                    b_dx += tl.where((o_t == T - (W - 1) + i_j)[:, None], b_dhtj[None, :], 0.)
         p_dx = dx + bos * D + o_t[:, None] * D + o_d[None, :]
         tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
-        b_dw += tl.where(o_w[None, :] == 0, tl.sum(b_dz * b_xm3, 0)[:, None], 0.)
-        b_dw += tl.where(o_w[None, :] == 1, tl.sum(b_dz * b_xm2, 0)[:, None], 0.)
-        b_dw += tl.where(o_w[None, :] == 2, tl.sum(b_dz * b_xm1, 0)[:, None], 0.)
-        b_dw += tl.where(o_w[None, :] == 3, tl.sum(b_dz * b_x0, 0)[:, None], 0.)
-        b_db += tl.sum(b_dz, 0)
-    # drop the padding taps: padded tap i is column i-4+W
-    p_dw = dw + i_cg * D * W + o_d[:, None] * W + (o_w - 4 + W)[None, :]
-    tl.store(p_dw, b_dw, mask=m_d[:, None] & (o_w >= 4 - W)[None, :])
+        b_dw0 += b_dz * b_xm3
+        b_dw1 += b_dz * b_xm2
+        b_dw2 += b_dz * b_xm1
+        b_dw3 += b_dz * b_x0
+        b_db += b_dz
+    # padded tap i is column i-4+W of dw; the padding taps are dropped
+    p_dw = dw + i_cg * D * W + o_d * W - 4 + W
+    tl.store(p_dw + 0, tl.sum(b_dw0, 0), mask=m_d & (W >= 4))
+    tl.store(p_dw + 1, tl.sum(b_dw1, 0), mask=m_d & (W >= 3))
+    tl.store(p_dw + 2, tl.sum(b_dw2, 0), mask=m_d & (W >= 2))
+    tl.store(p_dw + 3, tl.sum(b_dw3, 0), mask=m_d)
     if HAS_BIAS:
-        tl.store(db + i_cg * D + o_d, b_db, mask=m_d)
+        tl.store(db + i_cg * D + o_d, tl.sum(b_db, 0), mask=m_d)
 
     # the initial state's column c sits at position c-W+1, so it takes the dx formula there
     if USE_INITIAL_STATE:

@@ -17,11 +17,11 @@ def check_conv_args(x, weight, activation, initial_state, cu_seqlens) -> None:
     check_activation(activation)
     if x.dim() != 3:
         raise ValueError(f"x must be [B, T, D], got shape {tuple(x.shape)}")
-    D, W = weight.shape
-    if D != x.shape[-1] or not 1 <= W <= MAX_WIDTH:
+    if weight.dim() != 2 or weight.shape[0] != x.shape[-1] or not 1 <= weight.shape[1] <= MAX_WIDTH:
         raise ValueError(f"weight must be [D={x.shape[-1]}, W<={MAX_WIDTH}], got {tuple(weight.shape)}")
     if cu_seqlens is not None and x.shape[0] != 1:
         raise ValueError(f"with cu_seqlens the batch size must be 1, got {x.shape[0]}")
+    D, W = weight.shape
     N = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, D, W - 1):
         raise ValueError(f"initial_state must be [N={N}, D={D}, W-1={W - 1}], got {tuple(initial_state.shape)}")

@@ -72,7 +72,8 @@ def _wy_fwd_kernel(
     p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
     b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")  # [BT, BK]
     # A_ij = beta_i (k_i . k_j) exp(gc_i - gc_j) for j < i; Ai = (I + A)^{-1}
-    b_A = tl.dot(b_k, tl.trans(b_k)) * b_b[:, None] * _masked_exp(b_g[:, None] - b_g[None, :], o_i[:, None] > o_i[None, :])
+    b_A = tl.dot(b_k, tl.trans(b_k)) * b_b[:, None]
+    b_A = b_A * _masked_exp(b_g[:, None] - b_g[None, :], o_i[:, None] > o_i[None, :])
     b_kb = (b_k * (b_b * tl.exp(b_g))[:, None]).to(b_k.dtype)
     b_Ai = _solve_unit_lower(b_A, BT)  # [BT, BT]
     p_Ai = tl.make_block_ptr(Ai + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
@@ -115,7 +116,8 @@ def _state_fwd_kernel(
 
         p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
         p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_vn = tl.make_block_ptr(v_new + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_vn = tl.make_block_ptr(v_new + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV),
+                                 (1, 0))
         b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")
         # What the chunk writes, given the state at its start: u - w h
         b_v = tl.load(p_u, boundary_check=(0, 1), padding_option="zero").to(tl.float32) - tl.dot(b_w, b_h.to(b_w.dtype))
@@ -220,7 +222,8 @@ def _state_bwd_kernel(
         b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
         b_g_last = tl.load(gc + (bos + tl.minimum(i_t * BT + BT, T) - 1) * H + i_h)
         p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-        p_dvl = tl.make_block_ptr(dv_local + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_dvl = tl.make_block_ptr(dv_local + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV),
+                                  (1, 0))
         p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
         b_kd = (b_k * tl.exp(b_g_last - b_g)[:, None]).to(b_k.dtype)
@@ -247,7 +250,7 @@ def _state_bwd_kernel(
 def _dqkw_kernel(
     q, k, v_new, h, dh, do, dv, gc, dq, dk, dw, dg, scale, cu_seqlens, chunk_indices,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
 ):
     # one program per (chunk, value head, BK-slice of K); the dg it writes is that slice's share
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -262,11 +265,13 @@ def _dqkw_kernel(
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)  # rowsum(h * dh), for the decay of the whole chunk
+    boh = (i_c.to(tl.int64) * H + i_h) * K * V  # this chunk's h and dh
     for i_v in range(tl.cdiv(V, BV)):
-        p_h = tl.make_block_ptr(h + (i_c.to(tl.int64) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        p_dh = tl.make_block_ptr(dh + (i_c.to(tl.int64) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        p_h = tl.make_block_ptr(h + boh, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        p_dh = tl.make_block_ptr(dh + boh, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
         p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_vn = tl.make_block_ptr(v_new + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_vn = tl.make_block_ptr(v_new + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV),
+                                 (1, 0))
         p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")  # [BK, BV]
         b_dh = tl.load(p_dh, boundary_check=(0, 1), padding_option="zero")  # [BK, BV]
@@ -302,14 +307,14 @@ def _dqkw_kernel(
     tl.store(p_dq, b_dq, boundary_check=(0, 1))
     tl.store(p_dk, b_dk, boundary_check=(0, 1))
     tl.store(p_dw, (-b_dw).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(dg + i_k * tl.num_programs(0) * 0 + (i_k * TT + bos + o_t) * H + i_h, b_dg, mask=m_t)
+    tl.store(dg + ((bos + o_t) * H + i_h) * NK + i_k, b_dg, mask=m_t)
 
 
 @triton.jit
 def _wy_bwd_kernel(
     k, v, beta, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, cu_seqlens, chunk_indices,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c)
@@ -338,39 +343,49 @@ def _wy_bwd_kernel(
         b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
         b_dAi += tl.dot(b_du, tl.trans((b_v * b_b[:, None]).to(b_v.dtype)))
 
-    # w = Ai (beta exp(gc) k)
-    p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
-    b_dw = tl.load(p_dw, boundary_check=(0, 1), padding_option="zero")
+    # w = Ai (beta exp(gc) k), in K slices of BK
     b_bg = b_b * tl.exp(b_g)
-    b_dkbg = tl.dot(b_AiT, b_dw)  # [BT, BK]
-    b_dkbg_k = tl.sum(b_dkbg * b_k.to(tl.float32), 1)
-    b_db += b_dkbg_k * tl.exp(b_g)
-    b_dg = b_dkbg_k * b_bg
-    b_dAi += tl.dot(b_dw, tl.trans((b_k * b_bg[:, None]).to(b_k.dtype)))
+    b_dg = tl.zeros([BT], dtype=tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_dw = tl.load(p_dw, boundary_check=(0, 1), padding_option="zero")
+        b_dkbg_k = tl.sum(tl.dot(b_AiT, b_dw) * b_k.to(tl.float32), 1)
+        b_db += b_dkbg_k * tl.exp(b_g)
+        b_dg += b_dkbg_k * b_bg
+        b_dAi += tl.dot(b_dw, tl.trans((b_k * b_bg[:, None]).to(b_k.dtype)))
+        b_kk += tl.dot(b_k, tl.trans(b_k))
 
     # Ai = (I + A)^{-1}  =>  dA = -Ai^T dAi Ai^T, on the strictly lower triangle where A lives
     m_lower = o_i[:, None] > o_i[None, :]
     b_dA = tl.dot(tl.dot(tl.trans(b_Ai), b_dAi), tl.trans(b_Ai))
     b_dA = tl.where(m_lower, -b_dA, 0.0) * _masked_exp(b_g[:, None] - b_g[None, :], m_lower)
     # A = beta_i (k_i . k_j) exp(gc_i - gc_j); b_dA now holds dA * exp(gc_i - gc_j)
-    b_kk = tl.dot(b_k, tl.trans(b_k))
     b_dAk = b_dA * b_kk
     b_db += tl.sum(b_dAk, 1)
     b_dAA = b_dAk * b_b[:, None]
     b_dg += tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0)
-    b_dAb = (b_dA * b_b[:, None]).to(b_k.dtype)
-    p_dki = tl.make_block_ptr(dk_in + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    b_dk = b_dkbg * b_bg[:, None] + tl.load(p_dki, boundary_check=(0, 1), padding_option="zero")
-    b_dk += tl.dot(b_dAb, b_k) + tl.dot(tl.trans(b_dAb), b_k)
+    b_dAb = (b_dA * b_b[:, None]).to(b_AiT.dtype)
+    # dk = (the non-WY part) + through w's beta exp(gc) k + through A
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        p_dki = tl.make_block_ptr(dk_in + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK),
+                                  (1, 0))
+        p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_dw = tl.load(p_dw, boundary_check=(0, 1), padding_option="zero")
+        b_dk = tl.dot(b_AiT, b_dw) * b_bg[:, None] + tl.load(p_dki, boundary_check=(0, 1), padding_option="zero")
+        b_dk += tl.dot(b_dAb, b_k) + tl.dot(tl.trans(b_dAb), b_k)
+        tl.store(p_dk, b_dk, boundary_check=(0, 1))
 
     # gc is a cumulative sum of g within the chunk, so dg is the reverse cumulative sum of dgc.
-    b_dg = tl.where(m_t, b_dg + tl.load(dg_in + (bos + o_t) * H + i_h, mask=m_t, other=0.0), 0.0)
+    p_dgi = dg_in + ((bos + o_t) * H + i_h)[:, None] * NK + tl.arange(0, NK)[None, :]
+    b_dg = tl.where(m_t, b_dg + tl.sum(tl.load(p_dgi, mask=m_t[:, None], other=0.0), 1), 0.0)
     b_dg = tl.sum(b_dg, 0) - tl.cumsum(b_dg, 0) + b_dg
 
-    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
-    tl.store(p_dk, b_dk, boundary_check=(0, 1))
     tl.store(dbeta + (bos + o_t) * H + i_h, b_db, mask=m_t)
     tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
 
@@ -388,7 +403,7 @@ class _Layout(NamedTuple):
 
 def _layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, device: torch.device) -> _Layout:
     if cu_seqlens is None:
-        # B equal sequences: built on the device, with no host sync.
+        # B sequences of T tokens: built on the device, with no host sync.
         NT = triton.cdiv(T, BT)
         idx = torch.arange(B * NT, dtype=torch.int32, device=device)
         steps = torch.arange(B + 1, dtype=torch.int32, device=device)
@@ -396,21 +411,33 @@ def _layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, device: to
     bounds = cu_seqlens.tolist()
     counts = [triton.cdiv(eos - bos, BT) for bos, eos in zip(bounds[:-1], bounds[1:])]
     pairs = [(n, t) for n, c in enumerate(counts) for t in range(c)]
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
-    as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    chunk_indices = as_i32(pairs).view(-1, 2)
-    return _Layout(cu_seqlens.to(torch.int32), chunk_indices, as_i32(offsets), len(counts), len(pairs), BT)
+    offsets = [sum(counts[:n]) for n in range(len(counts) + 1)]
+    chunk_indices = torch.tensor(pairs, dtype=torch.int32, device=device).view(-1, 2)
+    chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
+    return _Layout(cu_seqlens.to(torch.int32), chunk_indices, chunk_offsets, len(counts), len(pairs), BT)
 
 
 def _blocks(K: int, V: int) -> tuple[int, int]:
+    """BK: all of K in one tile; BV: V in tiles of up to 64 (both at least 16, the smallest tl.dot side)."""
     return max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
+
+
+def _state_bv(V: int) -> int:
+    """V tile of the sequential passes: small, so that more programs walk the chunks side by side."""
+    return min(32, max(16, triton.next_power_of_2(V)))
+
+
+def _launch_per_chunk(kernel, lay: _Layout, *args, H: int, HK: int, K: int, V: int, num_warps: int):
+    """Run a kernel with one program per (chunk, value head)."""
+    BK, BV = _blocks(K, V)
+    kernel[(lay.NC, H)](
+        *args, lay.cu_seqlens, lay.chunk_indices, H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK, BV=BV, num_warps=num_warps
+    )
 
 
 def _wy_fwd(k, v, g, beta, lay: _Layout):
     """Chunk-local cumsum of g, Ai = (I + A)^{-1}, and the WY factors w = Ai (beta exp(gc) k), u = Ai (beta v)."""
-    _, T, HK, K = k.shape
+    HK, K = k.shape[2], k.shape[3]
     H, V = v.shape[2], v.shape[3]
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)  # [B, T, H]
     Ai = torch.empty(*g.shape, lay.BT, dtype=torch.float32, device=g.device)  # [B, T, H, BT]
@@ -424,8 +451,7 @@ def _state_fwd(k, w, u, gc, initial_state, lay: _Layout, output_final_state: boo
     """The state at every chunk start (h), what each chunk writes (v_new), and the final states."""
     HK, K = k.shape[2], k.shape[3]
     H, V = u.shape[2], u.shape[3]
-    BK, _ = _blocks(K, V)
-    BV = min(32, max(16, triton.next_power_of_2(V)))
+    BK, BV = _blocks(K, V)[0], _state_bv(V)
     h = torch.empty(lay.NC, H, K, V, dtype=k.dtype, device=k.device)
     v_new = torch.empty_like(u)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
@@ -449,12 +475,20 @@ def _output_fwd(q, k, v_new, h, gc, scale, lay: _Layout):
     return o
 
 
+def _dv_local(q, k, gc, do, scale, lay: _Layout):
+    """The intra-chunk part of dv_new: the transposed causal attention of the chunk times do."""
+    HK, K = q.shape[2], q.shape[3]
+    H, V = do.shape[2], do.shape[3]
+    dv_local = torch.empty(do.shape, dtype=torch.float32, device=do.device)
+    _launch_per_chunk(_dv_local_kernel, lay, q, k, gc, do, dv_local, scale, H=H, HK=HK, K=K, V=V, num_warps=4)
+    return dv_local
+
+
 def _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay: _Layout, need_dh0: bool):
     """Walking the chunks backwards: the end-state gradient of every chunk (dh), the full dv_new, and dh0."""
     HK, K = q.shape[2], q.shape[3]
     H, V = do.shape[2], do.shape[3]
-    BK, _ = _blocks(K, V)
-    BV = min(32, max(16, triton.next_power_of_2(V)))
+    BK, BV = _blocks(K, V)[0], _state_bv(V)
     dh = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=q.device)
     dv = torch.empty(do.shape, dtype=q.dtype, device=q.device)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
@@ -466,48 +500,40 @@ def _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay: _Layout, need_dh0: bo
     return dh, dv, dh0
 
 
-def _launch_per_chunk(kernel, lay: _Layout, *args, H: int, HK: int, K: int, V: int, num_warps: int):
-    """Run a kernel with one program per (chunk, value head)."""
-    BK, BV = _blocks(K, V)
-    kernel[(lay.NC, H)](
-        *args, lay.cu_seqlens, lay.chunk_indices, H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK, BV=BV, num_warps=num_warps
-    )
-
-
-def _dv_local(q, k, gc, do, scale, lay: _Layout):
-    """The intra-chunk part of dv_new: the transposed causal attention of the chunk times do."""
-    HK, K = q.shape[2], q.shape[3]
-    H, V = do.shape[2], do.shape[3]
-    dv_local = torch.empty(do.shape, dtype=torch.float32, device=do.device)
-    _launch_per_chunk(_dv_local_kernel, lay, q, k, gc, do, dv_local, scale, H=H, HK=HK, K=K, V=V, num_warps=4)
-    return dv_local
-
-
 def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
-    """dq in full, dk and dgc without their WY parts, and dw (per value head)."""
+    """dq in full, dk and dgc without their WY parts, and dw (per value head); dgc in [B, T, H, NK] shares."""
     B, T, HK, K = q.shape
     H, V = do.shape[2], do.shape[3]
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dk = torch.empty_like(dq)
     dw = torch.empty(B, T, H, K, dtype=q.dtype, device=q.device)
-    dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
-    _launch_per_chunk(
-        _dqkw_kernel, lay, q, k, v_new, h, dh, do, dv, gc, dq, dk, dw, dg, scale, H=H, HK=HK, K=K, V=V, num_warps=8
+    BK, BV = _blocks(K, V)
+    # K is cut in slices of 64 to keep the three [BT, BK] accumulators in registers; each slice adds its dgc share.
+    NK = triton.cdiv(BK, 64)
+    dg = torch.empty(B, T, H, NK, dtype=torch.float32, device=q.device)
+    _dqkw_kernel[(lay.NC, H, NK)](
+        q, k, v_new, h, dh, do, dv, gc, dq, dk, dw, dg, scale, lay.cu_seqlens, lay.chunk_indices,
+        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK // NK, BV=BV, NK=NK, num_warps=8,
     )
     return dq, dk, dw, dg
 
 
 def _wy_bwd(k, v, beta, gc, Ai, dw, du, dk_in, dg_in, lay: _Layout):
-    """Back through w and u: the full dk (per value head), dv, dbeta, and dg (reverse cumsum of dgc)."""
+    """Back through w and u: the full dk (per value head), dv, dbeta, and dg (reverse cumsum of dgc).
+
+    dk_in, dg_in: the non-WY parts from `_dqkw`.
+    """
     HK, K = k.shape[2], k.shape[3]
     H, V = v.shape[2], v.shape[3]
     dk = torch.empty_like(dk_in)
     dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
     dbeta = torch.empty(beta.shape, dtype=torch.float32, device=beta.device)
-    dg = torch.empty_like(dg_in)
-    _launch_per_chunk(
-        _wy_bwd_kernel, lay, k, v, beta, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg,
-        H=H, HK=HK, K=K, V=V, num_warps=8,
+    dg = torch.empty(beta.shape, dtype=torch.float32, device=beta.device)
+    BK, BV = _blocks(K, V)
+    # K is walked in slices of 64 (twice: the dA pass, then dk), to keep the [BT, BK] tiles in registers.
+    _wy_bwd_kernel[(lay.NC, H)](
+        k, v, beta, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, lay.cu_seqlens, lay.chunk_indices,
+        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=min(BK, 64), BV=BV, NK=dg_in.shape[-1], num_warps=8,
     )
     return dk, dv, dbeta, dg
 
@@ -518,14 +544,16 @@ def _sum_groups(x: torch.Tensor, HK: int) -> torch.Tensor:
     return x.view(B, T, HK, H // HK, K).sum(3)
 
 
-def chunk_gated_delta_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, lay: _Layout):
+def _fwd(q, k, v, g, beta, scale, initial_state, output_final_state, lay: _Layout):
+    """cumsum -> WY (w, u) -> states h -> output o."""
     gc, Ai, w, u = _wy_fwd(k, v, g, beta, lay)
     h, v_new, ht = _state_fwd(k, w, u, gc, initial_state, lay, output_final_state)
     o = _output_fwd(q, k, v_new, h, gc, scale, lay)
     return o, ht, gc, Ai, w, u
 
 
-def chunk_gated_delta_bwd(q, k, v, beta, gc, Ai, w, u, scale, initial_state, do, dht, lay: _Layout):
+def _bwd(q, k, v, beta, gc, Ai, w, u, scale, initial_state, do, dht, lay: _Layout):
+    """states h again -> dv_new within chunks -> dh backwards -> dq, dk, dw -> back through WY (dk, dv, dbeta, dg)."""
     # The per-chunk states are recomputed rather than kept from the forward, to save memory.
     h, v_new, _ = _state_fwd(k, w, u, gc, initial_state, lay, output_final_state=False)
     dv_local = _dv_local(q, k, gc, do, scale, lay)
@@ -537,10 +565,12 @@ def chunk_gated_delta_bwd(q, k, v, beta, gc, Ai, w, u, scale, initial_state, do,
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
+    """Saves the WY factors and gates of the forward; the backward recomputes the per-chunk states."""
+
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
         lay = _layout(q.shape[0], q.shape[1], cu_seqlens, chunk_size, q.device)
-        o, ht, gc, Ai, w, u = chunk_gated_delta_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, lay)
+        o, ht, gc, Ai, w, u = _fwd(q, k, v, g, beta, scale, initial_state, output_final_state, lay)
         ctx.save_for_backward(q, k, v, beta, gc, Ai, w, u, initial_state)
         ctx.lay, ctx.scale, ctx.dtypes = lay, scale, (g.dtype, beta.dtype)
         return o, ht
@@ -548,8 +578,9 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, beta, gc, Ai, w, u, initial_state = ctx.saved_tensors
-        dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_bwd(
-            q, k, v, beta, gc, Ai, w, u, ctx.scale, initial_state, do.contiguous(), dht, ctx.lay
+        dq, dk, dv, dg, dbeta, dh0 = _bwd(
+            q, k, v, beta, gc, Ai, w, u, ctx.scale, initial_state, do.contiguous(),
+            None if dht is None else dht.contiguous(), ctx.lay,
         )
         g_dtype, beta_dtype = ctx.dtypes
         return (

@@ -1,4 +1,4 @@
-"""Gated delta rule in plain PyTorch: the token-by-token loop (ground truth), the chunkwise WY/UT form, and the decode step.
+"""Gated delta rule in PyTorch: the token loop (ground truth), the chunkwise WY/UT form, and the decode step.
 
 All three compute in fp32 (fp64 when given fp64) and are differentiable by autograd. The math is in README.md.
 """

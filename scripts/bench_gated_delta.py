@@ -1,0 +1,114 @@
+"""Benchmark the gated delta rule (chunk forward, forward+backward, decode step) against fla-core on a CUDA GPU.
+
+Run: python scripts/bench_gated_delta.py. Prints ms (median of triton.testing.do_bench), the ratio to the peer
+(fla-core, when installed) and to the ideal-byte floor (bytes read once + written once at 3.0 TB/s).
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from hybridize.kernels.gated_delta import chunk_gated_delta_rule, gated_delta_step
+
+try:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
+except ImportError:
+    fla_chunk = fla_recurrent = None
+
+BANDWIDTH = 3.0e12  # B/s, the copy bandwidth measured on the H100
+BF16, FP32 = 2, 4
+
+
+def make(B, T, H, D, requires_grad):
+    q = F.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).bfloat16()
+    k = F.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).bfloat16()
+    v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 2.0)
+    beta = torch.rand(B, T, H, device="cuda").bfloat16()
+    return [x.requires_grad_(requires_grad) for x in (q, k, v, g, beta)]
+
+
+def time_ms(fn, *args):
+    """Median ms of fn(*args); 'n/a' when fn is missing or fails (e.g. a peer that refuses this Triton)."""
+    if fn is None:
+        return None
+    try:
+        return triton.testing.do_bench(lambda: fn(*args))
+    except Exception as e:  # noqa: BLE001 - a peer's failure is reported, not fatal
+        print(f"  peer failed: {type(e).__name__}: {str(e)[:100]}")
+        return None
+
+
+def fwd(chunk_fn):
+    if chunk_fn is None:
+        return None
+    # g and beta by keyword: newer fla-core puts gk, gv between them in some signatures
+    return lambda q, k, v, g, beta: chunk_fn(q, k, v, g=g, beta=beta, scale=q.shape[-1] ** -0.5)[0]
+
+
+def fwd_bwd(chunk_fn):
+    if chunk_fn is None:
+        return None
+
+    def run(q, k, v, g, beta):
+        for x in (q, k, v, g, beta):
+            x.grad = None
+        o = chunk_fn(q, k, v, g=g, beta=beta, scale=q.shape[-1] ** -0.5)[0]
+        o.backward(torch.ones_like(o))
+
+    return run
+
+
+def row(name, ours, peer, floor_ms):
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    ratio = "n/a" if peer is None else f"{ours / peer:.2f}"
+    print(f"{name:44s} ours {fmt(ours):>8s} ms   fla {fmt(peer):>8s} ms   ours/fla {ratio:>5s}   "
+          f"floor {floor_ms:.3f} ms   ours/floor {ours / floor_ms:.1f}")
+
+
+def bench_chunk(label, B, T, H, D):
+    n = B * T * H
+    # q, k, v, beta (bf16) and g (fp32) read once, o written once
+    fwd_bytes = n * (3 * D * BF16 + BF16 + FP32) + n * D * BF16
+    # backward adds do read once and dq, dk, dv, dbeta (bf16), dg (fp32) written once
+    bwd_bytes = n * D * BF16 + n * (3 * D * BF16 + BF16 + FP32)
+    inputs = make(B, T, H, D, requires_grad=False)
+    row(f"{label} B{B} T{T} H{H} D{D} fwd", time_ms(fwd(chunk_gated_delta_rule), *inputs),
+        time_ms(fwd(fla_chunk), *inputs), fwd_bytes / BANDWIDTH * 1e3)
+    inputs = make(B, T, H, D, requires_grad=True)
+    row(f"{label} B{B} T{T} H{H} D{D} fwd+bwd", time_ms(fwd_bwd(chunk_gated_delta_rule), *inputs),
+        time_ms(fwd_bwd(fla_chunk), *inputs), (fwd_bytes + bwd_bytes) / BANDWIDTH * 1e3)
+
+
+def bench_step(B, H, D):
+    q, k, v, g, beta = (x[:, 0].contiguous() for x in make(B, 1, H, D, requires_grad=False))
+    state = torch.randn(B, H, D, D, device="cuda")
+    ours = time_ms(lambda: gated_delta_step(q, k, v, g, beta, state))
+    peer = None
+    if fla_recurrent is not None:
+        # fla's decode: a [B, 1, H, D] sequence of one token, the state passed in and returned
+        peer = time_ms(lambda: fla_recurrent(
+            q[:, None], k[:, None], v[:, None], g=g[:, None], beta=beta[:, None],
+            initial_state=state, output_final_state=True,
+        ))
+    nbytes = 2 * state.numel() * FP32 + B * H * (4 * D * BF16 + BF16 + FP32)  # state read + written, tokens, o
+    row(f"decode step B{B} H{H} D{D} fp32 state", ours, peer, nbytes / BANDWIDTH * 1e3)
+    achieved = nbytes / (ours * 1e-3)  # B/s
+    print(f"{'':44s} ours {achieved / 1e9:.0f} GB/s = {achieved / BANDWIDTH:.0%} of 3.0 TB/s")
+
+
+def main():
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"fla-core {'installed' if fla_chunk is not None else 'not installed'}")
+    bench_chunk("GDN", 4, 4096, 16, 128)
+    # B * T fixed at 16K tokens (B = 1 at 32K)
+    for label, H, D in [("Llama-3.2-1B", 32, 64), ("SmolLM2-135M", 9, 64)]:
+        for T in (2048, 8192, 32768):
+            bench_chunk(label, max(1, 16384 // T), T, H, D)
+    bench_step(64, 16, 128)
+
+
+if __name__ == "__main__":
+    main()
