@@ -41,7 +41,8 @@ def bench(name, fn, leaves, backward):
         run()
         return triton.testing.do_bench(run, grad_to_none=leaves, return_mode="median")
     except Exception as e:  # the peer may refuse this Triton version; report it, keep benchmarking ours
-        print(f"  ({name} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]})")
+        lines = "\n    ".join(str(e).splitlines()[:5])  # a CompilationError's first line is only its location
+        print(f"  ({name} failed: {type(e).__name__}: {lines})")
         return None
 
 

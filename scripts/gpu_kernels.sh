@@ -7,7 +7,7 @@ export PYTHONPATH=/tmp/site:$PWD TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/versions.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/versions.txt"
-python3 -m pytest tests/kernels -k cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -40
+python3 -m pytest tests/kernels tests/model/test_kernels_in_model.py -k cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -40
 for bench in scripts/bench_gated_delta.py scripts/bench_ssd.py scripts/bench_conv_norm.py; do
   echo "== $bench"; timeout 200 python3 "$bench" 2>&1 | tee -a "$OUT/bench.log" | tail -60
 done

@@ -245,8 +245,9 @@ def causal_conv1d_final_state(x, initial_state, cu_seqlens, W: int) -> torch.Ten
     if W == 1:
         return ht
     BD = min(128, triton.next_power_of_2(D))
+    # an absent state is passed as x, never read: _state_ptr returning None fails to compile on Triton 3.6
     causal_conv1d_final_state_kernel[(triton.cdiv(D, BD), N)](
-        x, initial_state, ht, cu_seqlens, T, D,
+        x, x if initial_state is None else initial_state, ht, cu_seqlens, T, D,
         W=W, BD=BD, USE_INITIAL_STATE=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
     )
     return ht
@@ -259,7 +260,7 @@ def causal_conv1d_fwd(x, weight, bias, activation, initial_state, output_final_s
     BD = min(FWD_BD, triton.next_power_of_2(D))
     y = torch.empty_like(x)
     causal_conv1d_fwd_kernel[(triton.cdiv(D, BD), NT, B)](
-        x, weight, bias, initial_state, y, cu_seqlens, chunk_indices, T, D,
+        x, weight, bias, x if initial_state is None else initial_state, y, cu_seqlens, chunk_indices, T, D,
         W=W, BT=FWD_BT, BD=BD,
         HAS_BIAS=bias is not None, USE_INITIAL_STATE=initial_state is not None,
         USE_SILU=activation == "silu", IS_VARLEN=cu_seqlens is not None,
@@ -283,7 +284,7 @@ def causal_conv1d_bwd(x, weight, bias, activation, initial_state, cu_seqlens, dy
     db = torch.empty(B * NC, D, dtype=torch.float32, device=x.device) if bias is not None else None
     dh0 = torch.empty_like(initial_state) if initial_state is not None else None
     causal_conv1d_bwd_kernel[(triton.cdiv(D, BD), NC, B)](
-        x, weight, bias, initial_state, dy, dht, dx, dw, db, dh0, cu_seqlens, chunk_indices, T, D,
+        x, weight, bias, x if initial_state is None else initial_state, dy, dy if dht is None else dht, dx, dw, db, dh0, cu_seqlens, chunk_indices, T, D,
         W=W, BT=BWD_BT, NS=NS, BD=BD,
         HAS_BIAS=bias is not None, USE_INITIAL_STATE=initial_state is not None and W > 1,
         USE_FINAL_STATE_GRAD=dht is not None and W > 1, USE_SILU=activation == "silu",
