@@ -10,12 +10,7 @@ from .errors import UserError
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
-    "analyze": ("hybridize.convert.analyze_cli", "score layers and write a plan that keeps K attention layers"),
     "convert": ("hybridize.convert.cli", "initialize a hybrid from a teacher and a plan"),
-    "distill": ("hybridize.distill.cli", "run a distillation recipe (single process; use accelerate launch for more)"),
-    "eval": ("hybridize.evaluate.eval_cli", "compare a hybrid with its teacher: ppl, KL, agreement, recall"),
-    "bench": ("hybridize.evaluate.bench_cli", "prefill/decode speed, memory and cache size against the teacher"),
-    "push": ("hybridize.publish.cli", "write a model card and loadable code, and upload to the Hub"),
     "demo": ("hybridize.demo", "convert the embedded teacher and show what the toolkit does, on CPU"),
 }
 
