@@ -8,6 +8,7 @@ from torch import nn
 
 from . import ops
 from .context import SequenceContext
+from .short_conv import cached_short_conv, is_decoding, padding_keep
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -63,24 +64,13 @@ class GatedDeltaNetMixer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None) -> torch.Tensor:
         """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a RecurrentLayerCache."""
         batch, length, _ = hidden_states.shape
-        mask = context.new_tokens_mask
-        keep = None if mask is None else mask[:, :, None].to(hidden_states.dtype)  # [B, T, 1]
+        keep = padding_keep(hidden_states, context)  # [B, T, 1] or None
         if keep is not None:
-            # Zero q, k, v at left-padding positions: k = 0 leaves the state at zero until the first real token.
+            # Zeroed inputs at left-padding positions leave the state at zero until the first real token.
             hidden_states = hidden_states * keep
         qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
-        decoding = layer_cache is not None and layer_cache.has_state and length == 1
-        if decoding:
-            qkv = ops.causal_conv1d_step(qkv[:, 0], self.conv_weight, None, conv_state=layer_cache.conv_state,
-                                         activation="silu")[:, None]
-        else:
-            qkv, conv_state = ops.causal_conv1d(
-                qkv, self.conv_weight, None, activation="silu",
-                initial_state=layer_cache.conv_state if layer_cache is not None else None,
-                output_final_state=layer_cache is not None,
-            )  # [B, T, D_conv]
-        if keep is not None:
-            qkv = qkv * keep
+        qkv, conv_state = cached_short_conv(qkv, self.conv_weight, None, layer_cache, keep)  # [B, T, D_conv]
+        decoding = is_decoding(layer_cache, length)
         q, k, v = torch.split(qkv, self.conv_channels, dim=-1)
         q = l2_normalize(q.view(batch, length, self.num_k_heads, self.head_k_dim))  # [B, T, HK, K]
         k = l2_normalize(k.view(batch, length, self.num_k_heads, self.head_k_dim))  # [B, T, HK, K]

@@ -8,6 +8,7 @@ from torch import nn
 
 from . import ops
 from .context import SequenceContext
+from .short_conv import cached_short_conv, is_decoding, padding_keep
 
 
 class Mamba2Mixer(nn.Module):
@@ -61,25 +62,13 @@ class Mamba2Mixer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None) -> torch.Tensor:
         """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a RecurrentLayerCache."""
         batch, length, _ = hidden_states.shape
-        mask = context.new_tokens_mask
-        keep = None if mask is None else mask[:, :, None].to(hidden_states.dtype)  # [B, T, 1]
+        keep = padding_keep(hidden_states, context)  # [B, T, 1] or None
         if keep is not None:
             # Zeroed inputs at left-padding positions leave the state at zero until the first real token.
             hidden_states = hidden_states * keep
         xbc = torch.cat([self.x_proj(hidden_states), self.B_proj(hidden_states), self.C_proj(hidden_states)], -1)
-        decoding = layer_cache is not None and layer_cache.has_state and length == 1
-        if decoding:
-            xbc = ops.causal_conv1d_step(
-                xbc[:, 0], self.conv_weight, self.conv_bias, conv_state=layer_cache.conv_state, activation="silu"
-            )[:, None]
-        else:
-            xbc, conv_state = ops.causal_conv1d(
-                xbc, self.conv_weight, self.conv_bias, activation="silu",
-                initial_state=layer_cache.conv_state if layer_cache is not None else None,
-                output_final_state=layer_cache is not None,
-            )  # [B, T, D_conv]
-        if keep is not None:
-            xbc = xbc * keep
+        xbc, conv_state = cached_short_conv(xbc, self.conv_weight, self.conv_bias, layer_cache, keep)  # [B, T, D_conv]
+        decoding = is_decoding(layer_cache, length)
         x, b, c = torch.split(xbc, self.conv_channels, dim=-1)
         x = x.view(batch, length, self.num_heads, self.head_dim)  # [B, T, H, P]
         b = b.view(batch, length, self.num_groups, self.state_size)  # [B, T, G, N]
