@@ -11,6 +11,11 @@ from .errors import UserError
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "convert": ("hybridize.convert.cli", "initialize a hybrid from a teacher and a plan"),
+    "analyze": ("hybridize.analyze.cli", "score each attention layer and choose a plan under a budget"),
+    "distill": ("hybridize.distill.cli", "run a distillation recipe (single process; use accelerate launch for more)"),
+    "eval": ("hybridize.evaluate.eval_cli", "compare a hybrid with its teacher on held-out text and recall tests"),
+    "bench": ("hybridize.evaluate.bench_cli", "time prefill and decode of a hybrid and its teacher side by side"),
+    "push": ("hybridize.publish.cli", "write a model card and remote code, then upload to the Hugging Face Hub"),
     "demo": ("hybridize.demo", "convert the embedded teacher and show what the toolkit does, on CPU"),
 }
 

@@ -1,0 +1,76 @@
+"""Student folders: load one to train, and write one when a stage ends (weights gathered, LoRA merged, renamed into place)."""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoConfig
+
+from ..errors import UserError
+from ..model import HybridConfig, HybridForCausalLM
+from .recipe import KDStage, Stage
+from .stages import Distiller, add_lora, merge_lora, trainable_names
+
+
+def load_student(folder: Path) -> HybridForCausalLM:
+    """A converted (or stage-distilled) hybrid in fp32, the precision its master weights train in."""
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder} is not a model folder (no config.json); `init` must name a "
+                        "`hybridize convert` output")
+    model_type = AutoConfig.from_pretrained(folder).model_type
+    if model_type != HybridConfig.model_type:
+        raise UserError(f"{folder} holds a {model_type!r} model, not a hybrid; convert it first (hybridize convert)")
+    return HybridForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def write_json(path: Path, data: dict) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(staging, path)
+
+
+def write_folder(target: Path, fill: Callable[[Path], None]) -> None:
+    """Run `fill(staging)` on a hidden sibling folder, then rename it to `target`: a reader never sees half a folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        fill(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def export_student(accelerator: Accelerator, distiller: Distiller, stage: Stage, source: Path, target: Path,
+                   tokenizer, files: dict[str, dict]) -> None:
+    """Write the trained student to `target` (save_pretrained, tokenizer, JSON `files`). All processes call this.
+
+    The weights are gathered into a fresh CPU copy of the stage's starting model, with the same LoRA
+    adapters injected, and loaded strictly; adapters are then merged, so the folder is a plain hybrid.
+    """
+    state = accelerator.get_state_dict(distiller)  # every process takes part when FSDP gathers shards
+    if accelerator.is_main_process:
+        student = load_student(source)
+        with_lora = isinstance(stage, KDStage) and stage.lora is not None
+        adapted = add_lora(student, stage, trainable_names(student, stage)) if with_lora else None
+        prefix = "student."
+        student.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+        if adapted is not None:
+            student = merge_lora(adapted)
+
+        def fill(folder: Path) -> None:
+            student.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            for name, data in files.items():
+                write_json(folder / name, data)
+
+        write_folder(target, fill)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,365 @@
+"""Distillation recipes: YAML bound to typed dataclasses; any unknown or invalid key is a UserError naming it.
+
+A recipe names the teacher, the converted init (or a plan to convert first), the data, the stages (each with
+its loss, trainable parameters, learning rates, token budget and sequence length), checkpoints and logging.
+Paths in a recipe are relative to the directory the run is started from.
+"""
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ..corpus import DOMAINS
+from ..errors import UserError
+from ..model.configuration_hybrid import LAYER_TYPES
+
+
+class RecipeError(Exception):
+    """A bad value at `key` (a dotted path such as `stages[1].lr`); turned into a UserError by load_recipe."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise RecipeError(key, message)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the text comes from. `source`: "corpus" (the packaged offline corpus), a local .txt / .jsonl /
+    .json / .parquet file or a folder of them, or a Hub dataset id (needs network)."""
+
+    source: str = "corpus"
+    domains: list[str] = field(default_factory=lambda: list(DOMAINS))  # corpus only
+    subset: str | None = None  # Hub dataset configuration name
+    split: str = "train"  # Hub dataset split
+    text_field: str = "text"
+    max_documents: int | None = None  # after the seeded shuffle (the first N of a streamed Hub dataset)
+    held_out_fraction: float = 0.01  # of documents, split off before packing so no document is in both sets
+    num_proc: int | None = None  # tokenizer processes
+
+    def check(self) -> None:
+        for i, domain in enumerate(self.domains):
+            _require(domain in DOMAINS, f"domains[{i}]", f"allowed values: {', '.join(DOMAINS)}; got {domain!r}")
+        _require(self.max_documents is None or self.max_documents >= 2, "max_documents", "must be >= 2")
+        _require(0 <= self.held_out_fraction < 1, "held_out_fraction", "must be in [0, 1)")
+        _require(self.num_proc is None or self.num_proc >= 1, "num_proc", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA adapters (peft) on the teacher-kept linear layers, merged into the weights when the stage ends."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[Literal["attention", "mlp"]] = field(default_factory=lambda: ["attention", "mlp"])
+    lr: float | None = None  # defaults to the lr of the layer the adapter sits in
+
+    def check(self) -> None:
+        _require(self.rank >= 1, "rank", "must be >= 1")
+        _require(self.alpha > 0, "alpha", "must be > 0")
+        _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _require(len(self.targets) > 0, "targets", "name at least one of: attention, mlp")
+        _require(self.lr is None or self.lr > 0, "lr", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """What every stage has: its budget, batch geometry and optimizer settings.
+
+    global_batch_size counts sequences per optimizer step over all processes, so a run on 1 or 8 GPUs
+    takes the same steps; gradient accumulation makes up the difference.
+    """
+
+    KIND: ClassVar[str] = ""
+    name: str
+    tokens: int
+    seq_len: int
+    global_batch_size: int
+    micro_batch_size: int
+    lr: float
+    lr_by_layer_type: dict[str, float] = field(default_factory=dict)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio over the stage
+    weight_decay: float = 0.0  # matrices only; norms, biases and decay parameters are never decayed
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+
+    def check(self) -> None:
+        _require(self.name.replace("-", "").replace("_", "").isalnum(), "name", "use letters, digits, - and _")
+        for key in ("tokens", "seq_len", "global_batch_size", "micro_batch_size"):
+            _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _require(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
+                 f"must be a multiple of micro_batch_size ({self.micro_batch_size}), got {self.global_batch_size}")
+        _require(self.lr > 0, "lr", "must be > 0")
+        for kind, lr in self.lr_by_layer_type.items():
+            _require(kind in LAYER_TYPES, f"lr_by_layer_type.{kind}",
+                     f"not a layer type; allowed: {', '.join(LAYER_TYPES)}")
+            _require(lr > 0, f"lr_by_layer_type.{kind}", "must be > 0")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+                 "must be > 0 (or null: no clipping)")
+
+    def steps(self) -> int:
+        """Optimizer steps that spend the token budget (the last one may overshoot it by less than a step)."""
+        per_step = self.global_batch_size * self.seq_len
+        return -(-self.tokens // per_step)
+
+
+@dataclass(kw_only=True)
+class AttentionOutputStage(StageConfig):
+    """Stage 1: each replaced layer's mixer, fed the teacher's hidden state, matches the teacher's attention output.
+
+    Trains the mixer parameters of every layer that is not full attention, and nothing else.
+    """
+
+    KIND: ClassVar[str] = "attention_output"
+    kind: Literal["attention_output"]
+
+
+@dataclass(kw_only=True)
+class KDStage(StageConfig):
+    """Stage 2: end-to-end forward KL(teacher || student) on next-token logits, plus an optional CE term."""
+
+    KIND: ClassVar[str] = "kd"
+    kind: Literal["kd"]
+    # fnmatch patterns on parameter names; "TYPE:pattern" matches only inside layers of that type
+    trainable: list[str] = field(default_factory=lambda: ["model.layers.*"])
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    kl_chunk_tokens: int = 2048  # tokens per chunk of the fused logits + KL (bounds its memory)
+    lora: LoraConfig | None = None
+
+    def check(self) -> None:
+        super().check()
+        _require(len(self.trainable) > 0 or self.lora is not None, "trainable",
+                 "name at least one pattern (or use lora)")
+        for i, pattern in enumerate(self.trainable):
+            kind, sep, _ = pattern.rpartition(":")
+            _require(not sep or kind in LAYER_TYPES, f"trainable[{i}]",
+                     f"{kind!r} before ':' is not a layer type; allowed: {', '.join(LAYER_TYPES)}")
+        _require(self.temperature > 0, "temperature", "must be > 0")
+        _require(self.ce_weight >= 0, "ce_weight", "must be >= 0")
+        _require(self.kl_chunk_tokens >= 1, "kl_chunk_tokens", "must be >= 1")
+
+
+STAGE_KINDS = {cls.KIND: cls for cls in (AttentionOutputStage, KDStage)}
+Stage = AttentionOutputStage | KDStage
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    keep_last: int = 2
+
+    def check(self) -> None:
+        _require(self.every_steps >= 1, "every_steps", "must be >= 1")
+        _require(self.keep_last >= 1, "keep_last", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    every_steps: int = 10  # to the trackers; metrics.jsonl gets every step
+    trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "hybridize-distill"
+    eval_every_steps: int = 0  # 0: evaluate on the held-out set only before and after each stage
+    eval_sequences: int = 32  # held-out sequences per evaluation, shared out over the processes
+
+    def check(self) -> None:
+        _require(self.every_steps >= 1, "every_steps", "must be >= 1")
+        _require(self.eval_every_steps >= 0, "eval_every_steps", "must be >= 0")
+        _require(self.eval_sequences >= 1, "eval_sequences", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    teacher: str
+    output_dir: str
+    stages: list[Stage]
+    init: str | None = None  # a converted hybrid folder ...
+    plan: str | list[str] | None = None  # ... or a plan (see hybridize.convert.plan): convert first
+    seed: int = 0
+    mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16 applies on GPU; CPU runs stay fp32
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> None:
+        _require((self.init is None) != (self.plan is None), "init",
+                 "give exactly one of `init` (a converted folder) or `plan`")
+        _require(len(self.stages) > 0, "stages", "list at least one stage")
+        names = [stage.name for stage in self.stages]
+        for i, name in enumerate(names):
+            _require(names.index(name) == i, f"stages[{i}].name", f"{name!r} is used by an earlier stage")
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"a mapping to {_type_name(args[1])}"
+    if _is_dataclass_type(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(tp, value, key: str):
+    """`value` checked (and, for numbers written as strings such as 1e-4, converted) against type `tp`."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if all(getattr(a, "KIND", "") for a in options):
+            return _bind_stage(value, key)
+        if len(options) == 1:  # an optional value: its own error names the deeper key
+            return _coerce(options[0], value, key)
+        for option in options:
+            try:
+                return _coerce(option, value, key)
+            except RecipeError:
+                continue
+        raise RecipeError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        _require(value in args, key, f"allowed values: {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        _require(isinstance(value, list), key, f"expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        _require(isinstance(value, dict), key, f"expected {_type_name(tp)}, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if _is_dataclass_type(tp):
+        return bind(tp, value, key)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-4 (no dot) as a string; accept any number spelled that way.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    _require(ok, key, f"expected {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _bind_stage(value, key: str):
+    _require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+    kind = value.get("kind")
+    _require(kind in STAGE_KINDS, f"{key}.kind", f"allowed values: {', '.join(STAGE_KINDS)}; got {kind!r}")
+    return bind(STAGE_KINDS[kind], value, key)
+
+
+def bind(cls, raw, key: str = ""):
+    """An instance of dataclass `cls` from the mapping `raw`; unknown, missing or mistyped keys raise RecipeError."""
+    prefix = f"{key}." if key else ""
+    _require(isinstance(raw, dict), key or "recipe", f"expected a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in raw:
+        _require(name in fields, f"{prefix}{name}", f"unknown key; allowed: {', '.join(fields)}")
+    values = {}
+    for name, spec in fields.items():
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{prefix}{name}", "required key is missing")
+    obj = cls(**values)
+    try:
+        obj.check()
+    except RecipeError as err:
+        raise RecipeError(f"{prefix}{err.key}", str(err).split(": ", 1)[1]) from None
+    return obj
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `--set a.b.0.c=VALUE` to the raw recipe mapping; VALUE is read as YAML (so 2, 1e-4, null, [a, b])."""
+    path, sep, text = assignment.partition("=")
+    if not sep or not path:
+        raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. stages.0.seq_len=256")
+    parts = path.split(".")
+    node = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"--set {path}: {where} is not an index of a list of {len(node)}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise UserError(f"--set {path}: {'.'.join(parts[:depth])} is not a mapping or list")
+        if last:
+            node[part] = yaml.safe_load(text)
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def smoke_overrides(raw: dict) -> list[str]:
+    """`--smoke`: the recipe at CPU size (short sequences, 2-sequence batches, few documents), to check it runs."""
+    overrides = ["data.max_documents=64", "data.held_out_fraction=0.1", "checkpoint.every_steps=1",
+                 "logging.every_steps=1", "logging.eval_sequences=2"]
+    for i, stage in enumerate(raw.get("stages") or []):
+        seq_len = stage.get("seq_len") if isinstance(stage, dict) else None
+        seq_len = min(seq_len, 128) if isinstance(seq_len, int) else 128
+        overrides += [f"stages.{i}.seq_len={seq_len}", f"stages.{i}.global_batch_size=2",
+                      f"stages.{i}.micro_batch_size=1"]
+    return overrides
+
+
+def read_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The raw mapping of a recipe file, with `--set` overrides applied."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise UserError(f"recipe {path}: cannot read it ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise UserError(f"recipe {path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {path}: expected a mapping at the top level")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return raw
+
+
+def parse_recipe(raw: dict, origin: str = "recipe") -> Recipe:
+    try:
+        return bind(Recipe, raw)
+    except RecipeError as err:
+        raise UserError(f"{origin}: {err}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and bind a recipe file; every problem is one UserError line naming the key."""
+    return parse_recipe(read_recipe(path, overrides), f"recipe {path}")
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)

@@ -1,0 +1,99 @@
+"""What a run reports: metrics.jsonl (every step), the trackers (tensorboard, wandb), a progress bar, and a loss-curve PNG."""
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from accelerate.utils import is_tensorboard_available, is_wandb_available
+from tqdm.auto import tqdm
+
+_INSTALLED = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+
+
+def usable_trackers(requested: list[str]) -> tuple[list[str], list[str]]:
+    """(installed, missing) among the requested trackers: a missing one costs a warning, not the run."""
+    installed = [name for name in requested if _INSTALLED[name]()]
+    return installed, [name for name in requested if name not in installed]
+
+
+def missing_tracker_warning(name: str) -> str:
+    return (f"warning: {name} is not installed; metrics go to metrics.jsonl and loss_curve.png only "
+            f"(pip install {name})")
+
+
+def flat_config(mapping: dict, prefix: str = "") -> dict:
+    """A nested recipe as {dotted.key: scalar}: what tensorboard's hparams accept (lists become strings)."""
+    flat = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{name}."))
+        elif isinstance(value, list):
+            if value and all(isinstance(v, dict) for v in value):
+                for i, item in enumerate(value):
+                    flat.update(flat_config(item, f"{name}.{i}."))
+            else:
+                flat[name] = json.dumps(value)
+        else:
+            flat[name] = "null" if value is None else value
+    return flat
+
+
+class MetricsLog:
+    """One JSON object per line: every train step and every evaluation (main process only writes)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_after(self, stage_index: int, step: int) -> None:
+        """Forget rows a killed run wrote after the checkpoint it is resumed from (they will be redone)."""
+        keep = [r for r in self.rows() if (r["stage_index"], r["step"]) <= (stage_index, step)]
+        staging = self.path.with_name(self.path.name + ".tmp")
+        staging.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(staging, self.path)
+
+
+def progress_bar(total: int, initial: int, description: str, enabled: bool):
+    """tqdm shows steps done, the rate and the ETA; the trainer adds loss and tokens/s as a postfix."""
+    return tqdm(total=total, initial=initial, desc=description, unit="step", disable=not enabled,
+                dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+
+
+def plot_loss_curve(rows: list[dict], path: Path) -> None:
+    """One panel per stage: train loss per step (log scale) and held-out loss points; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = sorted({(r["stage_index"], r["stage"]) for r in rows})
+    if not stages:
+        return
+    figure, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4), squeeze=False)
+    for axis, (index, name) in zip(axes[0], stages):
+        for split, style in (("train", "-"), ("eval", "o-")):
+            points = [(r["step"], r["loss"]) for r in rows if r["stage_index"] == index and r["split"] == split
+                      and math.isfinite(r["loss"]) and r["loss"] > 0]
+            if points:
+                axis.plot(*zip(*points), style, label=f"{split} loss", markersize=4)
+        axis.set_title(f"stage {index + 1}: {name}")
+        axis.set_xlabel("optimizer step")
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    staging = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(staging, dpi=110)
+    plt.close(figure)
+    os.replace(staging, path)

@@ -1,0 +1,452 @@
+"""The training loop under accelerate: a recipe run stage by stage, resumable, on CPU, one GPU, DDP or FSDP2.
+
+Layout of an output directory:
+    run.json                      the recipe the run started with (a resume must match it)
+    init/                         the converted student, when the recipe gives a plan
+    checkpoints/<k>-<stage>/      step-NNNNNNNN folders of the stage in progress
+    stages/<k>-<stage>/           the student after each stage but the last (the next stage starts from it)
+    final/                        the student after the last stage, with distill.json (the run record)
+    metrics.jsonl  loss_curve.png  logs/ (trackers)
+"""
+
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env, set_seed
+from torch import nn
+
+from .. import __version__
+from ..errors import UserError
+from ..teacher import load_teacher, teacher_identity
+from . import checkpoints
+from .data import StageData, load_documents, stage_data
+from .export import export_student, load_student, write_json
+from .recipe import Recipe, Stage, recipe_to_dict
+from .stages import build_distiller, parameter_groups, prepare_student
+from .tracking import (
+    MetricsLog, flat_config, missing_tracker_warning, plot_loss_curve, progress_bar, usable_trackers,
+)
+
+# What a resumed run may change: where and how it reports, and (say after a NaN) its learning-rate schedule.
+RESUMABLE_SECTIONS = ("output_dir", "checkpoint", "logging")
+RESUMABLE_STAGE_KEYS = ("lr", "lr_by_layer_type", "warmup_steps", "min_lr_ratio", "max_grad_norm")
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint through accelerate's custom-state hook."""
+
+    stage: int = 0
+    step: int = 0  # optimizer steps done in this stage
+    tokens: int = 0  # training tokens consumed in this stage, over all processes
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from 1 to min_ratio at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def stage_folder(out: Path, recipe: Recipe, index: int) -> Path:
+    last = index == len(recipe.stages) - 1
+    return out / "final" if last else out / "stages" / f"{index}-{recipe.stages[index].name}"
+
+
+def first_difference(old, new, key: str = "") -> tuple[str, object, object] | None:
+    """The first dotted key where two nested recipe mappings differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for name in list(old) + [k for k in new if k not in old]:
+            found = first_difference(old.get(name), new.get(name), f"{key}.{name}" if key else name)
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            found = first_difference(a, b, f"{key}[{i}]")
+            if found:
+                return found
+        return None
+    return None if old == new else (key, old, new)
+
+
+def _fixed_part(recipe: dict) -> dict:
+    """The recipe without what a resume may change."""
+    fixed = {k: v for k, v in recipe.items() if k not in RESUMABLE_SECTIONS}
+    fixed["stages"] = [{k: v for k, v in stage.items() if k not in RESUMABLE_STAGE_KEYS} for stage in recipe["stages"]]
+    return fixed
+
+
+class Trainer:
+    """One run of a recipe. Every process builds one; only the main process writes shared files."""
+
+    def __init__(self, recipe: Recipe, *, resume: bool = False, max_steps: int | None = None):
+        self.recipe, self.resume, self.max_steps = recipe, resume, max_steps
+        self.out = Path(recipe.output_dir)
+        # The launcher's --cpu reaches PartialState only through this flag (Accelerator reads it later, too late here).
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        # bf16 autocast is for GPUs; a CPU run (smoke tests) stays in fp32, where the kernels' references run.
+        mixed = recipe.mixed_precision if state.device.type == "cuda" else "no"
+        self.trackers, missing = usable_trackers(recipe.logging.trackers)
+        if state.is_main_process:
+            for name in missing:
+                print(missing_tracker_warning(name), file=sys.stderr)
+        # Other processes wait at barriers while the main one converts the plan or prepares Hub data first,
+        # which can take far longer than the default collective timeout.
+        patience = InitProcessGroupKwargs(timeout=timedelta(hours=2))
+        self.accelerator = Accelerator(mixed_precision=mixed, log_with=self.trackers or None,
+                                       project_dir=str(self.out / "logs"), kwargs_handlers=[patience])
+        self.main = self.accelerator.is_main_process
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.progress = Progress()
+        self.accelerator.register_for_checkpointing(self.progress)
+        if state.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (mixed_precision: no)
+
+    def log(self, message: str) -> None:
+        self.accelerator.print(message)
+
+    def run(self) -> Path:
+        """Train every stage not yet done and return the final model folder."""
+        set_seed(self.recipe.seed)
+        self._check_output_dir()
+        init = self._initial_student()
+        bf16 = self.accelerator.mixed_precision == "bf16"
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        self.teacher, self.tokenizer = load_teacher(self.recipe.teacher, dtype=dtype)
+        place_teacher(self.teacher, self.accelerator)
+        with self.accelerator.main_process_first():
+            self.documents = load_documents(self.recipe.data, self.tokenizer, self.recipe.seed)
+        if self.trackers:
+            self.accelerator.init_trackers(self.recipe.logging.project, config=flat_config(recipe_to_dict(self.recipe)))
+        source = init
+        for index, stage in enumerate(self.recipe.stages):
+            target = stage_folder(self.out, self.recipe, index)
+            if (target / "config.json").exists():
+                self.log(f"stage {index + 1}/{len(self.recipe.stages)} {stage.name!r}: done earlier ({target})")
+            else:
+                StageRun(self, index, stage, source, target).train()
+            source = target
+        self.accelerator.end_training()
+        self.log(f"final model: {source}")
+        return source
+
+    def _check_output_dir(self) -> None:
+        run_file = self.out / "run.json"
+        recipe = recipe_to_dict(self.recipe)
+        if self.resume:
+            if not run_file.exists():
+                raise UserError(f"--resume: {self.out} holds no run to resume (no run.json); start it without --resume")
+            started = json.loads(run_file.read_text())["recipe"]
+            changed = first_difference(_fixed_part(started), _fixed_part(recipe))
+            if changed:
+                key, old, new = changed
+                raise UserError(f"--resume: the recipe's {key} is {new!r}, but the run in {self.out} started with "
+                                f"{old!r}; resume with the same recipe or use another --output-dir")
+            adjusted = first_difference(started["stages"], recipe["stages"], "stages")
+            if adjusted:
+                self.log(f"resuming with a changed schedule, e.g. {adjusted[0]}: {adjusted[1]!r} -> {adjusted[2]!r}")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise UserError(f"output directory {self.out} is not empty; pass --resume to continue its run, "
+                            "or choose another --output-dir")
+        self.accelerator.wait_for_everyone()
+        if self.main and not self.resume:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(run_file, {"hybridize_version": __version__, "recipe": recipe})
+        self.accelerator.wait_for_everyone()
+
+    def _initial_student(self) -> Path:
+        """The recipe's init folder, or the plan converted once (by the main process) into out/init."""
+        if self.recipe.init is not None:
+            return Path(self.recipe.init)
+        target = self.out / "init"
+        if self.main and not (target / "config.json").exists():
+            from ..convert.io import convert_to_folder
+
+            self.log(f"converting {self.recipe.teacher} with plan {self.recipe.plan!r} into {target}")
+            convert_to_folder(self.recipe.teacher, self.recipe.plan, target, seed=self.recipe.seed, log=self.log)
+        self.accelerator.wait_for_everyone()
+        return target
+
+    def record(self, final: Path, stages: list[dict]) -> dict:
+        """distill.json: the recipe, teacher, data, init and what each stage did, for provenance."""
+        versions = {package: __import__(package).__version__
+                    for package in ("torch", "transformers", "accelerate", "peft", "datasets")}
+        return {
+            "hybridize_version": __version__,
+            "recipe": recipe_to_dict(self.recipe),
+            "teacher": teacher_identity(self.recipe.teacher),
+            "init": str(self.recipe.init or self.out / "init"),
+            "data": self.documents.record,
+            "stages": stages,
+            "processes": self.accelerator.num_processes,
+            "distributed": str(self.accelerator.distributed_type),
+            "mixed_precision": self.accelerator.mixed_precision,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "versions": versions,
+            "model_folder": str(final),
+        }
+
+
+def place_teacher(teacher: nn.Module, accelerator: Accelerator) -> None:
+    """Put the frozen teacher on the device; under FSDP2, shard its decoder layers like the student's.
+
+    Its output head stays whole on every process (untied from the embedding if tied): the chunked KD loss
+    reads the head's weight directly, outside any FSDP forward that would gather it.
+    """
+    teacher.requires_grad_(False)
+    if not accelerator.is_fsdp2:
+        teacher.to(accelerator.device)
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if teacher.lm_head.weight is teacher.model.embed_tokens.weight:
+        teacher.lm_head.weight = nn.Parameter(teacher.lm_head.weight.detach().clone(), requires_grad=False)
+    mesh = accelerator.torch_device_mesh
+    options = {"mp_policy": MixedPrecisionPolicy(param_dtype=teacher.dtype), "mesh": mesh}
+    for layer in teacher.model.layers:
+        fully_shard(layer, **options)
+    fully_shard(teacher.model, **options)
+    teacher.lm_head.to(accelerator.device)
+
+
+class StageRun:
+    """One stage: build the student, train it for its token budget (resuming if asked), and write it out."""
+
+    def __init__(self, trainer: Trainer, index: int, stage: Stage, source: Path, target: Path):
+        self.trainer, self.index, self.stage, self.source, self.target = trainer, index, stage, source, target
+        self.accelerator = trainer.accelerator
+        self.checkpoints = trainer.out / "checkpoints" / f"{index}-{stage.name}"
+        world = self.accelerator.num_processes
+        per_round = stage.micro_batch_size * world
+        if stage.global_batch_size % per_round:
+            raise UserError(f"stage {stage.name!r}: global_batch_size {stage.global_batch_size} is not a multiple of "
+                            f"micro_batch_size x processes = {stage.micro_batch_size} x {world}")
+        self.accumulation = stage.global_batch_size // per_round
+        self.total_steps = stage.steps()
+        self.stop = min(self.total_steps, trainer.max_steps) if trainer.max_steps else self.total_steps
+        self.tokens_per_step = stage.global_batch_size * stage.seq_len
+        self.global_offset = sum(s.steps() for s in trainer.recipe.stages[:index])
+
+    def train(self) -> None:
+        trainer, stage, accelerator = self.trainer, self.stage, self.accelerator
+        with accelerator.main_process_first():
+            self.data: StageData = stage_data(trainer.documents, stage.name, stage.seq_len, stage.global_batch_size,
+                                              trainer.recipe.seed, trainer.recipe.data.num_proc)
+        # The same seed on every process: LoRA's random init must agree where no broadcast happens (FSDP2).
+        set_seed(trainer.recipe.seed + self.index)
+        student = load_student(self.source)
+        prepare_student(student, stage)
+        groups = parameter_groups(student, stage)
+        self.peak_lrs = [group["peak_lr"] for group in groups]
+        trained = sum(p.numel() for g in groups for p in g["params"])
+        distiller = build_distiller(stage, student, trainer.teacher)
+        optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(distiller, optimizer)
+        self._restore()
+        trainer.log(
+            f"stage {self.index + 1}/{len(trainer.recipe.stages)} {stage.name!r} ({stage.KIND}): "
+            f"{self.total_steps} steps of {stage.global_batch_size} x {stage.seq_len} tokens"
+            f"{f' (stopping after {self.stop})' if self.stop < self.total_steps else ''}, "
+            f"{self.accumulation} micro batch(es) of {stage.micro_batch_size} per process per step, "
+            f"{trained / 1e6:.2f}M trained parameters"
+        )
+        if trainer.progress.step == 0:
+            self._evaluate()
+        self._loop()
+        self._evaluate()
+        self._finish()
+
+    def _restore(self) -> None:
+        progress, accelerator = self.trainer.progress, self.accelerator
+        latest = checkpoints.latest_checkpoint(self.checkpoints) if self.trainer.resume else None
+        if self.trainer.main:
+            checkpoints.remove_partials(self.checkpoints)
+        if latest is None:
+            progress.stage, progress.step, progress.tokens = self.index, 0, 0
+            if self.trainer.main:
+                self.trainer.metrics.truncate_after(self.index, -1)
+        else:
+            accelerator.load_state(str(latest))
+            # Loading restores the saved groups' settings; the schedule follows the recipe as given now.
+            for group, peak_lr in zip(self.optimizer.param_groups, self.peak_lrs):
+                group["peak_lr"] = peak_lr
+            if progress.stage != self.index or progress.step != checkpoints.checkpoint_step(latest):
+                raise UserError(f"checkpoint {latest} belongs to stage {progress.stage} step {progress.step}, "
+                                f"not to stage {self.index}; it was not written by this run")
+            self.trainer.log(f"resumed from {latest}")
+            if self.trainer.main:
+                self.trainer.metrics.truncate_after(self.index, progress.step)
+        accelerator.wait_for_everyone()
+
+    def _loop(self) -> None:
+        bar = progress_bar(self.stop, self.trainer.progress.step, f"stage {self.index + 1} {self.stage.name}",
+                           self.trainer.main)
+        try:
+            self._steps(bar)
+        finally:
+            bar.close()
+
+    def _steps(self, bar) -> None:
+        trainer, stage, accelerator, progress = self.trainer, self.stage, self.accelerator, self.trainer.progress
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = stage.max_grad_norm if stage.max_grad_norm is not None else float("inf")
+        for step in range(progress.step, self.stop):
+            started = time.perf_counter()
+            factor = lr_factor(step, self.total_steps, stage.warmup_steps, stage.min_lr_ratio)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * factor
+            loss, parts = self._accumulate(step)
+            grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+            means = self._mean_over_processes(loss, parts)
+            loss_value, grad_value = means.pop("loss"), float(grad_norm)
+            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+                self._diverged(step, loss_value, grad_value)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            progress.step, progress.tokens = step + 1, progress.tokens + self.tokens_per_step
+            seconds = time.perf_counter() - started
+            row = {"split": "train", "loss": loss_value, "grad_norm": grad_value, "lr": stage.lr * factor,
+                   "tokens_per_s": self.tokens_per_step / seconds, "seconds": seconds, **means}
+            if torch.cuda.is_available():
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            self._report(row, tracker=progress.step % trainer.recipe.logging.every_steps == 0)
+            bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
+            bar.update(1)
+            every_eval = trainer.recipe.logging.eval_every_steps
+            if every_eval and progress.step % every_eval == 0 and progress.step < self.stop:
+                self._evaluate()
+            if progress.step % trainer.recipe.checkpoint.every_steps == 0 and progress.step < self.stop:
+                checkpoints.save_checkpoint(accelerator, self.checkpoints, progress.step,
+                                            trainer.recipe.checkpoint.keep_last)
+
+    def _accumulate(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward over this process's micro batches of `step`; mean loss and metrics, detached."""
+        accelerator, stage = self.accelerator, self.stage
+        loss_sum = torch.zeros((), device=accelerator.device)
+        part_sums: dict[str, torch.Tensor] = {}
+        for micro in range(self.accumulation):
+            input_ids = self.data.train_batch(step, micro, stage.micro_batch_size, stage.global_batch_size,
+                                              accelerator.process_index, accelerator.num_processes)
+            # Gradients are synchronized only after the last micro batch.
+            sync = micro == self.accumulation - 1
+            with nullcontext() if sync else accelerator.no_sync(self.model):
+                loss, parts = self.model(input_ids.to(accelerator.device))
+                accelerator.backward(loss / self.accumulation)
+            loss_sum += loss.detach().float() / self.accumulation
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0) + value.float() / self.accumulation
+        return loss_sum, part_sums
+
+    def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
+        latest = checkpoints.latest_checkpoint(self.checkpoints)
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+        kept = (f"the last good checkpoint is {latest} (--resume continues from it; a lower lr may be set for that)"
+                if latest else "no checkpoint was written before it")
+        raise UserError(f"stage {self.stage.name!r} step {step + 1}: the {what}; training stopped, {kept}")
+
+    @torch.no_grad()
+    def _evaluate(self) -> None:
+        """Mean loss and metrics over the held-out batches (the same count on every process), reported as split=eval."""
+        accelerator = self.accelerator
+        batches = self.data.eval_batches(self.stage.micro_batch_size, self.trainer.recipe.logging.eval_sequences,
+                                         accelerator.process_index, accelerator.num_processes)
+        if not batches:
+            return
+        loss_sum = torch.zeros((), device=accelerator.device)
+        part_sums: dict[str, torch.Tensor] = {}
+        self.model.eval()
+        for input_ids in batches:
+            loss, parts = self.model(input_ids.to(accelerator.device))
+            loss_sum += loss.float() / len(batches)
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0) + value.float() / len(batches)
+        self.model.train()
+        self._report({"split": "eval", **self._mean_over_processes(loss_sum, part_sums)}, tracker=True)
+
+    def _mean_over_processes(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """{"loss": ..., **parts} averaged over processes: one all-reduce and one device sync for all of them."""
+        names = ["loss", *parts]
+        values = torch.stack([loss.float(), *(v.float() for v in parts.values())])
+        return dict(zip(names, self.accelerator.reduce(values, "mean").tolist()))
+
+    def _report(self, row: dict, tracker: bool) -> None:
+        progress = self.trainer.progress
+        row = {"stage": self.stage.name, "stage_index": self.index, "step": progress.step, "tokens": progress.tokens,
+               **row}
+        if self.trainer.main:
+            self.trainer.metrics.append(row)
+        if tracker:
+            split = row["split"]
+            numbers = {f"{self.stage.name}/{split}/{k}": v for k, v in row.items()
+                       if isinstance(v, float) and k not in ("seconds",)}
+            self.accelerator.log(numbers, step=self.global_offset + progress.step)
+
+    def _finish(self) -> None:
+        trainer = self.trainer
+        rows = [r for r in trainer.metrics.rows() if r["stage_index"] == self.index] if trainer.main else []
+        summary = self._summary(rows)
+        files = {"stage.json": summary}
+        final = self.index == len(trainer.recipe.stages) - 1
+        if final and trainer.main:
+            files["distill.json"] = trainer.record(self.target, self._earlier_summaries() + [summary])
+            conversion = Path(trainer.recipe.init or trainer.out / "init") / "conversion.json"
+            if conversion.exists():
+                    files["conversion.json"] = json.loads(conversion.read_text())
+        export_student(self.accelerator, self.model, self.stage, self.source, self.target, trainer.tokenizer, files)
+        if trainer.main:
+            plot_loss_curve(trainer.metrics.rows(), trainer.out / "loss_curve.png")
+            if final:
+                plot_loss_curve(trainer.metrics.rows(), self.target / "loss_curve.png")
+            # The stage's result is written; its checkpoints only served to resume it.
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            if self.checkpoints.parent.is_dir() and not any(self.checkpoints.parent.iterdir()):
+                self.checkpoints.parent.rmdir()
+        self.accelerator.wait_for_everyone()
+        trainer.log(f"stage {self.stage.name!r} done: {self.target}")
+        self.model, self.optimizer = self.accelerator.free_memory(self.model, self.optimizer)
+
+    def _earlier_summaries(self) -> list[dict]:
+        found = []
+        for index in range(self.index):
+            path = stage_folder(self.trainer.out, self.trainer.recipe, index) / "stage.json"
+            if path.exists():
+                found.append(json.loads(path.read_text()))
+        return found
+
+    def _summary(self, rows: list[dict]) -> dict:
+        train = [r for r in rows if r["split"] == "train"]
+        evals = [r for r in rows if r["split"] == "eval"]
+        speeds = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
+        return {
+            "name": self.stage.name,
+            "kind": self.stage.KIND,
+            "steps_planned": self.total_steps,
+            "steps_done": self.trainer.progress.step,
+            "stopped_early_by_max_steps": self.stop < self.total_steps,
+            "tokens": self.trainer.progress.tokens,
+            "data": self.data.record(),
+            "train_loss_last": train[-1]["loss"] if train else None,
+            "eval_first": evals[0] if evals else None,
+            "eval_last": evals[-1] if len(evals) > 1 else None,
+            "tokens_per_s_median": statistics.median(speeds) if speeds else None,
+            "peak_memory_gib": max((r["peak_memory_gib"] for r in train if "peak_memory_gib" in r), default=None),
+        }

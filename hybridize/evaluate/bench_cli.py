@@ -1,0 +1,57 @@
+"""`hybridize bench HYBRID [--teacher MODEL]`: prefill and decode speed, time to first token, memory, cache size.
+
+Prints a table per path and the hybrid/teacher ratios, and writes OUT/bench.json and OUT/bench.png;
+OUT defaults to HYBRID/bench, which `hybridize push` puts on the model card.
+"""
+
+import dataclasses
+from pathlib import Path
+
+from .. import __version__
+from ..errors import UserError
+from .bench import PATHS, BenchSettings, bench_tables, run_bench
+from .common import add_common_arguments, int_list, load_pair, pick_device, pick_dtype, staged_folder, write_json_atomic
+from .plots import plot_bench
+
+
+def add_arguments(parser) -> None:
+    add_common_arguments(parser, "bench")
+    parser.add_argument("--contexts", type=int_list, default=None,
+                        help="total tokens (prompt + new), e.g. 1024,8192 (default: 1K, 2K, ... up to the teacher's "
+                             "limit; a size that runs out of memory ends its row)")
+    parser.add_argument("--batch-sizes", type=int_list, default=None, help="e.g. 1,16,64 (the default)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per run (default 64)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median; default 2)")
+    parser.add_argument("--paths", type=lambda s: tuple(s.split(",")), default=None,
+                        help=f"which of: {', '.join(PATHS)} (default: all)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="capture the hybrid's decode step as a CUDA graph without torch.compile first")
+
+
+def run(args) -> int:
+    settings = BenchSettings.small() if args.small else BenchSettings()
+    given = {"contexts": args.contexts, "batch_sizes": args.batch_sizes, "new_tokens": args.new_tokens,
+             "repeats": args.repeats, "paths": args.paths, "compile_fast": False if args.no_compile else None}
+    settings = dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
+    unknown = set(settings.paths) - set(PATHS)
+    if unknown:
+        raise UserError(f"unknown bench path {sorted(unknown)[0]!r}; allowed: {', '.join(PATHS)}")
+    if settings.new_tokens < 2:
+        raise UserError("--new-tokens must be at least 2 (decode speed is measured after the first token)")
+    if settings.contexts and min(settings.contexts) <= settings.new_tokens:
+        raise UserError(f"every context must exceed --new-tokens ({settings.new_tokens}): "
+                        "a context counts prompt + new tokens")
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    out_dir = Path(args.out) if args.out else Path(args.hybrid) / "bench"
+
+    student, teacher, tokenizer, teacher_name = load_pair(args.hybrid, args.teacher, dtype=dtype, device=device)
+    print(f"hybrid {args.hybrid} vs teacher {teacher_name or '(none)'} on {device}, {dtype}")
+    result = run_bench(student, teacher, settings, pad_token_id=tokenizer.pad_token_id)
+    result |= {"hybridize_version": __version__, "hybrid": str(args.hybrid), "teacher": teacher_name}
+    print("\n" + bench_tables(result))
+    with staged_folder(out_dir) as staging:
+        write_json_atomic(staging / "bench.json", result)
+        plot_bench(result, staging / "bench.png")
+    print(f"\nwrote {out_dir}/bench.json, bench.png")
+    return 0

@@ -1,0 +1,177 @@
+"""What eval, bench and push share: loading a hybrid folder and its teacher, device and dtype choice, atomic writes."""
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import UserError
+from ..teacher import DEFAULT_TEACHER, _fill_special_tokens, load_teacher
+
+NO_TEACHER = "none"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The named device, else the GPU when there is one, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} was asked for but no CUDA GPU is visible")
+    return device
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (what the models are served in), fp32 on the CPU (where bf16 matmuls are slow and inexact)."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_hybrid(
+    path: str | Path, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(HybridForCausalLM in eval mode, tokenizer) from a folder written by convert or distill.
+
+    dtype="auto" keeps the dtype the weights were saved in.
+    """
+    from ..model import HybridForCausalLM  # registers the hybrid with the Auto classes
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder}: not a model folder (no config.json)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{folder} could not be loaded: {str(err).splitlines()[0]}") from err
+    if not isinstance(model, HybridForCausalLM):
+        raise UserError(f"{folder} holds a {type(model).__name__}, not a hybridize model")
+    model.to(device).eval()
+    _fill_special_tokens(model, tokenizer)
+    return model, tokenizer
+
+
+def recorded_teacher(path: str | Path) -> str | None:
+    """The teacher named in the hybrid's distill.json or conversion.json, when the folder has one."""
+    for name in ("distill.json", "conversion.json"):
+        record = Path(path) / name
+        if record.is_file():
+            teacher = json.loads(record.read_text()).get("teacher")
+            return teacher.get("name") if isinstance(teacher, dict) else teacher
+    return None
+
+
+def resolve_teacher_name(arg: str | None, hybrid_path: str | Path) -> str | None:
+    """--teacher as given; else the one the hybrid was converted from; else the embedded default. "none": no teacher."""
+    if arg == NO_TEACHER:
+        return None
+    return arg or recorded_teacher(hybrid_path) or DEFAULT_TEACHER
+
+
+def load_pair(
+    hybrid_path: str | Path, teacher_arg: str | None, *, dtype: torch.dtype, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedModel | None, PreTrainedTokenizerBase, str | None]:
+    """(student, teacher or None, tokenizer, teacher name): both models on one device in one dtype."""
+    student, tokenizer = load_hybrid(hybrid_path, dtype=dtype, device=device)
+    name = resolve_teacher_name(teacher_arg, hybrid_path)
+    if name is None:
+        return student, None, tokenizer, None
+    teacher, teacher_tokenizer = load_teacher(name, dtype=dtype, device=device)
+    if teacher.config.vocab_size != student.config.vocab_size or len(teacher_tokenizer) != len(tokenizer):
+        raise UserError(f"teacher {name!r} has a different vocabulary from the hybrid; pass the teacher it came from")
+    return student, teacher, tokenizer, name
+
+
+@contextmanager
+def staged_folder(target: Path, *, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty sibling folder; on success it replaces `target`, on error it is removed and `target` kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not replace:
+        raise UserError(f"{target} exists")
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    """A plain fixed-width text table; floats get 4 significant digits, None prints as '-'."""
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    cells = [[cell(v) for v in row] for row in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: "1024,2048" -> (1024, 2048)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """argparse type: "0,0.5,1" -> (0.0, 0.5, 1.0)."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_common_arguments(parser, what: str) -> None:
+    """HYBRID, --teacher, --out, --small, --device, --dtype: what eval and bench both take."""
+    parser.add_argument("hybrid", help="a hybrid model folder (from hybridize convert or distill)")
+    parser.add_argument("--teacher", default=None,
+                        help="the teacher to compare with: HF id, folder or alias; default: the one the hybrid was "
+                             f"converted from; '{NO_TEACHER}' for the hybrid alone")
+    parser.add_argument("--out", default=None, help=f"output folder (default: HYBRID/{what}); replaced as a whole")
+    parser.add_argument("--small", action="store_true", help="CPU-sized settings: a few minutes for a 135M model")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="model dtype (default: bfloat16 on GPU, float32 on CPU)")

@@ -1,0 +1,90 @@
+"""`hybridize eval HYBRID [--teacher MODEL]`: quality, recall and lm-eval tasks, hybrid and teacher side by side.
+
+Prints the tables and writes OUT/eval.json, OUT/eval.png (summary) and OUT/passkey.png (heat maps);
+OUT defaults to HYBRID/eval, which `hybridize push` puts on the model card.
+"""
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .common import (add_common_arguments, float_list, int_list, load_pair, pick_device, pick_dtype, staged_folder,
+                     write_json_atomic)
+from .lm_eval_tasks import lm_eval_table, require_harness, run_lm_eval
+from .plots import plot_eval, plot_passkey
+from .quality import QualitySettings, quality_table, run_quality
+from .recall import RecallSettings, recall_table, run_recall
+
+
+def add_arguments(parser) -> None:
+    add_common_arguments(parser, "eval")
+    quality = parser.add_argument_group("quality (held-out text)")
+    quality.add_argument("--domains", type=lambda s: tuple(s.split(",")), default=None, help="code,docs,prose")
+    quality.add_argument("--seq-len", type=int, default=None, help="tokens per held-out block")
+    quality.add_argument("--blocks", type=int, default=None, help="held-out blocks per domain")
+    quality.add_argument("--greedy-prompts", type=int, default=None, help="greedy continuations per domain")
+    quality.add_argument("--batch-size", type=int, default=None)
+    recall = parser.add_argument_group("recall")
+    recall.add_argument("--no-recall", action="store_true", help="skip the passkey and MQAR tests")
+    recall.add_argument("--passkey-lengths", type=int_list, default=None,
+                        help="context lengths (default: 1K, 2K, ... up to the teacher's limit)")
+    recall.add_argument("--passkey-depths", type=float_list, default=None, help="needle depths in [0, 1]")
+    recall.add_argument("--passkey-trials", type=int, default=None, help="prompts per (length, depth) cell")
+    recall.add_argument("--mqar-pairs", type=int_list, default=None, help="key-value pair counts, e.g. 8,32,128")
+    harness = parser.add_argument_group("lm-evaluation-harness")
+    harness.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=[],
+                         help="lm-eval task names or task YAML files, comma-separated")
+    harness.add_argument("--tasks-include", default=None, help="a folder of extra lm-eval task YAMLs")
+    harness.add_argument("--tasks-limit", type=int, default=None, help="examples per task (default: all)")
+    harness.add_argument("--num-fewshot", type=int, default=None)
+
+
+def _override(settings, **values):
+    """The settings with every value that is not None replaced."""
+    return dataclasses.replace(settings, **{k: v for k, v in values.items() if v is not None})
+
+
+def run(args) -> int:
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    out_dir = Path(args.out) if args.out else Path(args.hybrid) / "eval"
+    quality_settings = _override(
+        QualitySettings.small() if args.small else QualitySettings(), domains=args.domains, seq_len=args.seq_len,
+        blocks_per_domain=args.blocks, greedy_prompts=args.greedy_prompts, batch_size=args.batch_size)
+    recall_settings = _override(
+        RecallSettings.small() if args.small else RecallSettings(), lengths=args.passkey_lengths,
+        depths=args.passkey_depths, trials=args.passkey_trials, mqar_pairs=args.mqar_pairs)
+
+    if args.tasks:
+        require_harness()
+    student, teacher, tokenizer, teacher_name = load_pair(args.hybrid, args.teacher, dtype=dtype, device=device)
+    print(f"hybrid {args.hybrid} vs teacher {teacher_name or '(none)'} on {device}, {dtype}")
+    started = time.time()
+    results = {"hybridize_version": __version__, "hybrid": str(args.hybrid), "teacher": teacher_name,
+               "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    with torch.inference_mode():
+        results["quality"] = run_quality(student, teacher, tokenizer, quality_settings)
+    print(quality_table(results["quality"]))
+    if not args.no_recall:
+        with torch.inference_mode():
+            results["recall"] = run_recall(student, teacher, tokenizer, recall_settings)
+        print("\n" + recall_table(results["recall"]))
+    if args.tasks:
+        models = {"student": student} | ({"teacher": teacher} if teacher is not None else {})
+        results["lm_eval"] = run_lm_eval(models, tokenizer, args.tasks, include_path=args.tasks_include,
+                                         num_fewshot=args.num_fewshot, limit=args.tasks_limit,
+                                         batch_size=quality_settings.batch_size)
+        print("\n" + lm_eval_table(results["lm_eval"]))
+    results["seconds"] = round(time.time() - started, 1)
+
+    with staged_folder(out_dir) as staging:
+        write_json_atomic(staging / "eval.json", results)
+        plot_eval(results, staging / "eval.png")
+        if "recall" in results:
+            plot_passkey(results["recall"]["passkey"], staging / "passkey.png")
+    print(f"\nwrote {out_dir}/eval.json, eval.png{', passkey.png' if 'recall' in results else ''} "
+          f"({results['seconds']:.0f} s)")
+    return 0

@@ -1,0 +1,247 @@
+"""Fast greedy decoding for the hybrid: preallocated KV slots and recurrent states, and one CUDA-graph-captured step.
+
+`generate()` pays Python and allocator overhead for every layer of every token; for a small model that
+overhead, not the GPU, sets the decode speed. StaticDecoder removes it:
+- every buffer a decode step touches is allocated once: attention K/V slots ([B, Hkv, S, D], S = the
+  longest sequence for full attention, the window for sliding attention, used as a ring), and the
+  Mamba2 / GDN conv windows and fp32 recurrent states, updated in place by the decode-step kernels;
+- the step reads its position, token and write slot from device tensors, so it has no Python-side
+  state and is captured once as a CUDA graph; decoding N tokens is N graph replays;
+- the step is compiled with torch.compile first (on a GPU, by default), so the dozens of small
+  element-wise kernels per layer fuse: inside a CUDA graph the launch count, not Python, is what is left;
+- prefill runs the model's own forward (the chunked kernels), then copies its cache into the slots.
+On the CPU the same step runs eagerly (or compiled, when asked), which is how the tests check it
+against `generate()`.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..model.cache import RecurrentLayerCache
+from ..model.configuration_hybrid import ATTENTION_TYPES
+from ..model.context import SequenceContext
+
+_SLOT_ALIGN = 8  # attention kernels prefer key lengths that are a multiple of 8; extra slots stay masked
+
+
+@dataclass
+class AttentionSlots:
+    """One attention layer's static cache. Token at stream index i lives in slot i % ring (ring = window or S)."""
+
+    keys: torch.Tensor  # [B, Hkv, S, D]
+    values: torch.Tensor  # [B, Hkv, S, D]
+    valid: torch.Tensor  # [B, S] bool: the slot holds a real (not padding) token of the current window
+    ring: int
+
+
+class StaticDecoder:
+    """Greedy decoding of up to `batch_size` sequences of at most `max_length` tokens (prompt + new) in total.
+
+    Build one per (batch size, max length) and reuse it: the step is compiled and the CUDA graph captured
+    in the constructor. `use_cuda_graph=None` and `compile_step=None` mean: when the model is on a GPU.
+    """
+
+    def __init__(self, model, batch_size: int, max_length: int, *, use_cuda_graph: bool | None = None,
+                 compile_step: bool | None = None, log=print):
+        self.model = model.eval()
+        self.config = model.config
+        self.batch_size, self.max_length = batch_size, max_length
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        on_gpu = self.device.type == "cuda"
+        self.use_cuda_graph = on_gpu if use_cuda_graph is None else use_cuda_graph
+        if self.use_cuda_graph and not on_gpu:
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.compiled = on_gpu if compile_step is None else compile_step
+        if self.compiled:
+            allow_recompiles()
+        self._run_step = torch.compile(self._step, dynamic=False) if self.compiled else self._step
+        with torch.inference_mode():
+            self._allocate()
+            self._warm_up(log)
+            self._graph = self._capture() if self.use_cuda_graph else None
+            self._reset()
+
+    def _allocate(self) -> None:
+        config, batch, device = self.config, self.batch_size, self.device
+        self.layer_caches: list[AttentionSlots | RecurrentLayerCache] = []
+        for i, kind in enumerate(self.config.layer_types):
+            mixer = self.model.model.layers[i].mixer
+            if kind in ATTENTION_TYPES:
+                ring = self.max_length if kind == "full_attention" else min(config.sliding_window, self.max_length)
+                slots = -(-ring // _SLOT_ALIGN) * _SLOT_ALIGN
+                shape = (batch, config.num_key_value_heads, slots, config.head_dim)
+                self.layer_caches.append(AttentionSlots(
+                    keys=torch.zeros(shape, dtype=self.dtype, device=device),
+                    values=torch.zeros(shape, dtype=self.dtype, device=device),
+                    valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
+                    ring=ring,
+                ))
+            else:
+                cache = RecurrentLayerCache()
+                conv_channels = sum(mixer.conv_channels)
+                cache.conv_state = torch.zeros(batch, conv_channels, config.conv_kernel_size - 1, dtype=self.dtype,
+                                               device=device)
+                cache.recurrent_state = torch.zeros(batch, *state_shape(mixer), dtype=torch.float32, device=device)
+                self.layer_caches.append(cache)
+        self.tokens = torch.zeros(batch, self.max_length, dtype=torch.long, device=device)  # prompt + generated
+        self._next_token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1] input of the next step
+        self._position = torch.zeros(batch, dtype=torch.long, device=device)  # [B] RoPE position of that token
+        self._index = torch.zeros((), dtype=torch.long, device=device)  # its stream index (same for every row)
+        self._recurrent_context = SequenceContext(position_embeddings=None, attention_mask=None, past_tokens=0)
+
+    def _cache_buffers(self) -> list[torch.Tensor]:
+        out = []
+        for cache in self.layer_caches:
+            if isinstance(cache, AttentionSlots):
+                out += [cache.keys, cache.values, cache.valid]
+            else:
+                out += [cache.conv_state, cache.recurrent_state]
+        return out
+
+    def _reset(self) -> None:
+        for buffer in [self.tokens, self._next_token, self._position, self._index, *self._cache_buffers()]:
+            buffer.zero_()
+
+    def cache_nbytes(self) -> int:
+        """Bytes of the KV slots, conv windows and recurrent states of all `batch_size` rows."""
+        return sum(b.numel() * b.element_size() for b in self._cache_buffers())
+
+    def _step(self) -> None:
+        """Decode one token for every row: read _next_token at _index, write the argmax to tokens[:, _index + 1]."""
+        model = self.model.model
+        hidden = model.embed_tokens(self._next_token)  # [B, 1, C]
+        cos, sin = model.rotary_emb(hidden, self._position[:, None])  # [B, 1, D] each
+        for layer, cache in zip(model.layers, self.layer_caches):
+            x = layer.input_layernorm(hidden)
+            if isinstance(cache, AttentionSlots):
+                mixed = _attention_step(layer.mixer, x, cos, sin, cache, self._index)
+            else:
+                mixed = layer.mixer(x, self._recurrent_context, cache)
+            hidden = hidden + mixed
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = self.model.lm_head(model.norm(hidden))[:, -1]  # [B, V]
+        chosen = logits.argmax(-1, keepdim=True)  # [B, 1]
+        self.tokens.index_copy_(1, (self._index + 1).view(1), chosen)
+        self._next_token.copy_(chosen)
+        self._position.add_(1)
+        self._index.add_(1)
+
+    def _warm_up(self, log) -> None:
+        """Two steps on the zeroed buffers: torch.compile and Triton compile and autotune here, never in a capture.
+
+        A step that torch.compile cannot handle falls back to the eager step, said in one line: the decode
+        is then slower but still exact.
+        """
+        stream = torch.cuda.Stream(self.device) if self.use_cuda_graph else None
+        if stream is not None:  # capture needs the warm-up on a side stream
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            try:
+                for _ in range(2):
+                    self._run_step()
+            except Exception as err:  # compile errors come from dynamo, inductor and Triton alike
+                if not self.compiled:
+                    raise
+                log(f"fast decode: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                    "using the eager step")
+                self.compiled, self._run_step = False, self._step
+                self._run_step()
+        if stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._run_step()
+        return graph
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Run the prompt [B, T] (left-padded where attention_mask [B, T] is 0) and pick its first new token."""
+        batch, length = input_ids.shape
+        if batch != self.batch_size or length >= self.max_length:
+            raise ValueError(f"prompt {tuple(input_ids.shape)} does not fit batch {self.batch_size}, "
+                             f"max length {self.max_length}")
+        self._reset()
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        for cache, layer in zip(self.layer_caches, out.past_key_values.layers):
+            if isinstance(cache, AttentionSlots):
+                _fill_slots(cache, layer.keys, layer.values, mask)
+            else:
+                cache.conv_state.copy_(layer.conv_state)
+                cache.recurrent_state.copy_(layer.recurrent_state)
+        chosen = out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+        self.tokens[:, :length] = input_ids
+        self.tokens[:, length : length + 1] = chosen
+        self._next_token.copy_(chosen)
+        self._position.copy_(mask.sum(-1))
+        self._index.fill_(length)
+
+    @torch.inference_mode()
+    def decode(self, steps: int) -> None:
+        """Run `steps` decode steps after prefill (the first new token came from prefill)."""
+        for _ in range(steps):
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._run_step()
+
+    def generate(self, input_ids: torch.LongTensor, max_new_tokens: int,
+                 attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
+        """[B, T] -> [B, T + max_new_tokens], the same tokens as greedy `model.generate()` with no eos stop."""
+        length = input_ids.shape[1]
+        if length + max_new_tokens > self.max_length:
+            raise ValueError(f"{length} + {max_new_tokens} tokens exceed max length {self.max_length}")
+        self.prefill(input_ids, attention_mask)
+        self.decode(max_new_tokens - 1)
+        return self.tokens[:, : length + max_new_tokens].clone()
+
+
+def allow_recompiles(limit: int = 64) -> None:
+    """Each (batch, length) is its own compile; past dynamo's default limit of 8 it would silently run eager."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
+def state_shape(mixer) -> tuple[int, int, int]:
+    """[H, K, V] of a Mamba2 ([H, N, P]) or GDN ([H, K, V]) recurrent state."""
+    if hasattr(mixer, "state_size"):
+        return mixer.num_heads, mixer.state_size, mixer.head_dim
+    return mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim
+
+
+def _fill_slots(slots: AttentionSlots, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+    """Copy prefill K/V [B, Hkv, n, D] (the last n of T prompt tokens) into their ring slots."""
+    length, kept = mask.shape[1], keys.shape[2]
+    kept = min(kept, slots.ring)
+    index = torch.arange(length - kept, length, device=keys.device)  # stream indices of the cached tokens
+    where = index % slots.ring
+    slots.keys[:, :, where] = keys[:, :, -kept:]
+    slots.values[:, :, where] = values[:, :, -kept:]
+    slots.valid[:, where] = mask[:, index]
+
+
+def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots, index: torch.Tensor) -> torch.Tensor:
+    """One token of (sliding-window) attention against static slots: x [B, 1, C] -> [B, 1, C].
+
+    The G query heads that share a KV head go in as G query rows of that head, so SDPA reads each
+    cached K/V once instead of a G-times repeated copy; the mask depends on the key only, so this is exact.
+    """
+    batch = x.shape[0]
+    heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    q = attention.q_proj(x).view(batch, 1, heads, dim).transpose(1, 2)  # [B, H, 1, D]
+    k = attention.k_proj(x).view(batch, 1, kv_heads, dim).transpose(1, 2)  # [B, Hkv, 1, D]
+    v = attention.v_proj(x).view(batch, 1, kv_heads, dim).transpose(1, 2)  # [B, Hkv, 1, D]
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    slot = (index % slots.ring).view(1)
+    slots.keys.index_copy_(2, slot, k)
+    slots.values.index_copy_(2, slot, v)
+    slots.valid.index_fill_(1, slot, True)
+    grouped_q = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, Hkv, G, D]
+    out = F.scaled_dot_product_attention(grouped_q, slots.keys, slots.values, attn_mask=slots.valid[:, None, None, :])
+    return attention.o_proj(out.reshape(batch, 1, heads * dim))  # [B, 1, C]

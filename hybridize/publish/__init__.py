@@ -1,0 +1,1 @@
+"""Publishing a hybrid: a model card, remote code that loads with only torch and transformers, and the upload."""

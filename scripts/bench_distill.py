@@ -1,0 +1,149 @@
+"""Distillation benchmarks: stage-2 throughput and peak memory of a recipe, KD-loss memory at a large vocabulary, curve diffs.
+
+    # stage 2 (KD) of the SmolLM2 recipe, 8 of 30 layers attention, seq 2048: tokens/s and peak memory (one GPU)
+    python scripts/bench_distill.py throughput --out /tmp/bench1
+    # the same on 2 GPUs under FSDP2 (same global batch, so the loss curve must match the one-GPU run)
+    accelerate launch --config_file recipes/accelerate/fsdp2.yaml scripts/bench_distill.py throughput --out /tmp/bench2
+    python scripts/bench_distill.py compare /tmp/bench1 /tmp/bench2
+    # peak memory and time of the fused chunked KD loss against full logits, at vocabulary 128K
+    python scripts/bench_distill.py loss-memory
+
+Each prints one JSON object. The library does the work; this file only chooses sizes and reads the results.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hybridize.distill.losses import KDOptions, kd_loss, next_token_labels
+from hybridize.distill.recipe import apply_override, parse_recipe, read_recipe
+from hybridize.distill.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def throughput(args) -> dict:
+    """Run only the recipe's KD stage for --steps steps and report the per-step rate after --warmup steps."""
+    raw = read_recipe(args.recipe)
+    kd = next(stage for stage in raw["stages"] if stage["kind"] == "kd")
+    raw["stages"] = [kd]
+    for assignment in [f"output_dir={args.out}", f"stages.0.seq_len={args.seq_len}",
+                       f"stages.0.micro_batch_size={args.micro_batch}",
+                       f"stages.0.global_batch_size={args.global_batch}",
+                       f"stages.0.tokens={args.steps * args.global_batch * args.seq_len}",
+                       f"checkpoint.every_steps={10 * args.steps}", "logging.eval_sequences=8", "logging.trackers=[]",
+                       *args.set]:
+        apply_override(raw, assignment)
+    trainer = Trainer(parse_recipe(raw, f"recipe {args.recipe}"))
+    trainer.run()
+    if not trainer.main:
+        return {}
+    rows = [json.loads(line) for line in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"][args.warmup:]
+    return {
+        "bench": "throughput",
+        "recipe": str(args.recipe),
+        "processes": trainer.accelerator.num_processes,
+        "distributed": str(trainer.accelerator.distributed_type),
+        "seq_len": args.seq_len,
+        "global_batch": args.global_batch,
+        "micro_batch": args.micro_batch,
+        "timed_steps": len(train),
+        "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in train),
+        "tokens_per_s_mean": len(train) * args.global_batch * args.seq_len / sum(r["seconds"] for r in train),
+        "peak_memory_gib_rank0": max((r["peak_memory_gib"] for r in train if "peak_memory_gib" in r), default=None),
+        "loss_first_last": [train[0]["loss"], train[-1]["loss"]],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def naive_kd(hidden, head, teacher_hidden, teacher_head, labels, options):
+    """Full-vocabulary logits of both models at once: the memory the fused loss avoids."""
+    log_ps = F.log_softmax((hidden @ head.T).float() / options.temperature, -1)  # [N, V]
+    with torch.no_grad():
+        log_pt = F.log_softmax((teacher_hidden @ teacher_head.T).float() / options.temperature, -1)  # [N, V]
+    return F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean") * options.temperature**2
+
+
+def loss_memory(args) -> dict:
+    """Peak memory above the inputs, and time, of forward + backward of the KD loss: fused chunked vs naive."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype) * 0.02  # noqa: E731
+    hidden = make(args.tokens, args.hidden).requires_grad_()
+    head, teacher_head = make(args.vocab, args.hidden), make(args.vocab, args.hidden)
+    teacher_hidden = make(args.tokens, args.hidden)
+    labels = next_token_labels(torch.randint(0, args.vocab, (1, args.tokens), device=device, generator=g)).flatten()
+    options = KDOptions(chunk_tokens=args.chunk)
+    result = {"bench": "loss-memory", "vocab": args.vocab, "hidden": args.hidden, "tokens": args.tokens,
+              "chunk_tokens": args.chunk, "dtype": str(dtype), "device": str(device)}
+    variants = {"fused_chunked": lambda: kd_loss(hidden, head, teacher_hidden, teacher_head, labels, options).loss,
+                "naive_full_logits": lambda: naive_kd(hidden, head, teacher_hidden, teacher_head, labels, options)}
+    for name, fn in variants.items():
+        hidden.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        started = time.perf_counter()
+        try:
+            fn().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            result[name] = {"seconds": round(time.perf_counter() - started, 4)}
+            if device.type == "cuda":
+                result[name]["peak_gib_above_inputs"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
+        except torch.OutOfMemoryError:
+            result[name] = {"out_of_memory": True}
+    return result
+
+
+def compare(args) -> dict:
+    """Largest train-loss difference per step between two runs (e.g. one GPU against two under FSDP2)."""
+    def losses(run):
+        rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+        return {(r["stage"], r["step"]): r["loss"] for r in rows if r["split"] == "train"}
+
+    a, b = losses(args.run_a), losses(args.run_b)
+    shared = sorted(set(a) & set(b))
+    diffs = [abs(a[k] - b[k]) for k in shared]
+    return {"bench": "compare", "steps_compared": len(shared), "max_abs_diff": max(diffs, default=None),
+            "max_rel_diff": max((abs(a[k] - b[k]) / abs(a[k]) for k in shared), default=None)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("throughput", help="stage-2 tokens/s and peak memory of a recipe")
+    run.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2-135m" / "gdn.yaml"))
+    run.add_argument("--out", required=True, help="a new output directory for the run")
+    run.add_argument("--steps", type=int, default=30)
+    run.add_argument("--warmup", type=int, default=5, help="steps left out of the rate (compilation, autotuning)")
+    run.add_argument("--seq-len", type=int, default=2048)
+    run.add_argument("--global-batch", type=int, default=64)
+    run.add_argument("--micro-batch", type=int, default=8)
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="further recipe overrides")
+    memory = commands.add_parser("loss-memory", help="KD loss peak memory: fused chunked vs full logits")
+    memory.add_argument("--vocab", type=int, default=128256)
+    memory.add_argument("--hidden", type=int, default=2048)
+    memory.add_argument("--tokens", type=int, default=16384, help="tokens per micro batch (8 x 2048)")
+    memory.add_argument("--chunk", type=int, default=2048)
+    diff = commands.add_parser("compare", help="train-loss differences between two runs")
+    diff.add_argument("run_a")
+    diff.add_argument("run_b")
+    args = parser.parse_args()
+    result = {"throughput": throughput, "loss-memory": loss_memory, "compare": compare}[args.command](args)
+    if result:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

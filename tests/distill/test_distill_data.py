@@ -1,0 +1,129 @@
+"""Data: local text / jsonl / parquet through `datasets`, document-level held-out split, packing, seeded order, sharding."""
+
+import json
+
+import datasets
+import pytest
+import torch
+
+from hybridize.distill.data import BlockOrder, StageData, load_documents, pack, stage_data
+from hybridize.distill.recipe import DataConfig
+from hybridize.errors import UserError
+
+TEXTS = [f"document {i}: " + "alpha beta gamma delta " * (5 + i) for i in range(30)]
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
+    return path
+
+
+def test_jsonl_text_and_parquet_give_the_same_documents(tmp_path, jsonl, tokenizer):
+    text_dir = tmp_path / "texts"
+    text_dir.mkdir()
+    (text_dir / "a.txt").write_text("\n".join(TEXTS[:15]) + "\n")
+    (text_dir / "b.txt").write_text("\n".join(TEXTS[15:]) + "\n")
+    parquet = tmp_path / "docs.parquet"
+    datasets.Dataset.from_dict({"text": TEXTS}).to_parquet(str(parquet))
+    loaded = {}
+    for name, config in {
+        "jsonl": DataConfig(source=str(jsonl), text_field="body", held_out_fraction=0.0),
+        "text": DataConfig(source=str(text_dir), held_out_fraction=0.0),  # the text builder: one line, one document
+        "parquet": DataConfig(source=str(parquet), held_out_fraction=0.0),
+    }.items():
+        docs = load_documents(config, tokenizer, seed=0)
+        loaded[name] = sorted(tuple(ids) for ids in docs.train["input_ids"])
+        assert docs.record["documents"] == {"train": 30, "held_out": 0}
+    assert loaded["jsonl"] == loaded["text"] == loaded["parquet"]
+    eos = [tokenizer.eos_token_id]
+    expected = sorted(tuple(tokenizer(t, add_special_tokens=False)["input_ids"] + eos) for t in TEXTS)
+    assert loaded["jsonl"] == expected
+
+
+def test_held_out_documents_are_split_off_by_seed(jsonl, tokenizer):
+    def split(seed):
+        docs = load_documents(DataConfig(source=str(jsonl), text_field="body", held_out_fraction=0.2), tokenizer, seed)
+        return [tuple(x) for x in docs.train["input_ids"]], [tuple(x) for x in docs.held_out["input_ids"]]
+
+    train, held = split(0)
+    assert len(held) == 6 and len(train) == 24 and not set(train) & set(held)
+    assert split(0) == (train, held)  # deterministic
+    assert set(split(1)[1]) != set(held)  # another seed, another split
+
+
+def test_max_documents_caps_after_the_shuffle(jsonl, tokenizer):
+    docs = load_documents(DataConfig(source=str(jsonl), text_field="body", max_documents=10, held_out_fraction=0.0),
+                          tokenizer, seed=0)
+    assert len(docs.train) == 10
+    first_ten = {tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in TEXTS[:10]}
+    assert {tuple(x[:-1]) for x in docs.train["input_ids"]} != first_ten
+
+
+def test_default_corpus_source(tokenizer):
+    docs = load_documents(DataConfig(domains=["prose"], max_documents=12, held_out_fraction=0.25), tokenizer, seed=0)
+    assert docs.record["source"] == "corpus" and docs.record["documents"] == {"train": 9, "held_out": 3}
+    assert docs.record["tokens"]["train"] > 9 * 100  # KJV chapters are hundreds of tokens each
+
+
+def test_packing_cuts_the_eos_joined_stream_into_full_blocks():
+    tokenized = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 0], [4, 5, 0], [6, 7, 8, 9, 0]],
+                                            "num_tokens": [4, 3, 5]})
+    blocks = pack(tokenized, seq_len=5)
+    assert blocks[:]["input_ids"].tolist() == [[1, 2, 3, 0, 4], [5, 0, 6, 7, 8]]  # the last partial block is dropped
+
+
+def test_block_order_is_a_seeded_permutation_per_epoch():
+    order = BlockOrder(7, seed=3)
+    first, second = order.blocks(0, 7), order.blocks(7, 7)
+    assert sorted(first) == sorted(second) == list(range(7)) and first != second
+    assert BlockOrder(7, seed=3).blocks(5, 6) == (first + second)[5:11]  # position k is the same block from anywhere
+    assert BlockOrder(7, seed=4).blocks(0, 7) != first
+
+
+def test_global_batches_are_the_same_for_any_world_size():
+    blocks = datasets.Dataset.from_dict({"input_ids": [[i] * 3 for i in range(23)]}).with_format("torch")
+    data = StageData(train=blocks, held_out=blocks, seq_len=3, order=BlockOrder(23, seed=0))
+    global_batch = 8
+    for step in (0, 1, 5):  # step 5 runs into the second epoch
+        expected = data.order.blocks(step * global_batch, global_batch)
+        for world, micro in ((1, 2), (2, 2), (4, 1), (2, 4)):
+            rounds = global_batch // (micro * world)
+            seen = [row[0].item() for rank in range(world) for m in range(rounds)
+                    for row in data.train_batch(step, m, micro, global_batch, rank, world)]
+            assert sorted(seen) == sorted(expected), (world, micro)
+
+
+def test_eval_batches_cover_the_same_sequences_for_any_world_size():
+    blocks = datasets.Dataset.from_dict({"input_ids": [[i] * 3 for i in range(10)]}).with_format("torch")
+    data = StageData(train=blocks, held_out=blocks, seq_len=3, order=BlockOrder(10, seed=0))
+    for world in (1, 2, 4):
+        seen = sorted(row[0].item() for rank in range(world) for batch in data.eval_batches(2, 8, rank, world)
+                      for row in batch)
+        assert seen == list(range(8))
+        assert len({len(data.eval_batches(2, 8, rank, world)) for rank in range(world)}) == 1
+
+
+def test_data_errors_are_one_line(tmp_path, jsonl, tokenizer):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (DataConfig(source=str(tmp_path / "nowhere.jsonl")), "data.source: .*nowhere.jsonl does not exist"),
+        (DataConfig(source=str(jsonl)), "data.text_field: column 'text' is not in .*columns: body, id"),
+        (DataConfig(source=str(tmp_path / "empty")), "has no .* files"),
+    ]
+    for config, message in cases:
+        with pytest.raises(UserError, match=message) as caught:
+            load_documents(config, tokenizer, seed=0)
+        assert "\n" not in str(caught.value)
+
+
+def test_a_sequence_length_the_data_cannot_fill_is_one_line(jsonl, tokenizer):
+    docs = load_documents(DataConfig(source=str(jsonl), text_field="body", held_out_fraction=0.0), tokenizer, seed=0)
+    tokens = docs.record["tokens"]["train"]
+    with pytest.raises(UserError) as caught:
+        stage_data(docs, "kd", seq_len=tokens // 2, global_batch=4, seed=0)
+    message = str(caught.value)
+    assert "\n" not in message and f"({tokens} tokens) fills 2 sequences of seq_len {tokens // 2}" in message
+    data = stage_data(docs, "kd", seq_len=16, global_batch=4, seed=0)
+    assert data.train[0]["input_ids"].shape == (16,) and torch.is_tensor(data.train_batch(0, 0, 2, 4, 0, 1))

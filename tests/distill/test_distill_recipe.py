@@ -1,0 +1,168 @@
+"""Recipes: every shipped recipe and accelerate config loads; bad keys and values are one error line naming the key."""
+
+import re
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from distill_support import REPO
+
+from hybridize.convert.plan import resolve_plan
+from hybridize.distill.recipe import (
+    AttentionOutputStage, KDStage, apply_override, load_recipe, parse_recipe, read_recipe, smoke_overrides,
+)
+from hybridize.errors import UserError
+
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*/*.yaml") if p.parent.name != "accelerate")
+ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
+TEACHER_LAYERS = {"smollm2-135m": 30, "llama3.2-1b": 16}
+
+
+def minimal(**extra) -> dict:
+    raw = {
+        "teacher": "smollm2-135m", "init": "some/folder", "output_dir": "out",
+        "stages": [
+            {"name": "a", "kind": "attention_output", "tokens": 100, "seq_len": 10, "global_batch_size": 4,
+             "micro_batch_size": 2, "lr": 1e-3},
+            {"name": "b", "kind": "kd", "tokens": 100, "seq_len": 10, "global_batch_size": 4,
+             "micro_batch_size": 2, "lr": 1e-4},
+        ],
+    }
+    raw.update(extra)
+    return raw
+
+
+def error_for(raw: dict) -> str:
+    with pytest.raises(UserError) as caught:
+        parse_recipe(raw)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_both_teachers_have_recipes():
+    assert {p.parent.name for p in RECIPES} == set(TEACHER_LAYERS)
+    assert {p.stem for p in ACCELERATE_CONFIGS} == {"single_gpu", "ddp", "fsdp2"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_recipe_loads_and_its_plan_resolves(path):
+    recipe = load_recipe(path)
+    assert [type(s) for s in recipe.stages] == [AttentionOutputStage, KDStage]
+    layer_types = resolve_plan(recipe.plan, TEACHER_LAYERS[path.parent.name])
+    assert "full_attention" in layer_types and len(set(layer_types)) == 2
+    assert all(stage.steps() >= 100 for stage in recipe.stages)
+    assert recipe.output_dir == f"runs/{path.parent.name}-{path.stem}"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_has_one_run_line_in_the_readme(path):
+    readme = (REPO / "recipes" / "README.md").read_text()
+    relative = path.relative_to(REPO).as_posix()
+    lines = [line for line in readme.splitlines() if re.search(rf"(?<![\w/.-]){re.escape(relative)}(?![\w/.-])", line)]
+    rows = [line for line in lines if line.startswith("|")]  # the recipe table: one row, one command, per recipe
+    assert len(rows) == 1, lines
+    command = re.search(r"`(accelerate launch [^`]*)`", rows[0]).group(1).split()
+    assert command[:3] == ["accelerate", "launch", "--config_file"] and (REPO / command[3]).is_file()
+    assert command[4:] == ["-m", "hybridize.distill", relative]
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_load_with_accelerate(path):
+    config = load_config_from_file(str(path))
+    expected = {"single_gpu": ("NO", 1), "ddp": ("MULTI_GPU", 2), "fsdp2": ("FSDP", 2)}[path.stem]
+    assert (str(config.distributed_type).split(".")[-1], config.num_processes) == expected
+    assert config.mixed_precision == "bf16"
+    if path.stem == "fsdp2":
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+def test_smoke_overrides_keep_a_shipped_recipe_valid():
+    raw = read_recipe(RECIPES[0])
+    for assignment in smoke_overrides(raw):
+        apply_override(raw, assignment)
+    recipe = parse_recipe(raw)
+    assert all(s.seq_len <= 128 and s.global_batch_size == 2 for s in recipe.stages)
+    assert recipe.data.max_documents == 64
+
+
+def test_defaults_and_numbers_written_as_strings():
+    recipe = parse_recipe(minimal(stages=[{**minimal()["stages"][1], "lr": "3e-4", "tokens": 2_000}]))
+    stage = recipe.stages[0]
+    assert stage.lr == 3e-4 and isinstance(stage.lr, float)
+    assert stage.trainable == ["model.layers.*"] and stage.temperature == 1.0 and stage.lora is None
+    assert stage.steps() == 50  # 2000 tokens / (4 x 10 per step)
+    assert recipe.data.source == "corpus" and recipe.logging.trackers == ["tensorboard"]
+
+
+@pytest.mark.parametrize("raw, key", [
+    (minimal(teacherr="x"), "teacherr: unknown key"),
+    (minimal(data={"sourc": "corpus"}), "data.sourc: unknown key"),
+    (minimal(checkpoint={"every": 3}), "checkpoint.every: unknown key"),
+    ({**minimal(), "stages": [{**minimal()["stages"][1], "tempurature": 2.0}]}, "stages[0].tempurature: unknown key"),
+    # KD-only keys are unknown on a stage-1 stage
+    ({**minimal(), "stages": [{**minimal()["stages"][0], "temperature": 2.0}]}, "stages[0].temperature: unknown key"),
+    ({**minimal(), "stages": [{**minimal()["stages"][1], "lora": {"rnk": 4}}]}, "stages[0].lora.rnk: unknown key"),
+])
+def test_unknown_keys_are_named(raw, key):
+    message = error_for(raw)
+    assert message.startswith(f"recipe: {key}"), message
+    assert "allowed:" in message
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"lr": "fast"}, "stages[1].lr: expected a number, got 'fast'"),
+    ({"kind": "distill"}, "stages[1].kind: allowed values: attention_output, kd"),
+    ({"seq_len": 0}, "stages[1].seq_len: must be >= 1"),
+    ({"global_batch_size": 5}, "stages[1].global_batch_size: must be a multiple of micro_batch_size (2)"),
+    ({"temperature": 0}, "stages[1].temperature: must be > 0"),
+    ({"lr_by_layer_type": {"mamba3": 1e-3}}, "stages[1].lr_by_layer_type.mamba3: not a layer type"),
+    ({"trainable": ["ssm:model.*"]}, "stages[1].trainable[0]: 'ssm' before ':' is not a layer type"),
+    ({"lora": {"targets": ["embeddings"]}}, "stages[1].lora.targets[0]: allowed values: attention, mlp"),
+    ({"tokens": True}, "stages[1].tokens: expected an integer, got True"),
+])
+def test_invalid_stage_values_are_named(change, key):
+    raw = minimal()
+    raw["stages"][1].update(change)
+    assert error_for(raw).startswith(f"recipe: {key}")
+
+
+def test_invalid_top_level_values_are_named():
+    assert error_for(minimal(plan="uniform:2")).startswith("recipe: init: give exactly one of")
+    assert error_for(minimal(mixed_precision="fp16")).startswith("recipe: mixed_precision: allowed values: bf16, no")
+    assert error_for(minimal(data={"domains": ["poetry"]})).startswith("recipe: data.domains[0]: allowed values")
+    assert error_for(minimal(logging={"trackers": ["mlflow"]})).startswith(
+        "recipe: logging.trackers[0]: allowed values")
+    raw = minimal()
+    raw["stages"][1]["name"] = "a"
+    assert error_for(raw).startswith("recipe: stages[1].name: 'a' is used by an earlier stage")
+    del raw["stages"][0]["lr"]
+    assert error_for(raw).startswith("recipe: stages[0].lr: required key is missing")
+
+
+def test_overrides_set_existing_and_new_keys():
+    raw = minimal()
+    apply_override(raw, "stages.1.lr=5e-5")
+    apply_override(raw, "stages.1.lora.rank=4")
+    apply_override(raw, "data.max_documents=10")
+    apply_override(raw, "stages.0.lr_by_layer_type={mamba2: 0.01}")
+    recipe = parse_recipe(raw)
+    assert recipe.stages[1].lr == 5e-5 and recipe.stages[1].lora.rank == 4
+    assert recipe.data.max_documents == 10 and recipe.stages[0].lr_by_layer_type == {"mamba2": 0.01}
+    with pytest.raises(UserError, match=r"stages\.7 is not an index of a list of 2"):
+        apply_override(raw, "stages.7.lr=1")
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        apply_override(raw, "stages.0.lr")
+
+
+def test_file_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="cannot read it"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text(yaml.safe_dump(minimal(seed="zero")))
+    with pytest.raises(UserError, match=rf"recipe {re.escape(str(bad))}: seed: expected an integer"):
+        load_recipe(bad)

@@ -1,0 +1,150 @@
+"""The trainer end to end on CPU: losses go down, kill-and-resume continues exactly, NaN stops cleanly, user errors are one line."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, write_recipe
+
+from hybridize.cli import COMMANDS
+from hybridize.cli import main as hybridize_main
+from hybridize.distill.__main__ import main as distill_main
+from hybridize.distill.recipe import parse_recipe, recipe_to_dict
+from hybridize.distill.trainer import Trainer
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "error:" in line]
+
+
+def test_stage2_lowers_the_kl(tmp_path, tiny_models, text_file):
+    raw = tiny_recipe(tiny_models, text_file, tmp_path / "run")
+    raw["stages"] = [raw["stages"][1] | {"tokens": 12 * 256, "lr": 3e-3}]  # 12 steps of 4 x 64 tokens
+    final = Trainer(parse_recipe(raw)).run()
+    evals = [r for r in metrics(tmp_path / "run") if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 12]
+    # The same 8 held-out sequences before and after: the drop is the training's, not sampling noise.
+    assert evals[1]["kl"] < 0.95 * evals[0]["kl"], evals
+    record = json.loads((final / "distill.json").read_text())
+    assert record["stages"][0]["steps_done"] == 12 and record["stages"][0]["tokens"] == 12 * 256
+    assert record["data"]["documents"] == {"train": 36, "held_out": 4}
+    assert (final / "loss_curve.png").stat().st_size > 1000 and (tmp_path / "run" / "loss_curve.png").exists()
+
+
+def wait_for(path, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_kill_and_resume_continues_exactly(tmp_path, tiny_models, text_file):
+    raw = tiny_recipe(tiny_models, text_file, tmp_path / "unused")
+    raw["stages"] = [raw["stages"][1] | {"tokens": 10 * 256}]  # one KD stage of 10 steps, a checkpoint every 2
+    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    process = subprocess.Popen(distill_command(recipe, "--output-dir", killed), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(killed / "checkpoints" / "0-kd" / "step-00000004", process)
+    finally:
+        process.send_signal(signal.SIGKILL)  # no cleanup, no final save: as if the machine went away
+        process.wait()
+    assert not (killed / "final").exists()
+    resumed = run_distill(recipe, "--output-dir", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    start = int(resumed.stdout.split("resumed from ")[1].split("step-")[1][:8])
+    assert 4 <= start < 10
+    finished = run_distill(recipe, "--output-dir", straight)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    def train_losses(run):
+        return {r["step"]: r["loss"] for r in metrics(run) if r["split"] == "train"}
+
+    after_kill, uninterrupted = train_losses(killed), train_losses(straight)
+    assert sorted(after_kill) == list(range(1, 11))  # rows the killed run wrote past its checkpoint were dropped
+    assert abs(after_kill[start + 1] - uninterrupted[start + 1]) < 1e-3
+    for step in range(start + 1, 11):
+        assert after_kill[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
+    assert not (killed / "checkpoints").exists()  # a finished stage's checkpoints are removed
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_models, text_file):
+    raw = tiny_recipe(tiny_models, text_file, tmp_path / "run",
+                      {"stages.0.lr": 1e30, "stages.0.max_grad_norm": None, "checkpoint.every_steps": 1})
+    result = run_distill(write_recipe(tmp_path / "recipe.yaml", raw))
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert line.startswith("hybridize distill: error: stage 'attention' step 2: the loss is ")
+    checkpoint = tmp_path / "run" / "checkpoints" / "0-attention" / "step-00000001"
+    assert f"the last good checkpoint is {checkpoint}" in line
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["step-00000001"]
+    assert not (tmp_path / "run" / "stages").exists() and not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data.source": "/nonexistent/corpus.jsonl"}, "data.source: /nonexistent/corpus.jsonl does not exist"),
+    ({"stages.0.seq_len": 100_000}, "stage 'attention': the training data"),
+    ({"init": "/nonexistent/init"}, "/nonexistent/init is not a model folder"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_models, text_file, capsys, change, message):
+    raw = tiny_recipe(tiny_models, text_file, tmp_path / "run", change)
+    code = distill_main([str(write_recipe(tmp_path / "recipe.yaml", raw))])
+    err = capsys.readouterr().err
+    assert code == 2
+    [line] = error_lines(err)
+    assert line.startswith("hybridize distill: error: ") and message in line
+
+
+def test_an_existing_run_needs_resume_and_the_same_recipe(tmp_path, tiny_models, text_file, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    started = parse_recipe(tiny_recipe(tiny_models, text_file, out))
+    (out / "run.json").write_text(json.dumps({"recipe": recipe_to_dict(started)}))
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tiny_models, text_file, out))
+    assert distill_main([str(recipe)]) == 2
+    assert "is not empty; pass --resume" in capsys.readouterr().err
+    changed = tiny_recipe(tiny_models, text_file, out, {"stages.1.seq_len": 32})
+    changed = write_recipe(tmp_path / "changed.yaml", changed)
+    assert distill_main([str(changed), "--resume"]) == 2
+    assert "the recipe's stages[1].seq_len is 32, but the run" in capsys.readouterr().err
+
+
+def test_accelerate_launch_two_cpu_processes_and_the_result_generates(tmp_path, tiny_models, text_file):
+    import hybridize.model  # noqa: F401  (registers the hybrid with the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tiny_models, text_file, tmp_path / "run"))
+    accelerate = REPO / ".venv" / "bin" / "accelerate"
+    command = [str(accelerate) if accelerate.exists() else "accelerate", "launch", "--config_file",
+               "recipes/accelerate/ddp.yaml", "-m", "hybridize.distill", str(recipe), "--max-steps", "2"]
+    # DDP over gloo on two CPU processes: accelerate takes the CPU from this flag, not from --cpu (one process only).
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    final = tmp_path / "run" / "final"
+    record = json.loads((final / "distill.json").read_text())
+    assert record["processes"] == 2 and record["distributed"].endswith("MULTI_CPU")
+    assert [s["steps_done"] for s in record["stages"]] == [2, 2]
+    assert all(s["stopped_early_by_max_steps"] for s in record["stages"])
+    if "tensorboard is not installed" in result.stderr:  # the fallback: one warning line, the run goes on
+        assert len([line for line in result.stderr.splitlines() if "tensorboard is not installed" in line]) == 1
+    else:
+        assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    prompt = tokenizer("def main():", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, prompt["input_ids"].shape[1] + 4)
+    assert type(model).__name__ == "HybridForCausalLM" and model.config.layer_types[1] == "full_attention"
+
+
+def test_the_hybridize_command_runs_distill(tmp_path, capsys):
+    assert COMMANDS["distill"][0] == "hybridize.distill.cli"
+    assert hybridize_main(["distill", str(tmp_path / "missing.yaml")]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert line == f"hybridize distill: error: recipe {tmp_path / 'missing.yaml'}: cannot read it (No such file or directory)"
