@@ -176,6 +176,7 @@ GPU_CASES = [
     (2, 500, 4, 8, 128, 128, None, True),
     (1, 2048, 2, 4, 64, 64, None, False),
     (1, 2048, 4, 8, 128, 128, [0, 300, 1100, 2048], True),
+    (4, 4096, 16, 16, 128, 128, None, False),  # the benchmark shape: autotuning may pick other configs here
 ]
 
 
