@@ -1,5 +1,7 @@
 """Single-token decode step of the causal depthwise convolution in Triton, updating the rolling state in place."""
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -61,12 +63,30 @@ def causal_conv1d_step(
     W = weight.shape[1]
     if tuple(conv_state.shape) != (B, D, W - 1):
         raise ValueError(f"conv_state must be [B={B}, D={D}, W-1={W - 1}], got {tuple(conv_state.shape)}")
-    x, weight = x.contiguous(), weight.contiguous()
+    launch = _conv1d_step_op if torch.compiler.is_compiling() else _conv1d_step
+    return launch(x.contiguous(), weight.contiguous(), bias, conv_state, activation == "silu")
+
+
+def _conv1d_step(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], conv_state: torch.Tensor, use_silu: bool
+) -> torch.Tensor:
+    B, D = x.shape
+    W = weight.shape[1]
     y = torch.empty_like(x)
     BD = min(128, triton.next_power_of_2(D))
     causal_conv1d_step_kernel[(triton.cdiv(D, BD), B)](
         x, weight, bias, conv_state, y, *conv_state.stride(), D,
-        W=W, BD=BD, BW=triton.next_power_of_2(W), HAS_BIAS=bias is not None, USE_SILU=activation == "silu",
+        W=W, BD=BD, BW=triton.next_power_of_2(W), HAS_BIAS=bias is not None, USE_SILU=use_silu,
         num_warps=4,
     )
     return y
+
+
+# torch.compile keeps the launch as this opaque op, its in-place write declared, instead of tracing the Triton
+# launch and the torch.empty output it fills (which AOT autograd can reject); eager calls skip its ~15 us dispatch.
+_conv1d_step_op = torch.library.custom_op("hybridize::causal_conv1d_step", _conv1d_step, mutates_args=("conv_state",))
+
+
+@_conv1d_step_op.register_fake
+def _(x, weight, bias, conv_state, use_silu):
+    return x.new_empty(x.shape)

@@ -56,7 +56,15 @@ def ssd_step(
     if state.shape != (B, H, N, P) or state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"state must be a contiguous fp32 [{B}, {H}, {N}, {P}] tensor")
     scale = N**-0.5 if scale is None else scale
-    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    launch = _ssd_step_op if torch.compiler.is_compiling() else _ssd_step
+    return launch(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), state, scale)
+
+
+def _ssd_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor, scale: float
+) -> torch.Tensor:
+    B, G, N = q.shape
+    H, P = v.shape[1], v.shape[2]
     o = torch.empty_like(v)
     # The whole N in one block; BV keeps the fp32 tile at <= 4096 elements (32 registers a thread at 4 warps).
     BK = max(triton.next_power_of_2(N), 16)
@@ -64,3 +72,13 @@ def ssd_step(
     grid = (triton.cdiv(P, BV), B * H)
     ssd_step_kernel[grid](q, k, v, g, state, o, scale, H=H, G=G, N=N, P=P, BK=BK, BV=BV, num_warps=4)
     return o
+
+
+# torch.compile keeps the launch as this opaque op, its in-place write declared, instead of tracing the Triton
+# launch and the torch.empty output it fills (which AOT autograd can reject); eager calls skip its ~15 us dispatch.
+_ssd_step_op = torch.library.custom_op("hybridize::ssd_step", _ssd_step, mutates_args=("state",))
+
+
+@_ssd_step_op.register_fake
+def _(q, k, v, g, state, scale):
+    return v.new_empty(v.shape)
