@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from .convert.io import convert_to_folder
+from .evaluate import bench, quality
 from .teacher import DEFAULT_TEACHER, load_teacher
 
 DEFAULT_PLAN = "h2:8"
@@ -34,4 +35,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"prompt : {PROMPT!r}")
     print(f"teacher: {_greedy(teacher, tokenizer, PROMPT)!r}")
     print(f"hybrid : {_greedy(hybrid, tokenizer, PROMPT)!r}   (untrained: distillation closes this gap)")
+    print("\n== 3. hybridize eval, CPU-sized: held-out quality per domain, hybrid vs teacher")
+    with torch.inference_mode():
+        print(quality.compare(hybrid, teacher, tokenizer, small=True)[1])
+    print("\n== 4. hybridize bench, CPU-sized: prefill/decode speed and cache size, hybrid vs teacher")
+    print(bench.small_bench(hybrid, teacher, tokenizer)[1])
+    print("(At these CPU-sized contexts a fixed recurrent state can outweigh a short KV cache; the cache and decode\n"
+          " gains grow with context: docs/benchmarks.md has the GPU figures at 1K-8K.)")
+    print("\nNext: hybridize analyze, distill, eval, bench and push on a GPU (README.md, Commands).")
     return 0
