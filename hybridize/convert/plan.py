@@ -24,7 +24,8 @@ def uniform_positions(num_layers: int, budget: int) -> list[int]:
     return sorted({int((i + 0.5) * num_layers / budget) for i in range(budget)})
 
 
-def _check_budget(text: str, num_layers: int) -> int:
+def check_budget(text: str, num_layers: int) -> int:
+    """K from "K", checked to be in 0..num_layers (also used by `hybridize analyze`)."""
     if not text.isdigit() or not 0 <= int(text) <= num_layers:
         raise UserError(f"attention budget must be an integer in 0..{num_layers}, got {text!r}")
     return int(text)
@@ -43,7 +44,7 @@ def _pattern(name: str, args: list[str], num_layers: int) -> list[str]:
         return [_check_type(args[0])] * num_layers
     if name not in ("uniform", "h2") or not args:
         raise UserError(f"unknown plan pattern {name!r}; use uniform:K[:MIXER], h2:K or all:MIXER")
-    budget = _check_budget(args[0], num_layers)
+    budget = check_budget(args[0], num_layers)
     kept = set(uniform_positions(num_layers, budget)) if budget else set()
     if name == "uniform":
         mixer = _check_type(args[1], RECURRENT_TYPES + ("sliding_attention",)) if len(args) > 1 else "gated_deltanet"

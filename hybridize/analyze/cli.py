@@ -1,0 +1,69 @@
+"""`hybridize analyze [MODEL] --budget K --out DIR`: score each attention layer and choose a plan under the budget."""
+
+import argparse
+
+from .io import DTYPES, AnalyzeSettings, analyze_to_folder
+from .proxies import FAST_RANKINGS
+from .scores import FitSettings
+from .select import CANDIDATE_MIXERS, PATTERNS, Constraints
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    fit = FitSettings()
+    parser.add_argument("model", nargs="?", default=None,
+                        help="teacher: HF id, local folder, or alias (default: the embedded smollm2-135m)")
+    parser.add_argument("--budget", required=True,
+                        help="attention layers to keep: a count K, or a fraction of the layers such as 0.25")
+    parser.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--fast", action="store_true",
+                        help="rank layers by attention-map proxies only: no fitting, seconds on a CPU")
+    parser.add_argument("--mixers", default=",".join(CANDIDATE_MIXERS),
+                        help=f"comma-separated mixers a replaced layer may get (default: {','.join(CANDIDATE_MIXERS)})")
+    parser.add_argument("--pattern", default="best", choices=PATTERNS,
+                        help="best: each replaced layer gets its best-scoring mixer; h2: replaced layers cycle "
+                             "mamba2 -> gated_deltanet -> sliding_attention by depth")
+    parser.add_argument("--no-attention-first", type=int, default=0, metavar="N",
+                        help="never keep attention in layers 0..N-1")
+    parser.add_argument("--min-spacing", type=int, default=1, metavar="S",
+                        help="kept attention layers are at least S layers apart")
+    parser.add_argument("--ranking", default="combined", choices=FAST_RANKINGS,
+                        help="--fast: the proxy that ranks layers (combined: the mean of all proxies' ranks)")
+    parser.add_argument("--swa-threshold", type=float, default=0.05,
+                        help="--fast: give a layer a sliding window when at most this share of its attention mass "
+                             "lies outside the window")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per calibration block (default: twice the sliding window, 1024)")
+    parser.add_argument("--eval-blocks", type=int, default=2, help="held-out blocks per text domain (default 2)")
+    parser.add_argument("--fit-steps", type=int, default=fit.steps, help=f"layer-local fit steps (default {fit.steps})")
+    parser.add_argument("--fit-batch", type=int, default=fit.batch_blocks,
+                        help=f"training blocks per fit step (default {fit.batch_blocks})")
+    parser.add_argument("--lr", type=float, default=fit.lr, help=f"layer-local fit learning rate (default {fit.lr})")
+    parser.add_argument("--seed", type=int, default=0, help="seed for mixer init and the induction probe")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                        help="teacher dtype; bfloat16 also runs the fits under autocast (fp32 weights)")
+
+
+def run(args: argparse.Namespace) -> int:
+    constraints = Constraints(
+        mixers=tuple(m.strip() for m in args.mixers.split(",") if m.strip()),
+        pattern=args.pattern,
+        no_attention_first=args.no_attention_first,
+        min_spacing=args.min_spacing,
+    )
+    settings = AnalyzeSettings(
+        budget=args.budget,
+        constraints=constraints,
+        fast=args.fast,
+        ranking=args.ranking,
+        swa_threshold=args.swa_threshold,
+        seq_len=args.seq_len,
+        eval_blocks=args.eval_blocks,
+        fit=FitSettings(steps=args.fit_steps, batch_blocks=args.fit_batch, lr=args.lr),
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    analyze_to_folder(args.model, settings, args.out, overwrite=args.overwrite)
+    return 0

@@ -1,0 +1,119 @@
+"""Plan selection: which layers keep full attention under a budget and constraints, and which mixer replaces each other.
+
+The kept layers maximize the summed sensitivity (the cost of replacing a layer by its best allowed mixer) over
+every placement the constraints allow, found exactly by dynamic programming over (layer, layers still to keep).
+Without constraints that is simply the K most sensitive layers.
+"""
+
+from dataclasses import dataclass
+
+from ..convert.plan import H2_CYCLE, check_budget
+from ..errors import UserError
+
+CANDIDATE_MIXERS = ("mamba2", "gated_deltanet", "sliding_attention")
+PATTERNS = ("best", "h2")
+# Fast mode's order of preference for a layer a sliding window cannot serve: seeds/003 finds Gated DeltaNet
+# ahead of Mamba2 at recall, the part of attention a recurrent state finds hardest.
+RECURRENT_PREFERENCE = ("gated_deltanet", "mamba2", "sliding_attention")
+
+
+def parse_budget(text: str, num_layers: int) -> int:
+    """K attention layers from "K" (0..num_layers) or a fraction "0.25" of num_layers (rounded, halves up)."""
+    if text.isdigit():
+        return check_budget(text, num_layers)
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if "." not in text or not 0.0 <= fraction <= 1.0:
+        raise UserError(f"attention budget must be an integer in 0..{num_layers} or a fraction in [0, 1], got {text!r}")
+    return int(fraction * num_layers + 0.5)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """mixers: the mixer types a replaced layer may get; pattern: "best" (each replaced layer its best-scoring
+    mixer) or "h2" (replaced layers cycle Mamba2 -> Gated DeltaNet -> sliding window by depth, over the allowed
+    ones); no_attention_first: layers 0..n-1 are never kept as attention; min_spacing: kept layers are at least
+    this many layers apart (1: no constraint)."""
+
+    mixers: tuple[str, ...] = CANDIDATE_MIXERS
+    pattern: str = "best"
+    no_attention_first: int = 0
+    min_spacing: int = 1
+
+    def __post_init__(self):
+        unknown = [m for m in self.mixers if m not in CANDIDATE_MIXERS]
+        if unknown or not self.mixers or len(set(self.mixers)) != len(self.mixers):
+            raise UserError(f"--mixers needs one or more distinct of {', '.join(CANDIDATE_MIXERS)}, "
+                            f"got {','.join(self.mixers)!r}")
+        if self.pattern not in PATTERNS:
+            raise UserError(f"unknown pattern {self.pattern!r}; allowed: {', '.join(PATTERNS)}")
+        if self.no_attention_first < 0:
+            raise UserError(f"--no-attention-first must be >= 0, got {self.no_attention_first}")
+        if self.min_spacing < 1:
+            raise UserError(f"--min-spacing must be >= 1, got {self.min_spacing}")
+
+    def max_attention_layers(self, num_layers: int) -> int:
+        """The most layers that can keep attention: every min_spacing-th layer from the first allowed one."""
+        free = num_layers - self.no_attention_first
+        return 0 if free <= 0 else 1 + (free - 1) // self.min_spacing
+
+    def check_budget(self, budget: int, num_layers: int) -> None:
+        most = self.max_attention_layers(num_layers)
+        if budget > most:
+            raise UserError(
+                f"budget {budget} does not fit: with no attention in the first {self.no_attention_first} layers and "
+                f"min spacing {self.min_spacing}, at most {most} of {num_layers} layers can keep attention"
+            )
+
+
+def keep_attention(sensitivity: list[float], budget: int, constraints: Constraints) -> list[int]:
+    """The `budget` layer indices with the largest summed sensitivity that the constraints allow (ascending)."""
+    num_layers, gap = len(sensitivity), constraints.min_spacing
+    constraints.check_budget(budget, num_layers)
+    impossible = float("-inf")
+    # best[i][k]: the largest sum of k sensitivities from layers >= i, kept layers >= gap apart
+    best = [[0.0] + [impossible] * budget for _ in range(num_layers + gap)]
+    for i in range(num_layers - 1, -1, -1):
+        for k in range(1, budget + 1):
+            skip = best[i + 1][k]
+            take = sensitivity[i] + best[i + gap][k - 1] if i >= constraints.no_attention_first else impossible
+            best[i][k] = max(skip, take)
+    kept, i, k = [], 0, budget
+    while k > 0:
+        if i >= constraints.no_attention_first and best[i][k] == sensitivity[i] + best[i + gap][k - 1]:
+            kept.append(i)
+            i, k = i + gap, k - 1
+        else:
+            i += 1
+    return kept
+
+
+def assign_mixers(kept: list[int], best_mixer: list[str], constraints: Constraints) -> list[str]:
+    """The plan: full attention at `kept`, elsewhere best_mixer[i] ("best") or the allowed h2 cycle by depth ("h2")."""
+    plan = list(best_mixer)
+    cycle = [m for m in H2_CYCLE if m in constraints.mixers]
+    replaced = 0
+    for i in range(len(plan)):
+        if i in kept:
+            plan[i] = "full_attention"
+        elif constraints.pattern == "h2":
+            plan[i] = cycle[replaced % len(cycle)]
+            replaced += 1
+    return plan
+
+
+def measured_choice(kl: dict[str, list[float]], mixers: tuple[str, ...]) -> tuple[list[float], list[str]]:
+    """Full mode: (sensitivity = the lowest KL over allowed mixers, that mixer) per layer."""
+    num_layers = len(next(iter(kl.values())))
+    best = [min(mixers, key=lambda m: (kl[m][i], mixers.index(m))) for i in range(num_layers)]
+    return [kl[best[i]][i] for i in range(num_layers)], best
+
+
+def fast_choice(outside_window: list[float], mixers: tuple[str, ...], swa_threshold: float) -> list[str]:
+    """Fast mode: a sliding window where it loses at most `swa_threshold` of the attention mass, else the first
+    allowed of RECURRENT_PREFERENCE."""
+    fallback = next(m for m in RECURRENT_PREFERENCE if m in mixers)
+    swa = "sliding_attention" in mixers
+    return ["sliding_attention" if swa and mass <= swa_threshold else fallback for mass in outside_window]
