@@ -1,11 +1,15 @@
 """Gated delta rule: reference chunk form vs the loop, Triton (interpreted on CPU) vs the loop, decode, dispatch."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from helpers import assert_rel_rmse, requires_cuda
 
-from hybridize.kernels.gated_delta import chunk_gated_delta_rule, gated_delta_step, reference
+from hybridize.kernels.gated_delta import chunk, chunk_gated_delta_rule, gated_delta_step, reference
+from hybridize.kernels.tuning import pinned
 
 # Per-tensor relative-RMSE tolerances. fp32 Triton vs fp32 loop differs only by summation order.
 FP32_TOL = {"o": 1e-5, "ht": 1e-5, "dq": 1e-5, "dk": 1e-5, "dv": 1e-5, "dg": 5e-5, "dbeta": 1e-5, "dh0": 1e-5}
@@ -27,10 +31,12 @@ def make_inputs(B, T, HK, H, K, V, *, N=None, init=True, dtype=torch.float32, de
     return [x.to(device, dtype) for x in (q, k, v)] + [x.to(device, fp) for x in (g, beta)], h0
 
 
-def run_with_grads(fn, inputs, h0, cu_seqlens=None, seed=1, **kw):
-    """o, final state and the gradients of a random linear loss of both (dq, dk, dv, dg, dbeta, dh0)."""
-    leaves = [x.detach().clone().requires_grad_() for x in inputs]
-    h0 = None if h0 is None else h0.detach().clone().requires_grad_()
+def run_with_grads(fn, inputs, h0, cu_seqlens=None, seed=1, place=torch.clone, **kw):
+    """o, final state and the gradients of a random linear loss of both (dq, dk, dv, dg, dbeta, dh0).
+
+    place: makes the leaf copies of the inputs (e.g. `GuardBands.place`)."""
+    leaves = [place(x.detach()).requires_grad_() for x in inputs]
+    h0 = None if h0 is None else place(h0.detach()).requires_grad_()
     o, ht = fn(*leaves, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, **kw)
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(o.shape, generator=gen).to(o.device)
@@ -47,6 +53,63 @@ def assert_all_close(actual: dict, expected: dict, tol: dict):
     assert actual.keys() == expected.keys()
     for name in expected:
         assert_rel_rmse(actual[name].float(), expected[name].float(), tol[name], name)
+
+
+class GuardBands:
+    """Puts tensors in the middle of NaN-filled buffers, with a band as long as the tensor on each side, to catch
+    out-of-bounds accesses that the interpreter (or a GPU kernel that happens not to fault) lets through: a write
+    past an end leaves numbers in a band (`check`), a read past an end brings NaN into the results."""
+
+    def __init__(self, empty):
+        self.empty = empty  # the unguarded torch.empty
+        self.bands = []  # (shape of the guarded tensor, band before, band after)
+
+    def alloc(self, shape, dtype, device) -> torch.Tensor:
+        n = math.prod(shape)
+        g = max(n, 1024)
+        buf = self.empty(n + 2 * g, dtype=dtype, device=device).fill_(float("nan"))
+        self.bands.append((tuple(shape), buf[:g], buf[g + n:]))
+        return buf[g:g + n].view(shape)
+
+    def place(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alloc(x.shape, x.dtype, x.device).copy_(x) if x.is_floating_point() else x.clone()
+
+    def check(self):
+        for shape, *bands in self.bands:
+            for side, band in zip(("before", "after"), bands):
+                assert torch.isnan(band).all(), f"a kernel wrote {side} a tensor of shape {shape}"
+
+
+@pytest.fixture
+def guard(monkeypatch):
+    """Every float tensor made with torch.empty / torch.empty_like (the kernels' outputs and scratch buffers) gets
+    guard bands; they are checked when the test ends."""
+    empty, empty_like = torch.empty, torch.empty_like  # conftest's NaN-poisoning versions
+    bands = GuardBands(empty)
+
+    def guarded(t: torch.Tensor, plain: bool) -> torch.Tensor:
+        # only plain requests (dtype, device) of dense float tensors; anything else is returned as made
+        return bands.alloc(t.shape, t.dtype, t.device) if plain and t.is_floating_point() and t.is_contiguous() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: guarded(empty(*a, **kw), kw.keys() <= {"dtype", "device"}))
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: guarded(empty_like(x, **kw), kw.keys() <= {"dtype"}))
+    yield bands
+    bands.check()
+
+
+# Every kernel that `chunk.py` autotunes, and each of its configs (test ids: kernel-BV-warps-stages).
+TUNED = [name for name, obj in vars(chunk).items() if isinstance(obj, triton.runtime.Autotuner)]
+ALL_CONFIGS = [
+    pytest.param(name, cfg, id=f"{name}-BV{cfg.kwargs['BV']}-w{cfg.num_warps}-s{cfg.num_stages}")
+    for name in TUNED for cfg in getattr(chunk, name).all_configs
+]
+# Under the interpreter warps and stages change nothing: one config per other BV than the first config's.
+BV_CONFIGS = [
+    pytest.param(name, cfg, id=f"{name}-BV{bv}")
+    for name in TUNED
+    for bv, cfg in {c.kwargs["BV"]: c for c in reversed(getattr(chunk, name).all_configs)}.items()
+    if bv != getattr(chunk, name).all_configs[0].kwargs["BV"]
+]
 
 
 # (B, T, HK, H, K, V, cu_seqlens, init, chunk_size): GQA, T not a multiple of the chunk, odd K/V, varlen
@@ -100,12 +163,24 @@ def test_reference_loop_matches_definition():
 
 
 @pytest.mark.parametrize("B, T, HK, H, K, V, cu, init, chunk_size", CASES)
-def test_triton_chunk_matches_loop(B, T, HK, H, K, V, cu, init, chunk_size):
+def test_triton_chunk_matches_loop(B, T, HK, H, K, V, cu, init, chunk_size, guard):
     N = B if cu is None else len(cu) - 1
     inputs, h0 = make_inputs(B, T, HK, H, K, V, N=N, init=init)
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     expected = run_with_grads(reference.recurrent_gated_delta_rule, inputs, h0, cu_seqlens)
-    actual = run_with_grads(chunk_gated_delta_rule, inputs, h0, cu_seqlens, backend="triton", chunk_size=chunk_size)
+    actual = run_with_grads(
+        chunk_gated_delta_rule, inputs, h0, cu_seqlens, place=guard.place, backend="triton", chunk_size=chunk_size
+    )
+    assert_all_close(actual, expected, FP32_TOL)
+
+
+@pytest.mark.parametrize("name, config", BV_CONFIGS)
+def test_triton_chunk_every_block_size(name, config, guard):
+    """The V tiles that autotuning may pick on the GPU, which the other tests (first config only) do not run."""
+    inputs, h0 = make_inputs(2, 75, 1, 2, 32, 48)  # V = 48: one partial tile of 64, or a full and a half one of 32
+    expected = run_with_grads(reference.recurrent_gated_delta_rule, inputs, h0)
+    with pinned(getattr(chunk, name), config):
+        actual = run_with_grads(chunk_gated_delta_rule, inputs, h0, place=guard.place, backend="triton", chunk_size=32)
     assert_all_close(actual, expected, FP32_TOL)
 
 
@@ -182,13 +257,28 @@ GPU_CASES = [
 
 @requires_cuda
 @pytest.mark.parametrize("B, T, HK, H, K, V, cu, init", GPU_CASES)
-def test_triton_chunk_bf16_cuda(B, T, HK, H, K, V, cu, init):
+def test_triton_chunk_bf16_cuda(B, T, HK, H, K, V, cu, init, guard):
     N = B if cu is None else len(cu) - 1
     inputs, h0 = make_inputs(B, T, HK, H, K, V, N=N, init=init, dtype=torch.bfloat16, device="cuda")
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
     # The reference sees the same bf16-rounded inputs, upcast; the chunk form equals the loop (tested above).
     expected = run_with_grads(reference.chunk_gated_delta_rule, [x.float() for x in inputs], h0, cu_seqlens)
-    actual = run_with_grads(chunk_gated_delta_rule, inputs, h0, cu_seqlens)
+    actual = run_with_grads(chunk_gated_delta_rule, inputs, h0, cu_seqlens, place=guard.place)
+    torch.cuda.synchronize()  # a faulting kernel fails this test, not a later one
+    assert_all_close(actual, expected, BF16_TOL)
+
+
+@requires_cuda
+@pytest.mark.parametrize("K", [64, 128])
+@pytest.mark.parametrize("name, config", ALL_CONFIGS)
+def test_triton_chunk_every_config_cuda(name, config, K, guard):
+    """Each config that autotuning may pick, alone (the other kernels tune as usual), so that a config that faults
+    or computes wrong values is named by the test id. T < BT and GQA: the shape of the first H100 fault."""
+    inputs, h0 = make_inputs(2, 63, 4, 8, K, K, dtype=torch.bfloat16, device="cuda")
+    expected = run_with_grads(reference.chunk_gated_delta_rule, [x.float() for x in inputs], h0)
+    with pinned(getattr(chunk, name), config):
+        actual = run_with_grads(chunk_gated_delta_rule, inputs, h0, place=guard.place)
+        torch.cuda.synchronize()
     assert_all_close(actual, expected, BF16_TOL)
 
 

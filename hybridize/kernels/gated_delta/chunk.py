@@ -1,9 +1,10 @@
 """Chunked gated delta rule in Triton: forward (WY/UT -> states -> output) and backward, as one autograd.Function.
 
 Every sequence (a batch row, or one of the cu_seqlens-packed sequences) is cut into chunks of BT tokens; a chunk
-is named by (sequence i_n, chunk-in-sequence i_t) through `chunk_indices`, and its states live at index
-chunk_offsets[i_n] + i_t of the per-chunk buffers. Matmul operands are in the input dtype, accumulators,
-gates and states in fp32. The math, including the gradients, is in README.md.
+is named by (sequence i_n, chunk-in-sequence i_t), read from `chunk_indices` with varlen and computed from T
+without, and its states live at index chunk_offsets[i_n] + i_t of the per-chunk buffers. Matmul operands are in
+the input dtype, accumulators, gates and states in fp32. The math, including the gradients, is in README.md.
+Block sizes BV, warps and pipeline depths are autotuned on the GPU (`hybridize.kernels.tuning`).
 """
 
 from typing import NamedTuple
@@ -11,6 +12,24 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from hybridize.kernels.tuning import autotune, chunk_range, configs
+
+# Autotune: re-tuned per head size, chunk size, varlen or not (and dtypes), never per sequence length.
+KEY = ["K", "V", "BT", "IS_VARLEN"]
+# The sequential state passes: Triton software-pipelines their loop over chunks, so the depth matters.
+STATE_CONFIGS = configs(BV=(32, 64), num_warps=(4, 8), num_stages=(2, 3, 4))
+# The backward state pass keeps more tiles live: at K=128, BV=64 with 4 stages failed on the H100 (run 4 of
+# docs/benchmarks.md, every-config sweep), so its depth stops at 3.
+STATE_BWD_CONFIGS = configs(BV=(32, 64), num_warps=(4, 8), num_stages=(2, 3))
+# One program per chunk: nothing is pipelined (the V loops are short), so num_stages would change nothing. BV stays
+# 64 in these kernels: on the H100 with Triton 3.6, _output_fwd_kernel with BV=32 and 4 warps (a [BT, BT] matmul
+# result fed into an m64n32 wgmma) faults with an illegal memory access although every access it makes is in bounds
+# (its compiled loads and stores are all masked), the known class of Hopper wgmma miscompiles (triton #10486, #11366).
+CHUNK_CONFIGS = configs(BV=(64,), num_warps=(4, 8), num_stages=(2,))
+# The two backward kernels that transpose a matmul result into another matmul: BV=64 and 8 warps only, the layout
+# verified on Hopper with Triton 3.6, where other layouts of this pattern are miscompiled (fla issues #640, #984).
+BWD_CONFIGS = configs(BV=(64,), num_warps=(8,), num_stages=(2,))
 
 
 @triton.jit
@@ -43,23 +62,42 @@ def _solve_unit_lower(b_A, BT: tl.constexpr):
 
 
 @triton.jit
-def _chunk_of(cu_seqlens, chunk_indices, i_c):
-    """Sequence start, length, and chunk-in-sequence of global chunk i_c."""
-    i_n = tl.load(chunk_indices + i_c * 2)
-    i_t = tl.load(chunk_indices + i_c * 2 + 1)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)  # block pointers want int32
+def _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Sequence start, length, and chunk-in-sequence of global chunk i_c (T: the batch's length without varlen)."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)  # block pointers want int32
+    else:
+        NT = tl.cdiv(T, BT)
+        i_n, i_t = i_c // NT, i_c % NT
+        bos = i_n.to(tl.int64) * T
     return bos, T, i_t
 
 
 @triton.jit
+def _sequence_of(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Start, length, and index of the first chunk (in the per-chunk buffers) of sequence i_n."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)  # block pointers want int32
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    return bos, T, boh
+
+
+@autotune(CHUNK_CONFIGS, KEY)
+@triton.jit
 def _wy_fwd_kernel(
-    k, v, g, beta, gc, Ai, w, u, cu_seqlens, chunk_indices,
+    k, v, g, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_AI: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c)
+    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -76,8 +114,9 @@ def _wy_fwd_kernel(
     b_A = b_A * _masked_exp(b_g[:, None] - b_g[None, :], o_i[:, None] > o_i[None, :])
     b_kb = (b_k * (b_b * tl.exp(b_g))[:, None]).to(b_k.dtype)
     b_Ai = _solve_unit_lower(b_A, BT)  # [BT, BT]
-    p_Ai = tl.make_block_ptr(Ai + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
-    tl.store(p_Ai, b_Ai, boundary_check=(0, 1))
+    if STORE_AI:  # only the backward reads it
+        p_Ai = tl.make_block_ptr(Ai + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
+        tl.store(p_Ai, b_Ai, boundary_check=(0, 1))
 
     b_Ai = b_Ai.to(b_k.dtype)
     p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
@@ -90,27 +129,25 @@ def _wy_fwd_kernel(
         tl.store(p_u, tl.dot(b_Ai, b_vb).to(p_u.dtype.element_ty), boundary_check=(0, 1))
 
 
+@autotune(STATE_CONFIGS, KEY)
 @triton.jit
 def _state_fwd_kernel(
-    k, w, u, gc, h, v_new, h0, ht, cu_seqlens, chunk_offsets,
+    k, w, u, gc, h, v_new, h0, ht, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)  # block pointers want int32
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    bos, T, boh = _sequence_of(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     o_i = tl.arange(0, BT)
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         p_h0 = tl.make_block_ptr(h0 + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         b_h = tl.load(p_h0, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    # A while loop, not range(NT): the Triton 3.6 interpreter cannot range over a loaded bound under numpy >= 2.4.
-    i_t = 0
-    while i_t < tl.cdiv(T, BT):
+    for i_t in chunk_range(tl.cdiv(T, BT)):
         p_h = tl.make_block_ptr(h + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         tl.store(p_h, b_h.to(p_h.dtype.element_ty), boundary_check=(0, 1))
 
@@ -130,20 +167,20 @@ def _state_fwd_kernel(
         b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")  # [BK, BT]
         b_v = (b_v * tl.exp(b_g_last - b_g)[:, None]).to(b_kT.dtype)
         b_h = b_h * tl.exp(b_g_last) + tl.dot(b_kT, b_v)
-        i_t += 1
     if STORE_HT:
         p_ht = tl.make_block_ptr(ht + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         tl.store(p_ht, b_h, boundary_check=(0, 1))
 
 
+@autotune(CHUNK_CONFIGS, KEY)
 @triton.jit
 def _output_fwd_kernel(
-    q, k, v_new, h, gc, o, scale, cu_seqlens, chunk_indices,
+    q, k, v_new, h, gc, o, scale, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c)
+    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -166,14 +203,15 @@ def _output_fwd_kernel(
     tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
 
 
+@autotune(CHUNK_CONFIGS, KEY)
 @triton.jit
 def _dv_local_kernel(
-    q, k, gc, do, dv, scale, cu_seqlens, chunk_indices,
+    q, k, gc, do, dv, scale, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c)
+    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -193,18 +231,18 @@ def _dv_local_kernel(
         tl.store(p_dv, tl.dot(b_sT, b_do), boundary_check=(0, 1))
 
 
+@autotune(STATE_BWD_CONFIGS, KEY)
 @triton.jit
 def _state_bwd_kernel(
-    q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
+    q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, T, scale,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)  # block pointers want int32
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    bos, T, boh = _sequence_of(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     NT = tl.cdiv(T, BT)
     o_i = tl.arange(0, BT)
 
@@ -213,8 +251,8 @@ def _state_bwd_kernel(
     if USE_DHT:
         p_dht = tl.make_block_ptr(dht + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         b_dh = tl.load(p_dht, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    i_t = NT - 1
-    while i_t >= 0:
+    for i_r in chunk_range(NT):
+        i_t = NT - 1 - i_r
         p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), boundary_check=(0, 1))
 
@@ -240,21 +278,21 @@ def _state_bwd_kernel(
         b_wT = tl.load(p_wT, boundary_check=(0, 1), padding_option="zero")
         b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
         b_dh = b_dh * tl.exp(b_g_last) + tl.dot(b_qg, b_do) - tl.dot(b_wT, b_dv)
-        i_t -= 1
     if STORE_DH0:
         p_dh0 = tl.make_block_ptr(dh0 + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         tl.store(p_dh0, b_dh, boundary_check=(0, 1))
 
 
+@autotune(BWD_CONFIGS, KEY)
 @triton.jit
 def _dqkw_kernel(
-    q, k, v_new, h, dh, do, dv, gc, dq, dk, dw, dg, scale, cu_seqlens, chunk_indices,
+    q, k, v_new, h, dh, do, dv, gc, dq, dk, dw, dg, scale, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     # one program per (chunk, value head, BK-slice of K); the dg it writes is that slice's share
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c)
+    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -310,14 +348,15 @@ def _dqkw_kernel(
     tl.store(dg + ((bos + o_t) * H + i_h) * NK + i_k, b_dg, mask=m_t)
 
 
+@autotune(BWD_CONFIGS, KEY)
 @triton.jit
 def _wy_bwd_kernel(
-    k, v, beta, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, cu_seqlens, chunk_indices,
+    k, v, beta, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c)
+    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -391,59 +430,61 @@ def _wy_bwd_kernel(
 
 
 class _Layout(NamedTuple):
-    """Where the chunks are: every sequence's [start, end) and every chunk's (sequence, chunk-in-sequence)."""
+    """Where the chunks are. Without varlen: B sequences of T tokens, and no index tensors (the kernels compute
+    positions from T). With varlen: every sequence's [start, end) and every chunk's (sequence, chunk-in-sequence)."""
 
-    cu_seqlens: torch.Tensor  # [N + 1] int32
-    chunk_indices: torch.Tensor  # [NC, 2] int32, ordered by sequence then chunk
-    chunk_offsets: torch.Tensor  # [N + 1] int32, index of each sequence's first chunk
+    cu_seqlens: torch.Tensor | None  # [N + 1] int32
+    chunk_indices: torch.Tensor | None  # [NC, 2] int32, ordered by sequence then chunk
+    chunk_offsets: torch.Tensor | None  # [N + 1] int32, index of each sequence's first chunk
     N: int
     NC: int
     BT: int
+    T: int  # tokens along the T axis of the inputs
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens is not None
 
 
 def _layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, device: torch.device) -> _Layout:
     if cu_seqlens is None:
-        # B sequences of T tokens: built on the device, with no host sync.
-        NT = triton.cdiv(T, BT)
-        idx = torch.arange(B * NT, dtype=torch.int32, device=device)
-        steps = torch.arange(B + 1, dtype=torch.int32, device=device)
-        return _Layout(steps * T, torch.stack([idx // NT, idx % NT], 1).contiguous(), steps * NT, B, B * NT, BT)
+        return _Layout(None, None, None, B, B * triton.cdiv(T, BT), BT, T)
     bounds = cu_seqlens.tolist()
     counts = [triton.cdiv(eos - bos, BT) for bos, eos in zip(bounds[:-1], bounds[1:])]
     pairs = [(n, t) for n, c in enumerate(counts) for t in range(c)]
     offsets = [sum(counts[:n]) for n in range(len(counts) + 1)]
     chunk_indices = torch.tensor(pairs, dtype=torch.int32, device=device).view(-1, 2)
     chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
-    return _Layout(cu_seqlens.to(torch.int32), chunk_indices, chunk_offsets, len(counts), len(pairs), BT)
+    return _Layout(cu_seqlens.to(torch.int32), chunk_indices, chunk_offsets, len(counts), len(pairs), BT, T)
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
-    """BK: all of K in one tile; BV: V in tiles of up to 64 (both at least 16, the smallest tl.dot side)."""
-    return max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
+def _bk(K: int) -> int:
+    """All of K in one tile, at least 16 (the smallest tl.dot side). BV, the V tile, is autotuned."""
+    return max(16, triton.next_power_of_2(K))
 
 
-def _state_bv(V: int) -> int:
-    """V tile of the sequential passes: small, so that more programs walk the chunks side by side."""
-    return min(32, max(16, triton.next_power_of_2(V)))
-
-
-def _launch_per_chunk(kernel, lay: _Layout, *args, H: int, HK: int, K: int, V: int, num_warps: int):
+def _launch_per_chunk(kernel, lay: _Layout, *args, H: int, HK: int, K: int, V: int, **meta):
     """Run a kernel with one program per (chunk, value head)."""
-    BK, BV = _blocks(K, V)
     kernel[(lay.NC, H)](
-        *args, lay.cu_seqlens, lay.chunk_indices, H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK, BV=BV, num_warps=num_warps
+        *args, lay.cu_seqlens, lay.chunk_indices, lay.T,
+        H=H, HK=HK, K=K, V=V, BT=lay.BT, IS_VARLEN=lay.varlen, **meta,
     )
 
 
-def _wy_fwd(k, v, g, beta, lay: _Layout):
-    """Chunk-local cumsum of g, Ai = (I + A)^{-1}, and the WY factors w = Ai (beta exp(gc) k), u = Ai (beta v)."""
+def _wy_fwd(k, v, g, beta, lay: _Layout, store_Ai: bool):
+    """Chunk-local cumsum of g, Ai = (I + A)^{-1}, and the WY factors w = Ai (beta exp(gc) k), u = Ai (beta v).
+
+    Ai is only written (and returned) when store_Ai: the backward needs it, a forward without gradients does not.
+    """
     HK, K = k.shape[2], k.shape[3]
     H, V = v.shape[2], v.shape[3]
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)  # [B, T, H]
-    Ai = torch.empty(*g.shape, lay.BT, dtype=torch.float32, device=g.device)  # [B, T, H, BT]
+    Ai = torch.empty(*g.shape, lay.BT, dtype=torch.float32, device=g.device) if store_Ai else None  # [B, T, H, BT]
     w = torch.empty(*v.shape[:3], K, dtype=k.dtype, device=k.device)  # [B, T, H, K]
     u = torch.empty_like(v)  # [B, T, H, V]
-    _launch_per_chunk(_wy_fwd_kernel, lay, k, v, g, beta, gc, Ai, w, u, H=H, HK=HK, K=K, V=V, num_warps=4)
+    _launch_per_chunk(
+        _wy_fwd_kernel, lay, k, v, g, beta, gc, Ai, w, u, H=H, HK=HK, K=K, V=V, BK=_bk(K), STORE_AI=store_Ai
+    )
     return gc, Ai, w, u
 
 
@@ -451,14 +492,13 @@ def _state_fwd(k, w, u, gc, initial_state, lay: _Layout, output_final_state: boo
     """The state at every chunk start (h), what each chunk writes (v_new), and the final states."""
     HK, K = k.shape[2], k.shape[3]
     H, V = u.shape[2], u.shape[3]
-    BK, BV = _blocks(K, V)[0], _state_bv(V)
     h = torch.empty(lay.NC, H, K, V, dtype=k.dtype, device=k.device)
     v_new = torch.empty_like(u)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
-    _state_fwd_kernel[(triton.cdiv(V, BV), lay.N * H)](
-        k, w, u, gc, h, v_new, initial_state, ht, lay.cu_seqlens, lay.chunk_offsets,
-        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK, BV=BV,
-        USE_H0=initial_state is not None, STORE_HT=output_final_state, num_warps=4,
+    _state_fwd_kernel[lambda meta: (triton.cdiv(V, meta["BV"]), lay.N * H)](
+        k, w, u, gc, h, v_new, initial_state, ht, lay.cu_seqlens, lay.chunk_offsets, lay.T,
+        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=_bk(K), IS_VARLEN=lay.varlen,
+        USE_H0=initial_state is not None, STORE_HT=output_final_state,
     )
     return h, v_new, ht
 
@@ -466,11 +506,10 @@ def _state_fwd(k, w, u, gc, initial_state, lay: _Layout, output_final_state: boo
 def _output_fwd(q, k, v_new, h, gc, scale, lay: _Layout):
     HK, K = q.shape[2], q.shape[3]
     H, V = v_new.shape[2], v_new.shape[3]
-    BK, BV = _blocks(K, V)
     o = torch.empty_like(v_new)
-    _output_fwd_kernel[(triton.cdiv(V, BV), lay.NC, H)](
-        q, k, v_new, h, gc, o, scale, lay.cu_seqlens, lay.chunk_indices,
-        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK, BV=BV, num_warps=4,
+    _output_fwd_kernel[lambda meta: (triton.cdiv(V, meta["BV"]), lay.NC, H)](
+        q, k, v_new, h, gc, o, scale, lay.cu_seqlens, lay.chunk_indices, lay.T,
+        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=_bk(K), IS_VARLEN=lay.varlen,
     )
     return o
 
@@ -480,7 +519,7 @@ def _dv_local(q, k, gc, do, scale, lay: _Layout):
     HK, K = q.shape[2], q.shape[3]
     H, V = do.shape[2], do.shape[3]
     dv_local = torch.empty(do.shape, dtype=torch.float32, device=do.device)
-    _launch_per_chunk(_dv_local_kernel, lay, q, k, gc, do, dv_local, scale, H=H, HK=HK, K=K, V=V, num_warps=4)
+    _launch_per_chunk(_dv_local_kernel, lay, q, k, gc, do, dv_local, scale, H=H, HK=HK, K=K, V=V, BK=_bk(K))
     return dv_local
 
 
@@ -488,14 +527,13 @@ def _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay: _Layout, need_dh0: bo
     """Walking the chunks backwards: the end-state gradient of every chunk (dh), the full dv_new, and dh0."""
     HK, K = q.shape[2], q.shape[3]
     H, V = do.shape[2], do.shape[3]
-    BK, BV = _blocks(K, V)[0], _state_bv(V)
     dh = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=q.device)
     dv = torch.empty(do.shape, dtype=q.dtype, device=q.device)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
-    _state_bwd_kernel[(triton.cdiv(V, BV), lay.N * H)](
-        q, k, w, gc, do, dv_local, dv, dh, dht, dh0, lay.cu_seqlens, lay.chunk_offsets, scale,
-        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK, BV=BV,
-        USE_DHT=dht is not None, STORE_DH0=need_dh0, num_warps=4,
+    _state_bwd_kernel[lambda meta: (triton.cdiv(V, meta["BV"]), lay.N * H)](
+        q, k, w, gc, do, dv_local, dv, dh, dht, dh0, lay.cu_seqlens, lay.chunk_offsets, lay.T, scale,
+        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=_bk(K), IS_VARLEN=lay.varlen,
+        USE_DHT=dht is not None, STORE_DH0=need_dh0,
     )
     return dh, dv, dh0
 
@@ -507,13 +545,13 @@ def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dk = torch.empty_like(dq)
     dw = torch.empty(B, T, H, K, dtype=q.dtype, device=q.device)
-    BK, BV = _blocks(K, V)
+    BK = _bk(K)
     # K is cut in slices of 64 to keep the three [BT, BK] accumulators in registers; each slice adds its dgc share.
     NK = triton.cdiv(BK, 64)
     dg = torch.empty(B, T, H, NK, dtype=torch.float32, device=q.device)
     _dqkw_kernel[(lay.NC, H, NK)](
-        q, k, v_new, h, dh, do, dv, gc, dq, dk, dw, dg, scale, lay.cu_seqlens, lay.chunk_indices,
-        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK // NK, BV=BV, NK=NK, num_warps=8,
+        q, k, v_new, h, dh, do, dv, gc, dq, dk, dw, dg, scale, lay.cu_seqlens, lay.chunk_indices, lay.T,
+        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK // NK, NK=NK, IS_VARLEN=lay.varlen,
     )
     return dq, dk, dw, dg
 
@@ -529,11 +567,10 @@ def _wy_bwd(k, v, beta, gc, Ai, dw, du, dk_in, dg_in, lay: _Layout):
     dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
     dbeta = torch.empty(beta.shape, dtype=torch.float32, device=beta.device)
     dg = torch.empty(beta.shape, dtype=torch.float32, device=beta.device)
-    BK, BV = _blocks(K, V)
     # K is walked in slices of 64 (twice: the dA pass, then dk), to keep the [BT, BK] tiles in registers.
-    _wy_bwd_kernel[(lay.NC, H)](
-        k, v, beta, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, lay.cu_seqlens, lay.chunk_indices,
-        H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=min(BK, 64), BV=BV, NK=dg_in.shape[-1], num_warps=8,
+    _launch_per_chunk(
+        _wy_bwd_kernel, lay, k, v, beta, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg,
+        H=H, HK=HK, K=K, V=V, BK=min(_bk(K), 64), NK=dg_in.shape[-1],
     )
     return dk, dv, dbeta, dg
 
@@ -544,9 +581,9 @@ def _sum_groups(x: torch.Tensor, HK: int) -> torch.Tensor:
     return x.view(B, T, HK, H // HK, K).sum(3)
 
 
-def _fwd(q, k, v, g, beta, scale, initial_state, output_final_state, lay: _Layout):
+def _fwd(q, k, v, g, beta, scale, initial_state, output_final_state, lay: _Layout, store_Ai: bool):
     """cumsum -> WY (w, u) -> states h -> output o."""
-    gc, Ai, w, u = _wy_fwd(k, v, g, beta, lay)
+    gc, Ai, w, u = _wy_fwd(k, v, g, beta, lay, store_Ai)
     h, v_new, ht = _state_fwd(k, w, u, gc, initial_state, lay, output_final_state)
     o = _output_fwd(q, k, v_new, h, gc, scale, lay)
     return o, ht, gc, Ai, w, u
@@ -570,7 +607,9 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
         lay = _layout(q.shape[0], q.shape[1], cu_seqlens, chunk_size, q.device)
-        o, ht, gc, Ai, w, u = _fwd(q, k, v, g, beta, scale, initial_state, output_final_state, lay)
+        o, ht, gc, Ai, w, u = _fwd(
+            q, k, v, g, beta, scale, initial_state, output_final_state, lay, store_Ai=any(ctx.needs_input_grad)
+        )
         ctx.save_for_backward(q, k, v, beta, gc, Ai, w, u, initial_state)
         ctx.lay, ctx.scale, ctx.dtypes = lay, scale, (g.dtype, beta.dtype)
         return o, ht
