@@ -1,0 +1,190 @@
+"""The results study (docs/results.md, issue "Results"): which layers, which mixers, how much attention, which stages.
+
+Every run is the shipped commands, as a user types them: `hybridize analyze`, then per run
+`hybridize distill recipes/smollm2-135m/study/<stages>.yaml --set plan=<plan> --output-dir <dir>` and
+`hybridize eval <dir>/final`; the headline also gets `hybridize bench` and `hybridize push --dry-run`.
+This file only names the runs, builds their plan strings, and gathers the eval JSONs into tables.
+
+    python scripts/study.py run [--only NAME ...] [--deadline SECONDS]   # skips runs already evaluated
+    python scripts/study.py report --root runs/study                     # markdown tables + Pareto PNG
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TEACHER_LAYERS = 30
+BUDGET = 8
+ANALYZE_DIR = Path("runs/analyze-smollm2")
+RECIPES = Path("recipes/smollm2-135m/study")
+ABLATION_EVAL = ["--passkey-lengths", "1024,4096", "--passkey-trials", "2", "--mqar-pairs", "8,32"]
+CYCLES = {"h2 M>G>S": ("mamba2", "gated_deltanet", "sliding_attention"),
+          "S>G>M": ("sliding_attention", "gated_deltanet", "mamba2"),
+          "G>M>S": ("gated_deltanet", "mamba2", "sliding_attention")}
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    question: str
+    stages: str  # a recipe in RECIPES: both, stage1_only, stage2_only
+    plan: str  # anything `hybridize convert --plan` takes
+    kept: int = BUDGET
+
+
+def analyzer_plan(budget: int) -> Path:
+    return ANALYZE_DIR if budget == BUDGET else Path(f"{ANALYZE_DIR}-k{budget}")
+
+
+def kept_layers(plan_file: Path) -> list[int]:
+    return [i for i, kind in enumerate(json.loads(plan_file.read_text())["layer_types"]) if kind == "full_attention"]
+
+
+def cycled(kept: list[int], cycle: tuple[str, ...]) -> str:
+    """A compact plan: `kept` full attention, the other layers cycling through `cycle` in depth order."""
+    replaced = [i for i in range(TEACHER_LAYERS) if i not in kept]
+    groups = {kind: [i for n, i in enumerate(replaced) if cycle[n % len(cycle)] == kind] for kind in cycle}
+    parts = [f"full_attention:{','.join(map(str, kept))}"] if kept else []
+    return " ".join(parts + [f"{kind}:{','.join(map(str, idx))}" for kind, idx in groups.items() if idx])
+
+
+def runs() -> list[Run]:
+    plan8 = analyzer_plan(BUDGET) / "plan.json"
+    kept = kept_layers(plan8) if plan8.exists() else list(range(BUDGET))
+    return [
+        Run("headline", "all", "both", str(plan8)),
+        Run("layers-analyzer-gdn", "layers/mixers", "both", f"full_attention:{','.join(map(str, kept))} gated_deltanet:rest"),
+        Run("layers-uniform-gdn", "layers", "both", f"uniform:{BUDGET}:gated_deltanet"),
+        Run("layers-first-gdn", "layers", "both", cycled(list(range(BUDGET)), ("gated_deltanet",))),
+        Run("layers-last-gdn", "layers", "both", cycled(list(range(TEACHER_LAYERS - BUDGET, TEACHER_LAYERS)),
+                                                         ("gated_deltanet",))),
+        Run("mixers-mamba2", "mixers", "both", cycled(kept, ("mamba2",))),
+        Run("mixers-swa", "mixers", "both", cycled(kept, ("sliding_attention",))),
+        *[Run(f"mixers-{label.split()[-1].replace('>', '')}", "mixers", "both", cycled(kept, cycle)) for label, cycle in CYCLES.items()],
+        Run("stages-stage1-only", "stages", "stage1_only", str(plan8)),
+        Run("stages-stage2-only", "stages", "stage2_only", str(plan8)),
+        *[Run(f"attention-k{k}", "attention", "both", str(analyzer_plan(k) / "plan.json"), kept=k) for k in (15, 5, 2)],
+        Run("attention-k0", "attention", "both", str(analyzer_plan(0) / "plan.json"), kept=0),
+        Run("analyzer-vs-uniform-stage1", "analyzer", "stage1_only", f"uniform:{BUDGET}:gated_deltanet"),
+        Run("analyzer-vs-h2-stage1", "analyzer", "stage1_only", f"h2:{BUDGET}"),
+    ]
+
+
+def sh(command: list[str], log: Path) -> None:
+    print("$", " ".join(repr(c) if " " in c else c for c in command), flush=True)
+    with log.open("a") as out:
+        out.write("$ " + " ".join(command) + "\n")
+        out.flush()
+        subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True)
+
+
+def hybridize(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hybridize.cli", *args]
+
+
+def analyze(budgets: list[int]) -> None:
+    """`hybridize analyze` once per budget (each rescoring: minutes on a GPU, so simple beats clever here)."""
+    for k in budgets:
+        if not (analyzer_plan(k) / "plan.json").exists():
+            ANALYZE_DIR.parent.mkdir(parents=True, exist_ok=True)
+            sh(hybridize("analyze", "--budget", str(k), "--out", str(analyzer_plan(k))), Path(f"{ANALYZE_DIR}.log"))
+
+
+def run_one(run: Run, root: Path) -> None:
+    out = root / run.name
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "commands.log"
+    started = time.time()
+    if not (out / "final" / "config.json").exists():
+        resume = ["--resume"] if (out / "checkpoints").exists() else []
+        sh(hybridize("distill", str(RECIPES / f"{run.stages}.yaml"), "--set", f"plan={run.plan}",
+                     "--output-dir", str(out), *resume), log)
+    extra = [] if run.name == "headline" else ABLATION_EVAL
+    sh(hybridize("eval", str(out / "final"), "--out", str(out / "eval"), *extra), log)
+    if run.name == "headline":
+        sh(hybridize("bench", str(out / "final"), "--contexts", "1024,4096,8192", "--batch-sizes", "1,16",
+                     "--out", str(out / "bench")), log)
+        sh(hybridize("push", str(out / "final"), "hybridize/smollm2-135m-hybrid", "--dry-run", str(out / "push")), log)
+    elif run.question == "attention":  # the Pareto plot's speed axis: the hybrid's fast path at the bench bar's point
+        sh(hybridize("bench", str(out / "final"), "--contexts", "8192", "--batch-sizes", "16", "--paths", "hybrid fast",
+                     "--out", str(out / "bench")), log)
+    (out / "run.json").write_text(json.dumps({**run.__dict__, "seconds": round(time.time() - started, 1)}))
+
+
+def run_all(args) -> int:
+    root = Path(args.root)
+    budgets = sorted({r.kept for r in runs()})
+    analyze(budgets)
+    todo = [r for r in runs() if (not args.only or r.name in args.only) and not (root / r.name / "run.json").exists()]
+    deadline = time.time() + args.deadline
+    started: list[tuple[Run, subprocess.Popen]] = []
+    for run in todo:
+        while sum(child.poll() is None for _, child in started) >= args.parallel:
+            time.sleep(2)
+        if time.time() > deadline:
+            break
+        started.append((run, subprocess.Popen([sys.executable, __file__, "one", run.name, "--root", str(root)])))
+    failed = [run.name for run, child in started if child.wait() != 0]
+    print("failed:", failed or "none")
+    return 1 if failed else 0
+
+
+def metrics(root: Path, name: str) -> dict | None:
+    path = root / name / "eval" / "eval.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def report(args) -> int:
+    root = Path(args.root)
+    rows = []
+    for run in runs():
+        result = metrics(root, run.name)
+        if result is None:
+            continue
+        domains = result["quality"]["domains"]
+        overall = result["quality"]["all"]
+        recall = result.get("recall", {})
+        rows.append({"run": run.name, "question": run.question, "stages": run.stages, "plan": run.plan,
+                     "kept": run.kept,
+                     **{f"ppl_ratio_{d}": v["student_ppl"] / v["teacher_ppl"] for d, v in domains.items()},
+                     **{k: overall[k] for k in ("kl", "top1", "greedy_exact", "greedy_prefix")},
+                     **{f"{test}_relative": recall[test]["relative"] for test in ("passkey", "mqar") if test in recall},
+                     "seconds": json.loads((root / run.name / "run.json").read_text())["seconds"]})
+    (root / "study.json").write_text(json.dumps(rows, indent=1))
+    print(json.dumps(rows, indent=1))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run")
+    run_parser.add_argument("--only", nargs="*", default=None)
+    run_parser.add_argument("--root", default="runs/study")
+    run_parser.add_argument("--parallel", type=int, default=2, help="runs sharing the GPU at once")
+    run_parser.add_argument("--deadline", type=float, default=float("inf"), help="start no run after this many s")
+    one = commands.add_parser("one")
+    one.add_argument("name")
+    one.add_argument("--root", default="runs/study")
+    report_parser = commands.add_parser("report")
+    report_parser.add_argument("--root", default="runs/study")
+    args = parser.parse_args()
+    if args.command == "one":
+        run_one(next(r for r in runs() if r.name == args.name), Path(args.root))
+        return 0
+    return run_all(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
