@@ -6,7 +6,7 @@ Every run is the shipped commands, as a user types them: `hybridize analyze`, th
 This file only names the runs, builds their plan strings, and gathers the eval JSONs into tables.
 
     python scripts/study.py run [--only NAME ...] [--deadline SECONDS]   # skips runs already evaluated
-    python scripts/study.py report --root runs/study                     # markdown tables + Pareto PNG
+    python scripts/study.py report --root runs/study                     # ROOT/study.json: one row per run
 """
 
 import argparse
@@ -17,11 +17,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 TEACHER_LAYERS = 30
 BUDGET = 8

@@ -3,10 +3,9 @@ atomic write of the output folder (plan.json, report.md, scores.png)."""
 
 import io
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
+from ..atomic import staged_folder
 from ..convert.plan import describe
 from .proxies import PROXY_NAMES
 
@@ -125,20 +124,7 @@ def score_chart(record: dict) -> bytes:
 
 def write_folder(out_dir: Path, record: dict, overwrite: bool) -> None:
     """plan.json, report.md and scores.png, written to a hidden sibling folder that is renamed into place whole."""
-    files = {
-        "plan.json": (json.dumps(record, indent=2) + "\n").encode(),
-        "report.md": markdown_report(record).encode(),
-        "scores.png": score_chart(record),
-    }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
-        for name, data in files.items():
-            (staging / name).write_bytes(data)
-        if out_dir.exists() and overwrite:
-            shutil.rmtree(out_dir)
-        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged_folder(out_dir, replace=overwrite) as staging:
+        (staging / "plan.json").write_text(json.dumps(record, indent=2) + "\n")
+        (staging / "report.md").write_text(markdown_report(record))
+        (staging / "scores.png").write_bytes(score_chart(record))

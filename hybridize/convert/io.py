@@ -9,14 +9,13 @@ Order of work, chosen so peak memory stays near one model copy:
 
 import json
 import resource
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .. import __version__
+from ..atomic import staged_folder
 from ..corpus import calibration_batch
 from ..errors import UserError
 from ..teacher import load_teacher, teacher_folder, teacher_identity
@@ -104,16 +103,7 @@ def convert_to_folder(
 
 def _write_atomically(out_dir: Path, student, tokenizer, record: dict, overwrite: bool) -> None:
     """Everything goes to a hidden sibling folder first; only a complete folder is renamed into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
+    with staged_folder(out_dir, replace=overwrite) as staging:
         student.save_pretrained(staging, max_shard_size="2GB")
         tokenizer.save_pretrained(staging)
         (staging / "conversion.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists() and overwrite:
-            shutil.rmtree(out_dir)
-        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -1,16 +1,12 @@
 """Student folders: load one to train, and write one when a stage ends (weights gathered, LoRA merged, renamed into place)."""
 
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from transformers import AutoConfig
 
+from ..atomic import staged_folder, write_json_atomic
 from ..errors import UserError
 from ..model import HybridConfig, HybridForCausalLM
 from .recipe import KDStage, Stage
@@ -26,27 +22,6 @@ def load_student(folder: Path) -> HybridForCausalLM:
     if model_type != HybridConfig.model_type:
         raise UserError(f"{folder} holds a {model_type!r} model, not a hybrid; convert it first (hybridize convert)")
     return HybridForCausalLM.from_pretrained(folder, dtype=torch.float32)
-
-
-def write_json(path: Path, data: dict) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(staging, path)
-
-
-def write_folder(target: Path, fill: Callable[[Path], None]) -> None:
-    """Run `fill(staging)` on a hidden sibling folder, then rename it to `target`: a reader never sees half a folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    try:
-        fill(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def export_student(accelerator: Accelerator, distiller: Distiller, stage: Stage, source: Path, target: Path,
@@ -66,11 +41,9 @@ def export_student(accelerator: Accelerator, distiller: Distiller, stage: Stage,
         if adapted is not None:
             student = merge_lora(adapted)
 
-        def fill(folder: Path) -> None:
+        with staged_folder(target) as folder:
             student.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             for name, data in files.items():
-                write_json(folder / name, data)
-
-        write_folder(target, fill)
+                write_json_atomic(folder / name, data)
     accelerator.wait_for_everyone()

@@ -30,7 +30,8 @@ from ..errors import UserError
 from ..teacher import load_teacher, teacher_identity
 from . import checkpoints
 from .data import StageData, load_documents, stage_data
-from .export import export_student, load_student, write_json
+from ..atomic import write_json_atomic
+from .export import export_student, load_student
 from .recipe import Recipe, Stage, recipe_to_dict
 from .stages import build_distiller, parameter_groups, prepare_student
 from .tracking import (
@@ -170,7 +171,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.main and not self.resume:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(run_file, {"hybridize_version": __version__, "recipe": recipe})
+            write_json_atomic(run_file, {"hybridize_version": __version__, "recipe": recipe})
         self.accelerator.wait_for_everyone()
 
     def _initial_student(self) -> Path:

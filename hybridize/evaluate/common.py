@@ -2,11 +2,6 @@
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -91,41 +86,6 @@ def load_pair(
     if teacher.config.vocab_size != student.config.vocab_size or len(teacher_tokenizer) != len(tokenizer):
         raise UserError(f"teacher {name!r} has a different vocabulary from the hybrid; pass the teacher it came from")
     return student, teacher, tokenizer, name
-
-
-@contextmanager
-def staged_folder(target: Path, *, replace: bool = True) -> Iterator[Path]:
-    """Yield an empty sibling folder; on success it replaces `target`, on error it is removed and `target` kept."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not replace:
-        raise UserError(f"{target} exists")
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def format_table(header: list[str], rows: list[list]) -> str:

