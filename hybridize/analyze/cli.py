@@ -2,7 +2,9 @@
 
 import argparse
 
+from ..errors import UserError
 from .io import DTYPES, AnalyzeSettings, analyze_to_folder
+from .reselect import read_scores, reselect_to_folder
 from .proxies import FAST_RANKINGS
 from .scores import FitSettings
 from .select import CANDIDATE_MIXERS, PATTERNS, Constraints
@@ -16,10 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention layers to keep: a count K, or a fraction of the layers such as 0.25")
     parser.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--scores", default=None, metavar="PLAN_JSON",
+                        help="choose from the scores of an earlier analysis (its plan.json) instead of scoring: "
+                             "seconds, for another budget or other constraints; the teacher and mode come from it")
     parser.add_argument("--fast", action="store_true",
                         help="rank layers by attention-map proxies only: no fitting, seconds on a CPU")
-    parser.add_argument("--mixers", default=",".join(CANDIDATE_MIXERS),
-                        help=f"comma-separated mixers a replaced layer may get (default: {','.join(CANDIDATE_MIXERS)})")
+    parser.add_argument("--mixers", default=None,
+                        help=f"comma-separated mixers a replaced layer may get (default: {','.join(CANDIDATE_MIXERS)}; "
+                             "with --scores, those the earlier run scored)")
     parser.add_argument("--pattern", default="best", choices=PATTERNS,
                         help="best: each replaced layer gets its best-scoring mixer; h2: replaced layers cycle "
                              "mamba2 -> gated_deltanet -> sliding_attention by depth")
@@ -45,9 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="teacher dtype; bfloat16 also runs the fits under autocast (fp32 weights)")
 
 
+def _mixers(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.mixers is not None:
+        return tuple(m.strip() for m in args.mixers.split(",") if m.strip())
+    return tuple(read_scores(args.scores)["settings"]["mixers"]) if args.scores else CANDIDATE_MIXERS
+
+
 def run(args: argparse.Namespace) -> int:
     constraints = Constraints(
-        mixers=tuple(m.strip() for m in args.mixers.split(",") if m.strip()),
+        mixers=_mixers(args),
         pattern=args.pattern,
         no_attention_first=args.no_attention_first,
         min_spacing=args.min_spacing,
@@ -65,5 +77,10 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
     )
-    analyze_to_folder(args.model, settings, args.out, overwrite=args.overwrite)
+    if args.scores is None:
+        analyze_to_folder(args.model, settings, args.out, overwrite=args.overwrite)
+    elif args.model is not None or args.fast:
+        raise UserError("--scores takes the teacher and the mode from its file: drop MODEL and --fast")
+    else:
+        reselect_to_folder(args.scores, settings, args.out, overwrite=args.overwrite)
     return 0

@@ -50,14 +50,14 @@ def markdown_report(record: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if record["mode"] == "full":
-        lines += [
-            "Sensitivity = the lowest KL(teacher||model) in nats/token over the allowed mixers, with only that layer "
-            "replaced and fitted layer-locally. Whole plans with every replaced layer fitted the same way:",
-            "",
-            "| plan | KL(teacher‖hybrid) | ppl ratio |",
-            "|---|---|---|",
-        ]
-        lines += [f"| {c['name']} | {_number(c['kl'])} | {c['ppl_ratio']:.4f} |" for c in record["comparison"]]
+        lines.append("Sensitivity = the lowest KL(teacher||model) in nats/token over the allowed mixers, with only that "
+                     "layer replaced and fitted layer-locally.")
+        if "comparison" in record:
+            lines += ["Whole plans with every replaced layer fitted the same way:", "",
+                      "| plan | KL(teacher‖hybrid) | ppl ratio |", "|---|---|---|"]
+            lines += [f"| {c['name']} | {_number(c['kl'])} | {c['ppl_ratio']:.4f} |" for c in record["comparison"]]
+        else:
+            lines.append(f"Chosen from the scores in {record['rescored_from']}; whole plans were not re-measured.")
         lines += ["", "How well each proxy ranks the layers like the measured scores (Spearman's rho):", "",
                   "| proxy | " + " | ".join(["sensitivity", *kinds]) + " |", "|---|" + "---|" * (len(kinds) + 1)]
         for name, row in record["proxy_agreement"].items():

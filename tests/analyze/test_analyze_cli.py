@@ -174,3 +174,36 @@ def test_full_analysis_on_cuda_agrees_with_cpu(tiny_llama, tmp_path):
             assert b["proxies"][name] == pytest.approx(a["proxies"][name], rel=1e-3, abs=1e-5), (a["layer"], name)
         for kind in a["kl"]:
             assert b["kl"][kind] == pytest.approx(a["kl"][kind], rel=5e-2, abs=1e-5), (a["layer"], kind)
+
+
+def test_scores_of_an_earlier_run_choose_for_another_budget(full_run, tiny_llama, tmp_path, capsys):
+    """--scores re-chooses without scoring: the most sensitive layer keeps attention, the others their best mixer."""
+    _, first = full_run
+    earlier = json.loads((first / "plan.json").read_text())
+    code, streams = analyze(capsys, "--scores", first / "plan.json", "--budget", "1", "--out", tmp_path / "k1")
+    assert code == 0, streams.err
+    record = json.loads((tmp_path / "k1" / "plan.json").read_text())
+    sensitivity = [row["sensitivity"] for row in earlier["layers"]]
+    top = sensitivity.index(max(sensitivity))
+    best = [min(row["kl"], key=row["kl"].get) for row in earlier["layers"]]
+    assert record["layer_types"] == ["full_attention" if i == top else best[i] for i in range(len(best))]
+    assert record["budget"] == 1 and "comparison" not in record
+    assert record["teacher"] == earlier["teacher"] and record["rescored_from"] == str(first / "plan.json")
+    assert "whole plans were not re-measured" in streams.out
+    assert main(["convert", str(tiny_llama), "--plan", str(tmp_path / "k1" / "plan.json"),
+                 "--out", str(tmp_path / "h")]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scores", "missing.json"], "not a plan.json written by hybridize analyze"),
+    (["--scores", "PLAN", "--mixers", "gated_deltanet"], "has no scores for gated_deltanet"),
+    (["--scores", "PLAN", "--fast"], "drop MODEL and --fast"),
+])
+def test_bad_scores_are_one_line(full_run, tmp_path, capsys, extra, message):
+    _, first = full_run
+    extra = [str(first / "plan.json") if a == "PLAN" else a for a in extra]
+    code, streams = analyze(capsys, "--budget", "1", "--out", tmp_path / "k", *extra)
+    assert code == 2
+    lines = streams.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "k").exists()
