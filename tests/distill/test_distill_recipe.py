@@ -14,6 +14,7 @@ from hybridize.distill.recipe import (
 from hybridize.errors import UserError
 
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*/*.yaml") if p.parent.name != "accelerate")
+STUDY_RECIPES = sorted((REPO / "recipes" / "smollm2-135m" / "study").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
 TEACHER_LAYERS = {"smollm2-135m": 30, "llama3.2-1b": 16}
 
@@ -55,7 +56,19 @@ def test_every_shipped_recipe_loads_and_its_plan_resolves(path):
     assert recipe.output_dir == f"runs/{path.parent.name}-{path.stem}"
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_study_recipes_share_one_token_budget_and_take_any_plan():
+    """The results study compares plans and stages at equal cost: every study recipe trains on the same tokens."""
+    assert [p.stem for p in STUDY_RECIPES] == ["both", "stage1_only", "stage2_only"]
+    for path in STUDY_RECIPES:
+        raw = read_recipe(path)
+        apply_override(raw, "plan=h2:8")
+        recipe = parse_recipe(raw, str(path))
+        assert sum(stage.tokens for stage in recipe.stages) == 3_000_000
+        assert all(stage.seq_len == 2048 for stage in recipe.stages)  # past the 512 window, also in stage 1
+        assert resolve_plan(recipe.plan, TEACHER_LAYERS["smollm2-135m"]).count("full_attention") == 8
+
+
+@pytest.mark.parametrize("path", RECIPES + STUDY_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_recipe_has_one_run_line_in_the_readme(path):
     readme = (REPO / "recipes" / "README.md").read_text()
     relative = path.relative_to(REPO).as_posix()
