@@ -23,9 +23,10 @@ BUDGET = 8
 ANALYZE_DIR = Path("runs/analyze-smollm2")
 RECIPES = Path("recipes/smollm2-135m/study")
 ABLATION_EVAL = ["--passkey-lengths", "1024,4096", "--passkey-trials", "2", "--mqar-pairs", "8,32"]
-CYCLES = {"h2 M>G>S": ("mamba2", "gated_deltanet", "sliding_attention"),
-          "S>G>M": ("sliding_attention", "gated_deltanet", "mamba2"),
-          "G>M>S": ("gated_deltanet", "mamba2", "sliding_attention")}
+# Replaced layers cycle through these by depth; MGS is the seeds' h2 order (Mamba2 -> GDN -> SWA).
+CYCLES = {"MGS": ("mamba2", "gated_deltanet", "sliding_attention"),
+          "SGM": ("sliding_attention", "gated_deltanet", "mamba2"),
+          "GMS": ("gated_deltanet", "mamba2", "sliding_attention")}
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def runs() -> list[Run]:
                                                          ("gated_deltanet",))),
         Run("mixers-mamba2", "mixers", "both", cycled(kept, ("mamba2",))),
         Run("mixers-swa", "mixers", "both", cycled(kept, ("sliding_attention",))),
-        *[Run(f"mixers-{label.split()[-1].replace('>', '')}", "mixers", "both", cycled(kept, cycle)) for label, cycle in CYCLES.items()],
+        *[Run(f"mixers-{label}", "mixers", "both", cycled(kept, cycle)) for label, cycle in CYCLES.items()],
         Run("stages-stage1-only", "stages", "stage1_only", str(plan8)),
         Run("stages-stage2-only", "stages", "stage2_only", str(plan8)),
         *[Run(f"attention-k{k}", "attention", "both", str(analyzer_plan(k) / "plan.json"), kept=k) for k in (15, 5, 2)],

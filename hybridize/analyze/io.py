@@ -27,7 +27,7 @@ from .report import markdown_report, write_folder
 from .scores import (
     FitSettings, candidate_mixers, capture_held_out, fit_candidates, layer_scores, model_level, training_blocks,
 )
-from .select import Constraints, assign_mixers, fast_choice, keep_attention, measured_choice, parse_budget
+from .select import Constraints, assign_mixers, choose_plan, parse_budget
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 INDUCTION_BLOCKS = 2
@@ -113,16 +113,13 @@ def analyze_to_folder(
                    f"{'' if settings.fast else ' and KL'}, induction probe {len(probe_ids)} x {2 * (seq_len // 2)} "
                    "random tokens")
     extra: dict = {}
-    if settings.fast:
-        sensitivity = proxy_sensitivity(proxies, settings.ranking)
-        best = fast_choice(proxies["outside_window"], constraints.mixers, settings.swa_threshold)
-    else:
+    kl = None
+    if not settings.fast:
         scored = _measure(teacher, tokenizer, held_ids, seq_len, settings, dtype)
         del teacher  # the candidates and the full-attention base hold all the weights scoring needs
-        sensitivity, best = measured_choice({k: v["kl"] for k, v in scored["scores"].items()}, constraints.mixers)
+        kl = {k: v["kl"] for k, v in scored["scores"].items()}
         calibration += f"; {scored['fit_tokens']} training tokens for the layer-local fits"
-    kept = keep_attention(sensitivity, budget, constraints)
-    plan = assign_mixers(kept, best, constraints)
+    sensitivity, best, plan = choose_plan(budget, constraints, proxies, kl, settings.ranking, settings.swa_threshold)
     if not settings.fast:
         extra = _full_mode_record(scored, plan, budget, best, sensitivity, proxies, constraints, dtype)
 

@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .proxies import PROXY_NAMES, proxy_sensitivity
+from .proxies import PROXY_NAMES
 from .report import markdown_report, write_folder
-from .select import assign_mixers, fast_choice, keep_attention, measured_choice, parse_budget
+from .select import choose_plan, parse_budget
 
 
 def read_scores(path: Path) -> dict:
@@ -37,16 +37,13 @@ def reselect_to_folder(scores_path: Path, settings, out_dir: Path, *, overwrite:
     budget = parse_budget(settings.budget, len(layers))
     constraints.check_budget(budget, len(layers))
     proxies = {name: [row["proxies"][name] for row in layers] for name in PROXY_NAMES}
+    kl = None
     if record["mode"] == "full":
         missing = [m for m in constraints.mixers if m not in layers[0]["kl"]]
         if missing:
             raise UserError(f"--scores {scores_path} has no scores for {', '.join(missing)}; rerun the analysis")
         kl = {m: [row["kl"][m] for row in layers] for m in constraints.mixers}
-        sensitivity, best = measured_choice(kl, constraints.mixers)
-    else:
-        sensitivity = proxy_sensitivity(proxies, settings.ranking)
-        best = fast_choice(proxies["outside_window"], constraints.mixers, settings.swa_threshold)
-    plan = assign_mixers(keep_attention(sensitivity, budget, constraints), best, constraints)
+    sensitivity, _, plan = choose_plan(budget, constraints, proxies, kl, settings.ranking, settings.swa_threshold)
     chosen = {
         **{k: v for k, v in record.items() if k != "comparison"},
         "layer_types": plan,

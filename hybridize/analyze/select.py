@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..convert.plan import H2_CYCLE, check_budget
 from ..errors import UserError
+from .proxies import proxy_sensitivity
 
 CANDIDATE_MIXERS = ("mamba2", "gated_deltanet", "sliding_attention")
 PATTERNS = ("best", "h2")
@@ -102,6 +103,17 @@ def assign_mixers(kept: list[int], best_mixer: list[str], constraints: Constrain
             plan[i] = cycle[replaced % len(cycle)]
             replaced += 1
     return plan
+
+
+def choose_plan(budget: int, constraints: Constraints, proxies: dict[str, list[float]],
+                kl: dict[str, list[float]] | None, ranking: str, swa_threshold: float):
+    """(sensitivity, best mixer, plan) per layer: from measured KL per mixer (full mode), else the proxies (fast)."""
+    if kl is None:
+        sensitivity = proxy_sensitivity(proxies, ranking)
+        best = fast_choice(proxies["outside_window"], constraints.mixers, swa_threshold)
+    else:
+        sensitivity, best = measured_choice(kl, constraints.mixers)
+    return sensitivity, best, assign_mixers(keep_attention(sensitivity, budget, constraints), best, constraints)
 
 
 def measured_choice(kl: dict[str, list[float]], mixers: tuple[str, ...]) -> tuple[list[float], list[str]]:

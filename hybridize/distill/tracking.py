@@ -9,6 +9,8 @@ from pathlib import Path
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 from tqdm.auto import tqdm
 
+from ..atomic import write_text_atomic
+
 _INSTALLED = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
 
 
@@ -59,9 +61,7 @@ class MetricsLog:
     def truncate_after(self, stage_index: int, step: int) -> None:
         """Forget rows a killed run wrote after the checkpoint it is resumed from (they will be redone)."""
         keep = [r for r in self.rows() if (r["stage_index"], r["step"]) <= (stage_index, step)]
-        staging = self.path.with_name(self.path.name + ".tmp")
-        staging.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(staging, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def progress_bar(total: int, initial: int, description: str, enabled: bool):

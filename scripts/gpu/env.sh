@@ -15,7 +15,6 @@ if [ ! -f "$teacher_dir/SmolLM2-135M-Instruct.Q4_1.gguf" ] && [ -f /root/t/part0
 fi
 export PYTHONPATH=/tmp/site:/root/t:$PWD TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export OUT=${OUT:-/tmp/out}
-hybridize() { python3 -m hybridize.cli "$@"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/versions.txt"
 python3 -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'triton', triton.__version__,
  'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/versions.txt"
