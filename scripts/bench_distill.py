@@ -7,6 +7,8 @@
     python scripts/bench_distill.py compare /tmp/bench1 /tmp/bench2
     # peak memory and time of the fused chunked KD loss against full logits, at vocabulary 128K
     python scripts/bench_distill.py loss-memory
+    # where a stage-2 step's GPU time goes, kernel by kernel (after a warm-up run that autotunes the kernels)
+    python scripts/bench_distill.py profile --out /tmp/profile
 
 Each prints one JSON object. The library does the work; this file only chooses sizes and reads the results.
 """
@@ -21,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernel_profile import print_kernel_table
+
 from hybridize.distill.losses import KDOptions, kd_loss, next_token_labels
 from hybridize.distill.recipe import apply_override, parse_recipe, read_recipe
 from hybridize.distill.trainer import Trainer
@@ -28,19 +32,24 @@ from hybridize.distill.trainer import Trainer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def throughput(args) -> dict:
-    """Run only the recipe's KD stage for --steps steps and report the per-step rate after --warmup steps."""
+def kd_trainer(args, out: Path, steps: int) -> Trainer:
+    """A Trainer for only the recipe's KD stage, `steps` steps long, writing to `out`."""
     raw = read_recipe(args.recipe)
     kd = next(stage for stage in raw["stages"] if stage["kind"] == "kd")
     raw["stages"] = [kd]
-    for assignment in [f"output_dir={args.out}", f"stages.0.seq_len={args.seq_len}",
+    for assignment in [f"output_dir={out}", f"stages.0.seq_len={args.seq_len}",
                        f"stages.0.micro_batch_size={args.micro_batch}",
                        f"stages.0.global_batch_size={args.global_batch}",
-                       f"stages.0.tokens={args.steps * args.global_batch * args.seq_len}",
-                       f"checkpoint.every_steps={10 * args.steps}", "logging.eval_sequences=8", "logging.trackers=[]",
+                       f"stages.0.tokens={steps * args.global_batch * args.seq_len}",
+                       f"checkpoint.every_steps={10 * steps}", "logging.eval_sequences=8", "logging.trackers=[]",
                        *args.set]:
         apply_override(raw, assignment)
-    trainer = Trainer(parse_recipe(raw, f"recipe {args.recipe}"))
+    return Trainer(parse_recipe(raw, f"recipe {args.recipe}"))
+
+
+def throughput(args) -> dict:
+    """Run only the recipe's KD stage for --steps steps and report the per-step rate after --warmup steps."""
+    trainer = kd_trainer(args, Path(args.out), args.steps)
     trainer.run()
     if not trainer.main:
         return {}
@@ -61,6 +70,14 @@ def throughput(args) -> dict:
         "loss_first_last": [train[0]["loss"], train[-1]["loss"]],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
+
+
+def profile_steps(args) -> dict:
+    """Kernel table of --steps KD steps, after a 2-step run in the same process has autotuned the Triton kernels."""
+    kd_trainer(args, Path(args.out) / "warm-up", 2).run()
+    profiled = kd_trainer(args, Path(args.out) / "profiled", args.steps)
+    print_kernel_table(f"{args.steps} KD steps of {args.recipe}", profiled.run, repeats=1, rows=40, warm_up=False)
+    return {}
 
 
 def naive_kd(hidden, head, teacher_hidden, teacher_head, labels, options):
@@ -122,14 +139,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("throughput", help="stage-2 tokens/s and peak memory of a recipe")
-    run.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2-135m" / "gdn.yaml"))
-    run.add_argument("--out", required=True, help="a new output directory for the run")
+    prof = commands.add_parser("profile", help="where a KD step's GPU time goes, kernel by kernel")
+    for command in (run, prof):
+        command.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2-135m" / "gdn.yaml"))
+        command.add_argument("--out", required=True, help="a new output directory for the run")
+        command.add_argument("--seq-len", type=int, default=2048)
+        command.add_argument("--global-batch", type=int, default=64)
+        command.add_argument("--micro-batch", type=int, default=8)
+        command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="further recipe overrides")
     run.add_argument("--steps", type=int, default=30)
     run.add_argument("--warmup", type=int, default=5, help="steps left out of the rate (compilation, autotuning)")
-    run.add_argument("--seq-len", type=int, default=2048)
-    run.add_argument("--global-batch", type=int, default=64)
-    run.add_argument("--micro-batch", type=int, default=8)
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="further recipe overrides")
+    prof.add_argument("--steps", type=int, default=2)
     memory = commands.add_parser("loss-memory", help="KD loss peak memory: fused chunked vs full logits")
     memory.add_argument("--vocab", type=int, default=128256)
     memory.add_argument("--hidden", type=int, default=2048)
@@ -139,7 +159,8 @@ def main() -> int:
     diff.add_argument("run_a")
     diff.add_argument("run_b")
     args = parser.parse_args()
-    result = {"throughput": throughput, "loss-memory": loss_memory, "compare": compare}[args.command](args)
+    commands_by_name = {"throughput": throughput, "profile": profile_steps, "loss-memory": loss_memory, "compare": compare}
+    result = commands_by_name[args.command](args)
     if result:
         print(json.dumps(result, indent=2))
     return 0

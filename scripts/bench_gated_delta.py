@@ -1,12 +1,17 @@
 """Benchmark the gated delta rule (chunk forward, forward+backward, decode step) against fla-core on a CUDA GPU.
 
-Run: python scripts/bench_gated_delta.py. Prints ms (median of triton.testing.do_bench), the ratio to the peer
+Run: python scripts/bench_gated_delta.py [--profile]. Prints ms (median of triton.testing.do_bench), the ratio to the peer
 (fla-core, when installed) and to the ideal-byte floor (bytes read once + written once at 3.0 TB/s).
+--profile prints instead where the fwd+bwd time goes, kernel by kernel, for ours and the peer at the headline shape.
 """
+
+import sys
 
 import torch
 import torch.nn.functional as F
 import triton
+
+from kernel_profile import print_kernel_table
 
 from hybridize.kernels.gated_delta import chunk_gated_delta_rule, gated_delta_step
 
@@ -104,10 +109,20 @@ def bench_step(B, H, D):
     print(f"{'':44s} ours {achieved / 1e9:.0f} GB/s = {achieved / BANDWIDTH:.0%} of 3.0 TB/s")
 
 
+def profile_fwd_bwd(B=4, T=4096, H=16, D=128):
+    inputs = make(B, T, H, D, requires_grad=True)
+    for name, fn in [("ours", chunk_gated_delta_rule), ("fla-core", fla_chunk)]:
+        if fn is not None:
+            print_kernel_table(f"{name} GDN fwd+bwd B{B} T{T} H{H} D{D}", lambda: fwd_bwd(fn)(*inputs))
+
+
 def main():
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"fla-core {'installed' if fla_chunk is not None else 'not installed'}")
+    if "--profile" in sys.argv[1:]:
+        profile_fwd_bwd()
+        return
     bench_chunk("GDN", 4, 4096, 16, 128)
     bench_step(64, 16, 128)  # early, so that a timeout on the long shapes below does not lose it
     # B * T fixed at 16K tokens (B = 1 at 32K)

@@ -112,7 +112,7 @@ def run_one(run: Run, root: Path) -> None:
     extra = [] if run.name == "headline" else ABLATION_EVAL
     sh(hybridize("eval", str(out / "final"), "--out", str(out / "eval"), *extra), log)
     if run.name == "headline":
-        sh(hybridize("bench", str(out / "final"), "--contexts", "1024,4096,8192", "--batch-sizes", "1,16",
+        sh(hybridize("bench", str(out / "final"), "--contexts", "8192", "--batch-sizes", "1,16",
                      "--out", str(out / "bench")), log)
         sh(hybridize("push", str(out / "final"), "hybridize/smollm2-135m-hybrid", "--dry-run", str(out / "push")), log)
     elif run.question == "attention":  # the Pareto plot's speed axis: the hybrid's fast path at the bench bar's point

@@ -18,9 +18,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ..kernels.decode_attention import decode_attention
 from ..model.cache import RecurrentLayerCache
 from ..model.configuration_hybrid import ATTENTION_TYPES
 from ..model.context import SequenceContext
@@ -229,8 +229,9 @@ def _fill_slots(slots: AttentionSlots, keys: torch.Tensor, values: torch.Tensor,
 def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots, index: torch.Tensor) -> torch.Tensor:
     """One token of (sliding-window) attention against static slots: x [B, 1, C] -> [B, 1, C].
 
-    The G query heads that share a KV head go in as G query rows of that head, so SDPA reads each
+    The G query heads that share a KV head go in as G query rows of that head, so the kernel reads each
     cached K/V once instead of a G-times repeated copy; the mask depends on the key only, so this is exact.
+    On a GPU the split-KV kernel spreads the slots over the SMs; on the CPU the fp32 reference runs.
     """
     batch = x.shape[0]
     heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
@@ -243,5 +244,5 @@ def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots,
     slots.values.index_copy_(2, slot, v)
     slots.valid.index_fill_(1, slot, True)
     grouped_q = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, Hkv, G, D]
-    out = F.scaled_dot_product_attention(grouped_q, slots.keys, slots.values, attn_mask=slots.valid[:, None, None, :])
+    out = decode_attention(grouped_q, slots.keys, slots.values, slots.valid)  # [B, Hkv, G, D]
     return attention.o_proj(out.reshape(batch, 1, heads * dim))  # [B, 1, C]

@@ -342,7 +342,7 @@ def _dqkw_kernel(
     p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
     p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
     p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-    tl.store(p_dq, b_dq, boundary_check=(0, 1))
+    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
     tl.store(p_dk, b_dk, boundary_check=(0, 1))
     tl.store(p_dw, (-b_dw).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
     tl.store(dg + ((bos + o_t) * H + i_h) * NK + i_k, b_dg, mask=m_t)
@@ -378,7 +378,7 @@ def _wy_bwd_kernel(
         b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
         b_du = tl.load(p_du, boundary_check=(0, 1), padding_option="zero")
         b_dvb = tl.dot(b_AiT, b_du)  # [BT, BV]
-        tl.store(p_dv, b_dvb * b_b[:, None], boundary_check=(0, 1))
+        tl.store(p_dv, (b_dvb * b_b[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
         b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
         b_dAi += tl.dot(b_du, tl.trans((b_v * b_b[:, None]).to(b_v.dtype)))
 
@@ -418,7 +418,7 @@ def _wy_bwd_kernel(
         b_dw = tl.load(p_dw, boundary_check=(0, 1), padding_option="zero")
         b_dk = tl.dot(b_AiT, b_dw) * b_bg[:, None] + tl.load(p_dki, boundary_check=(0, 1), padding_option="zero")
         b_dk += tl.dot(b_dAb, b_k) + tl.dot(tl.trans(b_dAb), b_k)
-        tl.store(p_dk, b_dk, boundary_check=(0, 1))
+        tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
 
     # gc is a cumulative sum of g within the chunk, so dg is the reverse cumulative sum of dgc.
     p_dgi = dg_in + ((bos + o_t) * H + i_h)[:, None] * NK + tl.arange(0, NK)[None, :]
@@ -539,11 +539,14 @@ def _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay: _Layout, need_dh0: bo
 
 
 def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
-    """dq in full, dk and dgc without their WY parts, and dw (per value head); dgc in [B, T, H, NK] shares."""
+    """dq in full, dk and dgc without their WY parts, and dw (per value head); dgc in [B, T, H, NK] shares.
+
+    dq is per value head: in q's dtype when every head has its own q, else in fp32 for the sum over the group.
+    """
     B, T, HK, K = q.shape
     H, V = do.shape[2], do.shape[3]
-    dq = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
-    dk = torch.empty_like(dq)
+    dq = torch.empty(B, T, H, K, dtype=q.dtype if H == HK else torch.float32, device=q.device)
+    dk = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dw = torch.empty(B, T, H, K, dtype=q.dtype, device=q.device)
     BK = _bk(K)
     # K is cut in slices of 64 to keep the three [BT, BK] accumulators in registers; each slice adds its dgc share.
@@ -559,12 +562,12 @@ def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
 def _wy_bwd(k, v, beta, gc, Ai, dw, du, dk_in, dg_in, lay: _Layout):
     """Back through w and u: the full dk (per value head), dv, dbeta, and dg (reverse cumsum of dgc).
 
-    dk_in, dg_in: the non-WY parts from `_dqkw`.
+    dk_in, dg_in: the non-WY parts from `_dqkw`. dv is in v's dtype; dk in k's, or fp32 when heads share k.
     """
     HK, K = k.shape[2], k.shape[3]
     H, V = v.shape[2], v.shape[3]
-    dk = torch.empty_like(dk_in)
-    dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    dk = torch.empty(dk_in.shape, dtype=k.dtype if H == HK else torch.float32, device=k.device)
+    dv = torch.empty_like(v)
     dbeta = torch.empty(beta.shape, dtype=torch.float32, device=beta.device)
     dg = torch.empty(beta.shape, dtype=torch.float32, device=beta.device)
     # K is walked in slices of 64 (twice: the dA pass, then dk), to keep the [BT, BK] tiles in registers.
@@ -576,9 +579,9 @@ def _wy_bwd(k, v, beta, gc, Ai, dw, du, dk_in, dg_in, lay: _Layout):
 
 
 def _sum_groups(x: torch.Tensor, HK: int) -> torch.Tensor:
-    """Gradients per value head [B, T, H, K] -> per shared q/k head [B, T, HK, K]."""
+    """Gradients per value head [B, T, H, K] -> per shared q/k head [B, T, HK, K] (as is when H == HK)."""
     B, T, H, K = x.shape
-    return x.view(B, T, HK, H // HK, K).sum(3)
+    return x if H == HK else x.view(B, T, HK, H // HK, K).sum(3)
 
 
 def _fwd(q, k, v, g, beta, scale, initial_state, output_final_state, lay: _Layout, store_Ai: bool):

@@ -1,0 +1,41 @@
+"""One-token attention over static KV slots in plain PyTorch: the fp32 ground truth for the split-KV Triton kernel."""
+
+import torch
+
+
+def check_args(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+    """Shape checks shared by the reference and the Triton version."""
+    if q.dim() != 4 or keys.dim() != 4:
+        raise ValueError(f"q must be [B, Hkv, G, D] and keys [B, Hkv, S, D], got {tuple(q.shape)}, {tuple(keys.shape)}")
+    B, Hkv, _, D = q.shape
+    S = keys.shape[2]
+    if tuple(keys.shape) != (B, Hkv, S, D) or values.shape != keys.shape:
+        raise ValueError(f"keys and values must be [B={B}, Hkv={Hkv}, S, D={D}], got {tuple(keys.shape)}, "
+                         f"{tuple(values.shape)}")
+    if valid.dtype != torch.bool or tuple(valid.shape) != (B, S):
+        raise ValueError(f"valid must be a bool [B={B}, S={S}] tensor, got {valid.dtype} {tuple(valid.shape)}")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp64 inputs stay fp64; everything else is computed in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, *, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(scale q k^T over the valid slots) v for q [B, Hkv, G, D]; see decode_attention in __init__."""
+    check_args(q, keys, values, valid)
+    dt = compute_dtype(q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = valid[:, None, None, :]  # [B, 1, 1, S]: the same for every head and query row
+    logits = (q.to(dt) @ keys.to(dt).transpose(-1, -2)) * scale  # [B, Hkv, G, S]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    peak = logits.amax(-1, keepdim=True)  # [B, Hkv, G, 1]
+    # a row with no valid slot has peak -inf; shifting by 0 there keeps exp() at 0 instead of NaN
+    weights = torch.exp(logits - peak.masked_fill(peak == float("-inf"), 0.0))  # [B, Hkv, G, S]
+    total = weights.sum(-1, keepdim=True)  # [B, Hkv, G, 1]
+    # invalid slots are ignored, whatever they hold (NaN included), as the kernel never loads them
+    kept = values.to(dt).masked_fill(~valid[:, None, :, None], 0.0)  # [B, Hkv, S, D]
+    out = (weights @ kept) / torch.where(total > 0, total, 1.0)  # [B, Hkv, G, D], 0 where no slot is valid
+    return out.to(q.dtype)
