@@ -102,8 +102,8 @@ def analyze(budgets: list[int]) -> None:
 
 def run_one(run: Run, root: Path) -> None:
     out = root / run.name
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "commands.log"
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / f"{run.name}.log"  # beside the run folder: distill refuses an output folder that is not empty
     started = time.time()
     if not (out / "final" / "config.json").exists():
         resume = ["--resume"] if (out / "checkpoints").exists() else []
@@ -118,14 +118,15 @@ def run_one(run: Run, root: Path) -> None:
     elif run.question == "attention":  # the Pareto plot's speed axis: the hybrid's fast path at the bench bar's point
         sh(hybridize("bench", str(out / "final"), "--contexts", "8192", "--batch-sizes", "16", "--paths", "hybrid fast",
                      "--out", str(out / "bench")), log)
-    (out / "run.json").write_text(json.dumps({**run.__dict__, "seconds": round(time.time() - started, 1)}))
+    (out / "study-run.json").write_text(json.dumps({**run.__dict__, "seconds": round(time.time() - started, 1)}))
 
 
 def run_all(args) -> int:
     root = Path(args.root)
     budgets = sorted({r.kept for r in runs()})
     analyze(budgets)
-    todo = [r for r in runs() if (not args.only or r.name in args.only) and not (root / r.name / "run.json").exists()]
+    done = {r.name for r in runs() if (root / r.name / "study-run.json").exists()}  # distill writes its own run.json
+    todo = [r for r in runs() if (not args.only or r.name in args.only) and r.name not in done]
     deadline = time.time() + args.deadline
     started: list[tuple[Run, subprocess.Popen]] = []
     for run in todo:
@@ -159,7 +160,7 @@ def report(args) -> int:
                      **{f"ppl_ratio_{d}": v["student_ppl"] / v["teacher_ppl"] for d, v in domains.items()},
                      **{k: overall[k] for k in ("kl", "top1", "greedy_exact", "greedy_prefix")},
                      **{f"{test}_relative": recall[test]["relative"] for test in ("passkey", "mqar") if test in recall},
-                     "seconds": json.loads((root / run.name / "run.json").read_text())["seconds"]})
+                     "seconds": json.loads((root / run.name / "study-run.json").read_text())["seconds"]})
     (root / "study.json").write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows, indent=1))
     return 0
@@ -171,7 +172,7 @@ def main() -> int:
     run_parser = commands.add_parser("run")
     run_parser.add_argument("--only", nargs="*", default=None)
     run_parser.add_argument("--root", default="runs/study")
-    run_parser.add_argument("--parallel", type=int, default=2, help="runs sharing the GPU at once")
+    run_parser.add_argument("--parallel", type=int, default=2, help="runs sharing the GPU at once (a stage-2 run peaks near 30 GiB: 3 ran out of memory on an 80 GB H100)")
     run_parser.add_argument("--deadline", type=float, default=float("inf"), help="start no run after this many s")
     one = commands.add_parser("one")
     one.add_argument("name")

@@ -78,13 +78,13 @@ def continuation_agreement(student_tokens: torch.LongTensor, teacher_tokens: tor
 
 def domain_quality(student, teacher, tokenizer, domain: str, settings: QualitySettings) -> dict:
     """Every quality number for one held-out domain."""
-    count = max(settings.blocks_per_domain, settings.greedy_prompts)
-    blocks = token_blocks(tokenizer, domain, "heldout", settings.seq_len, count)
-    sums = logit_stats(student, teacher, blocks[: settings.blocks_per_domain], settings.batch_size)
+    blocks = token_blocks(tokenizer, domain, "heldout", settings.seq_len, settings.blocks_per_domain)
+    sums = logit_stats(student, teacher, blocks, settings.batch_size)
     result = {"tokens": sums["predicted"], "student_ppl": _ppl(sums["student_nll"], sums["predicted"]), "sums": sums}
     if teacher is None:
         return result
-    prompts = blocks[: settings.greedy_prompts, : settings.greedy_prompt_len]
+    # Prompts are short blocks of their own: cutting them from the long blocks would need 16 x 2048 held-out tokens.
+    prompts = token_blocks(tokenizer, domain, "heldout", settings.greedy_prompt_len, settings.greedy_prompts)
     pad = tokenizer.pad_token_id
     s_cont = greedy_continuations(student, prompts, settings.greedy_new_tokens, settings.batch_size, pad)
     t_cont = greedy_continuations(teacher, prompts, settings.greedy_new_tokens, settings.batch_size, pad)

@@ -7,7 +7,7 @@ import torch
 
 from hybridize.corpus import DOMAINS
 from hybridize.evaluate.common import load_pair
-from hybridize.evaluate.quality import QualitySettings, compare, continuation_agreement
+from hybridize.evaluate.quality import QualitySettings, compare, continuation_agreement, domain_quality
 
 TINY = QualitySettings(seq_len=48, blocks_per_domain=2, batch_size=2, greedy_prompts=2, greedy_prompt_len=16)
 
@@ -48,3 +48,12 @@ def test_without_teacher_reports_the_hybrid_alone(pair):
     results, table = compare(student, None, tokenizer, settings=TINY)
     assert set(results["all"]) == {"tokens", "student_ppl"}
     assert "code" in table and math.isfinite(results["all"]["student_ppl"])
+
+
+
+def test_default_lengths_fit_the_smallest_held_out_domain(pair):
+    """`hybridize eval` with no flags reads only what the packaged held-out docs have (about 17K tokens)."""
+    student, teacher, tokenizer = pair
+    settings = QualitySettings(batch_size=1, greedy_new_tokens=2)  # default block and prompt counts and lengths
+    result = domain_quality(student, teacher, tokenizer, "docs", settings)
+    assert result["tokens"] == settings.blocks_per_domain * (settings.seq_len - 1)

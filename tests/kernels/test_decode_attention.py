@@ -15,7 +15,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # bf16: operands, P and the o
 def _make(B, Hkv, G, S, D, *, dtype=torch.float32, device="cpu", seed=0):
     """q [B, Hkv, G, D], keys/values [B, Hkv, S, D] and valid [B, S] with awkward rows.
 
-    Row 0 has no valid slot, row 1 exactly one (in the middle), row 2 a random mask with the whole second
+    With B > 1, row 0 has no valid slot, row 1 exactly one (in the middle), row 2 a random mask with the whole second
     split of the kernel's plan left invalid, so that split sees no key; other rows are random.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -25,8 +25,8 @@ def _make(B, Hkv, G, S, D, *, dtype=torch.float32, device="cpu", seed=0):
 
     q, keys, values = randn(B, Hkv, G, D), randn(B, Hkv, S, D), randn(B, Hkv, S, D)
     valid = torch.rand(B, S, generator=gen) < 0.7
-    valid[0] = False
-    if B > 1:
+    if B > 1:  # with one row only, keep it random: a batch with no valid key at all leaves nothing to compare
+        valid[0] = False
         valid[1] = False
         valid[1, S // 2] = True
     if B > 2:
