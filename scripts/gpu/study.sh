@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run on the lent GPU (teacher joined): the results study, resumable across calls on the same machine.
+# Usage: bash scripts/gpu/study.sh [DEADLINE_S] [RUN ...]   (runs under /root/runs, outside the repo copy, which
+# every call replaces; the analyzer's plan is taken from docs/results/analyze-smollm2/ when runs/ has none)
+source scripts/gpu/env.sh
+deadline=${1:-300}; shift || true
+mkdir -p /root/runs/study
+[ -f /root/runs/analyze-smollm2/plan.json ] || cp -r docs/results/analyze-smollm2 /root/runs/
+ln -sfn /root/runs runs
+python3 scripts/study.py run --deadline "$deadline" ${1:+--only "$@"} 2>&1 | grep "^\\$\|failed\|Error" | tail -20
+python3 scripts/study.py report > /dev/null
+# Flat copies: the device tool returns a bounded number of files and folder depth.
+cp /root/runs/study/study.json "$OUT/" 2>/dev/null
+for run in /root/runs/study/*/; do
+  name=$(basename "$run")
+  cp "$run/eval/eval.json" "$OUT/$name.eval.json" 2>/dev/null
+  cp "$run/bench/bench.json" "$OUT/$name.bench.json" 2>/dev/null
+done
