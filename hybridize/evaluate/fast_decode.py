@@ -235,9 +235,7 @@ def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots,
     """
     batch = x.shape[0]
     heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
-    q = attention.q_proj(x).view(batch, 1, heads, dim).transpose(1, 2)  # [B, H, 1, D]
-    k = attention.k_proj(x).view(batch, 1, kv_heads, dim).transpose(1, 2)  # [B, Hkv, 1, D]
-    v = attention.v_proj(x).view(batch, 1, kv_heads, dim).transpose(1, 2)  # [B, Hkv, 1, D]
+    q, k, v = attention.project_qkv(x)  # [B, H, 1, D], [B, Hkv, 1, D], [B, Hkv, 1, D]
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     slot = (index % slots.ring).view(1)
     slots.keys.index_copy_(2, slot, k)

@@ -6,6 +6,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .context import SequenceContext
+from .projections import project
 
 try:
     from flash_attn import flash_attn_func
@@ -48,12 +49,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, C] -> q [B, H, T, D], k and v [B, Hkv, T, D], before RoPE."""
+        batch, length, _ = hidden_states.shape
+        q, k, v = project(hidden_states, [(self.q_proj,), (self.k_proj,), (self.v_proj,)])
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
     def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None) -> torch.Tensor:
         """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a transformers DynamicLayer / DynamicSlidingWindowLayer."""
         batch, length, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(hidden_states)
         cos, sin = context.position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [B, H, T, D], [B, Hkv, T, D]
         if layer_cache is not None:

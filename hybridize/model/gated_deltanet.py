@@ -8,6 +8,7 @@ from torch import nn
 
 from . import ops
 from .context import SequenceContext
+from .projections import project
 from .short_conv import cached_short_conv, is_decoding, padding_keep
 
 
@@ -68,15 +69,17 @@ class GatedDeltaNetMixer(nn.Module):
         if keep is not None:
             # Zeroed inputs at left-padding positions leave the state at zero until the first real token.
             hidden_states = hidden_states * keep
-        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
+        qkv, a, b, gate = project(
+            hidden_states, [(self.q_proj, self.k_proj, self.v_proj), (self.a_proj,), (self.b_proj,), (self.g_proj,)]
+        )
         qkv, conv_state = cached_short_conv(qkv, self.conv_weight, None, layer_cache, keep)  # [B, T, D_conv]
         decoding = is_decoding(layer_cache, length)
         q, k, v = torch.split(qkv, self.conv_channels, dim=-1)
         q = l2_normalize(q.view(batch, length, self.num_k_heads, self.head_k_dim))  # [B, T, HK, K]
         k = l2_normalize(k.view(batch, length, self.num_k_heads, self.head_k_dim))  # [B, T, HK, K]
         v = v.view(batch, length, self.num_heads, self.head_v_dim)  # [B, T, H, V]
-        beta = torch.sigmoid(self.b_proj(hidden_states).float())  # [B, T, H]
-        g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias)  # [B, T, H]
+        beta = torch.sigmoid(b.float())  # [B, T, H]
+        g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias)  # [B, T, H]
         scale = self.head_k_dim**-0.5
         if decoding:
             o = ops.gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], layer_cache.recurrent_state,
@@ -89,6 +92,6 @@ class GatedDeltaNetMixer(nn.Module):
             )  # [B, T, H, V]
             if layer_cache is not None:
                 layer_cache.conv_state, layer_cache.recurrent_state = conv_state, state
-        gate = self.g_proj(hidden_states).view(batch, length, self.num_heads, self.head_v_dim)
+        gate = gate.view(batch, length, self.num_heads, self.head_v_dim)
         o = ops.gated_rms_norm(o, gate, self.norm_weight, eps=self.norm_eps)
         return self.o_proj(o.reshape(batch, length, -1))

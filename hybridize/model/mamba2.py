@@ -8,6 +8,7 @@ from torch import nn
 
 from . import ops
 from .context import SequenceContext
+from .projections import project
 from .short_conv import cached_short_conv, is_decoding, padding_keep
 
 
@@ -66,14 +67,14 @@ class Mamba2Mixer(nn.Module):
         if keep is not None:
             # Zeroed inputs at left-padding positions leave the state at zero until the first real token.
             hidden_states = hidden_states * keep
-        xbc = torch.cat([self.x_proj(hidden_states), self.B_proj(hidden_states), self.C_proj(hidden_states)], -1)
+        xbc, dt, z = project(hidden_states, [(self.x_proj, self.B_proj, self.C_proj), (self.dt_proj,), (self.z_proj,)])
         xbc, conv_state = cached_short_conv(xbc, self.conv_weight, self.conv_bias, layer_cache, keep)  # [B, T, D_conv]
         decoding = is_decoding(layer_cache, length)
         x, b, c = torch.split(xbc, self.conv_channels, dim=-1)
         x = x.view(batch, length, self.num_heads, self.head_dim)  # [B, T, H, P]
         b = b.view(batch, length, self.num_groups, self.state_size)  # [B, T, G, N]
         c = c.view(batch, length, self.num_groups, self.state_size)  # [B, T, G, N]
-        dt = F.softplus(self.dt_proj(hidden_states).float() + self.dt_bias)  # [B, T, H]
+        dt = F.softplus(dt.float() + self.dt_bias)  # [B, T, H]
         g = -torch.exp(self.A_log.float()) * dt  # [B, T, H] log decay
         v = x * dt[..., None].to(x.dtype)
         scale = self.state_size**-0.5
@@ -88,6 +89,6 @@ class Mamba2Mixer(nn.Module):
             if layer_cache is not None:
                 layer_cache.conv_state, layer_cache.recurrent_state = conv_state, state
         y = y + self.D[:, None].to(y.dtype) * x
-        z = self.z_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
+        z = z.view(batch, length, self.num_heads, self.head_dim)
         y = ops.gated_rms_norm(y, z, self.norm_weight, eps=self.norm_eps)
         return self.out_proj(y.reshape(batch, length, -1))

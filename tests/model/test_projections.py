@@ -1,0 +1,45 @@
+"""One matmul for a mixer's input projections: the same outputs and gradients as separate nn.Linear calls."""
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from hybridize.model.projections import project
+
+
+def _layers(bias_pattern):
+    torch.manual_seed(0)
+    return [nn.Linear(12, width, bias=bias, dtype=torch.float64) for width, bias in zip((8, 4, 4, 3), bias_pattern)]
+
+
+def _check_against_separate(groups, x):
+    fused = project(x, groups)
+    separate = [torch.cat([layer(x) for layer in group], -1) for group in groups]
+    assert [tuple(t.shape) for t in fused] == [tuple(t.shape) for t in separate]
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    params = [x, *(p for group in groups for layer in group for p in layer.parameters())]
+    weights = [torch.randn_like(t) for t in separate]  # a random linear functional of every output
+    grads_fused = torch.autograd.grad(sum((t * w).sum() for t, w in zip(fused, weights)), params)
+    grads_separate = torch.autograd.grad(sum((t * w).sum() for t, w in zip(separate, weights)), params)
+    for a, b in zip(grads_fused, grads_separate):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_plain_linears_match_separate_calls_with_and_without_biases():
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    for biases in [(False,) * 4, (True,) * 4, (True, False, True, False)]:
+        q, k, v, a = _layers(biases)
+        _check_against_separate([(q, k, v), (a,)], x)
+        _check_against_separate([(q,), (k,), (v,), (a,)], x)
+
+
+def test_a_lora_wrapped_projection_keeps_its_adapter():
+    holder = nn.Module()
+    holder.q_proj, holder.k_proj, holder.v_proj, _ = _layers((False,) * 4)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), holder)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    q, k, v = project(x, [(holder.q_proj,), (holder.k_proj,), (holder.v_proj,)])
+    torch.testing.assert_close(q, holder.q_proj(x))
+    assert not torch.allclose(q, holder.q_proj.base_layer(x)), "the adapter must change q, or this test shows nothing"
+    torch.testing.assert_close(k, holder.k_proj(x))
