@@ -6,7 +6,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 from .attention import Attention
 from .cache import HybridCache
@@ -14,6 +14,7 @@ from .configuration_hybrid import ATTENTION_TYPES, HybridConfig
 from .context import SequenceContext
 from .gated_deltanet import GatedDeltaNetMixer
 from .mamba2 import Mamba2Mixer
+from .mlp import GatedMLP
 
 MIXERS = {
     "full_attention": lambda config, layer_idx: Attention(config, layer_idx, window=None),
@@ -32,7 +33,7 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = MIXERS[self.layer_type](config, layer_idx)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = GatedMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None) -> torch.Tensor:
         hidden_states = hidden_states + self.mixer(self.input_layernorm(hidden_states), context, layer_cache)

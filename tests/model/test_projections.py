@@ -1,9 +1,12 @@
-"""One matmul for a mixer's input projections: the same outputs and gradients as separate nn.Linear calls."""
+"""One matmul for several projections of one input (mixers, MLP): the same outputs and gradients as separate calls."""
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
 
+from hybridize.model.mlp import GatedMLP
 from hybridize.model.projections import project
 
 
@@ -43,3 +46,13 @@ def test_a_lora_wrapped_projection_keeps_its_adapter():
     torch.testing.assert_close(q, holder.q_proj(x))
     assert not torch.allclose(q, holder.q_proj.base_layer(x)), "the adapter must change q, or this test shows nothing"
     torch.testing.assert_close(k, holder.k_proj(x))
+
+
+def test_gated_mlp_equals_llama_mlp_with_the_same_weights():
+    config = LlamaConfig(hidden_size=12, intermediate_size=20, num_attention_heads=2, num_key_value_heads=2,
+                         hidden_act="silu", mlp_bias=False)
+    torch.manual_seed(0)
+    ours, theirs = GatedMLP(config).double(), LlamaMLP(config).double()
+    assert ours.load_state_dict(theirs.state_dict()).missing_keys == []
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
