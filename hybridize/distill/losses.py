@@ -102,7 +102,8 @@ def _kd_forward(student_hidden, student_head, teacher_hidden, teacher_head, labe
     tau = options.temperature
     total = student_hidden.shape[0]
     exact = torch.promote_types(compute_dtype, torch.float32)  # softmax dtype: fp32, or fp64 for fp64 inputs
-    labelled = int((labels != IGNORE).sum())
+    # The count stays on the device: a host read here would stall the launch queue once per micro batch.
+    labelled = (labels != IGNORE).sum().to(exact)
     head_s = student_head.to(compute_dtype)  # [V, C]
     head_t = teacher_head.to(compute_dtype)  # [V, C]
     kl_sum = torch.zeros((), dtype=exact, device=student_hidden.device)
@@ -130,10 +131,11 @@ def _kd_forward(student_hidden, student_head, teacher_hidden, teacher_head, labe
         if not (grad_hidden or grad_head):
             continue
         d_logits = log_ps.exp().sub_(pt).mul_(tau / total)  # [n, V], the KL term's gradient
-        if options.ce_weight > 0 and labelled > 0:
+        if options.ce_weight > 0:
             d_ce = log_p1.exp_()  # [n, V]: softmax(s), in place (the CE sum is already taken)
             d_ce.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=exact, device=d_ce.device))
-            d_logits.add_(d_ce.mul_(valid[:, None].to(exact) * (options.ce_weight / labelled)))
+            # rows without a label get 0 (valid is False), also when no row has one (then the divisor is clamped)
+            d_logits.add_(d_ce.mul_(valid[:, None].to(exact) * (options.ce_weight / labelled.clamp_min(1))))
             del d_ce
         d_logits = d_logits.to(compute_dtype)
         if grad_hidden:
@@ -141,6 +143,6 @@ def _kd_forward(student_hidden, student_head, teacher_hidden, teacher_head, labe
         if grad_head:
             d_head += (d_logits.T @ h).to(exact)  # [V, C]
     kl = kl_sum / total
-    ce = ce_sum / labelled if labelled else torch.full_like(ce_sum, float("nan"))
-    loss = tau**2 * kl + (options.ce_weight * ce if options.ce_weight > 0 and labelled else 0.0)
+    ce = ce_sum / labelled  # nan (0 / 0) without labels
+    loss = tau**2 * kl + (torch.where(labelled > 0, options.ce_weight * ce, 0.0) if options.ce_weight > 0 else 0.0)
     return loss, kl.detach(), ce.detach(), d_hidden, (d_head.to(student_head.dtype) if grad_head else None)

@@ -207,6 +207,14 @@ class Trainer:
         }
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch -> device. To a GPU from pinned memory: a copy from pageable memory first waits for every kernel
+    already queued, which would stop the host from queueing the next micro batch while the GPU runs this one."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 def place_teacher(teacher: nn.Module, accelerator: Accelerator) -> None:
     """Put the frozen teacher on the device; under FSDP2, shard its decoder layers like the student's.
 
@@ -350,7 +358,7 @@ class StageRun:
             # Gradients are synchronized only after the last micro batch.
             sync = micro == self.accumulation - 1
             with nullcontext() if sync else accelerator.no_sync(self.model):
-                loss, parts = self.model(input_ids.to(accelerator.device))
+                loss, parts = self.model(to_device(input_ids, accelerator.device))
                 accelerator.backward(loss / self.accumulation)
             loss_sum += loss.detach().float() / self.accumulation
             for name, value in parts.items():
@@ -376,7 +384,7 @@ class StageRun:
         part_sums: dict[str, torch.Tensor] = {}
         self.model.eval()
         for input_ids in batches:
-            loss, parts = self.model(input_ids.to(accelerator.device))
+            loss, parts = self.model(to_device(input_ids, accelerator.device))
             loss_sum += loss.float() / len(batches)
             for name, value in parts.items():
                 part_sums[name] = part_sums.get(name, 0) + value.float() / len(batches)

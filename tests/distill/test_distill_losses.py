@@ -125,3 +125,20 @@ def test_bf16_autocast_computes_logits_in_bf16_and_stays_close():
     assert low.loss.item() == pytest.approx(exact.loss.item(), rel=0.05)
     low.loss.backward()
     assert hidden.grad.dtype == torch.float32 and torch.isfinite(hidden.grad).all()
+
+
+def test_ce_weight_without_any_label_adds_nothing():
+    """No labelled token: CE is nan (0 / 0) and neither the loss nor the gradient gets a CE term or a nan."""
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    head, teacher_head = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    unlabelled = torch.full((5,), IGNORE)
+    grads = []
+    for ce_weight in (0.0, 0.5):
+        hidden = s.clone().requires_grad_()
+        out = kd_loss(hidden, head, t, teacher_head, unlabelled, KDOptions(ce_weight=ce_weight))
+        out.loss.backward()
+        assert torch.isnan(out.ce)
+        grads.append((out.loss.detach(), hidden.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=0, atol=0)
