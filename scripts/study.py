@@ -42,6 +42,11 @@ def analyzer_plan(budget: int) -> Path:
     return ANALYZE_DIR if budget == BUDGET else Path(f"{ANALYZE_DIR}-k{budget}")
 
 
+# The headline budget chosen for Gated DeltaNet alone: the kept layers a GDN hybrid needs differ from those that
+# suit windows elsewhere (docs/results.md, second pass).
+ANALYZE_GDN_DIR = Path(f"{ANALYZE_DIR}-gdn")
+
+
 def kept_layers(plan_file: Path) -> list[int]:
     return [i for i, kind in enumerate(json.loads(plan_file.read_text())["layer_types"]) if kind == "full_attention"]
 
@@ -61,6 +66,7 @@ def runs() -> list[Run]:
         Run("headline", "all", "both", str(plan8)),
         Run("layers-analyzer-gdn", "layers/mixers", "both", f"full_attention:{','.join(map(str, kept))} gated_deltanet:rest"),
         Run("layers-uniform-gdn", "layers", "both", f"uniform:{BUDGET}:gated_deltanet"),
+        Run("layers-analyzer-for-gdn", "layers", "both", str(ANALYZE_GDN_DIR / "plan.json")),
         Run("layers-first-gdn", "layers", "both", cycled(list(range(BUDGET)), ("gated_deltanet",))),
         Run("layers-last-gdn", "layers", "both", cycled(list(range(TEACHER_LAYERS - BUDGET, TEACHER_LAYERS)),
                                                          ("gated_deltanet",))),
@@ -89,7 +95,8 @@ def hybridize(*args: str) -> list[str]:
 
 
 def analyze(budgets: list[int]) -> None:
-    """One full analysis at the headline budget; the other budgets choose from its scores (`--scores`, seconds)."""
+    """One full analysis at the headline budget; the other budgets, and the GDN-only choice, come from its scores
+    (`--scores`, seconds)."""
     log = Path(f"{ANALYZE_DIR}.log")
     if not (ANALYZE_DIR / "plan.json").exists():
         ANALYZE_DIR.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +105,9 @@ def analyze(budgets: list[int]) -> None:
         if k != BUDGET and not (analyzer_plan(k) / "plan.json").exists():
             sh(hybridize("analyze", "--budget", str(k), "--scores", str(ANALYZE_DIR / "plan.json"),
                          "--out", str(analyzer_plan(k))), log)
+    if not (ANALYZE_GDN_DIR / "plan.json").exists():
+        sh(hybridize("analyze", "--budget", str(BUDGET), "--mixers", "gated_deltanet", "--scores",
+                     str(ANALYZE_DIR / "plan.json"), "--out", str(ANALYZE_GDN_DIR)), log)
 
 
 def run_one(run: Run, root: Path) -> None:
@@ -145,8 +155,17 @@ def metrics(root: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def run_seconds(folder: Path) -> float | None:
+    """Wall time of a finished run; None while its later steps (bench, push) have not finished."""
+    record = folder / "study-run.json"
+    return json.loads(record.read_text())["seconds"] if record.exists() else None
+
+
 def report(args) -> int:
     root = Path(args.root)
+    if not root.is_dir():
+        print(f"study report: no study folder {root} (run `python scripts/study.py run` first)", file=sys.stderr)
+        return 2
     rows = []
     for run in runs():
         result = metrics(root, run.name)
@@ -160,7 +179,7 @@ def report(args) -> int:
                      **{f"ppl_ratio_{d}": v["student_ppl"] / v["teacher_ppl"] for d, v in domains.items()},
                      **{k: overall[k] for k in ("kl", "top1", "greedy_exact", "greedy_prefix")},
                      **{f"{test}_relative": recall[test]["relative"] for test in ("passkey", "mqar") if test in recall},
-                     "seconds": json.loads((root / run.name / "study-run.json").read_text())["seconds"]})
+                     "seconds": run_seconds(root / run.name)})
     (root / "study.json").write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows, indent=1))
     return 0
