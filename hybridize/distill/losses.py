@@ -104,6 +104,8 @@ def _kd_forward(student_hidden, student_head, teacher_hidden, teacher_head, labe
     exact = torch.promote_types(compute_dtype, torch.float32)  # softmax dtype: fp32, or fp64 for fp64 inputs
     # The count stays on the device: a host read here would stall the launch queue once per micro batch.
     labelled = (labels != IGNORE).sum().to(exact)
+    # CE gradient weight per labelled row; clamped so that with no label at all (every row masked out) it is finite
+    ce_per_label = options.ce_weight / labelled.clamp_min(1)
     head_s = student_head.to(compute_dtype)  # [V, C]
     head_t = teacher_head.to(compute_dtype)  # [V, C]
     kl_sum = torch.zeros((), dtype=exact, device=student_hidden.device)
@@ -134,8 +136,7 @@ def _kd_forward(student_hidden, student_head, teacher_hidden, teacher_head, labe
         if options.ce_weight > 0:
             d_ce = log_p1.exp_()  # [n, V]: softmax(s), in place (the CE sum is already taken)
             d_ce.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=exact, device=d_ce.device))
-            # rows without a label get 0 (valid is False), also when no row has one (then the divisor is clamped)
-            d_logits.add_(d_ce.mul_(valid[:, None].to(exact) * (options.ce_weight / labelled.clamp_min(1))))
+            d_logits.add_(d_ce.mul_(valid[:, None].to(exact) * ce_per_label))  # rows without a label get 0
             del d_ce
         d_logits = d_logits.to(compute_dtype)
         if grad_hidden:

@@ -10,15 +10,17 @@ from torch import nn
 def project(x: torch.Tensor, groups: Sequence[Sequence[nn.Module]]) -> tuple[torch.Tensor, ...]:
     """One output per group, the group's layers applied to x [..., C] and concatenated on the last axis.
 
-    When every layer is a plain nn.Linear the whole set is one matmul over the concatenated weights: a mixer's
-    five or six projections then cost one GEMM forward and one input-gradient GEMM backward instead of one each
-    plus a sum of their input gradients, which matters for small models whose layers are launch-bound. A layer
-    wrapped by an adapter (peft's LoRA replaces nn.Linear with its own module) is called as it is, so the
-    adapter keeps working. Outputs are views of one [..., N] tensor: contiguous in the last axis only.
+    While gradients are recorded and every layer is a plain nn.Linear, the whole set is one matmul over the
+    concatenated weights: a mixer's five or six projections then cost one GEMM forward and one input-gradient GEMM
+    backward instead of one each plus a sum of their input gradients, which matters for small models whose layers
+    are launch-bound. Without gradients (prefill, decoding) the layers run one by one: there is no gradient sum to
+    save, and concatenating the weights at every decode step would copy them on each token. A layer wrapped by an
+    adapter (peft's LoRA replaces nn.Linear with its own module) is called as it is, so the adapter keeps working.
+    Fused outputs are views of one [..., N] tensor: contiguous in the last axis only.
     """
     layers = [layer for group in groups for layer in group]
     widths = [sum(layer.out_features for layer in group) for group in groups]
-    if not all(type(layer) is nn.Linear for layer in layers):
+    if not torch.is_grad_enabled() or not all(type(layer) is nn.Linear for layer in layers):
         return tuple(torch.cat([layer(x) for layer in group], -1) if len(group) > 1 else group[0](x)
                      for group in groups)
     weight = torch.cat([layer.weight for layer in layers])  # [N, C]

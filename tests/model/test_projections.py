@@ -37,6 +37,15 @@ def test_plain_linears_match_separate_calls_with_and_without_biases():
         _check_against_separate([(q,), (k,), (v,), (a,)], x)
 
 
+def test_without_gradients_the_same_outputs():
+    q, k, v, a = _layers((True, False, True, False))
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    with torch.no_grad():
+        unfused = project(x, [(q, k, v), (a,)])
+    for got, want in zip(unfused, project(x, [(q, k, v), (a,)])):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_a_lora_wrapped_projection_keeps_its_adapter():
     holder = nn.Module()
     holder.q_proj, holder.k_proj, holder.v_proj, _ = _layers((False,) * 4)

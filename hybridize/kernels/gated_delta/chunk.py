@@ -541,11 +541,11 @@ def _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay: _Layout, need_dh0: bo
 def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
     """dq in full, dk and dgc without their WY parts, and dw (per value head); dgc in [B, T, H, NK] shares.
 
-    dq is per value head: in q's dtype when every head has its own q, else in fp32 for the sum over the group.
+    dq is per value head, in `_per_head_grad_dtype`.
     """
     B, T, HK, K = q.shape
     H, V = do.shape[2], do.shape[3]
-    dq = torch.empty(B, T, H, K, dtype=q.dtype if H == HK else torch.float32, device=q.device)
+    dq = torch.empty(B, T, H, K, dtype=_per_head_grad_dtype(q, H), device=q.device)
     dk = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dw = torch.empty(B, T, H, K, dtype=q.dtype, device=q.device)
     BK = _bk(K)
@@ -562,11 +562,11 @@ def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
 def _wy_bwd(k, v, beta, gc, Ai, dw, du, dk_in, dg_in, lay: _Layout):
     """Back through w and u: the full dk (per value head), dv, dbeta, and dg (reverse cumsum of dgc).
 
-    dk_in, dg_in: the non-WY parts from `_dqkw`. dv is in v's dtype; dk in k's, or fp32 when heads share k.
+    dk_in, dg_in: the non-WY parts from `_dqkw`. dv is in v's dtype, dk in `_per_head_grad_dtype`.
     """
     HK, K = k.shape[2], k.shape[3]
     H, V = v.shape[2], v.shape[3]
-    dk = torch.empty(dk_in.shape, dtype=k.dtype if H == HK else torch.float32, device=k.device)
+    dk = torch.empty(dk_in.shape, dtype=_per_head_grad_dtype(k, H), device=k.device)
     dv = torch.empty_like(v)
     dbeta = torch.empty(beta.shape, dtype=torch.float32, device=beta.device)
     dg = torch.empty(beta.shape, dtype=torch.float32, device=beta.device)
@@ -576,6 +576,12 @@ def _wy_bwd(k, v, beta, gc, Ai, dw, du, dk_in, dg_in, lay: _Layout):
         H=H, HK=HK, K=K, V=V, BK=min(_bk(K), 64), NK=dg_in.shape[-1],
     )
     return dk, dv, dbeta, dg
+
+
+def _per_head_grad_dtype(x: torch.Tensor, H: int) -> torch.dtype:
+    """dtype of a per-value-head gradient of q or k ([B, T, HK, K]): x's own when every value head has its own
+    q/k head (nothing to sum), else fp32, the precision `_sum_groups` adds the group's shares in."""
+    return x.dtype if x.shape[2] == H else torch.float32
 
 
 def _sum_groups(x: torch.Tensor, HK: int) -> torch.Tensor:
