@@ -1,8 +1,10 @@
-"""Llama attention (full or sliding-window) with RoPE: flash-attn when installed, PyTorch SDPA otherwise."""
+"""Llama attention (full or sliding-window) with RoPE: flash-attn when installed; otherwise PyTorch SDPA, and
+compiled flex attention for sliding windows on CUDA when the keys are the queries (training, a first prefill)."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .context import SequenceContext
@@ -12,6 +14,12 @@ try:
     from flash_attn import flash_attn_func
 except ImportError:  # flash-attn is optional; SDPA serves every case it would
     flash_attn_func = None
+
+
+def visible(distance: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Whether a key `distance` slots before its query (query - key slot) is attended: causal, within the window."""
+    allowed = distance >= 0
+    return allowed if window is None else allowed & (distance < window)
 
 
 def attention_mask_for(
@@ -24,13 +32,58 @@ def attention_mask_for(
     all-masked row (their outputs are ignored).
     """
     distance = query_slots[:, None] - key_slots[None, :]  # [Tq, Tk]
-    allowed = distance >= 0
-    if window is not None:
-        allowed = allowed & (distance < window)
-    allowed = allowed[None, None]  # [1, 1, Tq, Tk]
+    allowed = visible(distance, window)[None, None]  # [1, 1, Tq, Tk]
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :].bool()
     return allowed | (distance == 0)[None, None]
+
+
+# Plain module state, no functools: the Hub export's remote code may import only torch, transformers and a few
+# standard modules (tests/publish). Both are filled on first use, so importing the model compiles nothing.
+_compiled_flex_attention = None
+# BlockMasks by (length, window, device), shared by every layer and step. Each holds int32 tile tables of
+# O((T/128)^2) entries (64 KiB at T = 8K, 16 MiB at 128K); building one evaluates the mask densely once ([T, T],
+# which the SDPA path does in every layer). Past 16 keys the oldest is dropped, so an evaluation's many lengths
+# cannot pile up.
+_block_masks: dict[tuple[int, int, torch.device], BlockMask] = {}
+_MAX_BLOCK_MASKS = 16
+
+
+def _flex_attention():
+    """flex_attention compiled once. Eager it computes every score densely; compiled it is one fused kernel that
+    skips the tiles outside the block mask. Shapes are left to torch.compile's default: a second sequence length
+    recompiles once for dynamic lengths, where dynamic=False would recompile for every new length and, past
+    dynamo's recompile limit, fall back to the dense eager path."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention
+
+
+def _window_block_mask(length: int, window: int, device: torch.device) -> BlockMask:
+    key = (length, window, device)
+    if key not in _block_masks:
+        if len(_block_masks) == _MAX_BLOCK_MASKS:
+            del _block_masks[next(iter(_block_masks))]  # dicts keep insertion order: the oldest
+
+        def mask_mod(batch, head, query, kv):
+            return visible(query - kv, window)
+
+        _block_masks[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+    return _block_masks[key]
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal attention within `window` tokens, key i being query i's token (no cache, no padding):
+    q [B, H, T, D], k and v [B, Hkv, T, D] -> [B, H, T, D]."""
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        # Autocast casts SDPA's inputs but not flex attention's, and RoPE's fp32 tables leave q and k in fp32
+        # while v is in the autocast dtype: cast all three as autocast would for SDPA.
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    block_mask = _window_block_mask(q.shape[2], window, q.device)
+    return _flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=True)  # [B, H, T, D]
 
 
 class Attention(nn.Module):
@@ -84,6 +137,10 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa)
         if not padded and not windowed and length == 1:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        if q.is_cuda and not padded and past_tokens == 0 and length == key_length:
+            # Windowed: SDPA with a [T, T] mask would compute the whole causal square; flex skips the tiles
+            # outside the window. Only on CUDA, where flex attention also has a backward.
+            return sliding_window_attention(q, k, v, self.window)
         key_slots = torch.arange(total - key_length, total, device=q.device)
         query_slots = torch.arange(past_tokens, total, device=q.device)
         key_valid = attention_mask[:, total - key_length : total] if padded else None

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from helpers import assert_rel_rmse, requires_cuda
+import triton.language as tl
+from helpers import assert_rel_rmse, rel_rmse, requires_cuda
 
 from hybridize.kernels.gated_delta import chunk, chunk_gated_delta_rule, gated_delta_step, reference
 from hybridize.kernels.tuning import pinned
@@ -97,10 +98,12 @@ def guard(monkeypatch):
     bands.check()
 
 
-# Every kernel that `chunk.py` autotunes, and each of its configs (test ids: kernel-BV-warps-stages).
+# Every kernel that `chunk.py` autotunes, and each of its configs (test ids: kernel-BV-warps-stages, and -r with the
+# register cap of a capped config).
 TUNED = [name for name, obj in vars(chunk).items() if isinstance(obj, triton.runtime.Autotuner)]
 ALL_CONFIGS = [
-    pytest.param(name, cfg, id=f"{name}-BV{cfg.kwargs['BV']}-w{cfg.num_warps}-s{cfg.num_stages}")
+    pytest.param(name, cfg, id=f"{name}-BV{cfg.kwargs['BV']}-w{cfg.num_warps}-s{cfg.num_stages}"
+                 + (f"-r{cfg.maxnreg}" if cfg.maxnreg else ""))
     for name in TUNED for cfg in getattr(chunk, name).all_configs
 ]
 # Under the interpreter warps and stages change nothing: one config per other BV than the first config's.
@@ -200,6 +203,62 @@ def test_triton_chunk_rejects_bad_shapes():
         chunk_gated_delta_rule(q, k, v, g, beta, backend="triton", cu_seqlens=torch.tensor([0, 8, 16]))
 
 
+@triton.jit
+def _solve_kernel(A, Ai, BT: tl.constexpr):
+    # (I + A)^{-1} of the program's [BT, BT] matrix, by the helper the WY kernel uses
+    o = tl.arange(0, BT)
+    p = tl.program_id(0) * BT * BT + o[:, None] * BT + o[None, :]
+    tl.store(Ai + p, chunk._solve_unit_lower(tl.load(A + p), BT))
+
+
+def _strictly_lower(kind, n, BT, device="cpu"):
+    """n strictly lower [BT, BT] fp32 matrices. layer: the kernels' A, beta_i (k_i . k_j) exp(gc_i - gc_j) with unit
+    keys; correlated: the same with near-parallel keys and beta near 1 (entries near 1); keys: k_i . k_j of
+    unnormalized 8-dim keys (entries up to ~15, inverse entries up to ~1e21 at BT=64); negative: -0.9 everywhere
+    (inverse entries 1.9^(i-j-1), ~1e17 at BT=64)."""
+    gen = torch.Generator().manual_seed(BT)
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    if kind == "negative":
+        A = torch.full((n, BT, BT), -0.9, dtype=torch.float64)
+    elif kind == "keys":
+        k = randn(n, BT, 8)
+        A = k @ k.mT
+    else:
+        shared = 3.0 * randn(n, 1, 32) if kind == "correlated" else 0.0
+        k = F.normalize(shared + randn(n, BT, 32), dim=-1)
+        beta = torch.sigmoid(randn(n, BT, 1) + (3.0 if kind == "correlated" else 0.0))
+        gc = F.logsigmoid(randn(n, BT) + 2.0).cumsum(-1)
+        A = beta * (k @ k.mT) * (gc[:, :, None] - gc[:, None, :]).clamp_max(0).exp()
+    return A.tril(-1).float().to(device)
+
+
+def _solve(A):
+    """(I + A)^{-1} of each [BT, BT] matrix of A by `chunk._solve_unit_lower`; also checks that it is exactly unit lower
+    triangular (zeros above the diagonal are what the backward relies on)."""
+    BT = A.shape[-1]
+    Ai = torch.empty_like(A)
+    _solve_kernel[(A.shape[0],)](A, Ai, BT=BT)
+    eye = torch.eye(BT, device=A.device)
+    assert torch.equal(Ai.triu(), eye.expand_as(Ai)), "the inverse must be unit lower triangular"
+    return Ai
+
+
+def _fp64_inverse(A):
+    eye = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
+    return torch.linalg.solve_triangular(eye + A.double(), eye.expand_as(A), upper=False)
+
+
+@pytest.mark.parametrize("BT", [16, 32, 64])
+@pytest.mark.parametrize("kind", ["layer", "correlated", "keys", "negative"])
+def test_solve_unit_lower_matches_fp64(kind, BT):
+    """In fp32 (interpreted: exact fp32 matmuls) the block doubling is as accurate as a row-by-row substitution
+    (`reference.unit_lower_inverse` in fp32), also where the inverse's entries span many orders of magnitude."""
+    A = _strictly_lower(kind, 8, BT)
+    Ai, substituted, expected = _solve(A), reference.unit_lower_inverse(A), _fp64_inverse(A)
+    for i in range(A.shape[0]):
+        assert_rel_rmse(Ai[i], expected[i], 4 * rel_rmse(substituted[i], expected[i]) + 1e-7, f"matrix {i}")
+
+
 def _step_inputs(B, HK, H, K, V, seed):
     (q, k, v, g, beta), h0 = make_inputs(B, 1, HK, H, K, V, seed=seed)
     return q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0
@@ -280,6 +339,16 @@ def test_triton_chunk_every_config_cuda(name, config, K, guard):
         actual = run_with_grads(chunk_gated_delta_rule, inputs, h0, place=guard.place)
         torch.cuda.synchronize()
     assert_all_close(actual, expected, BF16_TOL)
+
+
+@requires_cuda
+@pytest.mark.parametrize("BT", [16, 32, 64])
+@pytest.mark.parametrize("kind", ["layer", "correlated"])
+def test_solve_unit_lower_tf32_cuda(kind, BT):
+    """On the GPU the doubling matmuls run in tf32 (10-bit mantissa): on the A of real layers the inverse must stay
+    within a few tf32 roundings, below the bf16 rounding (2^-9) it gets before w = Ai (beta exp(gc) k)."""
+    A = _strictly_lower(kind, 8, BT, "cuda")
+    assert_rel_rmse(_solve(A), _fp64_inverse(A), 2e-3, f"{kind} BT={BT}")
 
 
 @requires_cuda

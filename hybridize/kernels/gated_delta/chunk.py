@@ -4,7 +4,8 @@ Every sequence (a batch row, or one of the cu_seqlens-packed sequences) is cut i
 is named by (sequence i_n, chunk-in-sequence i_t), read from `chunk_indices` with varlen and computed from T
 without, and its states live at index chunk_offsets[i_n] + i_t of the per-chunk buffers. Matmul operands are in
 the input dtype, accumulators, gates and states in fp32. The math, including the gradients, is in README.md.
-Block sizes BV, warps and pipeline depths are autotuned on the GPU (`hybridize.kernels.tuning`).
+Block sizes BV, warps, pipeline depths (and, for the two backward kernels, a register cap) are autotuned on the GPU
+(`hybridize.kernels.tuning`).
 """
 
 from typing import NamedTuple
@@ -29,7 +30,14 @@ STATE_BWD_CONFIGS = configs(BV=(32, 64), num_warps=(4, 8), num_stages=(2, 3))
 CHUNK_CONFIGS = configs(BV=(64,), num_warps=(4, 8), num_stages=(2,))
 # The two backward kernels that transpose a matmul result into another matmul: BV=64 and 8 warps only, the layout
 # verified on Hopper with Triton 3.6, where other layouts of this pattern are miscompiled (fla issues #640, #984).
-BWD_CONFIGS = configs(BV=(64,), num_warps=(8,), num_stages=(2,))
+# Each config also comes capped at 128 registers a thread (ptxas .maxnreg: the same compiled layouts, only register
+# allocation differs). Uncapped, _dqkw takes ~150 and _wy_bwd ~250 (sm_90, K=V=128), so one CTA of 8 warps per SM;
+# capped, two fit and hide each other's memory latency, for ~16 (_dqkw) or ~420 (_wy_bwd) bytes of spills a thread.
+# Autotuning keeps the faster.
+_BWD_LAYOUTS = configs(BV=(64,), num_warps=(8,), num_stages=(2,))
+BWD_CONFIGS = _BWD_LAYOUTS + [
+    triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=128) for c in _BWD_LAYOUTS
+]
 
 
 @triton.jit
@@ -40,25 +48,23 @@ def _masked_exp(b_d, m):
 
 @triton.jit
 def _solve_unit_lower(b_A, BT: tl.constexpr):
-    """(I + A)^{-1} of a strictly lower [BT, BT] tile.
+    """(I + A)^{-1} of a strictly lower [BT, BT] tile, by doubling the inverted diagonal blocks.
 
-    The 16x16 diagonal blocks are inverted by forward substitution (row i = e_i - sum_{j<i} A_ij row_j), step i
-    doing row i of every block at once. With D that block-diagonal inverse and N = D A_off (A_off: A below the
-    diagonal blocks, so N^4 = 0): (I + A)^{-1} = (I + N)^{-1} D = (I - N)(I + N^2) D, four matmuls.
+    With T the inverse of I + A on the diagonal blocks of size S, two sibling blocks merge into one of size 2S by
+    [[X, 0], [A21, Y]]^{-1} = [[X^-1, 0], [-Y^-1 A21 X^-1, Y^-1]]: T <- T - T A_S T, A_S being A on the entries that
+    join the siblings. Blocks of 2 need no matmul (T = I - A there); then log2(BT) - 1 doublings of two matmuls each
+    (10 at BT = 64), where a row-by-row substitution would take BT - 1 steps of masked reductions over the whole tile.
+    The matmuls run in tf32, like the rest of the fp32 matmuls here: the entries they form are the blocks of the
+    inverse itself (no cancelling powers of A), and Ai meets bf16 operands wherever it is used.
     """
     o_i = tl.arange(0, BT)
-    m_blk = (o_i[:, None] // 16) == (o_i[None, :] // 16)
-    b_L = tl.where(m_blk, -b_A, 0.0)
-    for i in range(1, 16):
-        m_i = (o_i % 16) == i
-        # Blocks share no columns, so one vector holds row i of every block; rows from i on are still zero there.
-        b_a = tl.sum(tl.where(m_i[:, None], b_L, 0.0), 0)
-        b_a = b_a + tl.sum(b_a[:, None] * b_L, 0)
-        b_L = tl.where(m_i[:, None] & m_blk, b_a[None, :], b_L)
-    b_D = b_L + (o_i[:, None] == o_i[None, :]).to(tl.float32)
-    b_N = tl.dot(b_D, tl.where(m_blk, 0.0, b_A))
-    b_T = b_D + tl.dot(tl.dot(b_N, b_N), b_D)
-    return b_T - tl.dot(b_N, b_T)
+    b_T = (o_i[:, None] == o_i[None, :]).to(tl.float32) - tl.where((o_i[:, None] ^ 1) == o_i[None, :], b_A, 0.0)
+    for j in tl.static_range(1, BT.bit_length() - 1):
+        # column in the sibling of the row's block of S = 2^j; from 1D indices, so that no [BT, BT] integer tile
+        # stays live across the steps
+        m_s = ((o_i ^ (1 << j))[:, None] >> j) == (o_i[None, :] >> j)
+        b_T -= tl.dot(b_T, tl.dot(tl.where(m_s, b_A, 0.0), b_T))
+    return b_T
 
 
 @triton.jit
@@ -112,13 +118,15 @@ def _wy_fwd_kernel(
     # A_ij = beta_i (k_i . k_j) exp(gc_i - gc_j) for j < i; Ai = (I + A)^{-1}
     b_A = tl.dot(b_k, tl.trans(b_k)) * b_b[:, None]
     b_A = b_A * _masked_exp(b_g[:, None] - b_g[None, :], o_i[:, None] > o_i[None, :])
-    b_kb = (b_k * (b_b * tl.exp(b_g))[:, None]).to(b_k.dtype)
     b_Ai = _solve_unit_lower(b_A, BT)  # [BT, BT]
     if STORE_AI:  # only the backward reads it
         p_Ai = tl.make_block_ptr(Ai + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
         tl.store(p_Ai, b_Ai, boundary_check=(0, 1))
 
     b_Ai = b_Ai.to(b_k.dtype)
+    # k again (from L2) rather than kept in registers across the solve, which already holds four [BT, BT] fp32 tiles
+    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+    b_kb = (b_k * (b_b * tl.exp(b_g))[:, None]).to(b_k.dtype)
     p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
     tl.store(p_w, tl.dot(b_Ai, b_kb).to(p_w.dtype.element_ty), boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):
@@ -290,8 +298,10 @@ def _dqkw_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    # one program per (chunk, value head, BK-slice of K); the dg it writes is that slice's share
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # one program per (chunk, value head, BK-slice of K); the dg it writes is that slice's share. The slices of a
+    # chunk are neighbours in launch order, so the second one finds do, v_new and dv (read whole by each) in L2.
+    i_ck, i_h = tl.program_id(0), tl.program_id(1)
+    i_c, i_k = i_ck // NK, i_ck % NK
     bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
@@ -552,7 +562,7 @@ def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
     # K is cut in slices of 64 to keep the three [BT, BK] accumulators in registers; each slice adds its dgc share.
     NK = triton.cdiv(BK, 64)
     dg = torch.empty(B, T, H, NK, dtype=torch.float32, device=q.device)
-    _dqkw_kernel[(lay.NC, H, NK)](
+    _dqkw_kernel[(lay.NC * NK, H)](
         q, k, v_new, h, dh, do, dv, gc, dq, dk, dw, dg, scale, lay.cu_seqlens, lay.chunk_indices, lay.T,
         H=H, HK=HK, K=K, V=V, BT=lay.BT, BK=BK // NK, NK=NK, IS_VARLEN=lay.varlen,
     )
