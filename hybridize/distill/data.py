@@ -190,14 +190,16 @@ class StageData:
         return self.train[self.order.blocks(start, micro_batch)]["input_ids"]
 
     def eval_batches(self, micro_batch: int, sequences: int, rank: int, world: int) -> list[torch.Tensor]:
-        """This rank's share of the first `sequences` held-out blocks, in micro batches.
+        """This rank's share of the first `sequences` held-out blocks, in micro batches (the last may be smaller).
 
-        Every rank gets the same number of batches (FSDP needs every rank in each forward), and for any
-        world size dividing the count, the union is the same set of sequences, so the mean is comparable.
+        Every rank gets the same number of sequences in the same batch sizes (FSDP needs every rank in each
+        forward), and for any world size dividing the count, the union is the same set of sequences, so the mean is
+        comparable. Only the remainder of `sequences` over `world` is left out, never a whole micro batch per rank.
         """
-        count = min(sequences, len(self.held_out)) // (micro_batch * world)
-        return [self.held_out[(b * world + rank) * micro_batch : (b * world + rank + 1) * micro_batch]["input_ids"]
-                for b in range(count)]
+        share = min(sequences, len(self.held_out)) // world
+        first = rank * share
+        return [self.held_out[first + start : first + min(start + micro_batch, share)]["input_ids"]
+                for start in range(0, share, micro_batch)]
 
     def record(self) -> dict:
         return {"seq_len": self.seq_len, "train_blocks": len(self.train), "held_out_blocks": len(self.held_out)}

@@ -382,12 +382,14 @@ class StageRun:
             return
         loss_sum = torch.zeros((), device=accelerator.device)
         part_sums: dict[str, torch.Tensor] = {}
+        sequences = sum(len(input_ids) for input_ids in batches)
         self.model.eval()
         for input_ids in batches:
             loss, parts = self.model(to_device(input_ids, accelerator.device))
-            loss_sum += loss.float() / len(batches)
+            weight = len(input_ids) / sequences  # batch means, weighted by size: the last batch may be smaller
+            loss_sum += loss.float() * weight
             for name, value in parts.items():
-                part_sums[name] = part_sums.get(name, 0) + value.float() / len(batches)
+                part_sums[name] = part_sums.get(name, 0) + value.float() * weight
         self.model.train()
         self._report({"split": "eval", **self._mean_over_processes(loss_sum, part_sums)}, tracker=True)
 

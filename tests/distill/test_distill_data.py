@@ -98,11 +98,24 @@ def test_global_batches_are_the_same_for_any_world_size():
 def test_eval_batches_cover_the_same_sequences_for_any_world_size():
     blocks = datasets.Dataset.from_dict({"input_ids": [[i] * 3 for i in range(10)]}).with_format("torch")
     data = StageData(train=blocks, held_out=blocks, seq_len=3, order=BlockOrder(10, seed=0))
-    for world in (1, 2, 4):
-        seen = sorted(row[0].item() for rank in range(world) for batch in data.eval_batches(2, 8, rank, world)
-                      for row in batch)
-        assert seen == list(range(8))
-        assert len({len(data.eval_batches(2, 8, rank, world)) for rank in range(world)}) == 1
+    for world in (1, 2, 4, 8):
+        for micro in (2, 3, 8):
+            shares = [data.eval_batches(micro, 8, rank, world) for rank in range(world)]
+            seen = sorted(row[0].item() for batches in shares for batch in batches for row in batch)
+            assert seen == list(range(8)), (world, micro)
+            # the same batch sizes on every rank, none larger than the micro batch
+            sizes = {tuple(len(batch) for batch in batches) for batches in shares}
+            assert len(sizes) == 1 and max(next(iter(sizes))) <= micro, (world, micro, sizes)
+
+
+def test_eval_batches_leave_out_only_the_remainder_over_the_world_size():
+    blocks = datasets.Dataset.from_dict({"input_ids": [[i] * 3 for i in range(10)]}).with_format("torch")
+    data = StageData(train=blocks, held_out=blocks, seq_len=3, order=BlockOrder(10, seed=0))
+    # 7 sequences over 2 ranks with micro batches of 8: 3 each (one batch of 3), the 7th left out
+    shares = [data.eval_batches(8, 7, rank, 2) for rank in range(2)]
+    assert [[len(batch) for batch in batches] for batches in shares] == [[3], [3]]
+    # more sequences asked than held out: all 10 over 4 ranks is 2 each
+    assert sum(len(batch) for rank in range(4) for batch in data.eval_batches(8, 100, rank, 4)) == 8
 
 
 def test_data_errors_are_one_line(tmp_path, jsonl, tokenizer):

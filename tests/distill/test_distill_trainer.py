@@ -34,6 +34,18 @@ def test_stage2_lowers_the_kl(tmp_path, tiny_models, text_file):
     assert (final / "loss_curve.png").stat().st_size > 1000 and (tmp_path / "run" / "loss_curve.png").exists()
 
 
+def test_the_eval_mean_does_not_depend_on_how_the_sequences_are_batched(tmp_path, tiny_models, text_file):
+    """6 held-out sequences in micro batches of 4 + 2 or 2 + 2 + 2: the same mean, each sequence counted once."""
+    step0 = []
+    for micro in (4, 2):
+        raw = tiny_recipe(tiny_models, text_file, tmp_path / f"micro-{micro}",
+                          {"logging.eval_sequences": 6, "stages.1.micro_batch_size": micro})
+        raw["stages"] = [raw["stages"][1] | {"tokens": 256}]  # one step of 4 x 64 tokens
+        Trainer(parse_recipe(raw)).run()
+        step0.append(next(r for r in metrics(tmp_path / f"micro-{micro}") if r["split"] == "eval"))
+    assert step0[0]["kl"] == pytest.approx(step0[1]["kl"], rel=1e-5), step0
+
+
 def wait_for(path, process, timeout=300):
     deadline = time.monotonic() + timeout
     while not path.exists():
