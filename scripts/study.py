@@ -6,7 +6,8 @@ Every run is the shipped commands, as a user types them: `hybridize analyze`, th
 This file only names the runs, builds their plan strings, and gathers the eval JSONs into tables.
 
     python scripts/study.py run [--only NAME ...] [--deadline SECONDS]   # skips runs already evaluated
-    python scripts/study.py report --root runs/study                     # ROOT/study.json: one row per run
+    python scripts/study.py report --root runs/study                     # ROOT/study.json: one row per run,
+                                                                         # ROOT/questions.png, ROOT/pareto.png
 """
 
 import argparse
@@ -17,6 +18,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from hybridize.evaluate.plots import plt, save_figure  # plots.py selects the file-only backend first
 
 TEACHER_LAYERS = 30
 BUDGET = 8
@@ -29,10 +32,18 @@ CYCLES = {"MGS": ("mamba2", "gated_deltanet", "sliding_attention"),
           "GMS": ("gated_deltanet", "mamba2", "sliding_attention")}
 
 
+# What each question's panel in questions.png compares (a run may answer several: "layers/mixers").
+QUESTIONS = {"layers": "which layers (8 kept, GDN elsewhere)", "mixers": "which mixers (analyzer's 8 kept)",
+             "attention": "how much attention (K of 30 kept)", "stages": "which stages (3M tokens in all)",
+             "analyzer": "analyzer vs other plans (stage 1 only)"}
+# The Pareto plot's speed axis: `hybridize bench`'s bar point, the hybrid's fast decode path.
+BENCH_POINT = {"path": "hybrid fast", "context": 8192, "batch": 16}
+
+
 @dataclass(frozen=True)
 class Run:
     name: str
-    question: str
+    question: str  # keys of QUESTIONS, joined by "/"
     stages: str  # a recipe in RECIPES: both, stage1_only, stage2_only
     plan: str  # anything `hybridize convert --plan` takes
     kept: int = BUDGET
@@ -63,7 +74,7 @@ def runs() -> list[Run]:
     plan8 = analyzer_plan(BUDGET) / "plan.json"
     kept = kept_layers(plan8) if plan8.exists() else list(range(BUDGET))
     return [
-        Run("headline", "all", "both", str(plan8)),
+        Run("headline", "mixers/stages/attention", "both", str(plan8)),
         Run("layers-analyzer-gdn", "layers/mixers", "both", f"full_attention:{','.join(map(str, kept))} gated_deltanet:rest"),
         Run("layers-uniform-gdn", "layers", "both", f"uniform:{BUDGET}:gated_deltanet"),
         Run("layers-analyzer-for-gdn", "layers", "both", str(ANALYZE_GDN_DIR / "plan.json")),
@@ -161,6 +172,59 @@ def run_seconds(folder: Path) -> float | None:
     return json.loads(record.read_text())["seconds"] if record.exists() else None
 
 
+def bench_point(folder: Path) -> dict:
+    """Decode tokens/s and cache bytes of the run's bench at BENCH_POINT; {} when it was not benched there."""
+    path = folder / "bench" / "bench.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    row = next((r for r in rows if all(r[k] == v for k, v in BENCH_POINT.items()) and not r.get("oom")), None)
+    return {} if row is None else {"decode_tok_s": row["decode_tok_s"], "cache_bytes_per_seq": row["cache_bytes_per_seq"]}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (speed, kl) points no other point beats (as fast or faster and as close or closer, one of
+    them strictly), by increasing speed."""
+    def beaten(a, b):
+        return b[0] >= a[0] and b[1] <= a[1] and b != a
+
+    front = [i for i, p in enumerate(points) if not any(beaten(p, q) for q in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_questions(rows: list[dict], path: Path) -> None:
+    """One panel per question: each run's KL to the teacher, labelled with its worst perplexity ratio."""
+    asked = [q for q in QUESTIONS if any(q in row["question"].split("/") for row in rows)]
+    fig, axes = plt.subplots(len(asked), 1, figsize=(8, 1.2 + 0.45 * len(rows) * len(asked) / 2), squeeze=False)
+    for ax, question in zip(axes[:, 0], asked):
+        answers = sorted((r for r in rows if question in r["question"].split("/")), key=lambda r: r["kl"])
+        bars = ax.barh([r["run"] for r in answers], [r["kl"] for r in answers], color="#d9480f")
+        worst = [max(v for k, v in r.items() if k.startswith("ppl_ratio_")) for r in answers]
+        ax.bar_label(bars, [f"ppl ratio ≤ {w:.2f}" for w in worst], padding=3, fontsize=8)
+        ax.set_xlim(0, 1.3 * answers[-1]["kl"])  # room for the labels
+        ax.invert_yaxis()
+        ax.set_title(QUESTIONS[question], fontsize=10)
+    axes[-1, 0].set_xlabel("KL(teacher ‖ hybrid) per token, held-out text")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_pareto(rows: list[dict], path: Path) -> None:
+    """KL against the fast path's decode speed at BENCH_POINT, one point per benched run, the front joined."""
+    benched = [r for r in rows if r.get("decode_tok_s")]
+    points = [(r["decode_tok_s"], r["kl"]) for r in benched]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(*zip(*points), color="#d9480f")
+    for row, (x, y) in zip(benched, points):
+        ax.annotate(f"K={row['kept']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = pareto_front(points)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="#868e96", linestyle="--")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"decode tokens/s ({BENCH_POINT['path']}, {BENCH_POINT['context']} context, "
+                  f"batch {BENCH_POINT['batch']})")
+    ax.set_ylabel("KL(teacher ‖ hybrid) per token")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
 def report(args) -> int:
     root = Path(args.root)
     if not root.is_dir():
@@ -179,8 +243,13 @@ def report(args) -> int:
                      **{f"ppl_ratio_{d}": v["student_ppl"] / v["teacher_ppl"] for d, v in domains.items()},
                      **{k: overall[k] for k in ("kl", "top1", "greedy_exact", "greedy_prefix")},
                      **{f"{test}_relative": recall[test]["relative"] for test in ("passkey", "mqar") if test in recall},
+                     **bench_point(root / run.name),
                      "seconds": run_seconds(root / run.name)})
     (root / "study.json").write_text(json.dumps(rows, indent=1))
+    if rows:
+        plot_questions(rows, root / "questions.png")
+    if any(row.get("decode_tok_s") for row in rows):
+        plot_pareto(rows, root / "pareto.png")
     print(json.dumps(rows, indent=1))
     return 0
 

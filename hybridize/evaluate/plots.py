@@ -12,7 +12,8 @@ PATH_STYLE = {"hybrid generate": ("#f08c00", "--"), "hybrid fast": (STUDENT_COLO
               "teacher generate": ("#74c0fc", "--"), "teacher static": (TEACHER_COLOR, "-")}
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write fig to path atomically (a temporary file renamed into place), then close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -61,7 +62,7 @@ def plot_eval(results: dict, path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_title("recall accuracy")
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_passkey(passkey: dict, path: Path) -> None:
@@ -81,7 +82,7 @@ def plot_passkey(passkey: dict, path: Path) -> None:
             ax.set_ylabel("needle depth")
         ax.set_title(f"passkey: {'hybrid' if model == 'student' else 'teacher'} ({passkey[f'{model}_mean']:.0%})")
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_bench(result: dict, path: Path) -> None:
@@ -113,4 +114,4 @@ def plot_bench(result: dict, path: Path) -> None:
     fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=4, fontsize=8)
     fig.suptitle(f"hybrid vs teacher on {result['device']} ({result['dtype']})")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    _save(fig, path)
+    save_figure(fig, path)

@@ -1,0 +1,64 @@
+"""scripts/study.py report on the study's committed eval results: the rows, the question panels, the Pareto front."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED = REPO / "docs" / "results" / "study"
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("study", REPO / "scripts" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def report(root: Path) -> list[dict]:
+    done = subprocess.run([sys.executable, "scripts/study.py", "report", "--root", str(root)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((root / "study.json").read_text())
+
+
+def test_report_rows_and_question_panels_from_real_eval_results(tmp_path):
+    root = tmp_path / "study"
+    shutil.copytree(COMMITTED, root, ignore=shutil.ignore_patterns("*.png", "study.json"))
+    rows = report(root)
+    names = sorted(path.name for path in root.iterdir() if (path / "eval" / "eval.json").exists())
+    assert sorted(row["run"] for row in rows) == names and len(names) >= 8
+    for row in rows:
+        domains = json.loads((root / row["run"] / "eval" / "eval.json").read_text())["quality"]["domains"]
+        assert row["ppl_ratio_docs"] == domains["docs"]["student_ppl"] / domains["docs"]["teacher_ppl"]
+        assert "decode_tok_s" not in row  # none of these runs was benched
+    assert (root / "questions.png").stat().st_size > 10_000
+    assert not (root / "pareto.png").exists()
+
+
+def test_benched_runs_get_their_fast_decode_speed_and_a_pareto_plot(tmp_path):
+    root = tmp_path / "study"
+    shutil.copytree(COMMITTED / "mixers-MGS", root / "attention-k5")
+    shutil.copytree(COMMITTED / "mixers-SGM", root / "attention-k2")
+    rows_of = lambda tok_s: [  # noqa: E731 - bench.json rows: the bar point, another batch, another path
+        {"path": "hybrid fast", "context": 8192, "batch": 16, "decode_tok_s": tok_s, "cache_bytes_per_seq": 7},
+        {"path": "hybrid fast", "context": 8192, "batch": 1, "decode_tok_s": 1.0, "cache_bytes_per_seq": 7},
+        {"path": "teacher static", "context": 8192, "batch": 16, "decode_tok_s": 2.0, "cache_bytes_per_seq": 9}]
+    for name, tok_s in (("attention-k5", 9000.0), ("attention-k2", 12000.0)):
+        (root / name / "bench").mkdir()
+        (root / name / "bench" / "bench.json").write_text(json.dumps({"rows": rows_of(tok_s)}))
+    rows = {row["run"]: row for row in report(root)}
+    assert rows["attention-k5"]["decode_tok_s"] == 9000.0 and rows["attention-k2"]["decode_tok_s"] == 12000.0
+    assert rows["attention-k5"]["kept"] == 5 and rows["attention-k2"]["kept"] == 2
+    assert (root / "pareto.png").stat().st_size > 10_000
+
+
+def test_pareto_front_keeps_only_unbeaten_points_by_speed():
+    front = load_study().pareto_front
+    # (speed, kl): 1 is beaten by 0 (slower and worse), 3 by 2 (as fast, worse); 4 equals 2 and beats nothing
+    points = [(10.0, 0.1), (5.0, 0.2), (20.0, 0.3), (20.0, 0.4), (20.0, 0.3), (30.0, 0.9)]
+    assert front(points) == [0, 2, 4, 5]
+    assert front([(1.0, 1.0)]) == [0]
