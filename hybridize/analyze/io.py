@@ -22,7 +22,9 @@ from ..corpus import calibration_batch
 from ..distill.tracking import progress_bar
 from ..errors import UserError
 from ..teacher import load_teacher, teacher_identity
-from .proxies import FAST_RANKINGS, PROXY_NAMES, attention_proxies, proxy_sensitivity, repeated_random_tokens, spearman
+from .proxies import (
+    FAST_RANKINGS, PROXY_NAMES, WINDOW_STATISTICS, attention_proxies, proxy_sensitivity, repeated_random_tokens, spearman,
+)
 from .report import markdown_report, write_folder
 from .scores import (
     FitSettings, candidate_mixers, capture_held_out, fit_candidates, layer_scores, model_level, training_blocks,
@@ -129,7 +131,8 @@ def analyze_to_folder(
     layers = []
     for i in range(num_layers):
         row = {"layer": i, "choice": plan[i], "sensitivity": sensitivity[i],
-               "proxies": {name: proxies[name][i] for name in PROXY_NAMES}}
+               "proxies": {name: proxies[name][i] for name in PROXY_NAMES},
+               **{name: proxies[name][i] for name in WINDOW_STATISTICS}}
         if not settings.fast:
             for name in ("kl", "ppl_ratio", "rel_error", "fit_mse"):
                 row[name] = {kind: values[name][i] for kind, values in scored["scores"].items()}

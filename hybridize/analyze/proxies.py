@@ -8,6 +8,8 @@ Per layer (docs/analyze.md gives the reasoning):
                   i >= W (the only ones that lose anything) and heads;
 - induction:      on a random segment repeated twice, the mass each query of the repeat puts on the token after
                   its earlier copy, averaged over those queries; the max over heads (one induction head is enough).
+Beside the proxies, not ranked: first_token, p_i0 averaged like outside_window, the part of that mass which is an
+attention sink on the first token rather than distant content (a window that kept the first token would not lose it).
 The maps come from the teacher run with eager attention, one block at a time, reduced inside a forward hook
 so that no [B, H, T, T] map outlives its layer.
 """
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 import torch
 
 PROXY_NAMES = ("entropy", "distance", "outside_window", "induction")
+WINDOW_STATISTICS = ("first_token",)  # reported with the proxies, never ranked
 # +1: a higher value suggests the layer needs full attention more; entropy counts the other way (diffuse
 # attention is an average, which a recurrent state reproduces; sharp attention picks single tokens).
 NEEDS_ATTENTION_SIGN = {"entropy": -1.0, "distance": 1.0, "outside_window": 1.0, "induction": 1.0}
@@ -24,9 +27,9 @@ FAST_RANKINGS = ("combined",) + PROXY_NAMES
 
 
 def map_statistics(probs: torch.Tensor, window: int) -> dict[str, torch.Tensor | None]:
-    """Per-head means [H] of entropy, distance and outside_window for causal maps probs [B, H, T, T].
+    """Per-head means [H] of entropy, distance, outside_window and first_token for causal maps probs [B, H, T, T].
 
-    outside_window is None when T <= window (no query has a key outside its window).
+    outside_window and first_token are None when T <= window (no query has a key outside its window).
     """
     probs = probs.float()
     length = probs.shape[-1]
@@ -34,11 +37,13 @@ def map_statistics(probs: torch.Tensor, window: int) -> dict[str, torch.Tensor |
     entropy = torch.special.entr(probs).sum(-1)[..., 1:] / torch.log(positions[1:] + 1)  # [B, H, T-1]
     # Rows sum to 1, so sum_j p_ij (i - j) = i - sum_j p_ij j: a matrix-vector product, not a [T, T] product.
     distance = positions - probs @ positions  # [B, H, T]
-    stats = {"entropy": entropy.mean((0, 2)), "distance": distance.mean((0, 2)), "outside_window": None}
+    stats = {"entropy": entropy.mean((0, 2)), "distance": distance.mean((0, 2)), "outside_window": None,
+             "first_token": None}
     if length > window:
         far = (positions[window:, None] - positions[None, :]) >= window  # [T-W, T]
         outside = (probs[..., window:, :] * far).sum(-1)  # [B, H, T-W]
         stats["outside_window"] = outside.mean((0, 2))
+        stats["first_token"] = probs[..., window:, 0].mean((0, 2))  # token 0 is outside every query i >= W
     return stats
 
 
@@ -88,10 +93,10 @@ def attention_map_hooks(teacher, reduce):
 def attention_proxies(
     teacher, blocks: torch.LongTensor, induction_ids: torch.LongTensor, window: int, progress=None
 ) -> dict[str, list[float]]:
-    """{proxy name: one value per layer} from text blocks [N, T] and repeated-token blocks [M, 2P]."""
+    """{proxy or window statistic name: one value per layer} from text blocks [N, T] and repeated-token blocks [M, 2P]."""
     # per_head[name][layer]: one [H] tensor per forward
     per_head: dict[str, list[list[torch.Tensor]]] = {
-        name: [[] for _ in range(teacher.config.num_hidden_layers)] for name in PROXY_NAMES
+        name: [[] for _ in range(teacher.config.num_hidden_layers)] for name in PROXY_NAMES + WINDOW_STATISTICS
     }
 
     def reduce_text(index, probs):

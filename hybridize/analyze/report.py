@@ -37,18 +37,20 @@ def markdown_report(record: dict) -> str:
         "```",
         "",
     ]
-    header = ["layer", *PROXY_NAMES]
+    header = ["layer", *PROXY_NAMES, "of which first token"]
     if record["mode"] == "full":
         header += [f"KL {kind}" for kind in kinds]
     header += ["sensitivity", "plan"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in layers:
         cells = [str(row["layer"])] + [_number(row["proxies"][name]) for name in PROXY_NAMES]
+        cells.append(_number(row.get("first_token")))  # absent from plans written before it was measured
         if record["mode"] == "full":
             cells += [_number(row["kl"][kind]) for kind in kinds]
         cells += [_number(row["sensitivity"]), row["choice"]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    lines += ["", "outside_window is the attention mass a window cannot see; \"of which first token\" is the part of it on "
+              "token 0, an attention sink, so the rest is distant content that a window discards.", ""]
     if record["mode"] == "full":
         lines.append("Sensitivity = the lowest KL(teacher||model) in nats/token over the allowed mixers, with only that "
                      "layer replaced and fitted layer-locally.")

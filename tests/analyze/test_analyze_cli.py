@@ -97,6 +97,9 @@ def test_fast_mode_mixer_choice_and_ranking(tiny_llama, tmp_path, capsys):
     assert record["layer_types"].index("full_attention") == distances.index(max(distances))
     # every layer loses at most 100% of its mass outside the window: all replaced layers get one
     assert sorted(set(record["layer_types"])) == ["full_attention", "sliding_attention"]
+    # seq 600 > the window: each layer records how much of its outside-window mass sits on token 0, and says so
+    assert all(0 <= r["first_token"] <= r["proxies"]["outside_window"] + 1e-6 for r in record["layers"])
+    assert "of which first token" in (tmp_path / "p" / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -111,3 +111,17 @@ def test_attention_proxies_reduce_the_teachers_own_attention_maps(tiny_teacher):
         for name in ("entropy", "distance", "outside_window"):
             assert got[name][i] == pytest.approx(want[name].mean().item(), rel=1e-5), (name, i)
         assert got["induction"][i] == pytest.approx(induction_statistic(probe_maps[i], 8).max().item(), rel=1e-5)
+
+
+def test_first_token_is_the_sink_part_of_the_outside_window_mass():
+    length, window = 10, 4
+    first = torch.zeros(length, length)
+    first[:, 0] = 1.0  # every query on token 0: all of its outside-window mass is the sink
+    uniform = torch.ones(length, length).tril()
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    previous = torch.eye(length).roll(-1, dims=1).tril() + torch.eye(length)[:, :1] * (torch.arange(length) == 0)[:, None]
+    stats = map_statistics(torch.stack([first, uniform, previous])[None], window)  # heads: 3 maps
+    uniform_first = sum(1 / (i + 1) for i in range(window, length)) / (length - window)
+    assert torch.allclose(stats["first_token"], torch.tensor([1.0, uniform_first, 0.0]), atol=1e-6)
+    assert torch.all(stats["first_token"] <= stats["outside_window"] + 1e-6)
+    assert map_statistics(torch.stack([first])[None], window=length)["first_token"] is None
