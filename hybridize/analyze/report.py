@@ -12,12 +12,34 @@ from .proxies import PROXY_NAMES
 SHORT = {"full_attention": "A", "sliding_attention": "S", "mamba2": "M", "gated_deltanet": "G"}
 COLORS = {"mamba2": "tab:orange", "gated_deltanet": "tab:green", "sliding_attention": "tab:purple"}
 PROXY_COLORS = {"entropy": "tab:gray", "distance": "tab:brown", "outside_window": "tab:pink", "induction": "tab:red"}
+# A planned window that drops more than this share of its layer's attention on distant content (not the first-token
+# sink) gets a warning: on SmolLM2 the layers above it (3-9, 0.35-0.5) were the ones whose windows cost the passkey
+# recall after distillation, while their text KL was tiny (docs/results.md, third pass).
+DISTANT_CONTENT_WARNING = 0.2
 
 
 def _number(value) -> str:
     if value is None:
         return "n/a"
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def distant_content(row: dict) -> float | None:
+    """The part of a layer's outside-window mass that is not on the first token; None when it was not measured."""
+    outside, first = row["proxies"]["outside_window"], row.get("first_token")
+    return None if outside is None or first is None else outside - first
+
+
+def distant_content_warning(layers: list[dict]) -> list[str]:
+    """Report lines naming the planned windows that discard much distant content (none: no lines)."""
+    flagged = [(row["layer"], distant_content(row)) for row in layers if row["choice"] == "sliding_attention"]
+    flagged = [(layer, mass) for layer, mass in flagged if mass is not None and mass > DISTANT_CONTENT_WARNING]
+    if not flagged:
+        return []
+    listed = ", ".join(f"{layer} ({mass:.2f})" for layer, mass in flagged)
+    return [f"Warning: the windows planned in layers {listed} discard more than {DISTANT_CONTENT_WARNING} of their "
+            "attention mass on distant content. Text KL barely sees it; long-context recall (passkey) does. Keep "
+            "attention there, or allow only recurrent mixers for them (--mixers), if long contexts matter.", ""]
 
 
 def markdown_report(record: dict) -> str:
@@ -51,6 +73,7 @@ def markdown_report(record: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "outside_window is the attention mass a window cannot see; \"of which first token\" is the part of it on "
               "token 0, an attention sink, so the rest is distant content that a window discards.", ""]
+    lines += distant_content_warning(layers)
     if record["mode"] == "full":
         lines.append("Sensitivity = the lowest KL(teacher||model) in nats/token over the allowed mixers, with only that "
                      "layer replaced and fitted layer-locally.")
