@@ -14,6 +14,7 @@ import triton
 
 from kernel_profile import print_kernel_table
 
+from hybridize.kernels.gated_delta import chunk as chunk_module
 from hybridize.kernels.gated_delta import chunk_gated_delta_rule, gated_delta_step
 
 try:
@@ -121,6 +122,14 @@ def profile_fwd_bwd(B=4, T=4096, H=16, D=128):
             print_kernel_table(f"{name} GDN fwd+bwd B{B} T{T} H{H} D{D}", lambda: fwd_bwd(fn)(*inputs))
 
 
+def print_tuned_configs():
+    """The config autotuning chose for each of our chunk kernels at the last shape it tuned (BV, warps, stages, cap)."""
+    for name, kernel in vars(chunk_module).items():
+        best = getattr(kernel, "best_config", None)  # set by the first tuning run
+        if isinstance(kernel, triton.runtime.Autotuner) and best is not None:
+            print(f"{'':44s} {name}: {best}")
+
+
 def main():
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -129,6 +138,7 @@ def main():
         profile_fwd_bwd()
         return
     bench_chunk("GDN", 4, 4096, 16, 128)
+    print_tuned_configs()
     bench_step(64, 16, 128)  # early, so that a timeout on the long shapes below does not lose it
     if "--headline" in sys.argv[1:]:
         return
