@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     args = parser.parse_args()
     window = args.window
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, window {window}, H{HEADS}/{KV_HEADS} D{DIM} bf16")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, window {window}, "
+          f"H{HEADS}/{KV_HEADS} D{DIM} bf16")
     for label, batch, length, backward in [("prefill", 16, 8128, False), ("prefill", 16, 960, False),
                                            ("train fwd+bwd", 4, 8192, True)]:
         def make(heads):

@@ -177,7 +177,9 @@ def bench_point(folder: Path) -> dict:
     path = folder / "bench" / "bench.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     row = next((r for r in rows if all(r[k] == v for k, v in BENCH_POINT.items()) and not r.get("oom")), None)
-    return {} if row is None else {"decode_tok_s": row["decode_tok_s"], "cache_bytes_per_seq": row["cache_bytes_per_seq"]}
+    if row is None:
+        return {}
+    return {"decode_tok_s": row["decode_tok_s"], "cache_bytes_per_seq": row["cache_bytes_per_seq"]}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

@@ -23,7 +23,8 @@ from ..distill.tracking import progress_bar
 from ..errors import UserError
 from ..teacher import load_teacher, teacher_identity
 from .proxies import (
-    FAST_RANKINGS, PROXY_NAMES, WINDOW_STATISTICS, attention_proxies, proxy_sensitivity, repeated_random_tokens, spearman,
+    FAST_RANKINGS, PROXY_NAMES, WINDOW_STATISTICS, attention_proxies, proxy_sensitivity, repeated_random_tokens,
+    spearman,
 )
 from .report import markdown_report, write_folder
 from .scores import (

@@ -93,7 +93,7 @@ def attention_map_hooks(teacher, reduce):
 def attention_proxies(
     teacher, blocks: torch.LongTensor, induction_ids: torch.LongTensor, window: int, progress=None
 ) -> dict[str, list[float]]:
-    """{proxy or window statistic name: one value per layer} from text blocks [N, T] and repeated-token blocks [M, 2P]."""
+    """{proxy or window statistic: one value per layer} from text blocks [N, T] and repeated-token blocks [M, 2P]."""
     # per_head[name][layer]: one [H] tensor per forward
     per_head: dict[str, list[list[torch.Tensor]]] = {
         name: [[] for _ in range(teacher.config.num_hidden_layers)] for name in PROXY_NAMES + WINDOW_STATISTICS

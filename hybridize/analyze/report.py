@@ -71,8 +71,8 @@ def markdown_report(record: dict) -> str:
             cells += [_number(row["kl"][kind]) for kind in kinds]
         cells += [_number(row["sensitivity"]), row["choice"]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "outside_window is the attention mass a window cannot see; \"of which first token\" is the part of it on "
-              "token 0, an attention sink, so the rest is distant content that a window discards.", ""]
+    lines += ["", "outside_window is the attention mass a window cannot see; \"of which first token\" is the part of "
+              "it on token 0, an attention sink, so the rest is distant content that a window discards.", ""]
     lines += distant_content_warning(layers)
     if record["mode"] == "full":
         lines.append("Sensitivity = the lowest KL(teacher||model) in nats/token over the allowed mixers, with only that "

@@ -119,7 +119,8 @@ def test_first_token_is_the_sink_part_of_the_outside_window_mass():
     first[:, 0] = 1.0  # every query on token 0: all of its outside-window mass is the sink
     uniform = torch.ones(length, length).tril()
     uniform = uniform / uniform.sum(-1, keepdim=True)
-    previous = torch.eye(length).roll(-1, dims=1).tril() + torch.eye(length)[:, :1] * (torch.arange(length) == 0)[:, None]
+    previous = torch.eye(length).roll(-1, dims=1).tril()  # query i on key i - 1; query 0 has no key yet
+    previous[0, 0] = 1.0
     stats = map_statistics(torch.stack([first, uniform, previous])[None], window)  # heads: 3 maps
     uniform_first = sum(1 / (i + 1) for i in range(window, length)) / (length - window)
     assert torch.allclose(stats["first_token"], torch.tensor([1.0, uniform_first, 0.0]), atol=1e-6)
