@@ -58,7 +58,7 @@ def _peak_rss_gib() -> float:
 
 def convert_to_folder(
     teacher_name: str | None, plan_spec, out_dir: str | Path, *, seed: int = 0, overwrite: bool = False,
-    options: InitOptions = InitOptions(), calibration_seq_len: int = 256, log=print,
+    options: InitOptions = InitOptions(), sink_tokens: int = 0, calibration_seq_len: int = 256, log=print,
 ) -> Path:
     """Write the converted hybrid to `out_dir` and return it; the report is also in out_dir/conversion.json."""
     out_dir = Path(out_dir)
@@ -69,7 +69,7 @@ def convert_to_folder(
     check_teacher(teacher.config)
     plan = resolve_plan(plan_spec, teacher.config.num_hidden_layers)
     log("plan:\n" + describe(plan))
-    config = hybrid_config_from_teacher(teacher.config, plan)
+    config = hybrid_config_from_teacher(teacher.config, plan, sliding_window_sinks=sink_tokens)
     generation_config = teacher.generation_config
 
     input_ids = calibration_batch(tokenizer, seq_len=calibration_seq_len, blocks_per_domain=1)
@@ -92,6 +92,7 @@ def convert_to_folder(
         "plan_spec": plan_spec if isinstance(plan_spec, str) else "list",
         "seed": seed,
         "init_options": vars(options),
+        "sink_tokens": sink_tokens,
         "dropped_teacher_tensors": dropped,
         "peak_rss_gib": round(_peak_rss_gib(), 3),
         "report": report,

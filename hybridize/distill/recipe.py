@@ -190,6 +190,7 @@ class Recipe:
     stages: list[Stage]
     init: str | None = None  # a converted hybrid folder ...
     plan: str | list[str] | None = None  # ... or a plan (see hybridize.convert.plan): convert first
+    sink_tokens: int = 0  # with a plan: sliding windows also keep each sequence's first this-many tokens
     seed: int = 0
     mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16 applies on GPU; CPU runs stay fp32
     data: DataConfig = field(default_factory=DataConfig)
@@ -199,6 +200,9 @@ class Recipe:
     def check(self) -> None:
         _require((self.init is None) != (self.plan is None), "init",
                  "give exactly one of `init` (a converted folder) or `plan`")
+        _require(self.sink_tokens >= 0, "sink_tokens", "must be >= 0")
+        _require(self.sink_tokens == 0 or self.plan is not None, "sink_tokens",
+                 "applies when converting a `plan`; a converted `init` folder already fixes its windows")
         _require(len(self.stages) > 0, "stages", "list at least one stage")
         names = [stage.name for stage in self.stages]
         for i, name in enumerate(names):

@@ -115,6 +115,7 @@ class Trainer:
         patience = InitProcessGroupKwargs(timeout=timedelta(hours=2))
         self.accelerator = Accelerator(mixed_precision=mixed, log_with=self.trackers or None,
                                        project_dir=str(self.out / "logs"), kwargs_handlers=[patience])
+        reduce_gradients_in_fp32(self.accelerator)
         self.main = self.accelerator.is_main_process
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.progress = Progress()
@@ -183,7 +184,8 @@ class Trainer:
             from ..convert.io import convert_to_folder
 
             self.log(f"converting {self.recipe.teacher} with plan {self.recipe.plan!r} into {target}")
-            convert_to_folder(self.recipe.teacher, self.recipe.plan, target, seed=self.recipe.seed, log=self.log)
+            convert_to_folder(self.recipe.teacher, self.recipe.plan, target, seed=self.recipe.seed,
+                              sink_tokens=self.recipe.sink_tokens, log=self.log)
         self.accelerator.wait_for_everyone()
         return target
 
@@ -205,6 +207,22 @@ class Trainer:
             "versions": versions,
             "model_folder": str(final),
         }
+
+
+def reduce_gradients_in_fp32(accelerator: Accelerator) -> None:
+    """Under FSDP2 with bf16, compute in bf16 but reduce and accumulate gradients in fp32, as one GPU does.
+
+    accelerate's bf16 policy reduces in bf16 too, and FSDP2 sums the gradients of `no_sync` micro batches in fp32
+    only when reduce_dtype differs from param_dtype: with bf16 sums, the 2-GPU loss drifted up to 3% above the
+    1-GPU loss (docs/distill.md). accelerate's fsdp2_prepare_model passes the plugin's policy to fully_shard as it
+    is, so this must run before accelerator.prepare.
+    """
+    if not (accelerator.is_fsdp2 and accelerator.mixed_precision == "bf16"):
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16)
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

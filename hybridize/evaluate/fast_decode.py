@@ -3,7 +3,8 @@
 `generate()` pays Python and allocator overhead for every layer of every token; for a small model that
 overhead, not the GPU, sets the decode speed. StaticDecoder removes it:
 - every buffer a decode step touches is allocated once: attention K/V slots ([B, Hkv, S, D], S = the
-  longest sequence for full attention, the window for sliding attention, used as a ring), and the
+  longest sequence for full attention, the window for sliding attention, used as a ring, plus one slot per
+  sink token that a sink window keeps after the token has left the ring), and the
   Mamba2 / GDN conv windows and fp32 recurrent states, updated in place by the decode-step kernels;
 - the step reads its position, token and write slot from device tensors, so it has no Python-side
   state and is captured once as a CUDA graph; decoding N tokens is N graph replays;
@@ -30,12 +31,18 @@ _SLOT_ALIGN = 8  # attention kernels prefer key lengths that are a multiple of 8
 
 @dataclass
 class AttentionSlots:
-    """One attention layer's static cache. Token at stream index i lives in slot i % ring (ring = window or S)."""
+    """One attention layer's static cache. Token at stream index i lives in slot i % ring (ring = window or S); a
+    row's j-th real token, j < sinks, is also kept in slot ring + j, valid once it has left the ring."""
 
     keys: torch.Tensor  # [B, Hkv, S, D]
     values: torch.Tensor  # [B, Hkv, S, D]
-    valid: torch.Tensor  # [B, S] bool: the slot holds a real (not padding) token of the current window
+    valid: torch.Tensor  # [B, S] bool: the slot holds a real (not padding) token the next query may see
     ring: int
+    sinks: int = 0
+    sink_index: torch.Tensor | None = None  # [B, sinks] stream index of each sink token; NO_TOKEN until seen
+
+
+NO_TOKEN = 2**62  # a sink_index that never leaves the ring: the row has not had that many real tokens yet
 
 
 class StaticDecoder:
@@ -73,13 +80,16 @@ class StaticDecoder:
             mixer = self.model.model.layers[i].mixer
             if kind in ATTENTION_TYPES:
                 ring = self.max_length if kind == "full_attention" else min(config.sliding_window, self.max_length)
-                slots = -(-ring // _SLOT_ALIGN) * _SLOT_ALIGN
+                sinks = mixer.sinks if ring < self.max_length else 0  # no token leaves a ring this long
+                slots = -(-(ring + sinks) // _SLOT_ALIGN) * _SLOT_ALIGN
                 shape = (batch, config.num_key_value_heads, slots, config.head_dim)
                 self.layer_caches.append(AttentionSlots(
                     keys=torch.zeros(shape, dtype=self.dtype, device=device),
                     values=torch.zeros(shape, dtype=self.dtype, device=device),
                     valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
                     ring=ring,
+                    sinks=sinks,
+                    sink_index=torch.full((batch, sinks), NO_TOKEN, dtype=torch.long, device=device),
                 ))
             else:
                 cache = RecurrentLayerCache()
@@ -98,7 +108,7 @@ class StaticDecoder:
         out = []
         for cache in self.layer_caches:
             if isinstance(cache, AttentionSlots):
-                out += [cache.keys, cache.values, cache.valid]
+                out += [cache.keys, cache.values, cache.valid, cache.sink_index]
             else:
                 out += [cache.conv_state, cache.recurrent_state]
         return out
@@ -106,6 +116,9 @@ class StaticDecoder:
     def _reset(self) -> None:
         for buffer in [self.tokens, self._next_token, self._position, self._index, *self._cache_buffers()]:
             buffer.zero_()
+        for cache in self.layer_caches:
+            if isinstance(cache, AttentionSlots):
+                cache.sink_index.fill_(NO_TOKEN)
 
     def cache_nbytes(self) -> int:
         """Bytes of the KV slots, conv windows and recurrent states of all `batch_size` rows."""
@@ -119,7 +132,7 @@ class StaticDecoder:
         for layer, cache in zip(model.layers, self.layer_caches):
             x = layer.input_layernorm(hidden)
             if isinstance(cache, AttentionSlots):
-                mixed = _attention_step(layer.mixer, x, cos, sin, cache, self._index)
+                mixed = _attention_step(layer.mixer, x, cos, sin, cache, self._index, self._position)
             else:
                 mixed = layer.mixer(x, self._recurrent_context, cache)
             hidden = hidden + mixed
@@ -172,7 +185,11 @@ class StaticDecoder:
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         for cache, layer in zip(self.layer_caches, out.past_key_values.layers):
             if isinstance(cache, AttentionSlots):
-                _fill_slots(cache, layer.keys, layer.values, mask)
+                kept = layer.keys.shape[2]  # plain caches keep the last `kept` tokens; a SinkWindowLayer says which
+                key_slots = getattr(layer, "slots", None)
+                if key_slots is None:
+                    key_slots = torch.arange(length - kept, length, device=self.device)
+                _fill_slots(cache, layer.keys, layer.values, key_slots, mask)
             else:
                 cache.conv_state.copy_(layer.conv_state)
                 cache.recurrent_state.copy_(layer.recurrent_state)
@@ -215,18 +232,47 @@ def state_shape(mixer) -> tuple[int, int, int]:
     return mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim
 
 
-def _fill_slots(slots: AttentionSlots, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
-    """Copy prefill K/V [B, Hkv, n, D] (the last n of T prompt tokens) into their ring slots."""
-    length, kept = mask.shape[1], keys.shape[2]
-    kept = min(kept, slots.ring)
-    index = torch.arange(length - kept, length, device=keys.device)  # stream indices of the cached tokens
+def _fill_slots(slots: AttentionSlots, keys: torch.Tensor, values: torch.Tensor, key_slots: torch.Tensor,
+                mask: torch.Tensor) -> None:
+    """Copy prefill K/V [B, Hkv, n, D] of the prompt's stream indices key_slots [n] into their ring slots, and each
+    row's first `sinks` real tokens into its sink slots; mask [B, T] is the prompt's (0 at left padding)."""
+    last = mask.shape[1] - 1  # the ring now holds stream indices (last - ring, last]
+    in_ring = key_slots > last - slots.ring  # [n]
+    index = key_slots[in_ring]
     where = index % slots.ring
-    slots.keys[:, :, where] = keys[:, :, -kept:]
-    slots.values[:, :, where] = values[:, :, -kept:]
+    slots.keys[:, :, where] = keys[:, :, in_ring]
+    slots.values[:, :, where] = values[:, :, in_ring]
     slots.valid[:, where] = mask[:, index]
+    if slots.sinks:
+        rank = (mask.long().cumsum(-1) - 1)[:, key_slots]  # [B, n] index among the row's real tokens
+        rows, cols = ((rank < slots.sinks) & mask[:, key_slots]).nonzero(as_tuple=True)
+        sink = rank[rows, cols]
+        slots.keys[rows, :, slots.ring + sink] = keys[rows, :, cols]
+        slots.values[rows, :, slots.ring + sink] = values[rows, :, cols]
+        slots.sink_index[rows, sink] = key_slots[cols]
+        _update_sink_validity(slots, last)
 
 
-def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots, index: torch.Tensor) -> torch.Tensor:
+def _keep_sink(slots: AttentionSlots, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+               position: torch.Tensor) -> None:
+    """The step's token k, v [B, Hkv, 1, D] is its row's position-th real token: the first `sinks` of them also go to
+    the sink slots. Written for every row with a where(), so the step stays one static graph."""
+    rows = torch.arange(k.shape[0], device=k.device)
+    is_sink = position < slots.sinks  # [B]
+    sink = position.clamp(max=slots.sinks - 1)  # [B]
+    where = slots.ring + sink
+    slots.keys[rows, :, where] = torch.where(is_sink[:, None, None], k[:, :, 0], slots.keys[rows, :, where])
+    slots.values[rows, :, where] = torch.where(is_sink[:, None, None], v[:, :, 0], slots.values[rows, :, where])
+    slots.sink_index[rows, sink] = torch.where(is_sink, index, slots.sink_index[rows, sink])
+
+
+def _update_sink_validity(slots: AttentionSlots, index) -> None:
+    """A sink slot is seen only once its token has left the ring (stream index <= index - ring): never twice."""
+    slots.valid[:, slots.ring : slots.ring + slots.sinks] = slots.sink_index <= index - slots.ring
+
+
+def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots, index: torch.Tensor,
+                    position: torch.Tensor) -> torch.Tensor:
     """One token of (sliding-window) attention against static slots: x [B, 1, C] -> [B, 1, C].
 
     The G query heads that share a KV head go in as G query rows of that head, so the kernel reads each
@@ -241,6 +287,9 @@ def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots,
     slots.keys.index_copy_(2, slot, k)
     slots.values.index_copy_(2, slot, v)
     slots.valid.index_fill_(1, slot, True)
+    if slots.sinks:
+        _keep_sink(slots, k, v, index, position)
+        _update_sink_validity(slots, index)
     grouped_q = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, Hkv, G, D]
     out = decode_attention(grouped_q, slots.keys, slots.values, slots.valid)  # [B, Hkv, G, D]
     return attention.o_proj(out.reshape(batch, 1, heads * dim))  # [B, 1, C]

@@ -56,9 +56,70 @@ class RecurrentLayerCache:
         """Offloading is not used for recurrent states: they are small and fixed-size."""
 
 
+class SinkWindowLayer(DynamicLayer):
+    """generate()'s cache for a sliding window with sinks: the window's last `sliding_window - 1` keys plus every
+    row's first `sinks` real tokens.
+
+    keys, values [B, Hkv, n, D] hold the stream indices in `slots` [n] (ascending, shared by all rows): a leading
+    run of slots up to where the most-padded row's sinks end, then the window. Prompts are left-padded, so the
+    leading run is at most `sinks` + the longest padding.
+    """
+
+    is_sliding = True
+
+    def __init__(self, sliding_window: int, sinks: int):
+        super().__init__()
+        self.sliding_window, self.sinks = sliding_window, sinks
+        self.cumulative_length = 0
+        self.slots: torch.Tensor | None = None
+
+    def update_with_slots(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                          attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append the new K/V [B, Hkv, T, D]; return every kept key before trimming, with its slots [Tk].
+
+        attention_mask [B, past + T] (0 at left padding) or None when nothing is padded.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.slots = torch.zeros(0, dtype=torch.long, device=key_states.device)
+        start = self.cumulative_length
+        self.cumulative_length += key_states.shape[-2]
+        total = self.cumulative_length
+        slots = torch.cat([self.slots, torch.arange(start, total, device=self.slots.device)])
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        keep = (slots > total - self.sliding_window) | (slots < self._sink_run(attention_mask, total))
+        self.keys, self.values, self.slots = keys[:, :, keep], values[:, :, keep], slots[keep]
+        return keys, values, slots
+
+    def update(self, key_states, value_states, cache_kwargs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' signature; the attention mask comes in cache_kwargs["attention_mask"]."""
+        mask = (cache_kwargs or {}).get("attention_mask")
+        return self.update_with_slots(key_states, value_states, mask)[:2]
+
+    def _sink_run(self, attention_mask: torch.Tensor | None, total: int) -> int:
+        """Length of the leading run of slots that holds every row's first `sinks` real tokens (all of a row's
+        tokens while it has fewer). It only grows, so a slot dropped once is never needed again."""
+        if attention_mask is None:
+            return min(self.sinks, total)
+        before = (attention_mask.long().cumsum(-1) < self.sinks).sum(-1)  # [B] slots before the sinks-th real token
+        return int(torch.clamp(before + 1, max=total).max())
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a sink window's dropped keys cannot be restored; assisted decoding is not supported")
+
+
 def _layer_cache(config, kind: str):
     if kind == "full_attention":
         return DynamicLayer()
+    if kind == "sliding_attention" and config.sliding_window_sinks:
+        return SinkWindowLayer(config.sliding_window, config.sliding_window_sinks)
     if kind == "sliding_attention":
         return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)
     return RecurrentLayerCache()

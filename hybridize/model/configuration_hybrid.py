@@ -46,6 +46,7 @@ class HybridConfig(PretrainedConfig):
 
     layer_types: list[str] | None = None
     sliding_window: int = 512
+    sliding_window_sinks: int = 0  # sliding layers also see each row's first this-many real tokens ("sinks")
     conv_kernel_size: int = 4
     mamba_num_heads: int | None = None
     mamba_head_dim: int | None = None
@@ -95,6 +96,8 @@ class HybridConfig(PretrainedConfig):
                  f"must divide gdn_num_heads ({self.gdn_num_heads}), got {self.gdn_num_k_heads}")
         _require(2 <= self.conv_kernel_size <= 4, "conv_kernel_size", f"must be in 2..4, got {self.conv_kernel_size}")
         _require(self.sliding_window >= 1, "sliding_window", f"must be >= 1, got {self.sliding_window}")
+        _require(self.sliding_window_sinks >= 0, "sliding_window_sinks",
+                 f"must be >= 0, got {self.sliding_window_sinks}")
         _require(self.hidden_act == "silu", "hidden_act", f"allowed values: silu; got {self.hidden_act!r}")
         for name in ("mamba_chunk_size", "gdn_chunk_size"):
             value = getattr(self, name)

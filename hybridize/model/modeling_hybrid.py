@@ -18,7 +18,8 @@ from .mlp import GatedMLP
 
 MIXERS = {
     "full_attention": lambda config, layer_idx: Attention(config, layer_idx, window=None),
-    "sliding_attention": lambda config, layer_idx: Attention(config, layer_idx, window=config.sliding_window),
+    "sliding_attention": lambda config, layer_idx: Attention(config, layer_idx, window=config.sliding_window,
+                                                             sinks=config.sliding_window_sinks),
     "mamba2": Mamba2Mixer,
     "gated_deltanet": GatedDeltaNetMixer,
 }

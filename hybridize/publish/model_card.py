@@ -22,7 +22,7 @@ def cache_footprint(model, kv_bytes: int = 2) -> dict:
     """Decode-time memory per sequence, with K/V and conv windows in a `kv_bytes` dtype (2: bf16).
 
     per_token: bytes each new token adds (full-attention K/V); sliding_max: what the sliding-window
-    layers hold once their windows are full; recurrent: the fixed conv windows and states;
+    layers hold once their windows (and sink tokens) are full; recurrent: the fixed conv windows and states;
     teacher_per_token: the all-attention teacher's K/V per token.
     """
     config = model.config
@@ -32,7 +32,7 @@ def cache_footprint(model, kv_bytes: int = 2) -> dict:
         if kind == "full_attention":
             per_token += kv
         elif kind == "sliding_attention":
-            sliding += kv * config.sliding_window
+            sliding += kv * (config.sliding_window + config.sliding_window_sinks)
         else:
             heads, rows, cols = state_shape(layer.mixer)
             recurrent += heads * rows * cols * STATE_BYTES
@@ -54,7 +54,7 @@ def _read(folder: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _plan_rows(layer_types: list[str], window: int) -> list[str]:
+def _plan_rows(layer_types: list[str], window: int, sinks: int) -> list[str]:
     """Consecutive layers of one kind share a row."""
     rows, start = [], 0
     for i in range(1, len(layer_types) + 1):
@@ -62,7 +62,7 @@ def _plan_rows(layer_types: list[str], window: int) -> list[str]:
             span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
             name = MIXER_NAMES[layer_types[start]]
             if layer_types[start] == "sliding_attention":
-                name += f" ({window} tokens)"
+                name += f" ({window} tokens" + (f" + the first {sinks})" if sinks else ")")
             rows.append(f"| {span} | {name} |")
             start = i
     return rows
@@ -153,7 +153,7 @@ def render_card(repo_id: str, folder: Path, model, params: int) -> str:
              "`generate()` works as for any causal LM (the cache holds K/V for attention layers and fixed-size "
              "states for the others).", "",
              "## Architecture", "", "| layers | mixer |", "|---|---|",
-             *_plan_rows(config.layer_types, config.sliding_window), "",
+             *_plan_rows(config.layer_types, config.sliding_window, config.sliding_window_sinks), "",
              f"Hidden size {config.hidden_size}, {config.num_attention_heads} query / {config.num_key_value_heads} "
              f"KV heads of {config.head_dim}, vocabulary {config.vocab_size}, context "
              f"{config.max_position_embeddings}, {params:,} parameters.", "",

@@ -64,6 +64,24 @@ def test_all_attention_plan_reproduces_teacher_logits(tiny_llama, tmp_path, caps
         assert (teacher(ids).logits - hybrid(ids, use_cache=False).logits).abs().max() <= 1e-4
 
 
+def test_sink_tokens_reach_the_saved_config_and_the_forward(tiny_llama, tmp_path, capsys):
+    """--sink-tokens 2 on a plan of windows: the saved hybrid keeps 2 sinks; past the window its logits differ from
+    plain windows', and with the window covering the whole sequence they are the teacher's."""
+    plan = "full_attention:0 sliding_attention:rest"
+    assert convert(capsys, tiny_llama, "--plan", plan, "--sink-tokens", 2, "--out", tmp_path / "s")[0] == 0
+    assert convert(capsys, tiny_llama, "--plan", plan, "--out", tmp_path / "p")[0] == 0
+    sinks, plain = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("s", "p"))
+    assert sinks.config.sliding_window_sinks == 2 and plain.config.sliding_window_sinks == 0
+    assert json.loads((tmp_path / "s" / "conversion.json").read_text())["sink_tokens"] == 2
+    window = sinks.config.sliding_window
+    ids = torch.randint(0, 49152, (1, window + 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        within = ids[:, :window]
+        assert torch.equal(sinks(within, use_cache=False).logits, plain(within, use_cache=False).logits)
+        assert (sinks(ids, use_cache=False).logits[0, window:] - plain(ids, use_cache=False).logits[0, window:]
+                ).abs().max() > 1e-3
+
+
 def corrupt_copy(tiny_llama, tmp_path):
     folder = tmp_path / "corrupt"
     shutil.copytree(tiny_llama, folder)
@@ -80,6 +98,7 @@ def corrupt_copy(tiny_llama, tmp_path):
         ("exists", "exists; pass --overwrite"),
         ("corrupt", "could not be loaded"),
         ("hub_offline", "is not available locally and the Hugging Face Hub cannot be reached"),
+        ("negative_sinks", "--sink-tokens must be >= 0, got -1"),
     ],
 )
 def test_bad_input_gets_one_line_exit_2_and_no_output(case, message, tiny_llama, tmp_path, capsys):
@@ -98,7 +117,8 @@ def test_bad_input_gets_one_line_exit_2_and_no_output(case, message, tiny_llama,
         teacher = corrupt_copy(tiny_llama, tmp_path)
     elif case == "hub_offline":
         teacher = "no-such-org/no-such-model"
-    code, captured = convert(capsys, teacher, "--plan", plan, "--out", out)
+    extra = ["--sink-tokens", -1] if case == "negative_sinks" else []
+    code, captured = convert(capsys, teacher, "--plan", plan, "--out", out, *extra)
     assert code == 2
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in captured.err

@@ -147,6 +147,11 @@ def test_invalid_top_level_values_are_named():
     assert error_for(minimal(data={"domains": ["poetry"]})).startswith("recipe: data.domains[0]: allowed values")
     assert error_for(minimal(logging={"trackers": ["mlflow"]})).startswith(
         "recipe: logging.trackers[0]: allowed values")
+    assert error_for(minimal(sink_tokens=2)).startswith("recipe: sink_tokens: applies when converting a `plan`")
+    plan = minimal(plan="uniform:2")
+    del plan["init"]
+    assert error_for({**plan, "sink_tokens": -1}).startswith("recipe: sink_tokens: must be >= 0")
+    assert parse_recipe({**plan, "sink_tokens": 4}).sink_tokens == 4
     raw = minimal()
     raw["stages"][1]["name"] = "a"
     assert error_for(raw).startswith("recipe: stages[1].name: 'a' is used by an earlier stage")

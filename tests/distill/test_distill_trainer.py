@@ -1,19 +1,25 @@
-"""The trainer end to end on CPU: losses go down, kill-and-resume continues exactly, NaN stops cleanly, user errors are one line."""
+"""The trainer end to end on CPU: losses go down, kill-and-resume continues exactly, NaN stops cleanly, user errors
+are one line; FSDP2's bf16 policy reduces gradients in fp32."""
 
 import json
 import os
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.distributed as dist
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, write_recipe
 
 from hybridize.cli import COMMANDS
 from hybridize.cli import main as hybridize_main
 from hybridize.distill.__main__ import main as distill_main
 from hybridize.distill.recipe import parse_recipe, recipe_to_dict
-from hybridize.distill.trainer import Trainer
+from hybridize.distill.trainer import Trainer, reduce_gradients_in_fp32
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -44,6 +50,46 @@ def test_the_eval_mean_does_not_depend_on_how_the_sequences_are_batched(tmp_path
         Trainer(parse_recipe(raw)).run()
         step0.append(next(r for r in metrics(tmp_path / f"micro-{micro}") if r["split"] == "eval"))
     assert step0[0]["kl"] == pytest.approx(step0[1]["kl"], rel=1e-5), step0
+
+
+def fsdp2_bf16_accelerator() -> SimpleNamespace:
+    """What accelerate's FSDP2 path reads from an Accelerator under bf16 on one process.
+
+    A real one cannot be built on CPU (accelerate selects FSDP only for GPU-like devices); the plugin gets its bf16
+    policy from the same call that AcceleratorState makes.
+    """
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    return SimpleNamespace(is_fsdp2=True, mixed_precision="bf16", state=SimpleNamespace(fsdp_plugin=plugin),
+                           torch_device_mesh=None, parallelism_config=None, device=torch.device("cpu"),
+                           is_main_process=True)
+
+
+def test_fsdp2_bf16_accumulates_and_reduces_gradients_in_fp32(tmp_path):
+    accelerator = fsdp2_bf16_accelerator()
+    assert accelerator.state.fsdp_plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16  # accelerate's default
+    reduce_gradients_in_fp32(accelerator)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = fsdp2_prepare_model(accelerator, torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)))
+        policy = model._get_fsdp_state()._fsdp_param_group.mp_policy
+        assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (
+            torch.bfloat16, torch.float32, torch.bfloat16)
+        model.set_requires_gradient_sync(False)  # what accelerator.no_sync does to an FSDP2 model
+        model(torch.randn(3, 8)).float().sum().backward()
+        held = [param.unsharded_accumulated_grad for param in model._get_fsdp_state()._fsdp_param_group.fsdp_params]
+        assert all(grad is not None and grad.dtype == torch.float32 for grad in held)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp32_reduction_leaves_other_setups_alone():
+    for is_fsdp2, mixed_precision in ((False, "bf16"), (True, "no")):
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        accelerator = SimpleNamespace(is_fsdp2=is_fsdp2, mixed_precision=mixed_precision,
+                                      state=SimpleNamespace(fsdp_plugin=plugin))
+        reduce_gradients_in_fp32(accelerator)
+        assert plugin.mixed_precision_policy is None
 
 
 def wait_for(path, process, timeout=300):
@@ -159,4 +205,5 @@ def test_the_hybridize_command_runs_distill(tmp_path, capsys):
     assert COMMANDS["distill"][0] == "hybridize.distill.cli"
     assert hybridize_main(["distill", str(tmp_path / "missing.yaml")]) == 2
     [line] = error_lines(capsys.readouterr().err)
-    assert line == f"hybridize distill: error: recipe {tmp_path / 'missing.yaml'}: cannot read it (No such file or directory)"
+    missing = tmp_path / "missing.yaml"
+    assert line == f"hybridize distill: error: recipe {missing}: cannot read it (No such file or directory)"

@@ -26,21 +26,25 @@ def compiled_every_time():
 
 TILE = 128  # flex attention's default block size
 
-# (batch, query heads, KV heads, length, window): lengths off the 128-row tile; GQA ratio 3 and none; one token;
-# a window of 1 (a token sees itself only), larger than the sequence, and just below the length.
+# (batch, query heads, KV heads, length, window, sinks): lengths off the 128-row tile; GQA ratio 3 and none; one
+# token; a window of 1 (a token sees itself only), larger than the sequence, and just below the length; sinks
+# of 1 and 4, and more sinks than a tile holds.
 SHAPES = [
-    (2, 6, 2, 1, 4),
-    (2, 6, 2, 75, 16),
-    (2, 6, 2, 300, 64),
-    (2, 6, 2, 300, 1),
-    (2, 6, 2, 75, 200),
-    (1, 4, 4, 129, 128),
+    (2, 6, 2, 1, 4, 0),
+    (2, 6, 2, 75, 16, 0),
+    (2, 6, 2, 300, 64, 0),
+    (2, 6, 2, 300, 1, 0),
+    (2, 6, 2, 75, 200, 0),
+    (1, 4, 4, 129, 128, 0),
+    (2, 6, 2, 300, 64, 4),
+    (2, 6, 2, 75, 16, 1),
+    (1, 4, 4, 300, 1, 130),
 ]
 
 
-def dense_mask(length: int, window: int) -> torch.Tensor:
+def dense_mask(length: int, window: int, sinks: int = 0) -> torch.Tensor:
     slots = torch.arange(length)
-    return attention_mask_for(slots, slots, window, None)[0, 0]  # [T, T]
+    return attention_mask_for(slots, slots, window, None, sinks)[0, 0]  # [T, T]
 
 
 def qkv(batch, heads, kv_heads, length, dim=16, device="cpu", dtype=torch.float32, seed=0):
@@ -56,13 +60,21 @@ def test_attention_mask_for_shows_each_query_itself_and_the_window_minus_one_key
     assert torch.equal(dense_mask(length, window), expected)
 
 
-@pytest.mark.parametrize("length, window", [(75, 16), (300, 64), (300, 1), (75, 200), (129, 128), (700, 128)])
-def test_block_mask_lists_exactly_the_tiles_the_window_touches(length, window):
+@pytest.mark.parametrize("length, window, sinks", [(75, 16, 1), (300, 64, 4), (20, 1, 3), (10, 16, 4)])
+def test_sinks_add_exactly_the_first_keys_to_each_window(length, window, sinks):
+    expected = torch.tensor([[i - window < j <= i or j < sinks and j <= i for j in range(length)]
+                             for i in range(length)])
+    assert torch.equal(dense_mask(length, window, sinks), expected)
+
+
+@pytest.mark.parametrize("length, window, sinks", [(75, 16, 0), (300, 64, 0), (300, 1, 0), (75, 200, 0),
+                                                  (129, 128, 0), (700, 128, 0), (700, 128, 4), (300, 1, 130)])
+def test_block_mask_lists_exactly_the_tiles_the_window_touches(length, window, sinks):
     """Compiled flex attention reads only the listed tiles and skips mask_mod in the "full" ones."""
-    block_mask = _window_block_mask(length, window, torch.device("cpu"))
+    block_mask = _window_block_mask(length, window, sinks, torch.device("cpu"))
     tiles = -(-length // TILE)
     padded = torch.zeros(tiles * TILE, tiles * TILE, dtype=torch.bool)
-    padded[:length, :length] = dense_mask(length, window)
+    padded[:length, :length] = dense_mask(length, window, sinks)
     per_tile = padded.view(tiles, TILE, tiles, TILE).transpose(1, 2)  # [tiles, tiles, TILE, TILE]
     assert torch.equal(block_mask.to_dense()[0, 0].bool(), per_tile.any((-2, -1)))
     full = block_mask.full_kv_num_blocks[0, 0]  # [tiles]
@@ -71,11 +83,11 @@ def test_block_mask_lists_exactly_the_tiles_the_window_touches(length, window):
             assert per_tile[row, tile].all(), f"tile ({row}, {tile}) marked full but partly masked"
 
 
-@pytest.mark.parametrize("batch, heads, kv_heads, length, window", SHAPES)
-def test_flex_equals_sdpa_with_the_dense_mask(batch, heads, kv_heads, length, window):
+@pytest.mark.parametrize("batch, heads, kv_heads, length, window, sinks", SHAPES)
+def test_flex_equals_sdpa_with_the_dense_mask(batch, heads, kv_heads, length, window, sinks):
     q, k, v = qkv(batch, heads, kv_heads, length)
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(length, window), enable_gqa=True)
-    torch.testing.assert_close(sliding_window_attention(q, k, v, window), expected)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(length, window, sinks), enable_gqa=True)
+    torch.testing.assert_close(sliding_window_attention(q, k, v, window, sinks), expected)
 
 
 def test_a_window_one_token_off_is_caught():
@@ -89,13 +101,13 @@ def test_a_window_one_token_off_is_caught():
 # CPU flex attention has no backward (PyTorch raises), so gradients are checked where training runs: on CUDA.
 @requires_cuda
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("batch, heads, kv_heads, length, window", SHAPES)
-def test_cuda_flex_output_and_gradients_equal_sdpa(batch, heads, kv_heads, length, window, dtype, tol):
+@pytest.mark.parametrize("batch, heads, kv_heads, length, window, sinks", SHAPES)
+def test_cuda_flex_output_and_gradients_equal_sdpa(batch, heads, kv_heads, length, window, sinks, dtype, tol):
     inputs = qkv(batch, heads, kv_heads, length, dim=64, device="cuda", dtype=dtype)
     grad_out = torch.randn(batch, heads, length, 64, device="cuda", dtype=dtype)
-    mask = dense_mask(length, window).cuda()
+    mask = dense_mask(length, window, sinks).cuda()
     results = {}
-    for name, attend in (("flex", lambda q, k, v: sliding_window_attention(q, k, v, window)),
+    for name, attend in (("flex", lambda q, k, v: sliding_window_attention(q, k, v, window, sinks)),
                          ("sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                                  enable_gqa=True))):
         q, k, v = (t.clone().requires_grad_() for t in inputs)
@@ -103,7 +115,7 @@ def test_cuda_flex_output_and_gradients_equal_sdpa(batch, heads, kv_heads, lengt
         out.backward(grad_out)
         results[name] = (out, q.grad, k.grad, v.grad)
     for label, actual, expected in zip(("out", "dq", "dk", "dv"), results["flex"], results["sdpa"]):
-        if label in ("dq", "dk") and min(length, window) == 1:
+        if label in ("dq", "dk") and min(length, window) == 1 and not sinks:
             # Each query sees one key: its softmax is constant, so dq and dk are 0 and either side holds only noise.
             assert actual.abs().max() < 1e-3, f"{label} of single-key rows"
         else:
@@ -111,8 +123,9 @@ def test_cuda_flex_output_and_gradients_equal_sdpa(batch, heads, kv_heads, lengt
 
 
 @requires_cuda
+@pytest.mark.parametrize("sinks", [0, 4])
 @pytest.mark.parametrize("autocast, tol", [(False, 1e-4), (True, 3e-2)])
-def test_cuda_sliding_layer_takes_flex_and_matches_the_cpu_mask_path(autocast, tol, monkeypatch):
+def test_cuda_sliding_layer_takes_flex_and_matches_the_cpu_mask_path(autocast, tol, sinks, monkeypatch):
     """On CUDA the layer calls sliding_window_attention (under autocast q and k come fp32 from RoPE, v bf16); on
     the CPU it runs SDPA with the dense mask. Outputs and weight gradients agree."""
     calls = []
@@ -120,7 +133,7 @@ def test_cuda_sliding_layer_takes_flex_and_matches_the_cpu_mask_path(autocast, t
                         lambda *args: calls.append(args[0].device.type) or sliding_window_attention(*args))
     config = HybridConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                           num_attention_heads=6, num_key_value_heads=2, head_dim=64,
-                          layer_types=["sliding_attention"], sliding_window=64)
+                          layer_types=["sliding_attention"], sliding_window=64, sliding_window_sinks=sinks)
     torch.manual_seed(0)
     cpu = HybridModel(config)
     gpu = HybridModel(config).cuda()
