@@ -37,7 +37,8 @@ CYCLES = {"MGS": ("mamba2", "gated_deltanet", "sliding_attention"),
 # What each question's panel in questions.png compares (a run may answer several: "layers/mixers").
 QUESTIONS = {"layers": "which layers (8 kept, GDN elsewhere)", "mixers": "which mixers (analyzer's 8 kept)",
              "attention": "how much attention (K of 30 kept)", "stages": "which stages (3M tokens in all)",
-             "analyzer": "analyzer vs other plans (stage 1 only)"}
+             "analyzer": "analyzer vs other plans (stage 1 only)",
+             "sinks": "windows that keep the first 4 tokens (sinks)"}
 # The Pareto plot's speed axis: `hybridize bench`'s bar point, the hybrid's fast decode path.
 BENCH_POINT = {"path": "hybrid fast", "context": 8192, "batch": 16}
 
@@ -49,11 +50,17 @@ class Run:
     stages: str  # a recipe in RECIPES: both, stage1_only, stage2_only
     plan: str  # anything `hybridize convert --plan` takes
     kept: int = BUDGET
+    sinks: int = 0  # the recipe's sink_tokens: sliding windows also keep each sequence's first `sinks` tokens
 
 
 def analyzer_plan(budget: int) -> Path:
     return ANALYZE_DIR if budget == BUDGET else Path(f"{ANALYZE_DIR}-k{budget}")
 
+
+# Attention in the layers that spread attention over distant content (3-9) and in 18, sink windows elsewhere: the
+# plan the untrained sink probe ranked first (docs/results.md, third pass).
+PLAN_F = "full_attention:3,4,5,6,7,8,9,18 sliding_attention:rest"
+SINKS = 4
 
 # The headline budget chosen for Gated DeltaNet alone: the kept layers a GDN hybrid needs differ from those that
 # suit windows elsewhere (docs/results.md, second pass).
@@ -76,7 +83,9 @@ def runs() -> list[Run]:
     plan8 = analyzer_plan(BUDGET) / "plan.json"
     kept = kept_layers(plan8) if plan8.exists() else list(range(BUDGET))
     return [
-        Run("headline", "mixers/stages/attention", "both", str(plan8)),
+        Run("headline", "mixers/stages/attention/sinks", "both", str(plan8)),
+        Run("sinks-headline-s4", "sinks", "both", str(plan8), sinks=SINKS),
+        Run("sinks-planF-s4", "sinks", "both", PLAN_F, sinks=SINKS),
         Run("layers-analyzer-gdn", "layers/mixers", "both", f"full_attention:{','.join(map(str, kept))} gated_deltanet:rest"),
         Run("layers-uniform-gdn", "layers", "both", f"uniform:{BUDGET}:gated_deltanet"),
         Run("layers-analyzer-for-gdn", "layers", "both", str(ANALYZE_GDN_DIR / "plan.json")),
@@ -130,15 +139,16 @@ def run_one(run: Run, root: Path) -> None:
     started = time.time()
     if not (out / "final" / "config.json").exists():
         resume = ["--resume"] if (out / "checkpoints").exists() else []
-        sh(hybridize("distill", str(RECIPES / f"{run.stages}.yaml"), "--set", f"plan={run.plan}",
+        sinks = ["--set", f"sink_tokens={run.sinks}"] if run.sinks else []
+        sh(hybridize("distill", str(RECIPES / f"{run.stages}.yaml"), "--set", f"plan={run.plan}", *sinks,
                      "--output-dir", str(out), *resume), log)
-    extra = [] if run.name == "headline" else ABLATION_EVAL
+    extra = [] if run.name == "headline" or run.question == "sinks" else ABLATION_EVAL  # headline candidates
     sh(hybridize("eval", str(out / "final"), "--out", str(out / "eval"), *extra), log)
     if run.name == "headline":
         sh(hybridize("bench", str(out / "final"), "--contexts", "8192", "--batch-sizes", "1,16",
                      "--out", str(out / "bench")), log)
         sh(hybridize("push", str(out / "final"), "hybridize/smollm2-135m-hybrid", "--dry-run", str(out / "push")), log)
-    elif run.question == "attention":  # the Pareto plot's speed axis: the hybrid's fast path at the bench bar's point
+    elif run.question in ("attention", "sinks"):  # the Pareto plot's speed axis: the fast path at the bench point
         sh(hybridize("bench", str(out / "final"), "--contexts", "8192", "--batch-sizes", "16", "--paths", "hybrid fast",
                      "--out", str(out / "bench")), log)
     (out / "study-run.json").write_text(json.dumps({**run.__dict__, "seconds": round(time.time() - started, 1)}))

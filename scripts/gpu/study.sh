@@ -9,10 +9,13 @@ mkdir -p /root/runs/study
 ln -sfn /root/runs runs
 python3 scripts/study.py run --deadline "$deadline" ${1:+--only "$@"} 2>&1 | grep "^\\$\|failed\|Error" | tail -20
 python3 scripts/study.py report > /dev/null
-# Flat copies: the device tool returns a bounded number of files and folder depth.
-cp /root/runs/study/study.json "$OUT/" 2>/dev/null
+# Flat copies in one tar: the device tool returns at most 8 files, at most 2 folders down. Locally:
+# tar -xf study_results.tar -C FLAT && python scripts/study.py collect FLAT --root docs/results/study
+flat=$(mktemp -d)
+cp /root/runs/study/study.json "$flat/" 2>/dev/null
 for run in /root/runs/study/*/; do
   name=$(basename "$run")
-  cp "$run/eval/eval.json" "$OUT/$name.eval.json" 2>/dev/null
-  cp "$run/bench/bench.json" "$OUT/$name.bench.json" 2>/dev/null
+  cp "$run/eval/eval.json" "$flat/$name.eval.json" 2>/dev/null
+  cp "$run/bench/bench.json" "$flat/$name.bench.json" 2>/dev/null
 done
+tar -cf "$OUT/study_results.tar" -C "$flat" .
