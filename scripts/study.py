@@ -228,7 +228,8 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter(*zip(*points), color="#d9480f")
     for row, (x, y) in zip(benched, points):
-        ax.annotate(f"K={row['kept']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        label = f"K={row['kept']}" + (f", {row['sinks']} sinks" if row.get("sinks") else "")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     front = pareto_front(points)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="#868e96", linestyle="--")
     ax.set_yscale("log")
@@ -253,7 +254,7 @@ def report(args) -> int:
         overall = result["quality"]["all"]
         recall = result.get("recall", {})
         rows.append({"run": run.name, "question": run.question, "stages": run.stages, "plan": run.plan,
-                     "kept": run.kept,
+                     "kept": run.kept, "sinks": run.sinks,
                      **{f"ppl_ratio_{d}": v["student_ppl"] / v["teacher_ppl"] for d, v in domains.items()},
                      **{k: overall[k] for k in ("kl", "top1", "greedy_exact", "greedy_prefix")},
                      **{f"{test}_relative": recall[test]["relative"] for test in ("passkey", "mqar") if test in recall},

@@ -34,9 +34,11 @@ def test_report_rows_and_question_panels_from_real_eval_results(tmp_path):
     for row in rows:
         domains = json.loads((root / row["run"] / "eval" / "eval.json").read_text())["quality"]["domains"]
         assert row["ppl_ratio_docs"] == domains["docs"]["student_ppl"] / domains["docs"]["teacher_ppl"]
-        assert "decode_tok_s" not in row  # none of these runs was benched
+        bench = root / row["run"] / "bench" / "bench.json"
+        assert ("decode_tok_s" in row) == bench.exists()  # speed only for the runs benched at the bar point
     assert (root / "questions.png").stat().st_size > 10_000
-    assert not (root / "pareto.png").exists()
+    assert (root / "pareto.png").exists() == any("decode_tok_s" in row for row in rows)
+    assert {row["run"]: row["sinks"] for row in rows}.get("sinks-planF-s4") == 4
 
 
 def test_benched_runs_get_their_fast_decode_speed_and_a_pareto_plot(tmp_path):
