@@ -86,7 +86,8 @@ def runs() -> list[Run]:
         Run("headline", "mixers/stages/attention/sinks", "both", str(plan8)),
         Run("sinks-headline-s4", "sinks", "both", str(plan8), sinks=SINKS),
         Run("sinks-planF-s4", "sinks", "both", PLAN_F, sinks=SINKS),
-        Run("layers-analyzer-gdn", "layers/mixers", "both", f"full_attention:{','.join(map(str, kept))} gated_deltanet:rest"),
+        Run("layers-analyzer-gdn", "layers/mixers", "both",
+            f"full_attention:{','.join(map(str, kept))} gated_deltanet:rest"),
         Run("layers-uniform-gdn", "layers", "both", f"uniform:{BUDGET}:gated_deltanet"),
         Run("layers-analyzer-for-gdn", "layers", "both", str(ANALYZE_GDN_DIR / "plan.json")),
         Run("layers-first-gdn", "layers", "both", cycled(list(range(BUDGET)), ("gated_deltanet",))),
@@ -291,7 +292,9 @@ def main() -> int:
     run_parser = commands.add_parser("run")
     run_parser.add_argument("--only", nargs="*", default=None)
     run_parser.add_argument("--root", default="runs/study")
-    run_parser.add_argument("--parallel", type=int, default=2, help="runs sharing the GPU at once (a stage-2 run peaks near 30 GiB: 3 ran out of memory on an 80 GB H100)")
+    run_parser.add_argument("--parallel", type=int, default=2,
+                            help="runs sharing the GPU at once (a stage-2 run peaks near 30 GiB: 3 ran out of "
+                                 "memory on an 80 GB H100)")
     run_parser.add_argument("--deadline", type=float, default=float("inf"), help="start no run after this many s")
     one = commands.add_parser("one")
     one.add_argument("name")

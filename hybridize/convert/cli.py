@@ -1,4 +1,5 @@
-"""`hybridize convert [MODEL] --plan PLAN --out DIR`: initialize a hybrid from a teacher and report how close it starts."""
+"""`hybridize convert [MODEL] --plan PLAN --out DIR`: initialize a hybrid from a teacher and report how close it
+starts."""
 
 import argparse
 

@@ -149,7 +149,8 @@ class Attention(nn.Module):
                 and not sink_mask):
             # flash-attn aligns the causal diagonal bottom-right, which is what a cache continuation needs.
             window = (self.window - 1, 0) if self.window is not None else (-1, -1)
-            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window_size=window)
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                  window_size=window)
             return out.transpose(1, 2)
         gqa = self.num_heads != self.num_kv_heads
         if not padded and not windowed and length == key_length:
