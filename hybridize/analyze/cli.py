@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swa-threshold", type=float, default=0.05,
                         help="--fast: give a layer a sliding window when at most this share of its attention mass "
                              "lies outside the window")
+    parser.add_argument("--sink-tokens", type=int, default=0, metavar="S",
+                        help="score sliding windows that also keep the first S tokens, as `hybridize convert "
+                             "--sink-tokens S` builds them (default 0, plain windows)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per calibration block (default: twice the sliding window, 1024)")
     parser.add_argument("--eval-blocks", type=int, default=2, help="held-out blocks per text domain (default 2)")
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         fast=args.fast,
         ranking=args.ranking,
         swa_threshold=args.swa_threshold,
+        sink_tokens=args.sink_tokens,
         seq_len=args.seq_len,
         eval_blocks=args.eval_blocks,
         fit=FitSettings(steps=args.fit_steps, batch_blocks=args.fit_batch, lr=args.lr),

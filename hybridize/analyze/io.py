@@ -49,6 +49,7 @@ class AnalyzeSettings:
     fast: bool = False
     ranking: str = "combined"
     swa_threshold: float = 0.05
+    sink_tokens: int = 0  # windows are scored as windows that keep the first sink_tokens tokens
     seq_len: int | None = None
     eval_blocks: int = 2
     fit: FitSettings = field(default_factory=FitSettings)
@@ -61,6 +62,7 @@ class AnalyzeSettings:
             (self.ranking in FAST_RANKINGS,
              f"--ranking must be one of {', '.join(FAST_RANKINGS)}, got {self.ranking!r}"),
             (0.0 <= self.swa_threshold <= 1.0, f"--swa-threshold must be in [0, 1], got {self.swa_threshold}"),
+            (self.sink_tokens >= 0, f"--sink-tokens must be >= 0, got {self.sink_tokens}"),
             (self.seq_len is None or self.seq_len >= 4, f"--seq-len must be >= 4, got {self.seq_len}"),
             (self.eval_blocks >= 1, f"--eval-blocks must be >= 1, got {self.eval_blocks}"),
             (self.fit.steps >= 1, f"--fit-steps must be >= 1, got {self.fit.steps}"),
@@ -122,7 +124,8 @@ def analyze_to_folder(
         del teacher  # the candidates and the full-attention base hold all the weights scoring needs
         kl = {k: v["kl"] for k, v in scored["scores"].items()}
         calibration += f"; {scored['fit_tokens']} training tokens for the layer-local fits"
-    sensitivity, best, plan = choose_plan(budget, constraints, proxies, kl, settings.ranking, settings.swa_threshold)
+    sensitivity, best, plan = choose_plan(budget, constraints, proxies, kl, settings.ranking, settings.swa_threshold,
+                                          settings.sink_tokens)
     if not settings.fast:
         extra = _full_mode_record(scored, plan, budget, best, sensitivity, proxies, constraints, dtype)
 
@@ -152,8 +155,9 @@ def analyze_to_folder(
     }
     write_folder(out_dir, record, overwrite)
     log(markdown_report(record))
+    sinks = ["--sink-tokens", str(settings.sink_tokens)] if settings.sink_tokens else []
     convert = " ".join(["hybridize convert", *([teacher_name] if teacher_name else []), "--plan",
-                        str(out_dir / "plan.json"), "--out", "DIR"])
+                        str(out_dir / "plan.json"), *sinks, "--out", "DIR"])
     log(f"wrote {out_dir}/plan.json, report.md, scores.png; analyzed in {record['wall_seconds']:.1f} s (wall)")
     log(f"next: {convert}")
     return record
@@ -165,7 +169,8 @@ def _measure(teacher, tokenizer, held_ids, seq_len: int, settings: AnalyzeSettin
     device = held_ids.device
     base = convert_model(teacher, ["full_attention"] * num_layers, seed=settings.seed).to(device)
     held_out = capture_held_out(teacher, held_ids)
-    candidates = {kind: candidate_mixers(teacher, kind, settings.seed) for kind in settings.constraints.mixers}
+    candidates = {kind: candidate_mixers(teacher, kind, settings.seed, settings.sink_tokens)
+                  for kind in settings.constraints.mixers}
     fit = settings.fit
     blocks = training_blocks(tokenizer, seq_len, fit.steps * fit.batch_blocks)
     with progress_bar(fit.steps, 0, f"layer-local fits ({len(candidates)} x {num_layers} mixers)", True) as bar:

@@ -153,3 +153,9 @@ def proxy_sensitivity(proxies: dict[str, list[float]], ranking: str) -> list[flo
     scale = max(num_layers - 1, 1)
     oriented = [ranks([NEEDS_ATTENTION_SIGN[n] * v for v in proxies[n]]) for n in PROXY_NAMES]
     return [sum(r[i] for r in oriented) / (len(PROXY_NAMES) * scale) for i in range(num_layers)]
+
+
+def distant_content(outside_window: float | None, first_token: float | None) -> float | None:
+    """The part of a layer's outside-window mass that is not on the first token (what a window with sinks still
+    loses); None when either was not measured."""
+    return None if outside_window is None or first_token is None else max(outside_window - first_token, 0.0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..atomic import staged_folder
 from ..convert.plan import describe
-from .proxies import PROXY_NAMES
+from .proxies import PROXY_NAMES, distant_content
 
 SHORT = {"full_attention": "A", "sliding_attention": "S", "mamba2": "M", "gated_deltanet": "G"}
 COLORS = {"mamba2": "tab:orange", "gated_deltanet": "tab:green", "sliding_attention": "tab:purple"}
@@ -24,15 +24,10 @@ def _number(value) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
-def distant_content(row: dict) -> float | None:
-    """The part of a layer's outside-window mass that is not on the first token; None when it was not measured."""
-    outside, first = row["proxies"]["outside_window"], row.get("first_token")
-    return None if outside is None or first is None else outside - first
-
-
 def distant_content_warning(layers: list[dict]) -> list[str]:
     """Report lines naming the planned windows that discard much distant content (none: no lines)."""
-    flagged = [(row["layer"], distant_content(row)) for row in layers if row["choice"] == "sliding_attention"]
+    flagged = [(row["layer"], distant_content(row["proxies"]["outside_window"], row.get("first_token")))
+               for row in layers if row["choice"] == "sliding_attention"]
     flagged = [(layer, mass) for layer, mass in flagged if mass is not None and mass > DISTANT_CONTENT_WARNING]
     if not flagged:
         return []
@@ -90,13 +85,18 @@ def markdown_report(record: dict) -> str:
         lines += ["", f"Check: the residual-stream replay reproduces the teacher to KL {record['reference_kl']:.2e}."]
         if "sliding_attention" in kinds:
             window, length = settings["window"], settings["seq_len"]
+            if settings.get("sink_tokens"):
+                lines.append(f"Windows were scored keeping the first {settings['sink_tokens']} tokens: convert with "
+                             f"--sink-tokens {settings['sink_tokens']}.")
             lines.append(f"Note: a {window}-token window changes only the last {length - window} tokens of each "
                          f"{length}-token block, so sliding_attention's KL holds for this length; for longer contexts "
                          "rerun with a larger --seq-len.")
     else:
+        sinks = settings.get("sink_tokens", 0)
+        where = " and off the first token (windows keep the first {sinks} tokens)" if sinks else ""
         lines.append(f"Sensitivity = the {settings['ranking']} proxy ranking (fast mode: no layer was fitted); a layer "
                      f"gets a sliding window where at most {settings['swa_threshold']} of its attention mass lies "
-                     "outside the window.")
+                     f"outside the window{where.format(sinks=sinks)}.")
     lines += ["", f"Calibration: {record['calibration']}. Device {settings['device']}, {settings['dtype']}, "
                   f"seed {settings['seed']}; {record['wall_seconds']:.1f} s."]
     return "\n".join(lines) + "\n"

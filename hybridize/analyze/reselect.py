@@ -37,20 +37,27 @@ def reselect_to_folder(scores_path: Path, settings, out_dir: Path, *, overwrite:
     budget = parse_budget(settings.budget, len(layers))
     constraints.check_budget(budget, len(layers))
     proxies = {name: [row["proxies"][name] for row in layers] for name in PROXY_NAMES}
+    proxies["first_token"] = [row.get("first_token") for row in layers]
+    measured_sinks = record["settings"].get("sink_tokens", 0)
+    if record["mode"] == "full" and settings.sink_tokens != measured_sinks:
+        raise UserError(f"--scores {scores_path} measured windows with {measured_sinks} sink tokens; "
+                        f"--sink-tokens {settings.sink_tokens} needs a new analysis")
     kl = None
     if record["mode"] == "full":
         missing = [m for m in constraints.mixers if m not in layers[0]["kl"]]
         if missing:
             raise UserError(f"--scores {scores_path} has no scores for {', '.join(missing)}; rerun the analysis")
         kl = {m: [row["kl"][m] for row in layers] for m in constraints.mixers}
-    sensitivity, _, plan = choose_plan(budget, constraints, proxies, kl, settings.ranking, settings.swa_threshold)
+    sensitivity, _, plan = choose_plan(budget, constraints, proxies, kl, settings.ranking, settings.swa_threshold,
+                                       settings.sink_tokens)
     chosen = {
         **{k: v for k, v in record.items() if k != "comparison"},
         "layer_types": plan,
         "budget": budget,
         "rescored_from": str(scores_path),
         "settings": {**record["settings"], **dataclasses.asdict(constraints), "budget": settings.budget,
-                     "ranking": settings.ranking, "swa_threshold": settings.swa_threshold},
+                     "ranking": settings.ranking, "swa_threshold": settings.swa_threshold,
+                     "sink_tokens": settings.sink_tokens},
         "layers": [{**row, "choice": plan[i], "sensitivity": sensitivity[i]} for i, row in enumerate(layers)],
     }
     write_folder(out_dir, chosen, overwrite)

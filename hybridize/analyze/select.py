@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..convert.plan import H2_CYCLE, check_budget
 from ..errors import UserError
-from .proxies import proxy_sensitivity
+from .proxies import distant_content, proxy_sensitivity
 
 CANDIDATE_MIXERS = ("mamba2", "gated_deltanet", "sliding_attention")
 PATTERNS = ("best", "h2")
@@ -106,9 +106,14 @@ def assign_mixers(kept: list[int], best_mixer: list[str], constraints: Constrain
 
 
 def choose_plan(budget: int, constraints: Constraints, proxies: dict[str, list[float]],
-                kl: dict[str, list[float]] | None, ranking: str, swa_threshold: float):
-    """(sensitivity, best mixer, plan) per layer: from measured KL per mixer (full mode), else the proxies (fast)."""
+                kl: dict[str, list[float]] | None, ranking: str, swa_threshold: float, sink_tokens: int = 0):
+    """(sensitivity, best mixer, plan) per layer: from measured KL per mixer (full mode), else the proxies (fast).
+
+    With sink_tokens, windows keep the first tokens, so in fast mode the mass a window loses is its outside-window
+    mass less what lies on the first token (measured KL already comes from sink windows)."""
     if kl is None:
+        if sink_tokens:
+            proxies = {**proxies, "outside_window": window_loss_with_sinks(proxies)}
         sensitivity = proxy_sensitivity(proxies, ranking)
         best = fast_choice(proxies["outside_window"], constraints.mixers, swa_threshold)
     else:
@@ -121,6 +126,16 @@ def measured_choice(kl: dict[str, list[float]], mixers: tuple[str, ...]) -> tupl
     num_layers = len(next(iter(kl.values())))
     best = [min(mixers, key=lambda m: (kl[m][i], mixers.index(m))) for i in range(num_layers)]
     return [kl[best[i]][i] for i in range(num_layers)], best
+
+
+def window_loss_with_sinks(proxies: dict[str, list[float]]) -> list[float]:
+    """Outside-window mass less the first token's, per layer. Sinks keep more than the first token, so this
+    slightly overstates the loss; the analysis records only the first token's mass."""
+    first = proxies.get("first_token") or [None] * len(proxies["outside_window"])
+    loss = [distant_content(outside, mass) for outside, mass in zip(proxies["outside_window"], first)]
+    if any(v is None for v in loss):
+        raise UserError("--sink-tokens needs the first-token mass, which this analysis did not record; rerun it")
+    return loss
 
 
 def fast_choice(outside_window: list[float], mixers: tuple[str, ...], swa_threshold: float) -> list[str]:

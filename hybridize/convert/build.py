@@ -114,9 +114,11 @@ def model_from_state(config: HybridConfig, state: dict[str, torch.Tensor]) -> Hy
     return model.eval()
 
 
-def convert_model(teacher, layer_types: list[str], *, seed: int = 0, options: InitOptions = InitOptions()):
-    """In memory: a HybridForCausalLM initialized from `teacher` (a LlamaForCausalLM) for `layer_types`."""
-    config = hybrid_config_from_teacher(teacher.config, layer_types)
+def convert_model(teacher, layer_types: list[str], *, seed: int = 0, options: InitOptions = InitOptions(),
+                  sink_tokens: int = 0):
+    """In memory: a HybridForCausalLM initialized from `teacher` (a LlamaForCausalLM) for `layer_types`, its sliding
+    windows keeping the first `sink_tokens` tokens."""
+    config = hybrid_config_from_teacher(teacher.config, layer_types, sliding_window_sinks=sink_tokens)
     teacher_state = teacher.state_dict()
     state, _ = convert_state(list(teacher_state), lambda k: teacher_state[k].detach().clone(), config, options, seed)
     return model_from_state(config, state)

@@ -102,6 +102,28 @@ def test_fast_mode_mixer_choice_and_ranking(tiny_llama, tmp_path, capsys):
     assert "of which first token" in (tmp_path / "p" / "report.md").read_text()
 
 
+def test_fast_mode_with_sinks_discounts_the_first_token(tiny_llama, tmp_path, capsys):
+    """With --sink-tokens a window loses only the mass off the first token: at a threshold between a layer's
+    plain and sink-adjusted loss, that layer becomes a window only with sinks."""
+    code, _ = analyze(capsys, tiny_llama, "--fast", "--budget", "0", "--out", tmp_path / "plain", "--seq-len", "600")
+    assert code == 0
+    layers = json.loads((tmp_path / "plain" / "plan.json").read_text())["layers"]
+    outside = [r["proxies"]["outside_window"] for r in layers]
+    adjusted = [o - r["first_token"] for o, r in zip(outside, layers)]
+    threshold = (max(adjusted) + min(outside)) / 2
+    assert max(adjusted) < threshold < min(outside)  # the tiny teacher puts enough mass on token 0 to separate them
+    runs = {}
+    for name, sinks in (("plain", "0"), ("sinks", "3")):
+        code, streams = analyze(capsys, "--scores", tmp_path / "plain" / "plan.json", "--budget", "0",
+                                "--swa-threshold", f"{threshold:.6f}", "--sink-tokens", sinks,
+                                "--out", tmp_path / f"re-{name}")
+        assert code == 0, streams.err
+        runs[name] = json.loads((tmp_path / f"re-{name}" / "plan.json").read_text())
+    assert "sliding_attention" not in runs["plain"]["layer_types"]
+    assert runs["sinks"]["layer_types"] == ["sliding_attention"] * 4 and runs["sinks"]["settings"]["sink_tokens"] == 3
+    assert "off the first token" in (tmp_path / "re-sinks" / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -201,6 +223,7 @@ def test_scores_of_an_earlier_run_choose_for_another_budget(full_run, tiny_llama
     (["--scores", "missing.json"], "not a plan.json written by hybridize analyze"),
     (["--scores", "PLAN", "--mixers", "gated_deltanet"], "has no scores for gated_deltanet"),
     (["--scores", "PLAN", "--fast"], "drop MODEL and --fast"),
+    (["--scores", "PLAN", "--sink-tokens", "2"], "measured windows with 0 sink tokens"),
 ])
 def test_bad_scores_are_one_line(full_run, tmp_path, capsys, extra, message):
     _, first = full_run

@@ -100,3 +100,16 @@ def test_layer_scores_are_per_layer_replacements(tiny_teacher):
         attention = base.model.layers[2].mixer(x, teacher_forced_context(base, x))
         teacher_attention = capture_mixer_io(tiny_teacher, ids, [2])[2][1]
     assert relative_error(attention, teacher_attention) < 1e-5
+
+
+def test_sink_windows_are_scored_as_sink_windows(tiny_teacher):
+    """--sink-tokens reaches the window candidates: past the 512-token window, 2 sinks change every layer's KL."""
+    ids = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(4))
+    base = convert_model(tiny_teacher, ["full_attention"] * 4)
+    held_out = capture_held_out(tiny_teacher, ids)
+    kl = {}
+    for sinks in (0, 2):
+        mixers = candidate_mixers(tiny_teacher, "sliding_attention", seed=0, sink_tokens=sinks)
+        assert [m.sinks for m in mixers] == [sinks] * 4
+        kl[sinks] = layer_scores(base, held_out, {"sliding_attention": mixers}, torch.float32)["sliding_attention"]["kl"]
+    assert all(abs(a - b) > 1e-9 for a, b in zip(kl[0], kl[2]))

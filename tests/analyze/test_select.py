@@ -6,7 +6,7 @@ import random
 import pytest
 
 from hybridize.analyze.select import (
-    Constraints, assign_mixers, fast_choice, keep_attention, measured_choice, parse_budget,
+    Constraints, assign_mixers, choose_plan, fast_choice, keep_attention, measured_choice, parse_budget,
 )
 from hybridize.errors import UserError
 
@@ -68,6 +68,20 @@ def test_mixer_rules():
         "mamba2", "gated_deltanet", "full_attention", "sliding_attention", "mamba2", "gated_deltanet"]
     assert assign_mixers([0], best[:4], Constraints(pattern="h2", mixers=("sliding_attention", "mamba2"))) == [
         "full_attention", "mamba2", "sliding_attention", "mamba2"]
+
+
+def test_sinks_give_a_window_where_the_lost_mass_is_the_first_token():
+    """Layer 1 loses 0.30 to a plain window, 0.28 of it on the first token: with sinks it gets a window. Layer 2
+    loses 0.30 of distant content: a recurrent mixer either way. Layer 0 keeps attention (most sensitive)."""
+    proxies = {"outside_window": [0.5, 0.30, 0.30], "first_token": [0.0, 0.28, 0.01],
+               "entropy": [3.0, 1.0, 1.0], "distance": [3.0, 1.0, 1.0], "induction": [0.9, 0.0, 0.0]}
+    constraints = Constraints(mixers=("gated_deltanet", "sliding_attention"))
+    plain = choose_plan(1, constraints, proxies, None, "outside_window", 0.05)[2]
+    sinks = choose_plan(1, constraints, proxies, None, "outside_window", 0.05, sink_tokens=4)[2]
+    assert plain == ["full_attention", "gated_deltanet", "gated_deltanet"]
+    assert sinks == ["full_attention", "sliding_attention", "gated_deltanet"]
+    with pytest.raises(UserError, match="first-token mass"):
+        choose_plan(1, constraints, {**proxies, "first_token": [None] * 3}, None, "outside_window", 0.05, 4)
 
 
 def test_budget_parsing():
