@@ -41,7 +41,8 @@ class AnalyzeSettings:
     """Everything that decides an analysis; docs/analyze.md says why each default is what it is.
 
     seq_len None means four times the sliding window of a converted sliding_attention layer (capped at the
-    teacher's context), so that three quarters of every block's queries have keys outside the window. eval_blocks counts held-out blocks per text domain.
+    teacher's context), so that three quarters of every block's queries have keys outside the window. eval_blocks
+    counts held-out blocks per text domain.
     """
 
     budget: str

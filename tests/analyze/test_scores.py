@@ -111,5 +111,6 @@ def test_sink_windows_are_scored_as_sink_windows(tiny_teacher):
     for sinks in (0, 2):
         mixers = candidate_mixers(tiny_teacher, "sliding_attention", seed=0, sink_tokens=sinks)
         assert [m.sinks for m in mixers] == [sinks] * 4
-        kl[sinks] = layer_scores(base, held_out, {"sliding_attention": mixers}, torch.float32)["sliding_attention"]["kl"]
+        scores = layer_scores(base, held_out, {"sliding_attention": mixers}, torch.float32)
+        kl[sinks] = scores["sliding_attention"]["kl"]
     assert all(abs(a - b) > 1e-9 for a, b in zip(kl[0], kl[2]))
