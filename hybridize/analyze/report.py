@@ -93,10 +93,10 @@ def markdown_report(record: dict) -> str:
                          "rerun with a larger --seq-len.")
     else:
         sinks = settings.get("sink_tokens", 0)
-        where = " and off the first token (windows keep the first {sinks} tokens)" if sinks else ""
+        where = f" and off the first token (windows keep the first {sinks} tokens)" if sinks else ""
         lines.append(f"Sensitivity = the {settings['ranking']} proxy ranking (fast mode: no layer was fitted); a layer "
                      f"gets a sliding window where at most {settings['swa_threshold']} of its attention mass lies "
-                     f"outside the window{where.format(sinks=sinks)}.")
+                     f"outside the window{where}.")
     lines += ["", f"Calibration: {record['calibration']}. Device {settings['device']}, {settings['dtype']}, "
                   f"seed {settings['seed']}; {record['wall_seconds']:.1f} s."]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for parameters attention has no counterpart of")
     parser.add_argument("--sink-tokens", type=int, default=0, metavar="S",
                         help="sliding windows also keep each sequence's first S tokens (attention sinks; "
-                             "docs/convert.md); default 0, plain windows")
+                             "docs/model.md); default 0, plain windows")
     defaults = InitOptions()
     parser.add_argument("--init-conv", default=defaults.conv, choices=("identity", "random"))
     parser.add_argument("--init-gate", default=defaults.gate, choices=("zero", "random"))

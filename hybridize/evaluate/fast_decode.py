@@ -22,9 +22,9 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..kernels.decode_attention import decode_attention
-from ..model.cache import RecurrentLayerCache
+from ..model.cache import RecurrentLayerCache, SinkWindowLayer
 from ..model.configuration_hybrid import ATTENTION_TYPES
-from ..model.context import SequenceContext
+from ..model.context import SequenceContext, real_token_rank
 
 _SLOT_ALIGN = 8  # attention kernels prefer key lengths that are a multiple of 8; extra slots stay masked
 
@@ -185,10 +185,10 @@ class StaticDecoder:
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         for cache, layer in zip(self.layer_caches, out.past_key_values.layers):
             if isinstance(cache, AttentionSlots):
-                kept = layer.keys.shape[2]  # plain caches keep the last `kept` tokens; a SinkWindowLayer says which
-                key_slots = getattr(layer, "slots", None)
-                if key_slots is None:
-                    key_slots = torch.arange(length - kept, length, device=self.device)
+                if isinstance(layer, SinkWindowLayer):  # it says which stream indices it kept
+                    key_slots = layer.slots
+                else:  # the other caches keep the prompt's last tokens
+                    key_slots = torch.arange(length - layer.keys.shape[2], length, device=self.device)
                 _fill_slots(cache, layer.keys, layer.values, key_slots, mask)
             else:
                 cache.conv_state.copy_(layer.conv_state)
@@ -244,7 +244,7 @@ def _fill_slots(slots: AttentionSlots, keys: torch.Tensor, values: torch.Tensor,
     slots.values[:, :, where] = values[:, :, in_ring]
     slots.valid[:, where] = mask[:, index]
     if slots.sinks:
-        rank = (mask.long().cumsum(-1) - 1)[:, key_slots]  # [B, n] index among the row's real tokens
+        rank = real_token_rank(mask)[:, key_slots]  # [B, n]
         rows, cols = ((rank < slots.sinks) & mask[:, key_slots]).nonzero(as_tuple=True)
         sink = rank[rows, cols]
         slots.keys[rows, :, slots.ring + sink] = keys[rows, :, cols]

@@ -11,7 +11,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .cache import SinkWindowLayer
-from .context import SequenceContext
+from .context import SequenceContext, real_token_rank
 from .projections import project
 
 try:
@@ -165,6 +165,6 @@ class Attention(nn.Module):
             key_slots = torch.arange(total - key_length, total, device=q.device)
         query_slots = torch.arange(past_tokens, total, device=q.device)
         key_valid = attention_mask[:, key_slots] if padded else None  # [B, Tk]
-        key_rank = (attention_mask.long().cumsum(-1) - 1)[:, key_slots] if padded and sink_mask else None  # [B, Tk]
+        key_rank = real_token_rank(attention_mask)[:, key_slots] if padded and sink_mask else None  # [B, Tk]
         mask = attention_mask_for(query_slots, key_slots, self.window, key_valid, self.sinks, key_rank)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

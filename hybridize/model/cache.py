@@ -92,11 +92,6 @@ class SinkWindowLayer(DynamicLayer):
         self.keys, self.values, self.slots = keys[:, :, keep], values[:, :, keep], slots[keep]
         return keys, values, slots
 
-    def update(self, key_states, value_states, cache_kwargs=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """transformers' signature; the attention mask comes in cache_kwargs["attention_mask"]."""
-        mask = (cache_kwargs or {}).get("attention_mask")
-        return self.update_with_slots(key_states, value_states, mask)[:2]
-
     def _sink_run(self, attention_mask: torch.Tensor | None, total: int) -> int:
         """Length of the leading run of slots that holds every row's first `sinks` real tokens (all of a row's
         tokens while it has fewer). It only grows, so a slot dropped once is never needed again."""

@@ -20,3 +20,9 @@ class SequenceContext:
     def new_tokens_mask(self) -> torch.Tensor | None:
         """[B, T] mask of the tokens in this forward, or None."""
         return None if self.attention_mask is None else self.attention_mask[:, self.past_tokens :]
+
+
+def real_token_rank(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] mask (0 at left padding) -> [B, T] each slot's index among its row's real tokens (-1 before the
+    first): the RoPE position of a real token, and what a window's sinks are counted by."""
+    return attention_mask.long().cumsum(-1) - 1

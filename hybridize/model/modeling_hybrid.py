@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 from .attention import Attention
 from .cache import HybridCache
 from .configuration_hybrid import ATTENTION_TYPES, HybridConfig
-from .context import SequenceContext
+from .context import SequenceContext, real_token_rank
 from .gated_deltanet import GatedDeltaNetMixer
 from .mamba2 import Mamba2Mixer
 from .mlp import GatedMLP
@@ -130,7 +130,7 @@ def _position_ids(attention_mask, past_tokens: int, length: int, device) -> torc
     """RoPE positions: the index among real tokens, so a left-padded sequence is positioned as if run alone."""
     if attention_mask is None:
         return torch.arange(past_tokens, past_tokens + length, device=device)[None]
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
+    return real_token_rank(attention_mask).clamp_min(0)[:, -length:]
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
