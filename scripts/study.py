@@ -62,6 +62,9 @@ def analyzer_plan(budget: int) -> Path:
 PLAN_F = "full_attention:3,4,5,6,7,8,9,18 sliding_attention:rest"
 SINKS = 4
 
+# The analyzer's own choice when it scores every window as a sink window (full mode, `--sink-tokens 4`).
+ANALYZE_SINKS_DIR = Path(f"{ANALYZE_DIR}-s{SINKS}")
+
 # The headline budget chosen for Gated DeltaNet alone: the kept layers a GDN hybrid needs differ from those that
 # suit windows elsewhere (docs/results.md, second pass).
 ANALYZE_GDN_DIR = Path(f"{ANALYZE_DIR}-gdn")
@@ -86,6 +89,7 @@ def runs() -> list[Run]:
         Run("headline", "mixers/stages/attention/sinks", "both", str(plan8)),
         Run("sinks-headline-s4", "sinks", "both", str(plan8), sinks=SINKS),
         Run("sinks-planF-s4", "sinks", "both", PLAN_F, sinks=SINKS),
+        Run("sinks-analyzer-s4", "sinks", "both", str(ANALYZE_SINKS_DIR / "plan.json"), sinks=SINKS),
         Run("layers-analyzer-gdn", "layers/mixers", "both",
             f"full_attention:{','.join(map(str, kept))} gated_deltanet:rest"),
         Run("layers-uniform-gdn", "layers", "both", f"uniform:{BUDGET}:gated_deltanet"),
@@ -128,6 +132,9 @@ def analyze(budgets: list[int]) -> None:
         if k != BUDGET and not (analyzer_plan(k) / "plan.json").exists():
             sh(hybridize("analyze", "--budget", str(k), "--scores", str(ANALYZE_DIR / "plan.json"),
                          "--out", str(analyzer_plan(k))), log)
+    if not (ANALYZE_SINKS_DIR / "plan.json").exists():
+        sh(hybridize("analyze", "--budget", str(BUDGET), "--sink-tokens", str(SINKS), "--out", str(ANALYZE_SINKS_DIR)),
+           log)
     if not (ANALYZE_GDN_DIR / "plan.json").exists():
         sh(hybridize("analyze", "--budget", str(BUDGET), "--mixers", "gated_deltanet", "--scores",
                      str(ANALYZE_DIR / "plan.json"), "--out", str(ANALYZE_GDN_DIR)), log)

@@ -18,4 +18,7 @@ for run in /root/runs/study/*/; do
   cp "$run/eval/eval.json" "$flat/$name.eval.json" 2>/dev/null
   cp "$run/bench/bench.json" "$flat/$name.bench.json" 2>/dev/null
 done
+for file in /root/runs/analyze-smollm2-s4/*; do  # the sink-scored analysis, committed beside the plain one
+  cp "$file" "$flat/analyze-smollm2-s4.$(basename "$file")" 2>/dev/null
+done
 tar -cf "$OUT/study_results.tar" -C "$flat" .
