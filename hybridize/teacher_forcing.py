@@ -28,7 +28,9 @@ def capture_mixer_io(
         teacher.model.layers[i].self_attn.register_forward_hook(hook_for(i), with_kwargs=True) for i in layers
     ]
     try:
-        teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        # Hooks inside compiled layers (distillation compiles them for KD) would be traced into their graphs.
+        with torch.compiler.set_stance("force_eager"):
+            teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

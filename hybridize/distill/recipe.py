@@ -193,6 +193,7 @@ class Recipe:
     sink_tokens: int = 0  # with a plan: sliding windows also keep each sequence's first this-many tokens
     seed: int = 0
     mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16 applies on GPU; CPU runs stay fp32
+    compile: bool = True  # KD stages on one GPU or DDP: torch.compile each decoder layer; CPU and FSDP2 stay eager
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -22,24 +22,25 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, parse_flag_from_env, set_seed
 from torch import nn
 
 from .. import __version__
 from ..errors import UserError
+from ..model.compiling import compile_decoder_layers
 from ..teacher import load_teacher, teacher_identity
 from . import checkpoints
 from .data import StageData, load_documents, stage_data
 from ..atomic import write_json_atomic
 from .export import export_student, load_student
-from .recipe import Recipe, Stage, recipe_to_dict
+from .recipe import KDStage, Recipe, Stage, recipe_to_dict
 from .stages import build_distiller, parameter_groups, prepare_student
 from .tracking import (
     MetricsLog, flat_config, missing_tracker_warning, plot_loss_curve, progress_bar, usable_trackers,
 )
 
 # What a resumed run may change: where and how it reports, and (say after a NaN) its learning-rate schedule.
-RESUMABLE_SECTIONS = ("output_dir", "checkpoint", "logging")
+RESUMABLE_SECTIONS = ("output_dir", "checkpoint", "logging", "compile")
 RESUMABLE_STAGE_KEYS = ("lr", "lr_by_layer_type", "warmup_steps", "min_lr_ratio", "max_grad_norm")
 
 
@@ -116,6 +117,10 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=mixed, log_with=self.trackers or None,
                                        project_dir=str(self.out / "logs"), kwargs_handlers=[patience])
         reduce_gradients_in_fp32(self.accelerator)
+        # Compiling pays off over a GPU run's thousands of steps; a CPU smoke run would spend minutes compiling.
+        # FSDP2 runs stay eager: compiled layers under its hooks are untested here (no multi-GPU machine lent).
+        self.compiles = (recipe.compile and state.device.type == "cuda"
+                         and self.accelerator.distributed_type != DistributedType.FSDP)
         self.main = self.accelerator.is_main_process
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.progress = Progress()
@@ -134,6 +139,8 @@ class Trainer:
         bf16 = self.accelerator.mixed_precision == "bf16"
         dtype = torch.bfloat16 if bf16 else torch.float32
         self.teacher, self.tokenizer = load_teacher(self.recipe.teacher, dtype=dtype)
+        if self.compiles and any(isinstance(stage, KDStage) for stage in self.recipe.stages):
+            compile_decoder_layers(self.teacher)  # before FSDP2 shards the layers, so its hooks stay outside
         place_teacher(self.teacher, self.accelerator)
         with self.accelerator.main_process_first():
             self.documents = load_documents(self.recipe.data, self.tokenizer, self.recipe.seed)
@@ -282,6 +289,8 @@ class StageRun:
         set_seed(trainer.recipe.seed + self.index)
         student = load_student(self.source)
         prepare_student(student, stage)
+        if trainer.compiles and isinstance(stage, KDStage):
+            compile_decoder_layers(student)  # stage 1 calls the mixers alone, outside their layers
         groups = parameter_groups(student, stage)
         self.peak_lrs = [group["peak_lr"] for group in groups]
         trained = sum(p.numel() for g in groups for p in g["params"])

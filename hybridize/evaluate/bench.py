@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import StaticCache
 
+from ..model.compiling import allow_recompiles
 from .common import format_table
-from .fast_decode import StaticDecoder, allow_recompiles
+from .fast_decode import StaticDecoder
 from .recall import default_lengths
 
 PATHS = ("hybrid generate", "hybrid fast", "teacher generate", "teacher static")

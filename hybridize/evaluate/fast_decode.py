@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..kernels.decode_attention import decode_attention
 from ..model.cache import RecurrentLayerCache, SinkWindowLayer
+from ..model.compiling import allow_recompiles
 from ..model.configuration_hybrid import ATTENTION_TYPES
 from ..model.context import SequenceContext, real_token_rank
 
@@ -218,11 +219,6 @@ class StaticDecoder:
         self.prefill(input_ids, attention_mask)
         self.decode(max_new_tokens - 1)
         return self.tokens[:, : length + max_new_tokens].clone()
-
-
-def allow_recompiles(limit: int = 64) -> None:
-    """Each (batch, length) is its own compile; past dynamo's default limit of 8 it would silently run eager."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
 
 
 def state_shape(mixer) -> tuple[int, int, int]:

@@ -70,6 +70,7 @@ def _flex_attention():
     return _compiled_flex_attention
 
 
+@torch.compiler.disable  # inside a compiled layer: a cache lookup for the graph to take as an input, not to trace
 def _window_block_mask(length: int, window: int, sinks: int, device: torch.device) -> BlockMask:
     key = (length, window, sinks, device)
     if key not in _block_masks:

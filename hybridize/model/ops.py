@@ -1,9 +1,22 @@
-"""The model's one door to its sequence-mixing kernels: Triton on CUDA tensors, the fp32 PyTorch references otherwise."""
+"""The model's one door to its sequence-mixing kernels: Triton on CUDA tensors, the fp32 PyTorch references otherwise.
 
-from hybridize.kernels.conv1d import causal_conv1d, causal_conv1d_step
-from hybridize.kernels.gated_delta import chunk_gated_delta_rule, gated_delta_step
+Under torch.compile (distillation compiles each decoder layer) the chunked ops are graph breaks: their autograd
+Functions pick tile sizes in Python and launch autotuned Triton kernels in backward, which dynamo would have to
+trace; eager, they are already one launch per kernel. The decode steps and the gated norm's forward are custom
+ops that compiled decoding keeps inside its graph.
+"""
+
+import torch
+
+from hybridize.kernels import conv1d, gated_delta, ssd
+from hybridize.kernels.conv1d import causal_conv1d_step
+from hybridize.kernels.gated_delta import gated_delta_step
 from hybridize.kernels.norm import gated_rms_norm
-from hybridize.kernels.ssd import chunk_ssd, ssd_step
+from hybridize.kernels.ssd import ssd_step
+
+causal_conv1d = torch.compiler.disable(conv1d.causal_conv1d)
+chunk_gated_delta_rule = torch.compiler.disable(gated_delta.chunk_gated_delta_rule)
+chunk_ssd = torch.compiler.disable(ssd.chunk_ssd)
 
 __all__ = [
     "causal_conv1d",

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from helpers import requires_cuda
 from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, write_recipe
 
 from hybridize.cli import COMMANDS
@@ -38,6 +39,21 @@ def test_stage2_lowers_the_kl(tmp_path, tiny_models, text_file):
     assert record["stages"][0]["steps_done"] == 12 and record["stages"][0]["tokens"] == 12 * 256
     assert record["data"]["documents"] == {"train": 36, "held_out": 4}
     assert (final / "loss_curve.png").stat().st_size > 1000 and (tmp_path / "run" / "loss_curve.png").exists()
+
+
+@requires_cuda
+def test_compiled_layers_train_like_eager_ones_on_cuda(tmp_path, tiny_models, text_file):
+    """Both stages on the GPU, compiled (the default) and eager: the same losses, step by step, within bf16 noise."""
+    losses = {}
+    for compiled in (True, False):
+        out = tmp_path / f"compile-{compiled}"
+        trainer = Trainer(parse_recipe(tiny_recipe(tiny_models, text_file, out, {"compile": compiled})))
+        trainer.run()
+        assert trainer.compiles == compiled
+        losses[compiled] = [r["loss"] for r in metrics(out) if r["split"] == "train"]
+    assert len(losses[True]) == 8
+    for step, (a, b) in enumerate(zip(losses[True], losses[False])):
+        assert abs(a - b) <= 0.02 * abs(b), f"step {step}: compiled {a} vs eager {b}"
 
 
 def test_the_eval_mean_does_not_depend_on_how_the_sequences_are_batched(tmp_path, tiny_models, text_file):
