@@ -328,6 +328,19 @@ def test_triton_chunk_bf16_cuda(B, T, HK, H, K, V, cu, init, guard):
 
 
 @requires_cuda
+def test_small_heads_take_the_reference_on_cuda():
+    """K = V = 16 faulted on an H100: "auto" must compute it with the reference, "triton" must refuse it."""
+    inputs, h0 = make_inputs(2, 63, 2, 2, 16, 16, device="cuda")
+    expected = run_with_grads(reference.chunk_gated_delta_rule, inputs, h0)
+    actual = run_with_grads(chunk_gated_delta_rule, inputs, h0)
+    torch.cuda.synchronize()
+    for name in expected:  # the same fp32 code on the same inputs: equal, where tf32 Triton dots would not be
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
+    with pytest.raises(ValueError, match="head dims >= 32"):
+        chunk_gated_delta_rule(*inputs, backend="triton")
+
+
+@requires_cuda
 @pytest.mark.parametrize("K", [64, 128])
 @pytest.mark.parametrize("name, config", ALL_CONFIGS)
 def test_triton_chunk_every_config_cuda(name, config, K, guard):
