@@ -8,15 +8,15 @@ ops that compiled decoding keeps inside its graph.
 
 import torch
 
-from hybridize.kernels import conv1d, gated_delta, ssd
-from hybridize.kernels.conv1d import causal_conv1d_step
-from hybridize.kernels.gated_delta import gated_delta_step
+# `hybridize push` reads these import lines to write the exported model's ops.py (hybridize.publish.export).
+from hybridize.kernels.conv1d import causal_conv1d, causal_conv1d_step
+from hybridize.kernels.gated_delta import chunk_gated_delta_rule, gated_delta_step
 from hybridize.kernels.norm import gated_rms_norm
-from hybridize.kernels.ssd import ssd_step
+from hybridize.kernels.ssd import chunk_ssd, ssd_step
 
-causal_conv1d = torch.compiler.disable(conv1d.causal_conv1d)
-chunk_gated_delta_rule = torch.compiler.disable(gated_delta.chunk_gated_delta_rule)
-chunk_ssd = torch.compiler.disable(ssd.chunk_ssd)
+causal_conv1d = torch.compiler.disable(causal_conv1d)
+chunk_gated_delta_rule = torch.compiler.disable(chunk_gated_delta_rule)
+chunk_ssd = torch.compiler.disable(chunk_ssd)
 
 __all__ = [
     "causal_conv1d",
