@@ -140,7 +140,7 @@ class Trainer:
         dtype = torch.bfloat16 if bf16 else torch.float32
         self.teacher, self.tokenizer = load_teacher(self.recipe.teacher, dtype=dtype)
         if self.compiles and any(isinstance(stage, KDStage) for stage in self.recipe.stages):
-            compile_decoder_layers(self.teacher)  # before FSDP2 shards the layers, so its hooks stay outside
+            compile_decoder_layers(self.teacher)
         place_teacher(self.teacher, self.accelerator)
         with self.accelerator.main_process_first():
             self.documents = load_documents(self.recipe.data, self.tokenizer, self.recipe.seed)

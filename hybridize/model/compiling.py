@@ -18,8 +18,8 @@ def allow_recompiles(limit: int = 64) -> None:
 def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> None:
     """Compile every decoder layer of a causal LM (`model.model.layers`, ours or a Llama) in place, once.
 
-    Compiling per layer rather than the whole model keeps each graph small, lets FSDP2 shard the layers as
-    units afterwards, and lets identical layers share one graph: dynamo reads their parameters as inputs.
+    Compiling per layer rather than the whole model keeps each graph small, leaves gradient checkpointing
+    wrapping plain layers, and lets identical layers share one graph: dynamo reads their parameters as inputs.
     `backend` is torch.compile's ("aot_eager" traces the same graphs without generating code, for tests).
     """
     allow_recompiles()

@@ -16,13 +16,12 @@ MIN_TRITON_HEAD_DIM = 32
 
 def _chunk_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
     chosen = resolve_backend(backend, q)
-    small = min(q.shape[-1], v.shape[-1]) < MIN_TRITON_HEAD_DIM
-    if chosen != "triton" or not (small and q.is_cuda):
-        return chosen
-    if backend == "triton":
-        raise ValueError(f"the Triton chunk kernels need head dims >= {MIN_TRITON_HEAD_DIM} on a GPU, got "
-                         f"K={q.shape[-1]}, V={v.shape[-1]}; use backend='reference'")
-    return "reference"
+    if chosen == "triton" and q.is_cuda and min(q.shape[-1], v.shape[-1]) < MIN_TRITON_HEAD_DIM:
+        if backend == "triton":
+            raise ValueError(f"the Triton chunk kernels need head dims >= {MIN_TRITON_HEAD_DIM} on a GPU, got "
+                             f"K={q.shape[-1]}, V={v.shape[-1]}; use backend='reference'")
+        return "reference"
+    return chosen
 
 
 def chunk_gated_delta_rule(
