@@ -16,7 +16,7 @@ import shutil
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -97,6 +97,18 @@ def _fixed_part(recipe: dict) -> dict:
     return fixed
 
 
+@contextmanager
+def tf32_matmuls(enabled: bool):
+    """fp32 matmuls outside autocast (mixed_precision: no) run in tf32 while a run trains on a GPU. The flag is
+    process-wide, so it is put back afterwards: code that runs after a run in the same process keeps fp32 matmuls."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled or saved
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class Trainer:
     """One run of a recipe. Every process builds one; only the main process writes shared files."""
 
@@ -125,14 +137,16 @@ class Trainer:
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.progress = Progress()
         self.accelerator.register_for_checkpointing(self.progress)
-        if state.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (mixed_precision: no)
 
     def log(self, message: str) -> None:
         self.accelerator.print(message)
 
     def run(self) -> Path:
         """Train every stage not yet done and return the final model folder."""
+        with tf32_matmuls(self.accelerator.device.type == "cuda"):
+            return self._run_stages()
+
+    def _run_stages(self) -> Path:
         set_seed(self.recipe.seed)
         self._check_output_dir()
         init = self._initial_student()

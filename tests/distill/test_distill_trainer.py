@@ -20,7 +20,7 @@ from hybridize.cli import COMMANDS
 from hybridize.cli import main as hybridize_main
 from hybridize.distill.__main__ import main as distill_main
 from hybridize.distill.recipe import parse_recipe, recipe_to_dict
-from hybridize.distill.trainer import Trainer, reduce_gradients_in_fp32
+from hybridize.distill.trainer import Trainer, reduce_gradients_in_fp32, tf32_matmuls
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -97,6 +97,18 @@ def test_fsdp2_bf16_accumulates_and_reduces_gradients_in_fp32(tmp_path):
         assert all(grad is not None and grad.dtype == torch.float32 for grad in held)
     finally:
         dist.destroy_process_group()
+
+
+def test_tf32_is_on_only_while_a_gpu_run_trains():
+    """The flag is process-wide: after a run (or a failed one) later fp32 code gets fp32 matmuls again. Left on, it
+    failed the fp32 flex-vs-SDPA tests that ran after the trainer tests in one pytest process on the H100."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    with tf32_matmuls(False):
+        assert not torch.backends.cuda.matmul.allow_tf32
+    with pytest.raises(RuntimeError, match="stage failed"), tf32_matmuls(True):
+        assert torch.backends.cuda.matmul.allow_tf32
+        raise RuntimeError("stage failed")
+    assert not torch.backends.cuda.matmul.allow_tf32
 
 
 def test_fp32_reduction_leaves_other_setups_alone():

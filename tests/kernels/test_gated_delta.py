@@ -328,24 +328,12 @@ def test_triton_chunk_bf16_cuda(B, T, HK, H, K, V, cu, init, guard):
 
 
 @requires_cuda
-def test_small_heads_take_the_reference_on_cuda():
-    """K = V = 16 faulted on an H100: "auto" must compute it with the reference, "triton" must refuse it."""
-    inputs, h0 = make_inputs(2, 63, 2, 2, 16, 16, device="cuda")
-    expected = run_with_grads(reference.chunk_gated_delta_rule, inputs, h0)
-    actual = run_with_grads(chunk_gated_delta_rule, inputs, h0)
-    torch.cuda.synchronize()
-    for name in expected:  # the same fp32 code on the same inputs: equal, where tf32 Triton dots would not be
-        torch.testing.assert_close(actual[name], expected[name], msg=name)
-    with pytest.raises(ValueError, match="head dims >= 32"):
-        chunk_gated_delta_rule(*inputs, backend="triton")
-
-
-@requires_cuda
-@pytest.mark.parametrize("K", [64, 128])
+@pytest.mark.parametrize("K", [16, 64, 128])
 @pytest.mark.parametrize("name, config", ALL_CONFIGS)
 def test_triton_chunk_every_config_cuda(name, config, K, guard):
     """Each config that autotuning may pick, alone (the other kernels tune as usual), so that a config that faults
-    or computes wrong values is named by the test id. T < BT and GQA: the shape of the first H100 fault."""
+    or computes wrong values is named by the test id. T < BT and GQA: the shape of the first H100 fault. K=16: the
+    WY kernel's m64n16 matmul with 4 warps read shared memory out of bounds there (now 8 warps only)."""
     inputs, h0 = make_inputs(2, 63, 4, 8, K, K, dtype=torch.bfloat16, device="cuda")
     expected = run_with_grads(reference.chunk_gated_delta_rule, [x.float() for x in inputs], h0)
     with pinned(getattr(chunk, name), config):

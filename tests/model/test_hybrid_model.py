@@ -49,6 +49,17 @@ def test_token_by_token_decode_equals_full_forward(plan, length):
     assert cache.get_seq_length() == length
 
 
+def test_bf16_model_runs_on_the_cpu_and_tracks_fp32():
+    """Every mixer keeps the model's dtype on the reference path (a bf16 hybrid on a CPU), close to its fp32 copy."""
+    model = tiny_hybrid(MIXED)
+    input_ids = torch.randint(0, 97, (2, 40))
+    expected = full_logits(model.float(), input_ids)
+    actual = full_logits(model.bfloat16(), input_ids)
+    assert actual.dtype == torch.bfloat16
+    rel = (actual.float() - expected).norm() / expected.norm()
+    assert rel < 0.03, f"bf16 logits are {rel:.3f} (relative RMS) from fp32"
+
+
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_chunked_prefill_then_decode_equals_full_forward(plan):
     model = tiny_hybrid(PLANS[plan])

@@ -8,22 +8,6 @@ from hybridize.kernels.gated_delta.reference import recurrent_gated_delta_rule
 
 __all__ = ["chunk_gated_delta_rule", "gated_delta_step", "recurrent_gated_delta_rule"]
 
-# On an H100 the chunk kernels faulted (illegal address) with K = V = 16, while 32, 64 and 128 pass and the CPU
-# interpreter is right at 16 (docs/benchmarks.md, run 8). Until that is understood, smaller heads on a GPU take
-# the reference ("auto") or are refused ("triton").
-MIN_TRITON_HEAD_DIM = 32
-
-
-def _chunk_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
-    chosen = resolve_backend(backend, q)
-    if chosen == "triton" and q.is_cuda and min(q.shape[-1], v.shape[-1]) < MIN_TRITON_HEAD_DIM:
-        if backend == "triton":
-            raise ValueError(f"the Triton chunk kernels need head dims >= {MIN_TRITON_HEAD_DIM} on a GPU, got "
-                             f"K={q.shape[-1]}, V={v.shape[-1]}; use backend='reference'")
-        return "reference"
-    return chosen
-
-
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -40,10 +24,9 @@ def chunk_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule over whole sequences; see `chunk.chunk_gated_delta_rule` for shapes.
 
-    backend: "auto" (Triton on CUDA tensors with head dims >= MIN_TRITON_HEAD_DIM, else the reference), "triton"
-    or "reference".
+    backend: "auto" (Triton on CUDA tensors, else the reference), "triton" or "reference".
     """
-    impl = chunk if _chunk_backend(backend, q, v) == "triton" else reference
+    impl = chunk if resolve_backend(backend, q) == "triton" else reference
     return impl.chunk_gated_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens, chunk_size=chunk_size,

@@ -36,10 +36,10 @@ def _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens):
     return q, k, v, g, beta, scale, seqs, dt
 
 
-def _finish(outs, states, v, cu_seqlens, output_final_state):
+def _finish(outs, states, out_dtype, cu_seqlens, output_final_state):
     o = torch.stack(outs) if cu_seqlens is None else torch.cat(outs)[None]  # [B, T, H, V]
     ht = torch.stack(states) if output_final_state else None  # [N, H, K, V] fp32 (fp64 in fp64 mode)
-    return o.to(v.dtype), ht
+    return o.to(out_dtype), ht
 
 
 def _initial(initial_state, n, H, K, V, dt, device):
@@ -62,7 +62,7 @@ def recurrent_gated_delta_rule(
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] fp32, or None.
     """
-    V = v.shape[-1]
+    V, out_dtype = v.shape[-1], v.dtype  # v is upcast below
     K = q.shape[-1]
     q, k, v, g, beta, scale, seqs, dt = _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     H = v.shape[2]
@@ -77,7 +77,7 @@ def recurrent_gated_delta_rule(
             o_n.append(scale * torch.einsum("hkv,hk->hv", S, q[b, t]))
         outs.append(torch.stack(o_n) if o_n else v.new_zeros(0, H, V))
         states.append(S)
-    return _finish(outs, states, v, cu_seqlens, output_final_state)
+    return _finish(outs, states, out_dtype, cu_seqlens, output_final_state)
 
 
 def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
@@ -133,7 +133,7 @@ def chunk_gated_delta_rule(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
 ):
     """Chunkwise (WY/UT) gated delta rule in PyTorch; same arguments and results as `recurrent_gated_delta_rule`."""
-    V = v.shape[-1]
+    V, out_dtype = v.shape[-1], v.dtype  # v is upcast below
     K = q.shape[-1]
     q, k, v, g, beta, scale, seqs, dt = _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     H = v.shape[2]
@@ -144,7 +144,7 @@ def chunk_gated_delta_rule(
         o_n, S = _chunk_one(q[b, sl], k[b, sl], v[b, sl], g[b, sl], beta[b, sl], S, scale, chunk_size)
         outs.append(o_n)
         states.append(S)
-    return _finish(outs, states, v, cu_seqlens, output_final_state)
+    return _finish(outs, states, out_dtype, cu_seqlens, output_final_state)
 
 
 def gated_delta_step(q, k, v, g, beta, state, *, scale=None):
