@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run on the lent GPU (teacher joined): the two headline candidates that keep recall past the window, each with the
 # shipped headline recipe (12M tokens) and only its plan changed: plan F (attention at layers 3-9 and 18, the best
-# passkey of the 3M-token study) and the analyzer's own plan when it scores every window as a sink window.
+# passkey of the 3M-token study) and the analyzer's own plan when it scores every window as a sink window (since
+# session 7 the shipped recipe's plan: docs/results.md, sixth pass).
 # Resumable like headline.sh. Usage: bash scripts/gpu/candidates.sh
 # Returns planF-12m_results.tar, analyzer-s4-12m_results.tar and analyze-s4.tar (the analysis, for docs/results/).
 source scripts/gpu/env.sh
