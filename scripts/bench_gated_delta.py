@@ -1,7 +1,8 @@
 """Benchmark the gated delta rule (chunk forward, forward+backward, decode step) against fla-core on a CUDA GPU.
 
-Run: python scripts/bench_gated_delta.py [--headline | --models | --profile]. Prints ms (median of triton.testing.do_bench), the
-ratio to the peer (fla-core, when installed) and to the ideal-byte floor (bytes read once + written once at 3.0 TB/s).
+Run: python scripts/bench_gated_delta.py [--headline | --models | --profile].
+Prints ms (median of triton.testing.do_bench), the ratio to the peer (fla-core, when installed) and to the
+ideal-byte floor (bytes read once + written once at 3.0 TB/s).
 --headline stops after the headline shape and the decode step (fla's autotuning of every shape takes minutes).
 --models runs only the SmolLM2 and Llama-3.2-1B shapes at T = 2K, 8K, 32K.
 --profile prints instead where the fwd+bwd time goes, kernel by kernel, for ours and the peer at the headline shape.
