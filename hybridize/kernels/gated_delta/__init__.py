@@ -8,6 +8,7 @@ from hybridize.kernels.gated_delta.reference import recurrent_gated_delta_rule
 
 __all__ = ["chunk_gated_delta_rule", "gated_delta_step", "recurrent_gated_delta_rule"]
 
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
