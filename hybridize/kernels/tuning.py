@@ -20,15 +20,19 @@ def configs(BV: tuple[int, ...], num_warps: tuple[int, ...], num_stages: tuple[i
     return [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv, w, s in grid]
 
 
-def autotune(configs: list[triton.Config], key: list[str]):
+def autotune(configs: list[triton.Config], key: list[str], prune=None):
     """`triton.autotune` over `configs`, re-tuned for every new value of the `key` arguments (and argument dtypes).
 
+    `prune(configs, named_args, **launch_kwargs)`, when given, drops the configs that are not safe for this launch
+    before any is benchmarked (Triton's early_config_prune); it must leave at least one.
     Under the interpreter only the first config is kept: autotuning would run every config on the CPU, which makes
     the tests several times slower and measures nothing. No reset/restore hooks are set, so only kernels that never
     read what they write (and use no atomics) may be tuned with this: every config run must leave the same outputs.
     """
     def wrap(fn):
-        tuner = triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)(fn)
+        prune_configs_by = {"early_config_prune": prune} if prune else None
+        tuned = configs[:1] if INTERPRET else configs
+        tuner = triton.autotune(configs=tuned, key=key, prune_configs_by=prune_configs_by)(fn)
         tuner.all_configs = configs  # every config, also under the interpreter, for `pinned`
         return tuner
 

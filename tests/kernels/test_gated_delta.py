@@ -106,6 +106,19 @@ ALL_CONFIGS = [
                  + (f"-r{cfg.maxnreg}" if cfg.maxnreg else ""))
     for name in TUNED for cfg in getattr(chunk, name).all_configs
 ]
+
+
+def _offered_at(name: str, config: triton.Config, K: int) -> bool:
+    """Whether autotuning may pick `config` for kernel `name` at head size K: the kernel's prune, if any, keeps it."""
+    prune = getattr(chunk, name).early_config_prune
+    return prune is None or prune([config], {}, K=K, BK=chunk._bk(K)) == [config]
+
+
+# Every (kernel, config, K) that autotuning may pick on the GPU. K=16 and 32: narrow wgmmas (see WY_FWD_CONFIGS).
+EVERY_CONFIG_CASES = [
+    pytest.param(*case.values, K, id=f"{case.id}-K{K}")
+    for K in (16, 32, 64, 128) for case in ALL_CONFIGS if _offered_at(*case.values, K)
+]
 # Under the interpreter warps and stages change nothing: one config per other BV than the first config's.
 BV_CONFIGS = [
     pytest.param(name, cfg, id=f"{name}-BV{bv}")
@@ -185,6 +198,21 @@ def test_triton_chunk_every_block_size(name, config, guard):
     with pinned(getattr(chunk, name), config):
         actual = run_with_grads(chunk_gated_delta_rule, inputs, h0, place=guard.place, backend="triton", chunk_size=32)
     assert_all_close(actual, expected, FP32_TOL)
+
+
+@pytest.mark.parametrize("K, warps", [(16, {8}), (32, {8}), (64, {4, 8}), (128, {4, 8})])
+def test_wy_kernel_tunes_only_its_safe_warp_counts(K, warps, monkeypatch):
+    """Offered every config at a real launch, the WY autotuner benchmarks 4 warps only from BK=64 (WY_FWD_CONFIGS:
+    at K=16 those read shared memory out of bounds on the H100). Timing is faked: the CPU cannot time a kernel."""
+    tuner = chunk._wy_fwd_kernel
+    benched = []
+    monkeypatch.setattr(tuner, "configs", tuner.all_configs)
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "_bench", lambda *args, config, **kw: benched.append(config.num_warps) or [1.0])
+    (q, k, v, g, beta), _ = make_inputs(1, 20, 1, 1, K, 16, init=False)
+    o, _ = chunk_gated_delta_rule(q, k, v, g, beta, backend="triton")
+    assert set(benched) == warps
+    assert_rel_rmse(o, reference.recurrent_gated_delta_rule(q, k, v, g, beta)[0], 1e-5, "o")
 
 
 def test_triton_chunk_without_final_state():
@@ -328,12 +356,11 @@ def test_triton_chunk_bf16_cuda(B, T, HK, H, K, V, cu, init, guard):
 
 
 @requires_cuda
-@pytest.mark.parametrize("K", [16, 64, 128])
-@pytest.mark.parametrize("name, config", ALL_CONFIGS)
+@pytest.mark.parametrize("name, config, K", EVERY_CONFIG_CASES)
 def test_triton_chunk_every_config_cuda(name, config, K, guard):
     """Each config that autotuning may pick, alone (the other kernels tune as usual), so that a config that faults
     or computes wrong values is named by the test id. T < BT and GQA: the shape of the first H100 fault. K=16: the
-    WY kernel's m64n16 matmul with 4 warps read shared memory out of bounds there (now 8 warps only)."""
+    WY kernel's m64n16 matmul with 4 warps read shared memory out of bounds there (so 4 warps only from BK=64)."""
     inputs, h0 = make_inputs(2, 63, 4, 8, K, K, dtype=torch.bfloat16, device="cuda")
     expected = run_with_grads(reference.chunk_gated_delta_rule, [x.float() for x in inputs], h0)
     with pinned(getattr(chunk, name), config):

@@ -28,11 +28,23 @@ STATE_BWD_CONFIGS = configs(BV=(32, 64), num_warps=(4, 8), num_stages=(2, 3))
 # result fed into an m64n32 wgmma) faults with an illegal memory access although every access it makes is in bounds
 # (its compiled loads and stores are all masked), the known class of Hopper wgmma miscompiles (triton #10486, #11366).
 CHUNK_CONFIGS = configs(BV=(64,), num_warps=(4, 8), num_stages=(2,))
-# The WY kernel feeds its [BT, BT] inverse into a [BT, BK] matmul. At K=16 in bf16 (an m64n16 wgmma) with 4 warps,
+# The WY kernel feeds its [BT, BT] inverse into a [BT, BK] matmul. At BK=16 in bf16 (an m64n16 wgmma) with 4 warps,
 # Triton 3.6 on the H100 reads shared memory out of bounds (compute-sanitizer: chunk.py, the w store), which faulted
-# or silently gave o 12% off; with 8 warps every config of every other kernel is right at K=16 (docs/benchmarks.md,
-# run 9). So this kernel runs 8 warps only, at every K.
-WY_FWD_CONFIGS = configs(BV=(64,), num_warps=(8,), num_stages=(2,))
+# or silently gave o 12% off; with 8 warps every config of every other kernel is right there (docs/benchmarks.md,
+# run 9). At BK=64 and 128 the 4-warp config passed the every-config sweep (run 8) and is the faster one: the
+# B4 T4096 H16 D128 forward took 0.50 ms when autotuning could pick it (runs 7, 8), 0.76 ms with 8 warps only
+# (run 10). So 4 warps are offered from BK=64 up; BK=32 keeps 8, as the narrow-wgmma class also hit _output_fwd
+# at BV=32.
+WY_FWD_CONFIGS = configs(BV=(64,), num_warps=(4, 8), num_stages=(2,))
+WY_FWD_MIN_BK_FOR_4_WARPS = 64
+
+
+def wy_fwd_safe_configs(configs: list[triton.Config], named_args: dict, **launch_kwargs) -> list[triton.Config]:
+    """The WY kernel's configs that are right at this launch's BK (the autotuner's prune; see WY_FWD_CONFIGS)."""
+    wide = launch_kwargs["BK"] >= WY_FWD_MIN_BK_FOR_4_WARPS
+    return [c for c in configs if wide or c.num_warps >= 8]
+
+
 # The two backward kernels that transpose a matmul result into another matmul: BV=64 and 8 warps only, the layout
 # verified on Hopper with Triton 3.6, where other layouts of this pattern are miscompiled (fla issues #640, #984).
 # Each config also comes capped at 128 registers a thread (ptxas .maxnreg: the same compiled layouts, only register
@@ -100,7 +112,7 @@ def _sequence_of(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN:
     return bos, T, boh
 
 
-@autotune(WY_FWD_CONFIGS, KEY)
+@autotune(WY_FWD_CONFIGS, KEY, prune=wy_fwd_safe_configs)
 @triton.jit
 def _wy_fwd_kernel(
     k, v, g, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T,
