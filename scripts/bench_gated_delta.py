@@ -4,7 +4,7 @@ Run: python scripts/bench_gated_delta.py [--headline | --models | --profile].
 Prints ms (median of triton.testing.do_bench), the ratio to the peer (fla-core, when installed) and to the
 ideal-byte floor (bytes read once + written once at 3.0 TB/s).
 --headline stops after the headline shape and the decode step (fla's autotuning of every shape takes minutes).
---models runs only the SmolLM2 and Llama-3.2-1B shapes at T = 2K, 8K, 32K.
+--models runs only the SmolLM2 and Llama-3.2-1B shapes: decode steps at B 64 and 512, chunks at T = 2K, 8K, 32K.
 --profile prints instead where the fwd+bwd time goes, kernel by kernel, for ours and the peer at the headline shape.
 """
 
@@ -145,7 +145,10 @@ def main():
         bench_step(64, 16, 128)  # early, so that a timeout on the long shapes below does not lose it
     if "--headline" in sys.argv[1:]:
         return
-    # B * T fixed at 16K tokens (B = 1 at 32K); SmolLM2 first: fla-core's autotuning at the Llama shapes is slow
+    # B * T fixed at 16K tokens (B = 1 at 32K); SmolLM2 first: fla-core's autotuning at the Llama shapes is slow.
+    # The decode steps first of all: they take seconds, the chunk rows minutes.
+    for B, H, D in [(64, 9, 64), (512, 9, 64), (64, 32, 64), (512, 32, 64)]:
+        bench_step(B, H, D)
     for label, H, D in [("SmolLM2-135M", 9, 64), ("Llama-3.2-1B", 32, 64)]:
         for T in (2048, 8192, 32768):
             bench_chunk(label, max(1, 16384 // T), T, H, D)
