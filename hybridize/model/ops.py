@@ -2,8 +2,8 @@
 
 Under torch.compile (distillation compiles each decoder layer) the chunked ops are graph breaks: their autograd
 Functions pick tile sizes in Python and launch autotuned Triton kernels in backward, which dynamo would have to
-trace; eager, they are already one launch per kernel. The decode steps and the gated norm's forward are custom
-ops that compiled decoding keeps inside its graph.
+trace; eager, they are already one launch per kernel. The decode steps and the gated norm's forward and backward
+are custom ops, which compiled graphs keep whole.
 """
 
 import torch

@@ -73,8 +73,35 @@ def test_ops_are_registered_with_their_writes():
     """The schema declares exactly the in-place state writes, which is what keeps them through compilation."""
     ops = torch.ops.hybridize
     schemas = {name: str(getattr(ops, name).default._schema)
-               for name in ("causal_conv1d_step", "gated_delta_step", "ssd_step", "gated_rms_norm_fwd")}
+               for name in ("causal_conv1d_step", "gated_delta_step", "ssd_step", "gated_rms_norm_fwd",
+                            "gated_rms_norm_bwd")}
     assert "Tensor(a3!) conv_state" in schemas["causal_conv1d_step"]
     assert "Tensor(a5!) state" in schemas["gated_delta_step"]
     assert "Tensor(a4!) state" in schemas["ssd_step"]
-    assert "!" not in schemas["gated_rms_norm_fwd"]
+    assert "!" not in schemas["gated_rms_norm_fwd"] and "!" not in schemas["gated_rms_norm_bwd"]
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_compiled_gated_norm_trains_like_eager(device, gated):
+    """Forward and backward of the Triton norm in one compiled graph (AOT autograd, as distillation's compiled layers):
+    the same output and gradients as eager. A traced backward launch fails this on the CPU (dynamo cannot trace the
+    interpreter) and, with the NaN-poisoned torch.empty, on the GPU (AOT autograd rejected it in run 11)."""
+    gen = torch.Generator().manual_seed(0)
+    x, gate = (torch.randn(2, 5, 3, 16, generator=gen).to(device) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(16, generator=gen)).to(device)
+
+    def loss_and_grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, gate, weight)]
+        a, g, w = leaves
+        y = fn(a, g if gated else None, w)
+        (y * torch.linspace(-1, 1, 16, device=device)).sum().backward()
+        return [y] + [t.grad for t in (a, w)] + ([g.grad] if gated else [])
+
+    def norm(a, g, w):
+        return gated_rms_norm(a, g, w, backend="triton")
+
+    compiled = torch.compile(norm, backend="aot_eager", fullgraph=True)
+    for got, want in zip(loss_and_grads(compiled), loss_and_grads(norm)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

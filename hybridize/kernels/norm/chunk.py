@@ -106,7 +106,11 @@ def _(x, gate, weight, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-def gated_rms_norm_bwd(x, gate, weight, rstd, dy):
+def gated_rms_norm_bwd(
+    x: torch.Tensor, gate: Optional[torch.Tensor], weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor
+) -> list[torch.Tensor]:
+    """x, gate, dy: [M, D] contiguous; weight: [D]; rstd: [M] -> [dx, dw], then dg when gated (a list, because a
+    custom op cannot return an optional tensor)."""
     M, D = x.shape
     BM, BD, num_warps = _blocks(D)
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
@@ -121,7 +125,17 @@ def gated_rms_norm_bwd(x, gate, weight, rstd, dy):
         x, gate, weight, rstd, dy, dx, dg, dw, M, D,
         BM=BM, RB=RB, BD=BD, HAS_GATE=gate is not None, num_warps=num_warps,
     )
-    return dx, dg, dw.sum(0).to(weight.dtype)
+    return [dx, dw.sum(0).to(weight.dtype)] + ([] if dg is None else [dg])
+
+
+# The backward likewise: dynamo traces the autograd Function's backward too, and AOT autograd rejected that traced
+# launch on the GPU when its fresh output buffer had been written before (run 11: the tests' NaN-filled torch.empty).
+gated_rms_norm_bwd_op = torch.library.custom_op("hybridize::gated_rms_norm_bwd", gated_rms_norm_bwd, mutates_args=())
+
+
+@gated_rms_norm_bwd_op.register_fake
+def _(x, gate, weight, rstd, dy):
+    return [x.new_empty(x.shape), weight.new_empty(weight.shape)] + ([] if gate is None else [gate.new_empty(x.shape)])
 
 
 class GatedRMSNormFunction(torch.autograd.Function):
@@ -139,9 +153,10 @@ class GatedRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, gate, weight, rstd = ctx.saved_tensors
-        dx, dg, dw = gated_rms_norm_bwd(x, gate, weight.contiguous(), rstd, dy.reshape(x.shape).contiguous())
+        launch = gated_rms_norm_bwd_op if torch.compiler.is_compiling() else gated_rms_norm_bwd
+        dx, dw, *dg = launch(x, gate, weight.contiguous(), rstd, dy.reshape(x.shape).contiguous())
         shape = dy.shape
-        return dx.view(shape), None if dg is None else dg.view(shape), dw, None
+        return dx.view(shape), dg[0].view(shape) if dg else None, dw, None
 
 
 def gated_rms_norm(
