@@ -83,8 +83,9 @@ def resolve_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise UserError(f"--device {name!r} is not a torch device ({err})") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available")
+    gpus = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise UserError(f"--device {name}: this machine has {gpus} CUDA GPU(s)")
     return device
 
 

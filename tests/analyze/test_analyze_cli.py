@@ -4,7 +4,6 @@ determinism, and one clear line (exit 2, nothing written) for every bad input.""
 import json
 
 import pytest
-import torch
 
 from helpers import requires_cuda
 from hybridize.analyze import AnalyzeSettings, Constraints, FitSettings, analyze_to_folder
@@ -141,12 +140,10 @@ def test_fast_mode_with_sinks_discounts_the_first_token(tiny_llama, tmp_path, ca
          "--seq-len 512 is not longer than the sliding window (512)"),
         (["--budget", "1", "--fit-steps", "0"], "--fit-steps must be >= 1, got 0"),
         (["--budget", "1", "--swa-threshold", "2"], "--swa-threshold must be in [0, 1], got 2.0"),
-        (["--budget", "1", "--device", "cuda:7"], "--device cuda:7: no CUDA GPU is available"),
+        (["--budget", "1", "--device", "cuda:99"], "--device cuda:99: this machine has "),
     ],
 )
 def test_bad_budgets_and_constraints_get_one_line_and_write_nothing(tiny_llama, tmp_path, capsys, args, message):
-    if "--device" in args and torch.cuda.is_available():
-        pytest.skip("a GPU is present")
     out = tmp_path / "plan"
     code, streams = analyze(capsys, tiny_llama, "--out", out, *CHEAP, *args)
     assert code == 2
