@@ -19,6 +19,7 @@ from .. import __version__
 from ..convert.build import check_teacher, convert_model, hybrid_config_from_teacher
 from ..convert.plan import H2_CYCLE, resolve_plan, uniform_positions
 from ..corpus import calibration_batch
+from ..device import pick_device
 from ..distill.tracking import progress_bar
 from ..errors import UserError
 from ..teacher import load_teacher, teacher_identity
@@ -76,19 +77,6 @@ class AnalyzeSettings:
                 raise UserError(message)
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r} is not a torch device ({err})") from err
-    gpus = torch.cuda.device_count()
-    if device.type == "cuda" and (device.index or 0) >= gpus:
-        raise UserError(f"--device {name}: this machine has {gpus} CUDA GPU(s)")
-    return device
-
-
 def analyze_to_folder(
     teacher_name: str | None, settings: AnalyzeSettings, out_dir: str | Path, *, overwrite: bool = False, log=print
 ) -> dict:
@@ -97,7 +85,7 @@ def analyze_to_folder(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UserError(f"output directory {out_dir} exists; pass --overwrite to replace it")
-    device, dtype = resolve_device(settings.device), DTYPES[settings.dtype]
+    device, dtype = pick_device(settings.device), DTYPES[settings.dtype]
     teacher, tokenizer = load_teacher(teacher_name, dtype=dtype, device=device)
     check_teacher(teacher.config)
     num_layers = teacher.config.num_hidden_layers

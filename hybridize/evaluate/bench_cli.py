@@ -11,7 +11,8 @@ from .. import __version__
 from ..errors import UserError
 from .bench import PATHS, BenchSettings, bench_tables, run_bench
 from ..atomic import staged_folder, write_json_atomic
-from .common import add_common_arguments, int_list, load_pair, pick_device, pick_dtype
+from ..device import pick_device
+from .common import add_common_arguments, int_list, load_pair, pick_dtype
 from .plots import plot_bench
 
 

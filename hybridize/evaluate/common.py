@@ -14,16 +14,6 @@ NO_TEACHER = "none"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(name: str | None) -> torch.device:
-    """The named device, else the GPU when there is one, else the CPU."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for but no CUDA GPU is visible")
-    return device
-
-
 def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """bf16 on a GPU (what the models are served in), fp32 on the CPU (where bf16 matmuls are slow and inexact)."""
     if name is None:

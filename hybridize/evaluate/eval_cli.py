@@ -12,7 +12,8 @@ import torch
 
 from .. import __version__
 from ..atomic import staged_folder, write_json_atomic
-from .common import add_common_arguments, float_list, int_list, load_pair, pick_device, pick_dtype
+from ..device import pick_device
+from .common import add_common_arguments, float_list, int_list, load_pair, pick_dtype
 from .lm_eval_tasks import lm_eval_table, require_harness, run_lm_eval
 from .plots import plot_eval, plot_passkey
 from .quality import QualitySettings, quality_table, run_quality

@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from hybridize.cli import main
 from hybridize.evaluate.lm_eval_tasks import INSTALL_HINT, lm_eval_table, run_lm_eval
@@ -42,6 +43,14 @@ def test_eval_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a model folder" in err[0]
+    assert not out.exists()
+
+
+def test_a_missing_gpu_is_one_line(hybrid_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", str(hybrid_dir), "--out", str(out), "--device", "cuda:99", *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"hybridize eval: error: --device cuda:99: this machine has {torch.cuda.device_count()} CUDA GPU(s)"]
     assert not out.exists()
 
 
