@@ -2,8 +2,8 @@
 # Run on the lent GPU: kernel correctness against the fp32 references, and the kernel benchmarks vs fla-core.
 # Usage (device tool, carrying .whl; one stage per call, each sized to fit a call's 10-minute limit):
 #   bash scripts/gpu/kernels.sh sweep     the every-config sweep: each GDN kernel config autotuning may pick, at
-#                                        K 16/32/64/128 (118 cases; run 11 ran them with the rest of tests/kernels in
-#                                        about 8 min, and the whole of tests/kernels outgrew one call)
+#                                        K 16/32/64/128 (118 cases; in run 11 these and the rest of tests/kernels,
+#                                        together, did not finish in a 540-s call)
 #   bash scripts/gpu/kernels.sh kernels   the other CUDA tests under tests/kernels
 #   bash scripts/gpu/kernels.sh model     the CUDA tests under tests/model (run 11: these and 7 fast-decode cases
 #                                        filled a 420-s call)

@@ -96,8 +96,8 @@ def gated_rms_norm_fwd(
     return y, rstd
 
 
-# torch.compile keeps the launch as this opaque op, its in-place write declared, instead of tracing the Triton
-# launch and the torch.empty output it fills (which AOT autograd can reject); eager calls skip its ~15 us dispatch.
+# torch.compile keeps the launch as this opaque op instead of tracing the Triton launch and the torch.empty output
+# it fills (which AOT autograd can reject); eager calls skip its ~15 us dispatch.
 gated_rms_norm_fwd_op = torch.library.custom_op("hybridize::gated_rms_norm_fwd", gated_rms_norm_fwd, mutates_args=())
 
 
