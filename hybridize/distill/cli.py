@@ -10,13 +10,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a recipe YAML file, e.g. recipes/smollm2-135m/gdn.yaml")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in the output directory from its latest checkpoint")
-    parser.add_argument("--output-dir", help="write the run here instead of the recipe's output_dir")
+    parser.add_argument("--out", "--output-dir", dest="out", metavar="DIR",
+                        help="write the run here instead of the recipe's output_dir (--smoke: its output_dir-smoke)")
     parser.add_argument("--max-steps", type=int, metavar="N",
                         help="end each stage after N optimizer steps (the lr schedule still spans the full budget)")
     parser.add_argument("--smoke", action="store_true",
                         help="a CPU-sized run of the recipe: sequences of at most 128 tokens, 2 per step, "
-                             "64 documents, "
-                             "checkpoints every step; implies --max-steps 2")
+                             "64 documents, checkpoints every step, into OUTPUT_DIR-smoke; implies --max-steps 2")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set stages.1.lr=5e-5 (repeatable; VALUE is YAML)")
 
@@ -25,8 +25,11 @@ def run(args: argparse.Namespace) -> int:
     raw = read_recipe(args.recipe)
     for assignment in (smoke_overrides(raw) if args.smoke else []) + args.overrides:
         apply_override(raw, assignment)
-    if args.output_dir:
-        raw["output_dir"] = args.output_dir
+    if args.out:
+        raw["output_dir"] = args.out
+    elif args.smoke and isinstance(raw.get("output_dir"), str):
+        # A smoke run of a recipe must not occupy (and so block) the folder its real run will use.
+        raw["output_dir"] = raw["output_dir"].rstrip("/") + "-smoke"
     recipe = parse_recipe(raw, f"recipe {args.recipe}")
     max_steps = args.max_steps if args.max_steps is not None else (2 if args.smoke else None)
     if max_steps is not None and max_steps < 1:

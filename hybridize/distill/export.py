@@ -13,14 +13,19 @@ from .recipe import KDStage, Stage
 from .stages import Distiller, add_lora, merge_lora, trainable_names
 
 
-def load_student(folder: Path) -> HybridForCausalLM:
-    """A converted (or stage-distilled) hybrid in fp32, the precision its master weights train in."""
+def check_student_folder(folder: Path) -> None:
+    """A UserError unless `folder` holds a hybrid (read from its config only)."""
     if not (folder / "config.json").exists():
         raise UserError(f"{folder} is not a model folder (no config.json); `init` must name a "
                         "`hybridize convert` output")
     model_type = AutoConfig.from_pretrained(folder).model_type
     if model_type != HybridConfig.model_type:
         raise UserError(f"{folder} holds a {model_type!r} model, not a hybrid; convert it first (hybridize convert)")
+
+
+def load_student(folder: Path) -> HybridForCausalLM:
+    """A converted (or stage-distilled) hybrid in fp32, the precision its master weights train in."""
+    check_student_folder(folder)
     return HybridForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 

@@ -2,10 +2,13 @@
 
 A recipe names the teacher, the converted init (or a plan to convert first), the data, the stages (each with
 its loss, trainable parameters, learning rates, token budget and sequence length), checkpoints and logging.
-Paths in a recipe are relative to the directory the run is started from.
+Relative input paths in a recipe file (teacher, init, plan, data.source) are read against the recipe's own
+folder, so a recipe means the same from any working directory; output_dir and command-line values are
+relative to the working directory (docs/distill.md, "Paths").
 """
 
 import dataclasses
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,24 @@ class RecipeError(Exception):
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise RecipeError(key, message)
+
+
+# Bounds on values that can only be mistakes. The largest lr is what AdamW's fp32 arithmetic still carries:
+# its step, lr / (1 - beta1^t), overflows fp32 (3.4e38) above it; everything between a sane lr and this one
+# is left to the trainer's divergence stop.
+MAX_LR = 1e30
+MAX_TOKENS = 10**15  # a thousand times the largest published pretraining budgets
+MAX_SEQ_LEN = 2**20
+MAX_BATCH = 2**20  # sequences per optimizer step
+MAX_STEPS = 10**9
+
+
+def _check_lr(value: float, key: str) -> None:
+    _require(0 < value <= MAX_LR, key, f"must be in (0, {MAX_LR:g}], got {value:g}")
+
+
+def _check_at_most(value: int, limit: int, key: str) -> None:
+    _require(value <= limit, key, f"must be at most {limit:,}, got {value:,}")
 
 
 @dataclass(kw_only=True)
@@ -68,7 +89,9 @@ class LoraConfig:
         _require(self.alpha > 0, "alpha", "must be > 0")
         _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         _require(len(self.targets) > 0, "targets", "name at least one of: attention, mlp")
-        _require(self.lr is None or self.lr > 0, "lr", "must be > 0")
+        _require(self.rank <= 65536, "rank", "must be at most 65536")
+        if self.lr is not None:
+            _check_lr(self.lr, "lr")
 
 
 @dataclass(kw_only=True)
@@ -98,19 +121,26 @@ class StageConfig:
         _require(self.name.replace("-", "").replace("_", "").isalnum(), "name", "use letters, digits, - and _")
         for key in ("tokens", "seq_len", "global_batch_size", "micro_batch_size"):
             _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check_at_most(self.tokens, MAX_TOKENS, "tokens")
+        _check_at_most(self.seq_len, MAX_SEQ_LEN, "seq_len")
+        _check_at_most(self.global_batch_size, MAX_BATCH, "global_batch_size")
         _require(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
                  f"must be a multiple of micro_batch_size ({self.micro_batch_size}), got {self.global_batch_size}")
-        _require(self.lr > 0, "lr", "must be > 0")
+        _check_lr(self.lr, "lr")
         for kind, lr in self.lr_by_layer_type.items():
             _require(kind in LAYER_TYPES, f"lr_by_layer_type.{kind}",
                      f"not a layer type; allowed: {', '.join(LAYER_TYPES)}")
-            _require(lr > 0, f"lr_by_layer_type.{kind}", "must be > 0")
+            _check_lr(lr, f"lr_by_layer_type.{kind}")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check_at_most(self.warmup_steps, MAX_STEPS, "warmup_steps")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
-        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
-                 "must be > 0 (or null: no clipping)")
+        # AdamW multiplies each weight by 1 - lr * weight_decay per step: above 1 the decay is no longer one.
+        _require(0 <= self.weight_decay <= 1, "weight_decay", f"must be in [0, 1], got {self.weight_decay:g}")
+        # beta1 = 0.9999 would already average over 10,000 steps; more can only be a slip of the finger.
+        _require(len(self.betas) == 2 and all(0 <= b <= 0.9999 for b in self.betas), "betas",
+                 f"must be two numbers in [0, 0.9999], got {self.betas}")
+        _require(self.max_grad_norm is None or 0 < self.max_grad_norm <= 1e6, "max_grad_norm",
+                 f"must be in (0, 1e6] (or null: no clipping), got {self.max_grad_norm}")
 
     def steps(self) -> int:
         """Optimizer steps that spend the token budget (the last one may overshoot it by less than a step)."""
@@ -150,8 +180,8 @@ class KDStage(StageConfig):
             kind, sep, _ = pattern.rpartition(":")
             _require(not sep or kind in LAYER_TYPES, f"trainable[{i}]",
                      f"{kind!r} before ':' is not a layer type; allowed: {', '.join(LAYER_TYPES)}")
-        _require(self.temperature > 0, "temperature", "must be > 0")
-        _require(self.ce_weight >= 0, "ce_weight", "must be >= 0")
+        _require(0 < self.temperature <= 100, "temperature", f"must be in (0, 100], got {self.temperature:g}")
+        _require(0 <= self.ce_weight <= 1e3, "ce_weight", f"must be in [0, 1000], got {self.ce_weight:g}")
         _require(self.kl_chunk_tokens >= 1, "kl_chunk_tokens", "must be >= 1")
 
 
@@ -167,12 +197,14 @@ class CheckpointConfig:
     def check(self) -> None:
         _require(self.every_steps >= 1, "every_steps", "must be >= 1")
         _require(self.keep_last >= 1, "keep_last", "must be >= 1")
+        _check_at_most(self.every_steps, MAX_STEPS, "every_steps")
 
 
 @dataclass(kw_only=True)
 class LoggingConfig:
     every_steps: int = 10  # to the trackers; metrics.jsonl gets every step
-    trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    # null: tensorboard when it is installed, else none, without a warning; a listed one that is missing warns
+    trackers: list[Literal["tensorboard", "wandb"]] | None = None
     project: str = "hybridize-distill"
     eval_every_steps: int = 0  # 0: evaluate on the held-out set only before and after each stage
     eval_sequences: int = 32  # held-out sequences per evaluation, shared out over the processes
@@ -181,6 +213,7 @@ class LoggingConfig:
         _require(self.every_steps >= 1, "every_steps", "must be >= 1")
         _require(self.eval_every_steps >= 0, "eval_every_steps", "must be >= 0")
         _require(self.eval_sequences >= 1, "eval_sequences", "must be >= 1")
+        _check_at_most(self.eval_sequences, MAX_BATCH, "eval_sequences")
 
 
 @dataclass(kw_only=True)
@@ -202,6 +235,7 @@ class Recipe:
         _require((self.init is None) != (self.plan is None), "init",
                  "give exactly one of `init` (a converted folder) or `plan`")
         _require(self.sink_tokens >= 0, "sink_tokens", "must be >= 0")
+        _check_at_most(self.sink_tokens, MAX_SEQ_LEN, "sink_tokens")
         _require(self.sink_tokens == 0 or self.plan is not None, "sink_tokens",
                  "applies when converting a `plan`; a converted `init` folder already fixes its windows")
         _require(len(self.stages) > 0, "stages", "list at least one stage")
@@ -260,9 +294,11 @@ def _coerce(tp, value, key: str):
     if tp is float and isinstance(value, str):
         # YAML 1.1 reads 1e-4 (no dot) as a string; accept any number spelled that way.
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float):
+        _require(math.isfinite(value), key, f"must be a finite number, got {value!r}")
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -338,8 +374,32 @@ def smoke_overrides(raw: dict) -> list[str]:
     return overrides
 
 
+def _is_plan_file(plan) -> bool:
+    return isinstance(plan, str) and plan.endswith(".json")  # as hybridize.convert.plan.resolve_plan reads it
+
+
+def resolve_relative_paths(raw: dict, folder: Path) -> None:
+    """Make the file's relative input paths relative to its `folder` (in place, before any --set override).
+
+    `init` and a plan file are always paths. `teacher` and `data.source` may also be an alias, a Hub id or
+    "corpus": they are taken as paths only when something exists at that place next to the recipe.
+    """
+    def anchored(value):
+        return str(folder / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value
+
+    if "init" in raw:
+        raw["init"] = anchored(raw["init"])
+    if _is_plan_file(raw.get("plan")):
+        raw["plan"] = anchored(raw["plan"])
+    if isinstance(raw.get("teacher"), str) and Path(anchored(raw["teacher"])).exists():
+        raw["teacher"] = anchored(raw["teacher"])
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("source"), str) and Path(anchored(data["source"])).exists():
+        data["source"] = anchored(data["source"])
+
+
 def read_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
-    """The raw mapping of a recipe file, with `--set` overrides applied."""
+    """The raw mapping of a recipe file (relative input paths anchored at its folder), with `--set` overrides applied."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -349,6 +409,7 @@ def read_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
         raise UserError(f"recipe {path}: not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(raw, dict):
         raise UserError(f"recipe {path}: expected a mapping at the top level")
+    resolve_relative_paths(raw, path.parent)
     for assignment in overrides:
         apply_override(raw, assignment)
     return raw

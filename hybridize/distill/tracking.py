@@ -10,12 +10,19 @@ from accelerate.utils import is_tensorboard_available, is_wandb_available
 from tqdm.auto import tqdm
 
 from ..atomic import write_text_atomic
+from ..errors import UserError
 
 _INSTALLED = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
 
 
-def usable_trackers(requested: list[str]) -> tuple[list[str], list[str]]:
-    """(installed, missing) among the requested trackers: a missing one costs a warning, not the run."""
+def usable_trackers(requested: list[str] | None) -> tuple[list[str], list[str]]:
+    """(installed, missing) among the requested trackers: a missing one costs a warning, not the run.
+
+    None (the recipe names none) is tensorboard when it is installed, else no tracker, and never a warning:
+    metrics.jsonl and the loss-curve PNG are written either way.
+    """
+    if requested is None:
+        return [name for name in ("tensorboard",) if _INSTALLED[name]()], []
     installed = [name for name in requested if _INSTALLED[name]()]
     return installed, [name for name in requested if name not in installed]
 
@@ -50,9 +57,23 @@ class MetricsLog:
         self.path = path
 
     def rows(self) -> list[dict]:
+        """Every complete row. A run killed mid-append leaves a torn last line (no newline): it is skipped."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines.pop()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{self.path} line {number} is not JSON ({err.msg}); it was not written by "
+                                "hybridize distill") from None
+        return rows
 
     def append(self, row: dict) -> None:
         with open(self.path, "a") as f:

@@ -7,6 +7,11 @@ Layout of an output directory:
     stages/<k>-<stage>/           the student after each stage but the last (the next stage starts from it)
     final/                        the student after the last stage, with distill.json (the run record)
     metrics.jsonl  loss_curve.png  logs/ (trackers)
+    .lock                         held by the run in progress (run_lock.RunLock)
+
+Failing safe: everything the run reads is checked before anything is written; a non-finite loss, gradient,
+held-out loss or weight stops the run before a model is written, and removes the checkpoints whose weights
+produced it; a full disk stops it too. Each is one line naming the last good checkpoint, exit code 2.
 """
 
 import dataclasses
@@ -27,13 +32,18 @@ from torch import nn
 
 from .. import __version__
 from ..errors import UserError
+from ..atomic import write_json_atomic
+from ..convert.build import check_teacher
+from ..convert.plan import resolve_plan
 from ..model.compiling import compile_decoder_layers
 from ..teacher import load_teacher, teacher_identity
 from . import checkpoints
 from .data import StageData, load_documents, stage_data
-from ..atomic import write_json_atomic
-from .export import export_student, load_student
+from .disk_full import free_space, is_disk_full
+from .export import check_student_folder, export_student, load_student
+from .provenance import portable_data_record, portable_path, portable_recipe, portable_teacher
 from .recipe import KDStage, Recipe, Stage, recipe_to_dict
+from .run_lock import RunLock, holds_run_files, remove_stale_partials
 from .stages import build_distiller, parameter_groups, prepare_student
 from .tracking import (
     MetricsLog, flat_config, missing_tracker_warning, plot_loss_curve, progress_bar, usable_trackers,
@@ -46,18 +56,11 @@ RESUMABLE_STAGE_KEYS = ("lr", "lr_by_layer_type", "warmup_steps", "min_lr_ratio"
 
 @dataclasses.dataclass
 class Progress:
-    """Where the run stands; saved in every checkpoint through accelerate's custom-state hook."""
+    """Where the run stands; saved in every checkpoint as progress.json."""
 
     stage: int = 0
     step: int = 0  # optimizer steps done in this stage
     tokens: int = 0  # training tokens consumed in this stage, over all processes
-
-    def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -136,43 +139,90 @@ class Trainer:
         self.main = self.accelerator.is_main_process
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.progress = Progress()
-        self.accelerator.register_for_checkpointing(self.progress)
+        self.lock = RunLock(self.out) if self.main else None
+        self.current: StageRun | None = None  # the stage in progress, which knows its last good checkpoint
 
     def log(self, message: str) -> None:
         self.accelerator.print(message)
 
     def run(self) -> Path:
         """Train every stage not yet done and return the final model folder."""
-        with tf32_matmuls(self.accelerator.device.type == "cuda"):
-            return self._run_stages()
+        try:
+            with tf32_matmuls(self.accelerator.device.type == "cuda"):
+                return self._run_stages()
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            kept = self.current.last_good() if self.current else "nothing was trained yet"
+            raise UserError(f"the disk is full ({free_space(self.out)} under {self.out}; {reason}); "
+                            f"training stopped, {kept}") from None
+        finally:
+            if self.lock:
+                self.lock.release()
 
     def _run_stages(self) -> Path:
         set_seed(self.recipe.seed)
+        if self.main and self.out.is_dir():
+            self.lock.acquire()  # an existing folder may hold a run in progress: refuse at once, not after loading
         self._check_output_dir()
-        init = self._initial_student()
+        runs = self._validate()
+        self._take_output_dir()
+        self._convert_plan()
+        if self.trackers:
+            self.accelerator.init_trackers(self.recipe.logging.project, config=flat_config(recipe_to_dict(self.recipe)))
+        for index, stage in enumerate(self.recipe.stages):
+            target = stage_folder(self.out, self.recipe, index)
+            if index not in runs:
+                self.log(f"stage {index + 1}/{len(self.recipe.stages)} {stage.name!r}: done earlier ({target})")
+            else:
+                self.current = runs[index]
+                self.current.train()
+                self.current = None
+        self.accelerator.end_training()
+        final = stage_folder(self.out, self.recipe, len(self.recipe.stages) - 1)
+        self.log(f"final model: {final}")
+        return final
+
+    def _validate(self) -> dict[int, "StageRun"]:
+        """Read and check everything the run needs before anything is written: a bad teacher, plan, init, data or
+        batch geometry is one line and leaves the output folder as it was. Returns the stages still to train."""
         bf16 = self.accelerator.mixed_precision == "bf16"
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        self.teacher, self.tokenizer = load_teacher(self.recipe.teacher, dtype=dtype)
+        self.teacher, self.tokenizer = load_teacher(self.recipe.teacher, dtype=torch.bfloat16 if bf16 else torch.float32)
+        if self.recipe.plan is not None:
+            check_teacher(self.teacher.config)
+            resolve_plan(self.recipe.plan, self.teacher.config.num_hidden_layers)
+            init = self.out / "init"
+        else:
+            init = Path(self.recipe.init)
+            check_student_folder(init)
         if self.compiles and any(isinstance(stage, KDStage) for stage in self.recipe.stages):
             compile_decoder_layers(self.teacher)
         place_teacher(self.teacher, self.accelerator)
         with self.accelerator.main_process_first():
             self.documents = load_documents(self.recipe.data, self.tokenizer, self.recipe.seed)
-        if self.trackers:
-            self.accelerator.init_trackers(self.recipe.logging.project, config=flat_config(recipe_to_dict(self.recipe)))
-        source = init
+        runs, source = {}, init
         for index, stage in enumerate(self.recipe.stages):
             target = stage_folder(self.out, self.recipe, index)
-            if (target / "config.json").exists():
-                self.log(f"stage {index + 1}/{len(self.recipe.stages)} {stage.name!r}: done earlier ({target})")
-            else:
-                StageRun(self, index, stage, source, target).train()
+            if not (target / "config.json").exists():
+                runs[index] = StageRun(self, index, stage, source, target)
             source = target
-        self.accelerator.end_training()
-        self.log(f"final model: {source}")
-        return source
+        return runs
+
+    def _take_output_dir(self) -> None:
+        """Lock the output folder for the run's lifetime, check it again under the lock (another run may have
+        started in it meanwhile), remove what killed runs left half-written, and record the starting recipe."""
+        if self.main:
+            self.lock.acquire()
+            self._check_output_dir()
+            remove_stale_partials(self.out)
+            if not self.resume:
+                write_json_atomic(self.out / "run.json",
+                                  {"hybridize_version": __version__, "recipe": recipe_to_dict(self.recipe)})
+        self.accelerator.wait_for_everyone()
 
     def _check_output_dir(self) -> None:
+        """Only reads: a resume needs the run's recipe, a fresh run an empty (or missing) folder."""
         run_file = self.out / "run.json"
         recipe = recipe_to_dict(self.recipe)
         if self.resume:
@@ -183,32 +233,24 @@ class Trainer:
             if changed:
                 key, old, new = changed
                 raise UserError(f"--resume: the recipe's {key} is {new!r}, but the run in {self.out} started with "
-                                f"{old!r}; resume with the same recipe or use another --output-dir")
+                                f"{old!r}; resume with the same recipe or use another --out")
             adjusted = first_difference(started["stages"], recipe["stages"], "stages")
             if adjusted:
                 self.log(f"resuming with a changed schedule, e.g. {adjusted[0]}: {adjusted[1]!r} -> {adjusted[2]!r}")
-        elif self.out.exists() and any(self.out.iterdir()):
+        elif holds_run_files(self.out):
             raise UserError(f"output directory {self.out} is not empty; pass --resume to continue its run, "
-                            "or choose another --output-dir")
-        self.accelerator.wait_for_everyone()
-        if self.main and not self.resume:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run_file, {"hybridize_version": __version__, "recipe": recipe})
-        self.accelerator.wait_for_everyone()
+                            "or choose another --out")
 
-    def _initial_student(self) -> Path:
-        """The recipe's init folder, or the plan converted once (by the main process) into out/init."""
-        if self.recipe.init is not None:
-            return Path(self.recipe.init)
+    def _convert_plan(self) -> None:
+        """With a plan, the teacher converted once (by the main process) into out/init, the first stage's start."""
         target = self.out / "init"
-        if self.main and not (target / "config.json").exists():
+        if self.recipe.plan is not None and self.main and not (target / "config.json").exists():
             from ..convert.io import convert_to_folder
 
             self.log(f"converting {self.recipe.teacher} with plan {self.recipe.plan!r} into {target}")
             convert_to_folder(self.recipe.teacher, self.recipe.plan, target, seed=self.recipe.seed,
                               sink_tokens=self.recipe.sink_tokens, log=self.log)
         self.accelerator.wait_for_everyone()
-        return target
 
     def record(self, final: Path, stages: list[dict]) -> dict:
         """distill.json: the recipe, teacher, data, init and what each stage did, for provenance."""
@@ -216,17 +258,17 @@ class Trainer:
                     for package in ("torch", "transformers", "accelerate", "peft", "datasets")}
         return {
             "hybridize_version": __version__,
-            "recipe": recipe_to_dict(self.recipe),
-            "teacher": teacher_identity(self.recipe.teacher),
-            "init": str(self.recipe.init or self.out / "init"),
-            "data": self.documents.record,
+            "recipe": portable_recipe(self.recipe, self.out),
+            "teacher": portable_teacher(teacher_identity(self.recipe.teacher), self.out),
+            "init": portable_path(self.recipe.init or self.out / "init", self.out),
+            "data": portable_data_record(self.documents.record, self.out),
             "stages": stages,
             "processes": self.accelerator.num_processes,
             "distributed": str(self.accelerator.distributed_type),
             "mixed_precision": self.accelerator.mixed_precision,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "versions": versions,
-            "model_folder": str(final),
+            "model_folder": portable_path(final, self.out),
         }
 
 
@@ -293,12 +335,13 @@ class StageRun:
         self.stop = min(self.total_steps, trainer.max_steps) if trainer.max_steps else self.total_steps
         self.tokens_per_step = stage.global_batch_size * stage.seq_len
         self.global_offset = sum(s.steps() for s in trainer.recipe.stages[:index])
+        # Packed now, while the run is still being checked: a seq_len the data cannot fill is an error at start.
+        with self.accelerator.main_process_first():
+            self.data: StageData = stage_data(trainer.documents, stage.name, stage.seq_len, stage.global_batch_size,
+                                              trainer.recipe.seed, trainer.recipe.data.num_proc)
 
     def train(self) -> None:
         trainer, stage, accelerator = self.trainer, self.stage, self.accelerator
-        with accelerator.main_process_first():
-            self.data: StageData = stage_data(trainer.documents, stage.name, stage.seq_len, stage.global_batch_size,
-                                              trainer.recipe.seed, trainer.recipe.data.num_proc)
         # The same seed on every process: LoRA's random init must agree where no broadcast happens (FSDP2).
         set_seed(trainer.recipe.seed + self.index)
         student = load_student(self.source)
@@ -320,22 +363,21 @@ class StageRun:
             f"{trained / 1e6:.2f}M trained parameters"
         )
         if trainer.progress.step == 0:
-            self._evaluate()
+            self._check_held_out(self._evaluate(), "before the first step")
         self._loop()
-        self._evaluate()
+        self._check_result()
         self._finish()
 
     def _restore(self) -> None:
         progress, accelerator = self.trainer.progress, self.accelerator
         latest = checkpoints.latest_checkpoint(self.checkpoints) if self.trainer.resume else None
-        if self.trainer.main:
-            checkpoints.remove_partials(self.checkpoints)
         if latest is None:
             progress.stage, progress.step, progress.tokens = self.index, 0, 0
             if self.trainer.main:
                 self.trainer.metrics.truncate_after(self.index, -1)
         else:
-            accelerator.load_state(str(latest))
+            for key, value in checkpoints.load_checkpoint(accelerator, latest).items():
+                setattr(progress, key, value)
             # Loading restores the saved groups' settings; the schedule follows the recipe as given now.
             for group, peak_lr in zip(self.optimizer.param_groups, self.peak_lrs):
                 group["peak_lr"] = peak_lr
@@ -369,8 +411,17 @@ class StageRun:
             means = self._mean_over_processes(loss, parts)
             loss_value, grad_value = means.pop("loss"), float(grad_norm)
             if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-                self._diverged(step, loss_value, grad_value)
-            self.optimizer.step()
+                # The weights after `step` steps gave it: a checkpoint holding them is not good.
+                what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_value}"
+                self._stop(f"step {step + 1}: the {what}", first_bad=step)
+            try:
+                self.optimizer.step()
+            except RuntimeError as err:
+                if "overflow" not in str(err):
+                    raise
+                # AdamW's fp32 step cannot hold lr / (1 - beta1^t); the weights it started from gave a finite loss.
+                self._stop(f"step {step + 1}: the optimizer step overflows ({str(err).splitlines()[0]})",
+                           first_bad=step + 1)
             self.optimizer.zero_grad(set_to_none=True)
             progress.step, progress.tokens = step + 1, progress.tokens + self.tokens_per_step
             seconds = time.perf_counter() - started
@@ -383,10 +434,10 @@ class StageRun:
             bar.update(1)
             every_eval = trainer.recipe.logging.eval_every_steps
             if every_eval and progress.step % every_eval == 0 and progress.step < self.stop:
-                self._evaluate()
+                self._check_held_out(self._evaluate(), f"after step {progress.step}")
             if progress.step % trainer.recipe.checkpoint.every_steps == 0 and progress.step < self.stop:
                 checkpoints.save_checkpoint(accelerator, self.checkpoints, progress.step,
-                                            trainer.recipe.checkpoint.keep_last)
+                                            trainer.recipe.checkpoint.keep_last, dataclasses.asdict(progress))
 
     def _accumulate(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward and backward over this process's micro batches of `step`; mean loss and metrics, detached."""
@@ -406,21 +457,52 @@ class StageRun:
                 part_sums[name] = part_sums.get(name, 0) + value.float() / self.accumulation
         return loss_sum, part_sums
 
-    def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
+    def last_good(self) -> str:
+        """Where a stopped run can continue from: the stage's newest checkpoint, or its starting model."""
         latest = checkpoints.latest_checkpoint(self.checkpoints)
-        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
-        kept = (f"the last good checkpoint is {latest} (--resume continues from it; a lower lr may be set for that)"
-                if latest else "no checkpoint was written before it")
-        raise UserError(f"stage {self.stage.name!r} step {step + 1}: the {what}; training stopped, {kept}")
+        if latest:
+            return f"the last good checkpoint is {latest} (--resume continues from it)"
+        return f"no checkpoint of this stage was kept (--resume starts the stage again from {self.source})"
+
+    def _stop(self, what: str, first_bad: int) -> None:
+        """Stop every process with one line. The weights after `first_bad` or more steps produced something
+        non-finite, so checkpoints holding them are removed first: the one named is good."""
+        self.accelerator.wait_for_everyone()
+        if self.trainer.main:
+            checkpoints.discard_from(self.checkpoints, first_bad)
+        self.accelerator.wait_for_everyone()
+        raise UserError(f"stage {self.stage.name!r} {what}; training stopped, {self.last_good()}; "
+                        "a lower lr may be set with --set when resuming")
+
+    def _check_held_out(self, loss: float | None, when: str) -> None:
+        if loss is not None and not math.isfinite(loss):
+            self._stop(f"{when}: the held-out loss is {loss}", first_bad=self.trainer.progress.step)
+
+    def _check_result(self) -> None:
+        """Before the stage's model is written: the held-out loss (or, without held-out data, the loss of the last
+        step's first micro batch) must be finite, and so must every trained weight."""
+        step = self.trainer.progress.step
+        loss = self._evaluate()
+        if loss is None:
+            batch = self.data.train_batch(step - 1, 0, self.stage.micro_batch_size, self.stage.global_batch_size,
+                                          self.accelerator.process_index, self.accelerator.num_processes)
+            with torch.no_grad():
+                loss = self._mean_over_processes(self.model(to_device(batch, self.accelerator.device))[0], {})["loss"]
+        self._check_held_out(loss, f"after step {step}")
+        local = [getattr(p, "to_local", lambda p=p: p)().detach() for p in self.model.parameters() if p.requires_grad]
+        bad = sum((~torch.isfinite(t)).sum().float() for t in local) if local else torch.zeros(())
+        if self.accelerator.reduce(torch.as_tensor(bad, device=self.accelerator.device), "sum").item() > 0:
+            self._stop(f"after step {step}: some trained weights are not finite", first_bad=step)
 
     @torch.no_grad()
-    def _evaluate(self) -> None:
-        """Mean loss and metrics over the held-out batches (the same count on every process), reported as split=eval."""
+    def _evaluate(self) -> float | None:
+        """Mean loss and metrics over the held-out batches (the same count on every process), reported as split=eval;
+        returns the mean loss, or None when there are no held-out sequences."""
         accelerator = self.accelerator
         batches = self.data.eval_batches(self.stage.micro_batch_size, self.trainer.recipe.logging.eval_sequences,
                                          accelerator.process_index, accelerator.num_processes)
         if not batches:
-            return
+            return None
         loss_sum = torch.zeros((), device=accelerator.device)
         part_sums: dict[str, torch.Tensor] = {}
         sequences = sum(len(input_ids) for input_ids in batches)
@@ -432,7 +514,9 @@ class StageRun:
             for name, value in parts.items():
                 part_sums[name] = part_sums.get(name, 0) + value.float() * weight
         self.model.train()
-        self._report({"split": "eval", **self._mean_over_processes(loss_sum, part_sums)}, tracker=True)
+        means = self._mean_over_processes(loss_sum, part_sums)
+        self._report({"split": "eval", **means}, tracker=True)
+        return means["loss"]
 
     def _mean_over_processes(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, float]:
         """{"loss": ..., **parts} averaged over processes: one all-reduce and one device sync for all of them."""
