@@ -3,7 +3,7 @@
 import argparse
 
 from ..errors import UserError
-from .recipe import apply_override, parse_recipe, read_recipe, smoke_overrides
+from .recipe import Recipe, apply_override, parse_recipe, read_recipe, smoke_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a recipe value, e.g. --set stages.1.lr=5e-5 (repeatable; VALUE is YAML)")
 
 
-def run(args: argparse.Namespace) -> int:
+def build_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe file with --smoke, --set and --out applied, bound and checked."""
     raw = read_recipe(args.recipe)
     for assignment in (smoke_overrides(raw) if args.smoke else []) + args.overrides:
         apply_override(raw, assignment)
@@ -30,7 +31,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.smoke and isinstance(raw.get("output_dir"), str):
         # A smoke run of a recipe must not occupy (and so block) the folder its real run will use.
         raw["output_dir"] = raw["output_dir"].rstrip("/") + "-smoke"
-    recipe = parse_recipe(raw, f"recipe {args.recipe}")
+    return parse_recipe(raw, f"recipe {args.recipe}")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = build_recipe(args)
     max_steps = args.max_steps if args.max_steps is not None else (2 if args.smoke else None)
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {max_steps}")

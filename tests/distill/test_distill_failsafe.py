@@ -1,0 +1,136 @@
+"""Distillation fails safe: divergence never exports a model and names a good checkpoint; a second run into a busy
+folder, a full disk, torn metrics and killed writers are handled; bad input leaves nothing behind."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, write_recipe
+from safetensors.torch import load_file
+
+from hybridize.distill.__main__ import main as distill_main
+from hybridize.distill.recipe import parse_recipe, recipe_to_dict
+from hybridize.distill.run_lock import RunLock
+from hybridize.distill.trainer import Trainer
+from hybridize.errors import UserError
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "error:" in line]
+
+
+def one_stage(tiny_models, text_file, out, steps: int, stage: int = 1) -> dict:
+    """Stage `stage` of the tiny recipe alone (0: attention output, 1: KD), `steps` steps of 4 x 64 tokens, a
+    checkpoint every step."""
+    raw = tiny_recipe(tiny_models, text_file, out, {"checkpoint.every_steps": 1})
+    raw["stages"] = [raw["stages"][stage] | {"tokens": steps * 256}]
+    return raw
+
+
+def wait_for(path, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def kill(process) -> None:
+    process.send_signal(signal.SIGKILL)  # no cleanup: as if the machine went away
+    process.wait()
+
+
+def test_a_divergence_on_the_last_step_is_not_exported(tmp_path, tiny_models, text_file, capsys):
+    out = tmp_path / "run"
+    raw = one_stage(tiny_models, text_file, out, steps=4, stage=0)
+    raw["stages"][0]["lr"] = 1e30
+    assert distill_main([str(write_recipe(tmp_path / "r.yaml", raw)), "--max-steps", "1"]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert line.startswith("hybridize distill: error: stage 'attention' after step 1: the held-out loss is ")
+    assert f"--resume starts the stage again from {tiny_models / 'init'}" in line
+    assert not (out / "final").exists() and not list(out.rglob("*.safetensors"))
+
+
+def test_the_checkpoint_named_after_a_divergence_is_good(tmp_path, tiny_models, text_file):
+    """lr 1e30 without clipping from step 3 on: the checkpoint holding the diverged weights is not the one named."""
+    out, recipe = tmp_path / "run", tmp_path / "r.yaml"
+    write_recipe(recipe, one_stage(tiny_models, text_file, out, steps=8, stage=0))
+    process = subprocess.Popen(distill_command(recipe, "--out", out), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(out / "checkpoints" / "0-attention" / "step-00000002", process)
+    finally:
+        kill(process)
+    diverging = ["--resume", "--set", "stages.0.lr=1e30", "--set", "stages.0.max_grad_norm=null"]
+    result = run_distill(recipe, "--out", out, *diverging)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = error_lines(result.stderr)
+    named = line.split("the last good checkpoint is ")[1].split(" ")[0]
+    weights = load_file(f"{named}/model.safetensors")
+    assert all(torch.isfinite(w).all() and w.abs().max() < 1e3 for w in weights.values())
+    assert sorted(p.name for p in (out / "checkpoints" / "0-attention").iterdir())[-1] == named.rsplit("/", 1)[1]
+    # Resumed from it with the recipe's lr, its weights give a finite loss and the stage finishes.
+    assert distill_main([str(recipe), "--out", str(out), "--resume"]) == 0
+    step = int(named[-8:])
+    [first] = [r for r in metrics(out) if r["split"] == "train" and r["step"] == step + 1]
+    assert torch.isfinite(torch.tensor(first["loss"]))
+
+
+def test_an_overflowing_optimizer_step_is_a_clean_stop(tmp_path, tiny_models, text_file):
+    """An lr past what validation allows (as if set in code): AdamW's fp32 step overflows; one line, no traceback."""
+    recipe = parse_recipe(one_stage(tiny_models, text_file, tmp_path / "run", steps=4))
+    recipe.stages[0].lr = 1e39
+    with pytest.raises(UserError, match=r"stage 'kd' step 1: the optimizer step overflows .*"
+                                        r"no checkpoint of this stage was kept"):
+        Trainer(recipe).run()
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(tmp_path, tiny_models, text_file):
+    out, recipe = tmp_path / "run", tmp_path / "r.yaml"
+    write_recipe(recipe, one_stage(tiny_models, text_file, out, steps=40))
+    holder = subprocess.Popen(distill_command(recipe, "--out", out), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(out / "checkpoints" / "0-kd" / "step-00000001", holder)
+        second = run_distill(recipe, "--out", out, "--resume", timeout=120)
+        assert holder.poll() is None  # still training while the second run was turned away
+    finally:
+        kill(holder)
+    assert second.returncode == 2
+    [line] = error_lines(second.stderr)
+    assert line == (f"hybridize distill: error: output directory {out} is in use by another run (PID {holder.pid}); "
+                    "wait for it to end or choose another --out")
+    # The checkpoints hold no pickles that need arbitrary classes: safetensors, JSON, and weights-only files.
+    checkpoint = next((out / "checkpoints" / "0-kd").glob("step-*"))
+    assert {"model.safetensors", "progress.json"} <= {p.name for p in checkpoint.iterdir()}
+    assert not list(checkpoint.glob("custom_checkpoint_*")) and not list(checkpoint.glob("pytorch_model*"))
+    for pickled in checkpoint.glob("*.bin"):
+        torch.load(pickled, weights_only=True)
+    lock = RunLock(out)
+    lock.acquire()  # kill -9 released it
+    lock.release()
+
+
+def test_partials_left_by_killed_writers_are_removed_on_resume(tmp_path, tiny_models, text_file):
+    out = tmp_path / "run"
+    raw = one_stage(tiny_models, text_file, out, steps=2)
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"recipe": recipe_to_dict(parse_recipe(raw))}))
+    # A real writer killed inside its staging folder, as an export killed mid-write leaves it.
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import time; from pathlib import Path; from hybridize.atomic import staged_folder\n"
+        f"with staged_folder(Path({str(out / 'stages' / '0-attention')!r})) as folder:\n"
+        "    (folder / 'model.safetensors').write_bytes(bytes(1000)); print('in', flush=True); time.sleep(60)")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "in\n"
+    kill(writer)
+    (out / "checkpoints" / "0-kd" / ".partial-step-00000001").mkdir(parents=True)
+    assert len(list(out.rglob("*.partial-*"))) == 2
+    assert distill_main([str(recipe), "--resume"]) == 0
+    assert not list(out.rglob("*.partial-*")) and (out / "final" / "config.json").exists()
