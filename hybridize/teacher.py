@@ -38,15 +38,19 @@ def embedded_gguf_path() -> Path:
 def load_teacher(
     name: str | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return (model in eval mode, tokenizer) for `name`: an alias, a local directory, or a Hub id."""
+    """Return (model in eval mode, tokenizer) for `name`: an alias, a local directory, or a Hub id.
+
+    The weights are cast to `dtype` as they load, straight onto `device`, so a GPU load never holds a CPU copy.
+    """
     name = name or DEFAULT_TEACHER
     source = teacher_folder(name)
+    check_weight_files(source, name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=str(device))
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, SafetensorError) as err:
-        raise UserError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from err
-    model.to(device).eval()
+        raise UserError(f"model {name!r} could not be loaded: {_first_line(err)}") from err
+    model.eval()
     model.config.name_or_path = name
     _fill_special_tokens(model, tokenizer)
     return model, tokenizer
@@ -57,11 +61,40 @@ def teacher_folder(name: str | None) -> Path:
     name = name or DEFAULT_TEACHER
     if name in ALIASES:
         return _unpacked_embedded_teacher()
-    if Path(name).is_dir():
-        return Path(name)
-    if Path(name).exists() or name.startswith((".", "/", "~")):
-        raise UserError(f"model {name!r}: not a model directory")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"model {name!r}: no model folder at {path.absolute()}")
     return _hub_snapshot(name)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_weight_files(folder: Path, name: str) -> None:
+    """Safetensors weights and a tokenizer, or one line saying what is missing. Pickled weights are refused: loading
+    them runs code from the file."""
+    if not (folder / "config.json").is_file():
+        raise UserError(f"model {name!r}: {folder} has no config.json")
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise UserError(
+                f"model {name!r} stores its weights as pickles ({pickles[0]}), which hybridize does not load; convert "
+                "them once, where you trust the file: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained("
+                "NEW_DIR) writes safetensors; then copy the tokenizer files beside them")
+        raise UserError(f"model {name!r}: {folder} has no *.safetensors weight files")
+    if not any((folder / tokenizer_file).is_file() for tokenizer_file in TOKENIZER_FILES):
+        raise UserError(f"model {name!r}: {folder} has no tokenizer (tokenizer.json or tokenizer.model); save the "
+                        "teacher's tokenizer beside its weights (tokenizer.save_pretrained(DIR))")
+
+
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message, never cut off mid-sentence at a colon."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else type(err).__name__)
 
 
 def _fill_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -114,7 +147,9 @@ def _hub_snapshot(repo_id: str) -> Path:
     except Exception:  # not cached: fall through to the network
         pass
     if hub_constants.HF_HUB_OFFLINE or not hub_reachable():
-        raise UserError(f"model {repo_id!r} is not available locally and the Hugging Face Hub cannot be reached")
+        # "org/name" is also how a relative folder is written: say both readings.
+        raise UserError(f"model {repo_id!r}: no such local folder ({Path(repo_id).absolute()}), not in the Hugging "
+                        "Face cache, and the Hub cannot be reached")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as err:

@@ -14,6 +14,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from ..errors import UserError
 from ..model import HybridConfig, HybridForCausalLM
 from ..model.configuration_hybrid import RECURRENT_TYPES
+from ..model.modeling_hybrid import FP32_PARAMETERS
 from .init import INITIALIZERS, InitOptions
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -42,6 +43,7 @@ def _template_regex(template: str) -> re.Pattern:
 
 
 _KEPT = [(_template_regex(src), dst) for src, dst in KEPT_KEYS.items()]
+_KEEP_FP32 = re.compile(FP32_PARAMETERS)
 
 
 def check_teacher(config: PretrainedConfig) -> None:
@@ -52,8 +54,10 @@ def check_teacher(config: PretrainedConfig) -> None:
         )
 
 
-def hybrid_config_from_teacher(teacher_config: PretrainedConfig, layer_types: list[str], **mixer_options) -> HybridConfig:
-    """The teacher's dimensions, token ids and RoPE, with `layer_types` and mixer options on top."""
+def hybrid_config_from_teacher(teacher_config: PretrainedConfig, layer_types: list[str], *,
+                               dtype: torch.dtype | None = None, **mixer_options) -> HybridConfig:
+    """The teacher's dimensions, token ids and RoPE, with `layer_types`, the hybrid's dtype (default: the teacher
+    config's, else fp32) and mixer options on top."""
     check_teacher(teacher_config)
     shared = {
         name: getattr(teacher_config, name)
@@ -64,31 +68,34 @@ def hybrid_config_from_teacher(teacher_config: PretrainedConfig, layer_types: li
             "rope_parameters", "attention_bias", "mlp_bias",
         )
     }
-    return HybridConfig(layer_types=list(layer_types), dtype=teacher_config.dtype, **shared, **mixer_options)
+    dtype = dtype or teacher_config.dtype or torch.float32
+    return HybridConfig(layer_types=list(layer_types), dtype=dtype, **shared, **mixer_options)
 
 
 def convert_state(
     keys: list[str], read: Callable[[str], torch.Tensor], config: HybridConfig, options: InitOptions, seed: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(hybrid state dict, {dropped teacher key: reason}); reads each teacher tensor once, layer by layer."""
+    """(hybrid state dict in config.dtype, {dropped teacher key: reason}); reads each teacher tensor once, layer by
+    layer. Initializers compute new values in fp32, rounded once here; FP32_PARAMETERS stay fp32."""
+    dtype = config.dtype
     generator = torch.Generator().manual_seed(seed)
-    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
     state: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
     for key in keys:
         for regex, target in _KEPT:
             if match := regex.match(key):
-                state[target.format(**match.groupdict())] = read(key)
+                state[target.format(**match.groupdict())] = read(key).to(dtype)
                 consumed.add(key)
     for i, kind in enumerate(config.layer_types):
         prefix = f"model.layers.{i}.self_attn."
         attention_keys = [k for k in keys if k.startswith(prefix) and k[len(prefix):].split(".")[0] in
                           ("q_proj", "k_proj", "v_proj", "o_proj")]
-        attention = {k[len(prefix):]: read(k) for k in attention_keys}
+        attention = {k[len(prefix):]: read(k).float() for k in attention_keys}  # one layer at a time
         if kind in RECURRENT_TYPES and any(k.endswith(".bias") for k in attention):
             raise UserError(f"layer {i}: attention biases have no place in a {kind} layer; keep it as attention")
         for name, tensor in INITIALIZERS[kind](attention, config, options, generator).items():
-            state[f"model.layers.{i}.mixer.{name}"] = tensor.to(dtype)
+            key = f"model.layers.{i}.mixer.{name}"
+            state[key] = tensor.to(torch.float32 if _KEEP_FP32.search(key) else dtype)
         consumed.update(attention_keys)
     dropped = {k: reason for k in keys if k not in consumed for pattern, reason in DROPPED_KEYS.items()
                if re.fullmatch(pattern, k)}
@@ -116,9 +123,10 @@ def model_from_state(config: HybridConfig, state: dict[str, torch.Tensor]) -> Hy
 
 def convert_model(teacher, layer_types: list[str], *, seed: int = 0, options: InitOptions = InitOptions(),
                   sink_tokens: int = 0):
-    """In memory: a HybridForCausalLM initialized from `teacher` (a LlamaForCausalLM) for `layer_types`, its sliding
-    windows keeping the first `sink_tokens` tokens."""
-    config = hybrid_config_from_teacher(teacher.config, layer_types, sliding_window_sinks=sink_tokens)
+    """In memory: a HybridForCausalLM initialized from `teacher` (a LlamaForCausalLM) for `layer_types`, in the
+    teacher's dtype, its sliding windows keeping the first `sink_tokens` tokens."""
+    config = hybrid_config_from_teacher(teacher.config, layer_types, dtype=teacher.dtype,
+                                        sliding_window_sinks=sink_tokens)
     teacher_state = teacher.state_dict()
     state, _ = convert_state(list(teacher_state), lambda k: teacher_state[k].detach().clone(), config, options, seed)
     return model_from_state(config, state)

@@ -3,6 +3,8 @@ starts."""
 
 import argparse
 
+from ..device import pick_device
+from ..dtypes import DTYPES, parse_dtype
 from ..errors import UserError
 from .init import InitOptions
 from .io import convert_to_folder
@@ -14,16 +16,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", required=True,
                         help="plan.json, a compact spec ('full_attention:0,7 gated_deltanet:rest'), "
                              "uniform:K[:MIXER], h2:K or all:MIXER")
-    parser.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--out", required=True, help="output folder (refused if not empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out, replacing the files convert writes (other files are kept)")
     parser.add_argument("--seed", type=int, default=0, help="seed for parameters attention has no counterpart of")
     parser.add_argument("--sink-tokens", type=int, default=0, metavar="S",
                         help="sliding windows also keep each sequence's first S tokens (attention sinks; "
                              "docs/model.md); default 0, plain windows")
+    parser.add_argument("--dtype", default=None, choices=tuple(DTYPES),
+                        help="dtype of the written hybrid (default: the dtype the teacher's weights are stored in; "
+                             "A_log, dt_bias and D stay float32 in every dtype)")
+    parser.add_argument("--device", default=None,
+                        help="where the teacher and the report's forwards run (default: cuda if available, else cpu)")
     defaults = InitOptions()
-    parser.add_argument("--init-conv", default=defaults.conv, choices=("identity", "random"))
-    parser.add_argument("--init-gate", default=defaults.gate, choices=("zero", "random"))
-    parser.add_argument("--init-decay", default=defaults.decay, choices=("slow", "random"))
+    # What each choice does and why the defaults were picked: docs/conversion.md, "Init options".
+    parser.add_argument("--init-conv", default=defaults.conv, choices=("identity", "random"),
+                        help="short convolution of Mamba2 / GDN layers: identity passes each token through (then "
+                             "SiLU); random is the mixer's own init, which mixes in neighbours")
+    parser.add_argument("--init-gate", default=defaults.gate, choices=("zero", "random"),
+                        help="output gate of Mamba2 / GDN layers: zero makes each start as an exact skip (step-0 "
+                             "rel. error 1.0); random is a small random projection")
+    parser.add_argument("--init-decay", default=defaults.decay, choices=("slow", "random"),
+                        help="state decay of Mamba2 / GDN layers: slow starts every head near exp(-0.01) per token "
+                             "(about 100 tokens of memory); random spreads heads over Mamba2's usual range")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,5 +46,6 @@ def run(args: argparse.Namespace) -> int:
     if args.sink_tokens < 0:
         raise UserError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
     convert_to_folder(args.model, args.plan, args.out, seed=args.seed, overwrite=args.overwrite, options=options,
-                      sink_tokens=args.sink_tokens)
+                      sink_tokens=args.sink_tokens, dtype=args.dtype and parse_dtype(args.dtype),
+                      device=pick_device(args.device))
     return 0

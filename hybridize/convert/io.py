@@ -15,9 +15,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .. import __version__
-from ..atomic import staged_folder
+from ..atomic import check_output_folder, staged_folder
 from ..corpus import calibration_batch
+from ..dtypes import dtype_name, stored_dtype
 from ..errors import UserError
+from ..publish.remote_code import add_remote_code
 from ..teacher import load_teacher, teacher_folder, teacher_identity
 from ..teacher_forcing import capture_mixer_io
 from .build import check_teacher, convert_state, hybrid_config_from_teacher, model_from_state
@@ -58,21 +60,26 @@ def _peak_rss_gib() -> float:
 
 def convert_to_folder(
     teacher_name: str | None, plan_spec, out_dir: str | Path, *, seed: int = 0, overwrite: bool = False,
-    options: InitOptions = InitOptions(), sink_tokens: int = 0, calibration_seq_len: int = 256, log=print,
+    options: InitOptions = InitOptions(), sink_tokens: int = 0, calibration_seq_len: int = 256,
+    dtype: torch.dtype | None = None, device: str | torch.device = "cpu", log=print,
 ) -> Path:
-    """Write the converted hybrid to `out_dir` and return it; the report is also in out_dir/conversion.json."""
+    """Write the converted hybrid to `out_dir` and return it; the report is also in out_dir/conversion.json.
+
+    The hybrid is written in `dtype`, by default the dtype the teacher's weights are stored in; the report's forwards
+    run on `device` in that dtype, so they measure the model as it was saved.
+    """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"output directory {out_dir} exists; pass --overwrite to replace it")
+    check_output_folder(out_dir, overwrite=overwrite)
     folder = teacher_folder(teacher_name)
-    teacher, tokenizer = load_teacher(teacher_name)
+    dtype = dtype or stored_dtype(folder)
+    teacher, tokenizer = load_teacher(teacher_name, dtype=dtype, device=device)
     check_teacher(teacher.config)
     plan = resolve_plan(plan_spec, teacher.config.num_hidden_layers)
     log("plan:\n" + describe(plan))
-    config = hybrid_config_from_teacher(teacher.config, plan, sliding_window_sinks=sink_tokens)
+    config = hybrid_config_from_teacher(teacher.config, plan, dtype=dtype, sliding_window_sinks=sink_tokens)
     generation_config = teacher.generation_config
 
-    input_ids = calibration_batch(tokenizer, seq_len=calibration_seq_len, blocks_per_domain=1)
+    input_ids = calibration_batch(tokenizer, seq_len=calibration_seq_len, blocks_per_domain=1).to(device)
     replaced = [i for i, kind in enumerate(plan) if kind != "full_attention"]
     captured = capture_mixer_io(teacher, input_ids, replaced)
     with torch.no_grad():
@@ -81,24 +88,29 @@ def convert_to_folder(
 
     reader = _SafetensorsReader(folder)
     state, dropped = convert_state(reader.keys(), reader.read, config, options, seed)
-    student = model_from_state(config, state)
+    student = model_from_state(config, state).to(device)
+    del state
     student.generation_config = generation_config
     report = conversion_report(student, captured, input_ids, teacher_logprobs, teacher_nll)
     log(format_report(report))
+    # A local folder is recorded by its absolute path, so eval and bench find it from any directory.
+    local = teacher_name is not None and folder == Path(teacher_name)
+    recorded_name = str(folder.resolve()) if local else teacher_name
     record = {
         "hybridize_version": __version__,
-        "teacher": teacher_identity(teacher_name),
+        "teacher": teacher_identity(recorded_name),
         "layer_types": plan,
         "plan_spec": plan_spec if isinstance(plan_spec, str) else "list",
         "seed": seed,
         "init_options": vars(options),
         "sink_tokens": sink_tokens,
+        "dtype": dtype_name(dtype),
         "dropped_teacher_tensors": dropped,
-        "peak_rss_gib": round(_peak_rss_gib(), 3),
         "report": report,
     }
     _write_atomically(out_dir, student, tokenizer, record, overwrite)
-    log(f"wrote {out_dir} (peak RSS {record['peak_rss_gib']:.2f} GiB)")
+    # Measured, not recorded: conversion.json is byte-reproducible for a given teacher, plan, seed and options.
+    log(f"wrote {out_dir} ({dtype_name(dtype)}; peak RSS {_peak_rss_gib():.2f} GiB)")
     return out_dir
 
 
@@ -107,4 +119,5 @@ def _write_atomically(out_dir: Path, student, tokenizer, record: dict, overwrite
     with staged_folder(out_dir, replace=overwrite) as staging:
         student.save_pretrained(staging, max_shard_size="2GB")
         tokenizer.save_pretrained(staging)
+        add_remote_code(staging)  # loadable without hybridize too (trust_remote_code=True)
         (staging / "conversion.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

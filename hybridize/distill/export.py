@@ -7,6 +7,7 @@ from accelerate import Accelerator
 from transformers import AutoConfig
 
 from ..atomic import staged_folder, write_json_atomic
+from ..dtypes import stored_dtype
 from ..errors import UserError
 from ..model import HybridConfig, HybridForCausalLM
 from .recipe import KDStage, Stage
@@ -45,6 +46,8 @@ def export_student(accelerator: Accelerator, distiller: Distiller, stage: Stage,
         student.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
         if adapted is not None:
             student = merge_lora(adapted)
+        # Trained in fp32; saved in the dtype the stage started from (the teacher's, unless convert chose another).
+        student.cast_for_saving(stored_dtype(source))
 
         with staged_folder(target) as folder:
             student.save_pretrained(folder)

@@ -1,5 +1,7 @@
 """HybridForCausalLM: a Llama decoder whose token mixer per layer is picked from `config.layer_types` by one table."""
 
+import re
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -15,6 +17,11 @@ from .context import SequenceContext, real_token_rank
 from .gated_deltanet import GatedDeltaNetMixer
 from .mamba2 import Mamba2Mixer
 from .mlp import GatedMLP
+
+# Parameters that set a recurrence's time scales stay fp32 in every dtype: in bf16, A_log and dt_bias (magnitudes
+# 1-5) have steps of about 0.02, so the small updates distillation makes to them would round away, and the decay
+# exp(-exp(A_log) * softplus(.)) would move by whole percents per step of rounding.
+FP32_PARAMETERS = r"mixer\.(?:A_log|dt_bias|D)$"
 
 MIXERS = {
     "full_attention": lambda config, layer_idx: Attention(config, layer_idx, window=None),
@@ -48,11 +55,21 @@ class HybridPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridDecoderLayer"]
     _is_stateful = True  # recurrent states cannot be rolled back, so generate() refuses assisted decoding
+    _keep_in_fp32_modules_strict = [FP32_PARAMETERS]  # from_pretrained(dtype=bf16 or fp16) leaves these fp32
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         # generate() must not build a DynamicCache for us: the model makes its HybridCache on the first forward.
         return False
+
+    @torch.no_grad()
+    def cast_for_saving(self, dtype: torch.dtype) -> "HybridPreTrainedModel":
+        """Cast in place to `dtype`, FP32_PARAMETERS excepted: the dtypes from_pretrained(dtype=...) would give."""
+        keep_fp32 = re.compile(FP32_PARAMETERS)
+        for name, param in self.named_parameters():
+            param.data = param.data.to(torch.float32 if keep_fp32.search(name) else dtype)
+        self.config.dtype = dtype
+        return self
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -1,7 +1,10 @@
 """`hybridize convert` end to end on a tiny local Llama: output folder, report, determinism, and every bad input."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,9 +98,9 @@ def corrupt_copy(tiny_llama, tmp_path):
         ("mistral", "teacher architecture 'mistral' is not supported; supported: llama"),
         ("plan_length", "plan has 3 layers but the model has 4"),
         ("unknown_type", "unknown layer type 'lstm'"),
-        ("exists", "exists; pass --overwrite"),
-        ("corrupt", "could not be loaded"),
-        ("hub_offline", "is not available locally and the Hugging Face Hub cannot be reached"),
+        ("exists", "is not empty; pass --overwrite"),
+        ("corrupt", "is unreadable or corrupt"),
+        ("hub_offline", "not in the Hugging Face cache, and the Hub cannot be reached"),
         ("negative_sinks", "--sink-tokens must be >= 0, got -1"),
     ],
 )
@@ -137,3 +140,40 @@ def test_interrupted_conversion_leaves_nothing_behind(tiny_llama, tmp_path, caps
     code, captured = convert(capsys, tiny_llama, "--plan", "h2:1", "--out", tmp_path / "out")
     assert code == 130 and "interrupted" in captured.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_report_explains_its_error_column(tiny_llama, tmp_path, capsys):
+    code, out = convert(capsys, tiny_llama, "--plan", "h2:1", "--out", tmp_path / "a")
+    assert code == 0
+    assert "    0  mamba2             1.0000" in out.out  # zero gate: the layer starts as an exact skip
+    assert "1 = the layer adds nothing (as if\n  skipped)" in out.out
+    assert "Mamba2 / Gated DeltaNet layers read 1.0000 when their output gate starts at zero" in out.out
+
+
+def test_a_relative_teacher_is_recorded_by_its_absolute_path(tiny_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tiny_llama.parent)
+    assert convert(capsys, tiny_llama.name, "--plan", "h2:1", "--out", tmp_path / "h")[0] == 0
+    teacher = json.loads((tmp_path / "h" / "conversion.json").read_text())["teacher"]
+    assert teacher["name"] == str(tiny_llama.resolve()) and teacher["source"] == str(tiny_llama.resolve())
+
+
+def test_out_dot_in_a_users_folder_keeps_the_users_files(tiny_llama, tmp_path):
+    """The console script in a folder holding the user's work: refused without --overwrite, and with it the hybrid
+    is written beside the user's file, which stays; a second run replaces only its own files."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    command = [sys.executable, "-m", "hybridize", "convert", str(tiny_llama), "--out", "."]
+    refused = subprocess.run([*command, "--plan", "all:gated_deltanet"], cwd=work, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "pass --overwrite" in refused.stderr
+    for plan in ("all:gated_deltanet", "h2:1"):
+        done = subprocess.run([*command, "--plan", plan, "--overwrite"], cwd=work, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (work / "notes.txt").read_text() == "mine"
+    assert json.loads((work / "conversion.json").read_text())["plan_spec"] == "h2:1"
+    assert AutoModelForCausalLM.from_pretrained(work).config.layer_types[2] == "full_attention"
+    assert not [p.name for p in work.iterdir() if ".partial-" in p.name]
+    assert os.listdir(tmp_path) == ["work"]
