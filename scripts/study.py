@@ -1,7 +1,7 @@
 """The results study (docs/results.md, issue "Results"): which layers, which mixers, how much attention, which stages.
 
 Every run is the shipped commands, as a user types them: `hybridize analyze`, then per run
-`hybridize distill recipes/smollm2-135m/study/<stages>.yaml --set plan=<plan> --output-dir <dir>` and
+`hybridize distill recipes/smollm2-135m/study/<stages>.yaml --set plan=<plan> --out <dir>` and
 `hybridize eval <dir>/final`; the headline also gets `hybridize bench` and `hybridize push --dry-run`.
 This file only names the runs, builds their plan strings, and gathers the eval JSONs into tables.
 
@@ -149,7 +149,7 @@ def run_one(run: Run, root: Path) -> None:
         resume = ["--resume"] if (out / "checkpoints").exists() else []
         sinks = ["--set", f"sink_tokens={run.sinks}"] if run.sinks else []
         sh(hybridize("distill", str(RECIPES / f"{run.stages}.yaml"), "--set", f"plan={run.plan}", *sinks,
-                     "--output-dir", str(out), *resume), log)
+                     "--out", str(out), *resume), log)
     extra = [] if run.name == "headline" or run.question == "sinks" else ABLATION_EVAL  # headline candidates
     sh(hybridize("eval", str(out / "final"), "--out", str(out / "eval"), *extra), log)
     if run.name == "headline":

@@ -409,7 +409,7 @@ def read_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
         raise UserError(f"recipe {path}: not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(raw, dict):
         raise UserError(f"recipe {path}: expected a mapping at the top level")
-    resolve_relative_paths(raw, path.parent)
+    resolve_relative_paths(raw, path.parent.absolute())
     for assignment in overrides:
         apply_override(raw, assignment)
     return raw

@@ -11,7 +11,7 @@ recipe=recipes/smollm2-135m/windows-sinks.yaml
 name=${2:-headline}
 if [ -n "${3:-}" ]; then
   run=runs/$name
-  overrides=(--set "plan=$3" --output-dir "$run")
+  overrides=(--set "plan=$3" --out "$run")
 else
   run=runs/smollm2-135m-windows-sinks  # the recipe's output_dir
   overrides=()

@@ -134,3 +134,75 @@ def test_partials_left_by_killed_writers_are_removed_on_resume(tmp_path, tiny_mo
     assert len(list(out.rglob("*.partial-*"))) == 2
     assert distill_main([str(recipe), "--resume"]) == 0
     assert not list(out.rglob("*.partial-*")) and (out / "final" / "config.json").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 20 MB file system (tmpfs), where the tiny KD stage's first checkpoint fits and its second does not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # the in-process run may still hold a file there
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_resumable(tmp_path, tiny_models, text_file,
+                                                                        small_disk, capsys):
+    out = small_disk / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", one_stage(tiny_models, text_file, out, steps=4))
+    assert distill_main([str(recipe)]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    first = out / "checkpoints" / "0-kd" / "step-00000001"
+    assert line.startswith(f"hybridize distill: error: the disk is full (")
+    assert line.endswith(f"training stopped, the last good checkpoint is {first} (--resume continues from it)")
+    assert sorted(p.name for p in first.parent.iterdir()) == ["step-00000001"]  # the failed save left nothing
+    # torch.save's own message on a full disk (no errno in it) is recognized too.
+    from hybridize.distill.disk_full import is_disk_full
+
+    with pytest.raises(RuntimeError) as caught:
+        torch.save(torch.zeros(4_000_000), small_disk / "big.pt")
+    assert is_disk_full(caught.value), caught.value
+    (small_disk / "big.pt").unlink(missing_ok=True)
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
+    assert distill_main([str(recipe), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out and (out / "final" / "config.json").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"teacher": "/nonexistent/teacher"}, "/nonexistent/teacher"),
+    ({"plan": "uniform:2:gated_deltanett"}, "unknown layer type 'gated_deltanett'"),
+    ({"teacher": "QWEN"}, "Llama"),
+])
+def test_a_run_that_fails_at_its_start_leaves_nothing(tmp_path, tiny_models, text_file, capsys, change, message):
+    if change.get("teacher") == "QWEN":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        config = Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1)
+        Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tiny_models / "teacher" / name).exists():
+                (tmp_path / "qwen" / name).write_bytes((tiny_models / "teacher" / name).read_bytes())
+        change = {"teacher": str(tmp_path / "qwen")}
+    out = tmp_path / "run"
+    raw = tiny_recipe(tiny_models, text_file, out, {"plan": "uniform:2:gated_deltanet", "init": None, **change})
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    assert distill_main([str(recipe)]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert message in line, line
+    assert not out.exists()
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_complete_ones_kept(tmp_path):
+    from hybridize.distill.tracking import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    rows = [{"stage_index": 0, "step": step, "split": "train", "loss": 1.0 / (step + 1)} for step in range(3)]
+    for row in rows:
+        log.append(row)
+    with open(log.path, "a") as f:
+        f.write('{"stage_index": 0, "step": 3, "spl')  # killed mid-append
+    assert log.rows() == rows
+    log.truncate_after(0, 2)
+    log.append(rows[0] | {"step": 3})
+    assert log.rows() == rows + [rows[0] | {"step": 3}]

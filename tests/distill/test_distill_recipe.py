@@ -106,7 +106,7 @@ def test_defaults_and_numbers_written_as_strings():
     assert stage.lr == 3e-4 and isinstance(stage.lr, float)
     assert stage.trainable == ["model.layers.*"] and stage.temperature == 1.0 and stage.lora is None
     assert stage.steps() == 50  # 2000 tokens / (4 x 10 per step)
-    assert recipe.data.source == "corpus" and recipe.logging.trackers == ["tensorboard"]
+    assert recipe.data.source == "corpus" and recipe.logging.trackers is None
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -129,7 +129,19 @@ def test_unknown_keys_are_named(raw, key):
     ({"kind": "distill"}, "stages[1].kind: allowed values: attention_output, kd"),
     ({"seq_len": 0}, "stages[1].seq_len: must be >= 1"),
     ({"global_batch_size": 5}, "stages[1].global_batch_size: must be a multiple of micro_batch_size (2)"),
-    ({"temperature": 0}, "stages[1].temperature: must be > 0"),
+    ({"temperature": 0}, "stages[1].temperature: must be in (0, 100], got 0"),
+    ({"lr": 1e39}, "stages[1].lr: must be in (0, 1e+30], got 1e+39"),
+    ({"lr": "1e39"}, "stages[1].lr: must be in (0, 1e+30], got 1e+39"),
+    ({"lr": float("nan")}, "stages[1].lr: must be a finite number, got nan"),
+    ({"lr_by_layer_type": {"mamba2": 1e31}}, "stages[1].lr_by_layer_type.mamba2: must be in (0, 1e+30]"),
+    ({"betas": [0.9, 1.5]}, "stages[1].betas: must be two numbers in [0, 0.9999]"),
+    ({"weight_decay": 10.0}, "stages[1].weight_decay: must be in [0, 1], got 10"),
+    ({"max_grad_norm": float("inf")}, "stages[1].max_grad_norm: must be a finite number"),
+    ({"max_grad_norm": 1e9}, "stages[1].max_grad_norm: must be in (0, 1e6]"),
+    ({"tokens": 10**16}, "stages[1].tokens: must be at most 1,000,000,000,000,000"),
+    ({"global_batch_size": 2**22}, "stages[1].global_batch_size: must be at most 1,048,576"),
+    ({"seq_len": 2**21}, "stages[1].seq_len: must be at most 1,048,576"),
+    ({"ce_weight": 1e6}, "stages[1].ce_weight: must be in [0, 1000]"),
     ({"lr_by_layer_type": {"mamba3": 1e-3}}, "stages[1].lr_by_layer_type.mamba3: not a layer type"),
     ({"trainable": ["ssm:model.*"]}, "stages[1].trainable[0]: 'ssm' before ':' is not a layer type"),
     ({"lora": {"targets": ["embeddings"]}}, "stages[1].lora.targets[0]: allowed values: attention, mlp"),
@@ -184,3 +196,39 @@ def test_file_errors_are_one_line(tmp_path):
     bad.write_text(yaml.safe_dump(minimal(seed="zero")))
     with pytest.raises(UserError, match=rf"recipe {re.escape(str(bad))}: seed: expected an integer"):
         load_recipe(bad)
+
+
+def test_shipped_recipes_need_no_tracker_and_none_warns():
+    from hybridize.distill.tracking import usable_trackers
+
+    assert all(load_recipe(path).logging.trackers is None for path in RECIPES + STUDY_RECIPES)
+    installed, missing = usable_trackers(None)
+    assert missing == [] and set(installed) <= {"tensorboard"}
+
+
+def test_relative_input_paths_are_read_against_the_recipe_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "plan.json").write_text('{"layer_types": ["full_attention", "mamba2"]}')
+    (folder / "docs.jsonl").write_text('{"text": "x"}\n')
+    raw = minimal(plan="plan.json", data={"source": "docs.jsonl"}, output_dir="runs/x")
+    del raw["init"]
+    (folder / "r.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)  # another working directory than the recipe's
+    recipe = load_recipe("recipes/r.yaml", ["stages.0.lr=2e-3"])
+    assert resolve_plan(recipe.plan, 2) == ["full_attention", "mamba2"]
+    assert recipe.data.source == str(folder / "docs.jsonl")
+    assert recipe.teacher == "smollm2-135m" and recipe.output_dir == "runs/x"  # an alias; outputs stay cwd-relative
+
+
+def test_smoke_runs_get_their_own_folder_and_out_is_the_flag():
+    import argparse
+
+    from hybridize.distill.cli import add_arguments, build_recipe
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    path = str(RECIPES[0])
+    assert build_recipe(parser.parse_args([path, "--smoke"])).output_dir == "runs/llama3.2-1b-gdn-smoke"
+    assert build_recipe(parser.parse_args([path, "--smoke", "--out", "o"])).output_dir == "o"
+    assert build_recipe(parser.parse_args([path, "--output-dir", "o2"])).output_dir == "o2"
