@@ -36,6 +36,9 @@ def test_stage2_lowers_the_kl(tmp_path, tiny_models, text_file):
     # The same 8 held-out sequences before and after: the drop is the training's, not sampling noise.
     assert evals[1]["kl"] < 0.95 * evals[0]["kl"], evals
     record = json.loads((final / "distill.json").read_text())
+    # Published with the model: no local paths, only names and paths inside the run folder.
+    assert str(tmp_path) not in (final / "distill.json").read_text() and "/tmp" not in json.dumps(record)
+    assert record["model_folder"] == "final" and record["init"] == "init" and record["recipe"]["output_dir"] == "run"
     assert record["stages"][0]["steps_done"] == 12 and record["stages"][0]["tokens"] == 12 * 256
     assert record["data"]["documents"] == {"train": 36, "held_out": 4}
     assert (final / "loss_curve.png").stat().st_size > 1000 and (tmp_path / "run" / "loss_curve.png").exists()
@@ -166,9 +169,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_models
     assert result.returncode == 2
     [line] = error_lines(result.stderr)
     assert line.startswith("hybridize distill: error: stage 'attention' step 2: the loss is ")
-    checkpoint = tmp_path / "run" / "checkpoints" / "0-attention" / "step-00000001"
-    assert f"the last good checkpoint is {checkpoint}" in line
-    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["step-00000001"]
+    # step-00000001 holds the weights that gave that loss: it is removed, not named good.
+    assert f"no checkpoint of this stage was kept (--resume starts the stage again from {tiny_models / 'init'})" in line
+    assert not list((tmp_path / "run" / "checkpoints" / "0-attention").iterdir())
     assert not (tmp_path / "run" / "stages").exists() and not (tmp_path / "run" / "final").exists()
 
 
