@@ -6,6 +6,7 @@ import sys
 
 from transformers.utils import logging as transformers_logging
 
+from . import __version__
 from .errors import UserError
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
@@ -20,12 +21,24 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help, unless the help already gives it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is False
+                or action.default in (None, [], ()) or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only `command`'s module is imported, so `--help` and each command start fast."""
     parser = argparse.ArgumentParser(prog="hybridize", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hybridize {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == command:
             importlib.import_module(module_name).add_arguments(sub)
     return parser

@@ -151,14 +151,16 @@ def run_one(run: Run, root: Path) -> None:
         sh(hybridize("distill", str(RECIPES / f"{run.stages}.yaml"), "--set", f"plan={run.plan}", *sinks,
                      "--out", str(out), *resume), log)
     extra = [] if run.name == "headline" or run.question == "sinks" else ABLATION_EVAL  # headline candidates
-    sh(hybridize("eval", str(out / "final"), "--out", str(out / "eval"), *extra), log)
+    # --overwrite: a resumed study writes again over its own earlier results.
+    sh(hybridize("eval", str(out / "final"), "--out", str(out / "eval"), "--overwrite", *extra), log)
     if run.name == "headline":
         sh(hybridize("bench", str(out / "final"), "--contexts", "8192", "--batch-sizes", "1,16",
-                     "--out", str(out / "bench")), log)
-        sh(hybridize("push", str(out / "final"), "hybridize/smollm2-135m-hybrid", "--dry-run", str(out / "push")), log)
+                     "--out", str(out / "bench"), "--overwrite"), log)
+        sh(hybridize("push", str(out / "final"), "hybridize/smollm2-135m-hybrid", "--dry-run", str(out / "push"),
+                     "--overwrite"), log)
     elif run.question in ("attention", "sinks"):  # the Pareto plot's speed axis: the fast path at the bench point
-        sh(hybridize("bench", str(out / "final"), "--contexts", "8192", "--batch-sizes", "16", "--paths", "hybrid fast",
-                     "--out", str(out / "bench")), log)
+        sh(hybridize("bench", str(out / "final"), "--contexts", "8192", "--batch-sizes", "16", "--paths", "hybrid-fast",
+                     "--out", str(out / "bench"), "--overwrite"), log)
     (out / "study-run.json").write_text(json.dumps({**run.__dict__, "seconds": round(time.time() - started, 1)}))
 
 

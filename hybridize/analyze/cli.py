@@ -3,7 +3,7 @@
 import argparse
 
 from ..errors import UserError
-from .io import DTYPES, AnalyzeSettings, analyze_to_folder
+from .io import DTYPES, SEQ_LEN_WINDOWS, AnalyzeSettings, analyze_to_folder
 from .reselect import read_scores, reselect_to_folder
 from .proxies import FAST_RANKINGS
 from .scores import FitSettings
@@ -16,8 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="teacher: HF id, local folder, or alias (default: the embedded smollm2-135m)")
     parser.add_argument("--budget", required=True,
                         help="attention layers to keep: a count K, or a fraction of the layers such as 0.25")
-    parser.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--out", required=True, help="output folder (refused if not empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out, replacing the files analyze writes (other files are kept)")
     parser.add_argument("--scores", default=None, metavar="PLAN_JSON",
                         help="choose from the scores of an earlier analysis (its plan.json) instead of scoring: "
                              "seconds, for another budget or other constraints; the teacher and mode come from it")
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score sliding windows that also keep the first S tokens, as `hybridize convert "
                              "--sink-tokens S` builds them (default 0, plain windows)")
     parser.add_argument("--seq-len", type=int, default=None,
-                        help="tokens per calibration block (default: twice the sliding window, 1024)")
+                        help=f"tokens per calibration block (default: {SEQ_LEN_WINDOWS} times the sliding window, "
+                             f"capped at the teacher's context: {SEQ_LEN_WINDOWS * 512} for a 512-token window)")
     parser.add_argument("--eval-blocks", type=int, default=2, help="held-out blocks per text domain (default 2)")
     parser.add_argument("--fit-steps", type=int, default=fit.steps, help=f"layer-local fit steps (default {fit.steps})")
     parser.add_argument("--fit-batch", type=int, default=fit.batch_blocks,

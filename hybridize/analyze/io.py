@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..atomic import check_output_folder
 from ..convert.build import check_teacher, convert_model, hybrid_config_from_teacher
 from ..convert.plan import H2_CYCLE, resolve_plan, uniform_positions
 from ..corpus import calibration_batch
@@ -35,13 +36,14 @@ from .select import Constraints, assign_mixers, choose_plan, parse_budget
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 INDUCTION_BLOCKS = 2
+SEQ_LEN_WINDOWS = 4  # default calibration block: this many sliding windows (capped at the teacher's context)
 
 
 @dataclass(frozen=True)
 class AnalyzeSettings:
     """Everything that decides an analysis; docs/analyze.md says why each default is what it is.
 
-    seq_len None means four times the sliding window of a converted sliding_attention layer (capped at the
+    seq_len None means SEQ_LEN_WINDOWS times the sliding window of a converted sliding_attention layer (capped at the
     teacher's context), so that three quarters of every block's queries have keys outside the window. eval_blocks
     counts held-out blocks per text domain.
     """
@@ -83,8 +85,7 @@ def analyze_to_folder(
     """Analyze the teacher, write out_dir/{plan.json, report.md, scores.png}, and return plan.json's record."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"output directory {out_dir} exists; pass --overwrite to replace it")
+    check_output_folder(out_dir, overwrite=overwrite)
     device, dtype = pick_device(settings.device), DTYPES[settings.dtype]
     teacher, tokenizer = load_teacher(teacher_name, dtype=dtype, device=device)
     check_teacher(teacher.config)
@@ -95,7 +96,7 @@ def analyze_to_folder(
     window = hybrid_config_from_teacher(teacher.config, ["full_attention"] * num_layers).sliding_window
     # At 2 x window, sliding windows won all 22 replaced layers of SmolLM2 and then lost long-context recall after
     # distillation (docs/results.md): the block must be long enough for the window's loss to show.
-    seq_len = settings.seq_len or min(4 * window, teacher.config.max_position_embeddings)
+    seq_len = settings.seq_len or min(SEQ_LEN_WINDOWS * window, teacher.config.max_position_embeddings)
     if "sliding_attention" in constraints.mixers and seq_len <= window:
         raise UserError(f"--seq-len {seq_len} is not longer than the sliding window ({window}): sliding_attention "
                         "would score exactly like full attention; use a longer --seq-len or drop it from --mixers")

@@ -9,6 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ..atomic import check_output_folder
 from ..errors import UserError
 from .proxies import PROXY_NAMES
 from .report import markdown_report, write_folder
@@ -29,8 +30,7 @@ def read_scores(path: Path) -> dict:
 def reselect_to_folder(scores_path: Path, settings, out_dir: Path, *, overwrite: bool = False, log=print) -> dict:
     """Choose a plan for `settings` (budget, constraints, fast-mode ranking) from the scores in `scores_path`."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"output directory {out_dir} exists; pass --overwrite to replace it")
+    check_output_folder(out_dir, overwrite=overwrite)
     record = read_scores(scores_path)
     layers = record["layers"]
     constraints = settings.constraints

@@ -37,11 +37,25 @@ def conversion_report(
     }
 
 
+RECURRENT = ("mamba2", "gated_deltanet")
+LEGEND = ("rel. error = |layer output - teacher attention output| / |teacher attention output| on the calibration "
+          "tokens,\n  each layer fed the teacher's input: 0 = the teacher's attention exactly, 1 = the layer adds "
+          "nothing (as if\n  skipped), above 1 = worse than skipping.")
+RECURRENT_NOTE = ("  Mamba2 / Gated DeltaNet layers read 1.0000 when their output gate starts at zero (--init-gate "
+                  "zero, the\n  default): they output exactly 0, so the model starts as the teacher without those "
+                  "attention layers and\n  distillation opens the gates. KL and perplexity below compare init choices "
+                  "at step 0.")
+
+
 def format_report(report: dict) -> str:
     lines = ["layer  type               step-0 rel. error vs teacher attention"]
     lines += [f"{row['layer']:>5}  {row['type']:<18} {row['relative_error']:.4f}" for row in report["layers"]]
     if not report["layers"]:
         lines.append("  (no layer replaced)")
+    else:
+        lines.append(LEGEND)
+    if any(row["type"] in RECURRENT for row in report["layers"]):
+        lines.append(RECURRENT_NOTE)
     lines.append(
         f"KL(teacher||hybrid) {report['kl_teacher_hybrid']:.4f} nats/token   ppl {report['hybrid_ppl']:.2f} vs teacher "
         f"{report['teacher_ppl']:.2f} (ratio {report['ppl_ratio']:.3f}) on {report['calibration_tokens']} held-out tokens"

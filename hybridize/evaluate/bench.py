@@ -7,8 +7,9 @@ Paths measured at every (context, batch size):
 - teacher static:  `model.generate()` with a StaticCache, which transformers compiles on a GPU
                    (torch.compile, mode "reduce-overhead", i.e. CUDA graphs): its fastest decode path.
 "Context" is prompt + new tokens, so the last tokens are decoded at the stated context; prompts are random
-token ids (speed does not depend on the text). Timings are medians of `repeats` runs after one warm-up;
-decode time is the time of N new tokens minus the time of 1 (which is the time to first token).
+token ids (speed does not depend on the text). Timings are medians of `repeats` runs after one warm-up. Each
+`generate()` run is timed at its first new token too (a stopping criterion that never stops notes the time), so
+time to first token and decode time (the N-1 tokens after it) come from the same run and are never negative.
 """
 
 import gc
@@ -17,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import StaticCache
+from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 
 from ..model.compiling import allow_recompiles
 from .common import format_table
@@ -25,6 +26,16 @@ from .fast_decode import StaticDecoder
 from .recall import default_lengths
 
 PATHS = ("hybrid generate", "hybrid fast", "teacher generate", "teacher static")
+
+
+def path_names(text: str) -> tuple[str, ...]:
+    """argparse type for --paths: "hybrid-fast,teacher-static" (or the spaced names) -> PATHS entries."""
+    return tuple(name.strip().replace("-", " ") for name in text.split(",") if name.strip())
+
+
+def path_flag(name: str) -> str:
+    """How a path is written on the command line: "hybrid fast" -> "hybrid-fast"."""
+    return name.replace(" ", "-")
 BAR = {"context": 8192, "batch": 16, "decode_speedup": 3.0, "cache_ratio": 0.30}
 
 
@@ -64,27 +75,52 @@ def _timed(fn, device: torch.device):
     return time.perf_counter() - start, result
 
 
+class _FirstTokenClock(StoppingCriteria):
+    """Never stops generation; notes when it is first asked, which is right after the first new token.
+
+    generate() already reads a flag from the device at every step, so the one sync here adds no other wait.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.first_token_at = device, None
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        if self.first_token_at is None:
+            _sync(self.device)
+            self.first_token_at = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 class _GeneratePath:
     """`generate()` greedy, never stopping at eos; `static` passes a fresh StaticCache of exactly the context."""
 
     def __init__(self, model, static: bool, pad_token_id: int):
         self.model, self.static, self.pad = model, static, pad_token_id
 
-    def run(self, ids: torch.LongTensor, new_tokens: int, context: int):
+    def run(self, ids: torch.LongTensor, new_tokens: int, context: int, clock: _FirstTokenClock | None = None):
         cache = StaticCache(config=self.model.config, max_cache_len=context) if self.static else None
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
             eos_token_id=None, pad_token_id=self.pad, past_key_values=cache, return_dict_in_generate=True,
+            stopping_criteria=StoppingCriteriaList([clock] if clock else []),
         )
         return out.past_key_values
 
+    def _timed_run(self, ids, new_tokens: int, context: int, device) -> tuple[float, float, object]:
+        """(time to first token, time of the other new tokens, the cache) of one run."""
+        clock = _FirstTokenClock(device)
+        _sync(device)
+        start = time.perf_counter()
+        cache = self.run(ids, new_tokens, context, clock)
+        _sync(device)
+        end = time.perf_counter()
+        return clock.first_token_at - start, end - clock.first_token_at, cache
+
     def measure(self, ids, new_tokens: int, context: int, repeats: int, device) -> dict:
         self.run(ids, new_tokens, context)  # warm-up (and, for the static path on a GPU, compilation)
-        first = [_timed(lambda: self.run(ids, 1, context), device)[0] for _ in range(repeats)]
-        runs = [_timed(lambda: self.run(ids, new_tokens, context), device) for _ in range(repeats)]
-        full = statistics.median(t for t, _ in runs)
-        return {"ttft": statistics.median(first), "decode": full - statistics.median(first),
-                "cache_bytes": cache_nbytes(runs[-1][1])}
+        runs = [self._timed_run(ids, new_tokens, context, device) for _ in range(repeats)]
+        return {"ttft": statistics.median(r[0] for r in runs), "decode": statistics.median(r[1] for r in runs),
+                "cache_bytes": cache_nbytes(runs[-1][2])}
 
 
 class _FastPath:
@@ -172,9 +208,9 @@ def _device_name(device: torch.device) -> str:
 def _row_line(row: dict) -> str:
     if row.get("oom"):
         return f"{row['path']:>16} ctx {row['context']:>6} batch {row['batch']:>3}: out of memory"
-    decode = row["decode_tok_s"]
+    decode = "-" if row["decode_tok_s"] is None else f"{row['decode_tok_s']:.1f}"
     return (f"{row['path']:>16} ctx {row['context']:>6} batch {row['batch']:>3}: "
-            f"prefill {row['prefill_tok_s']:9.0f} tok/s  decode {decode or 0:9.1f} tok/s  ttft {row['ttft_s'] * 1e3:8.1f} ms")
+            f"prefill {row['prefill_tok_s']:9.0f} tok/s  decode {decode:>9} tok/s  ttft {row['ttft_s'] * 1e3:8.1f} ms")
 
 
 def ratios(rows: list[dict]) -> list[dict]:

@@ -7,10 +7,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..atomic import check_output_folder
 from ..errors import UserError
 from ..teacher import DEFAULT_TEACHER, _fill_special_tokens, load_teacher
 
 NO_TEACHER = "none"
+# How long --small takes for the 135M embedded teacher and its hybrid on 2 busy CPU cores (README, Measured).
+SMALL_TIMES = {"eval": "about 1 minute for a 135M model on 2 CPU cores",
+               "bench": "about 1 minute for a 135M model on 2 CPU cores"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,32 +51,39 @@ def load_hybrid(
     return model, tokenizer
 
 
-def recorded_teacher(path: str | Path) -> str | None:
-    """The teacher named in the hybrid's distill.json or conversion.json, when the folder has one."""
+def recorded_teacher(path: str | Path) -> tuple[str, str] | None:
+    """(teacher, record file name) from the hybrid's distill.json or conversion.json, when the folder has one."""
     for name in ("distill.json", "conversion.json"):
         record = Path(path) / name
         if record.is_file():
             teacher = json.loads(record.read_text()).get("teacher")
-            return teacher.get("name") if isinstance(teacher, dict) else teacher
+            teacher = teacher.get("name") if isinstance(teacher, dict) else teacher
+            return (teacher, name) if teacher else None
     return None
-
-
-def resolve_teacher_name(arg: str | None, hybrid_path: str | Path) -> str | None:
-    """--teacher as given; else the one the hybrid was converted from; else the embedded default. "none": no teacher."""
-    if arg == NO_TEACHER:
-        return None
-    return arg or recorded_teacher(hybrid_path) or DEFAULT_TEACHER
 
 
 def load_pair(
     hybrid_path: str | Path, teacher_arg: str | None, *, dtype: torch.dtype, device: torch.device
 ) -> tuple[PreTrainedModel, PreTrainedModel | None, PreTrainedTokenizerBase, str | None]:
-    """(student, teacher or None, tokenizer, teacher name): both models on one device in one dtype."""
+    """(student, teacher or None, tokenizer, teacher name): both models on one device in one dtype.
+
+    The teacher is --teacher as given; else the one the hybrid's record names; else the embedded default.
+    "none": no teacher.
+    """
     student, tokenizer = load_hybrid(hybrid_path, dtype=dtype, device=device)
-    name = resolve_teacher_name(teacher_arg, hybrid_path)
-    if name is None:
+    if teacher_arg == NO_TEACHER:
         return student, None, tokenizer, None
-    teacher, teacher_tokenizer = load_teacher(name, dtype=dtype, device=device)
+    recorded = None if teacher_arg else recorded_teacher(hybrid_path)
+    name = teacher_arg or (recorded[0] if recorded else DEFAULT_TEACHER)
+    try:
+        teacher, teacher_tokenizer = load_teacher(name, dtype=dtype, device=device)
+    except UserError as err:
+        if recorded is None:
+            raise
+        # A record made elsewhere (another machine, or a relative path from another directory) names a teacher
+        # that is not here: say which flag picks one.
+        raise UserError(f"the teacher recorded in {Path(hybrid_path) / recorded[1]} cannot be loaded ({err}); "
+                        f"pass --teacher MODEL, or --teacher {NO_TEACHER} for the hybrid alone") from err
     if teacher.config.vocab_size != student.config.vocab_size or len(teacher_tokenizer) != len(tokenizer):
         raise UserError(f"teacher {name!r} has a different vocabulary from the hybrid; pass the teacher it came from")
     return student, teacher, tokenizer, name
@@ -106,6 +117,11 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def comma_joined(values) -> str:
+    """(1024, 2048) -> "1024,2048": how int_list and float_list values are written on the command line."""
+    return ",".join(map(str, values))
+
+
 def float_list(text: str) -> tuple[float, ...]:
     """argparse type: "0,0.5,1" -> (0.0, 0.5, 1.0)."""
     try:
@@ -114,14 +130,27 @@ def float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def output_folder(args) -> tuple[Path, bool]:
+    """(OUT, may replace what an earlier run wrote there): the default HYBRID/eval or HYBRID/bench is ours to
+    refresh; a folder the user names must be empty unless --overwrite. Checked before the long work starts."""
+    out_dir = Path(args.out) if args.out else Path(args.hybrid) / args.command
+    replace = args.overwrite or args.out is None
+    check_output_folder(out_dir, overwrite=replace)
+    return out_dir, replace
+
+
 def add_common_arguments(parser, what: str) -> None:
     """HYBRID, --teacher, --out, --small, --device, --dtype: what eval and bench both take."""
     parser.add_argument("hybrid", help="a hybrid model folder (from hybridize convert or distill)")
     parser.add_argument("--teacher", default=None,
                         help="the teacher to compare with: HF id, folder or alias; default: the one the hybrid was "
                              f"converted from; '{NO_TEACHER}' for the hybrid alone")
-    parser.add_argument("--out", default=None, help=f"output folder (default: HYBRID/{what}); replaced as a whole")
-    parser.add_argument("--small", action="store_true", help="CPU-sized settings: a few minutes for a 135M model")
+    parser.add_argument("--out", default=None,
+                        help=f"output folder (default: HYBRID/{what}, where an earlier run's files are replaced); "
+                             "a given folder that is not empty is refused unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"write into a non-empty --out, replacing the files {what} writes (other files are kept)")
+    parser.add_argument("--small", action="store_true", help=f"CPU-sized settings ({SMALL_TIMES[what]})")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="model dtype (default: bfloat16 on GPU, float32 on CPU)")

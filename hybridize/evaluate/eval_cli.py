@@ -6,41 +6,57 @@ OUT defaults to HYBRID/eval, which `hybridize push` puts on the model card.
 
 import dataclasses
 import time
-from pathlib import Path
 
 import torch
 
 from .. import __version__
 from ..atomic import staged_folder, write_json_atomic
 from ..device import pick_device
-from .common import add_common_arguments, float_list, int_list, load_pair, pick_dtype
+from .common import add_common_arguments, comma_joined, float_list, int_list, load_pair, output_folder, pick_dtype
 from .lm_eval_tasks import lm_eval_table, require_harness, run_lm_eval
 from .plots import plot_eval, plot_passkey
 from .quality import QualitySettings, quality_table, run_quality
 from .recall import RecallSettings, recall_table, run_recall
 
 
+def _defaults(full, small, name: str, show=str) -> str:
+    """"default: X; --small: Y" for a setting with a full-size and a CPU-sized value."""
+    return f"default: {show(getattr(full, name))}; --small: {show(getattr(small, name))}"
+
+
 def add_arguments(parser) -> None:
     add_common_arguments(parser, "eval")
+    q, q_small = QualitySettings(), QualitySettings.small()
+    r, r_small = RecallSettings(), RecallSettings.small()
     quality = parser.add_argument_group("quality (held-out text)")
-    quality.add_argument("--domains", type=lambda s: tuple(s.split(",")), default=None, help="code,docs,prose")
-    quality.add_argument("--seq-len", type=int, default=None, help="tokens per held-out block")
-    quality.add_argument("--blocks", type=int, default=None, help="held-out blocks per domain")
-    quality.add_argument("--greedy-prompts", type=int, default=None, help="greedy continuations per domain")
-    quality.add_argument("--batch-size", type=int, default=None)
+    quality.add_argument("--domains", type=lambda s: tuple(s.split(",")), default=None,
+                         help=f"comma-separated text domains (default: {comma_joined(q.domains)})")
+    quality.add_argument("--seq-len", type=int, default=None,
+                         help=f"tokens per held-out block ({_defaults(q, q_small, 'seq_len')})")
+    quality.add_argument("--blocks", type=int, default=None,
+                         help=f"held-out blocks per domain ({_defaults(q, q_small, 'blocks_per_domain')})")
+    quality.add_argument("--greedy-prompts", type=int, default=None,
+                         help=f"greedy continuations per domain ({_defaults(q, q_small, 'greedy_prompts')})")
+    quality.add_argument("--batch-size", type=int, default=None,
+                         help=f"blocks per forward pass ({_defaults(q, q_small, 'batch_size')})")
     recall = parser.add_argument_group("recall")
     recall.add_argument("--no-recall", action="store_true", help="skip the passkey and MQAR tests")
     recall.add_argument("--passkey-lengths", type=int_list, default=None,
-                        help="context lengths (default: 1K, 2K, ... up to the teacher's limit)")
-    recall.add_argument("--passkey-depths", type=float_list, default=None, help="needle depths in [0, 1]")
-    recall.add_argument("--passkey-trials", type=int, default=None, help="prompts per (length, depth) cell")
-    recall.add_argument("--mqar-pairs", type=int_list, default=None, help="key-value pair counts, e.g. 8,32,128")
+                        help="context lengths (default: 1K, 2K, ... up to the teacher's limit; "
+                             f"--small: {comma_joined(r_small.lengths)})")
+    recall.add_argument("--passkey-depths", type=float_list, default=None,
+                        help=f"needle depths in [0, 1] ({_defaults(r, r_small, 'depths', comma_joined)})")
+    recall.add_argument("--passkey-trials", type=int, default=None,
+                        help=f"prompts per (length, depth) cell ({_defaults(r, r_small, 'trials')})")
+    recall.add_argument("--mqar-pairs", type=int_list, default=None,
+                        help=f"key-value pair counts ({_defaults(r, r_small, 'mqar_pairs', comma_joined)})")
     harness = parser.add_argument_group("lm-evaluation-harness")
     harness.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=[],
-                         help="lm-eval task names or task YAML files, comma-separated")
+                         help="lm-eval task names or task YAML files, comma-separated (default: none)")
     harness.add_argument("--tasks-include", default=None, help="a folder of extra lm-eval task YAMLs")
     harness.add_argument("--tasks-limit", type=int, default=None, help="examples per task (default: all)")
-    harness.add_argument("--num-fewshot", type=int, default=None)
+    harness.add_argument("--num-fewshot", type=int, default=None,
+                         help="few-shot examples per prompt (default: each task's own setting)")
 
 
 def _override(settings, **values):
@@ -51,7 +67,7 @@ def _override(settings, **values):
 def run(args) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    out_dir = Path(args.out) if args.out else Path(args.hybrid) / "eval"
+    out_dir, replace = output_folder(args)
     quality_settings = _override(
         QualitySettings.small() if args.small else QualitySettings(), domains=args.domains, seq_len=args.seq_len,
         blocks_per_domain=args.blocks, greedy_prompts=args.greedy_prompts, batch_size=args.batch_size)
@@ -81,7 +97,7 @@ def run(args) -> int:
         print("\n" + lm_eval_table(results["lm_eval"]))
     results["seconds"] = round(time.time() - started, 1)
 
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, replace=replace) as staging:
         write_json_atomic(staging / "eval.json", results)
         plot_eval(results, staging / "eval.png")
         if "recall" in results:

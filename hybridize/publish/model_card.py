@@ -83,7 +83,7 @@ def _summary(repo_id: str, model, teacher: dict, distill: dict | None, params: i
             f"Of its {config.num_hidden_layers} attention layers, {kept} {'is' if kept == 1 else 'are'} kept as full "
             f"attention and the others "
             f"were replaced ({replaced}), initialized from the attention weights by "
-            f"[hybridize](https://pypi.org/project/hybridize/) {__version__}, {trained}.")
+            f"hybridize {__version__}, {trained}.")
 
 
 def _cache_section(footprint: dict, context: int) -> list[str]:
@@ -147,11 +147,14 @@ def render_card(repo_id: str, folder: Path, model, params: int) -> str:
              _summary(repo_id, model, teacher, distill, params), "",
              "## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
              f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
-             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "",
-             "Only `torch` and `transformers` are needed: the model code in this repository falls back to plain-"
-             "PyTorch kernels. With `pip install hybridize` it uses hybridize's Triton kernels on a GPU instead. "
-             "`generate()` works as for any causal LM (the cache holds K/V for attention layers and fixed-size "
-             "states for the others).", "",
+             # The tokenizer reads config.json too, whose custom model type only the code here can parse.
+             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)', "```", "",
+             "Only `torch` and `transformers` are needed: `trust_remote_code=True` runs the model code in this "
+             "repository, which computes with plain-PyTorch kernels. The hybridize toolkit is not needed to load "
+             f"the model; where hybridize {__version__} is installed (from its source repository: it is not "
+             "published on a package index), the same code uses its Triton kernels on a GPU instead, after "
+             "checking that the installed `hybridize` is that toolkit at that version. `generate()` works as for any "
+             "causal LM (the cache holds K/V for attention layers and fixed-size states for the others).", "",
              "## Architecture", "", "| layers | mixer |", "|---|---|",
              *_plan_rows(config.layer_types, config.sliding_window, config.sliding_window_sinks), "",
              f"Hidden size {config.hidden_size}, {config.num_attention_heads} query / {config.num_key_value_heads} "

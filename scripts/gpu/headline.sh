@@ -28,9 +28,9 @@ if [ -f "$run/final/config.json" ] && [ ! -f "$run/eval/eval.json" ]; then
 fi
 if [ -f "$run/eval/eval.json" ] && [ ! -f "$run/bench/bench.json" ]; then
   # The bar point only, hybrid fast path against the teacher's best: all four paths at 2 x 2 points take > 6 min.
-  python3 -m hybridize.cli bench "$run/final" --contexts 8192 --batch-sizes 16 --paths "hybrid fast,teacher static" \
+  python3 -m hybridize.cli bench "$run/final" --contexts 8192 --batch-sizes 16 --paths hybrid-fast,teacher-static \
     --out "$run/bench" 2>&1 | grep -v Warn | tail -30 | tee -a "$OUT/bench.log"
-  python3 -m hybridize.cli push "$run/final" hybridize/smollm2-135m-hybrid --dry-run "$run/push" 2>&1 | tail -3
+  python3 -m hybridize.cli push "$run/final" hybridize/smollm2-135m-hybrid --dry-run "$run/push" --overwrite 2>&1 | tail -3
 fi
 flat=$(mktemp -d)
 for file in "$run/eval/eval.json" "$run/bench/bench.json" "$run/metrics.jsonl" "$run/push/README.md" \

@@ -15,8 +15,9 @@ def test_small_bench_rows_and_cache_sizes(pair):
     result, table = small_bench(student, teacher, tokenizer, settings=SETTINGS, log=lambda *_: None)
     rows = {(r["path"], r["context"], r["batch"]): r for r in result["rows"]}
     assert set(rows) == {(p, c, b) for p in PATHS for c in (24, 40) for b in (1, 2)}
-    for row in rows.values():
+    for row in rows.values():  # real numbers even from one timed run on a busy CPU
         assert row["prefill_tok_s"] > 0 and row["ttft_s"] > 0 and row["peak_mem_gib"] is None
+        assert row["decode_tok_s"] is not None and row["decode_tok_s"] > 0
     config = teacher.config
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4  # K+V, fp32
     for context in (24, 40):
@@ -70,3 +71,13 @@ def test_bench_cli_rejects_bad_settings(hybrid_dir, capsys):
     assert main(["bench", str(hybrid_dir), "--contexts", "16", "--new-tokens", "16"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(e.startswith("hybridize bench: error:") for e in errors)
+    assert "allowed: hybrid-generate,hybrid-fast,teacher-generate,teacher-static" in errors[0]
+
+
+def test_bench_paths_are_written_without_spaces(hybrid_dir, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", str(hybrid_dir), "--out", str(out), "--contexts", "24", "--batch-sizes", "1",
+                 "--new-tokens", "3", "--repeats", "1", "--paths", "hybrid-generate,teacher-generate"]) == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [r["path"] for r in rows] == ["hybrid generate", "teacher generate"]
+    assert all(r["decode_tok_s"] > 0 for r in rows)

@@ -2,10 +2,13 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,15 +17,17 @@ import transformers
 from transformers import AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_imports
 
+from hybridize import __hybridize_toolkit__, __version__
 from hybridize.cli import main
 from hybridize.evaluate.common import load_hybrid
 from hybridize.model import HybridForCausalLM
-from hybridize.publish.export import AUTO_MAP
+from hybridize.publish.remote_code import AUTO_MAP
 
 CODE = ["attention.py", "cache.py", "configuration_hybrid.py", "context.py", "gated_deltanet.py", "mamba2.py",
         "modeling_hybrid.py", "ops.py", "ref_conv1d.py", "ref_gated_delta.py", "ref_norm.py", "ref_ssd.py"]
 # torch, transformers and what installing transformers brings (huggingface_hub), plus the standard library.
-PLAIN_IMPORTS = {"math", "torch", "transformers", "huggingface_hub", "typing", "dataclasses", "collections"}
+PLAIN_IMPORTS = {"math", "torch", "transformers", "huggingface_hub", "typing", "dataclasses", "collections", "ast",
+                 "importlib", "re"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,7 @@ def test_card_shows_eval_and_bench_results(hybrid_dir, tmp_path):
     assert main(["eval", str(hybrid), "--no-recall", "--domains", "code", "--seq-len", "32", "--blocks", "1",
                  "--greedy-prompts", "1"]) == 0
     assert main(["bench", str(hybrid), "--contexts", "16", "--batch-sizes", "1", "--new-tokens", "2", "--repeats", "1",
-                 "--paths", "hybrid fast,teacher static"]) == 0
+                 "--paths", "hybrid-fast,teacher-static"]) == 0
     out = tmp_path / "upload"
     assert main(["push", str(hybrid), "me/tiny-hybrid", "--dry-run", str(out)]) == 0
     card = (out / "README.md").read_text()
@@ -102,12 +107,28 @@ def test_card_shows_the_distillation_record(hybrid_dir, tmp_path):
     assert "distilled by hybridize 0.1.0 on NVIDIA H100" in card and (out / "distill.json").is_file()
 
 
-def test_push_offline_says_so_in_one_line_and_keeps_the_folder(hybrid_dir, tmp_path, capsys):
+@pytest.mark.parametrize("probe", ["HF_HUB_OFFLINE", "network"])
+def test_push_offline_says_so_in_one_line_at_once_and_leaves_nothing(probe, hybrid_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Offline by the flag, or by the network probe (no Hub reachable from the test machines)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", probe == "HF_HUB_OFFLINE")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    tempfile.tempdir = None  # read TMPDIR again
     hybrid = shutil.copytree(hybrid_dir, tmp_path / "hybrid")
-    assert main(["push", str(hybrid), "me/tiny-hybrid", "--private", "--revision", "v1"]) == 2
+    before = sorted(p.name for p in hybrid.iterdir())
+    started = time.perf_counter()
+    try:
+        assert main(["push", str(hybrid), "me/tiny-hybrid", "--private", "--revision", "v1"]) == 2
+    finally:
+        tempfile.tempdir = None
+    assert time.perf_counter() - started < 15  # the probe's 3 s timeout, not minutes of retries
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "offline" in err[0] and str(hybrid / "publish") in err[0]
-    assert (hybrid / "publish" / "README.md").is_file() and (hybrid / "publish" / "model.safetensors").is_file()
+    assert len(err) == 1 and "offline" in err[0] and "--dry-run" in err[0]
+    assert sorted(p.name for p in hybrid.iterdir()) == before and not (hybrid / "publish").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_push_refuses_bad_ids_and_foreign_folders(hybrid_dir, tmp_path, capsys):
@@ -119,6 +140,9 @@ def test_push_refuses_bad_ids_and_foreign_folders(hybrid_dir, tmp_path, capsys):
     assert main(["push", str(hybrid_dir), "me/x", "--dry-run", str(hybrid_dir.parent)]) == 2
     assert (foreign / "todo.txt").read_text() == "keep me" and (hybrid_dir / "config.json").is_file()
     assert len(capsys.readouterr().err.strip().splitlines()) == 3
+    # --overwrite writes the export beside the user's file, which stays.
+    assert main(["push", str(hybrid_dir), "me/x", "--dry-run", str(foreign), "--overwrite"]) == 0
+    assert (foreign / "todo.txt").read_text() == "keep me" and (foreign / "model.safetensors").is_file()
 
 
 def _fresh_venv() -> Path:
@@ -142,9 +166,10 @@ def _fresh_venv() -> Path:
 
 
 REMOTE_SCRIPT = """
-import sys, torch
+import importlib.util, sys, torch
 from transformers import AutoModelForCausalLM
 folder, ids_path, out_path = sys.argv[1:]
+spec = importlib.util.find_spec("hybridize")
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 ids = torch.load(ids_path)
@@ -153,19 +178,86 @@ with torch.no_grad():
 generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
 kernels = sorted(name for name in sys.modules if name.startswith("hybridize.kernels.") or ".ref_" in name)
-torch.save({"logits": logits, "generated": generated, "kernels": kernels}, out_path)
+hybridize = spec and spec.origin
+torch.save({"logits": logits, "generated": generated, "kernels": kernels, "hybridize": hybridize}, out_path)
 """
 
 
-def _load_remotely(python: Path, folder: Path, tmp_path: Path) -> dict:
+def _environment(tmp_path: Path) -> dict:
+    return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path)), "HF_HUB_OFFLINE": "1",
+            "HF_MODULES_CACHE": str(tmp_path / "modules")}
+
+
+def _without_hybridize(tmp_path: Path, *extra_path: Path) -> tuple[list[str], dict]:
+    """(python command, environment) of this interpreter where `hybridize` cannot be imported: -S skips the .pth
+    files, among them the editable install's, and PYTHONPATH gives back site-packages (plus `extra_path` first)."""
+    site = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    return [sys.executable, "-S"], _environment(tmp_path) | {"PYTHONPATH": os.pathsep.join([*map(str, extra_path),
+                                                                                           *sorted(site)])}
+
+
+def _load_remotely(python: Path, folder: Path, tmp_path: Path, command=None, env=None) -> dict:
     """Load `folder` with trust_remote_code in a new process of `python` (which never imports hybridize.model)."""
     torch.save(_ids(), tmp_path / "ids.pt")
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path)), "HF_HUB_OFFLINE": "1",
-           "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    command = [str(python), "-c", REMOTE_SCRIPT, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    command = [*(command or [str(python)]), "-c", REMOTE_SCRIPT, str(folder), str(tmp_path / "ids.pt"),
+               str(tmp_path / "out.pt")]
+    done = subprocess.run(command, cwd=tmp_path, env=env or _environment(tmp_path), capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(tmp_path / "out.pt")
+
+
+REFERENCE_KERNELS = {"ref_conv1d", "ref_gated_delta", "ref_norm", "ref_ssd"}
+
+
+def test_converted_folder_loads_where_hybridize_is_not_importable(hybrid_dir, tmp_path):
+    """convert writes the remote code and auto_map too: no push needed to load the hybrid without hybridize."""
+    assert json.loads((hybrid_dir / "config.json").read_text())["auto_map"] == AUTO_MAP
+    command, env = _without_hybridize(tmp_path)
+    remote = _load_remotely(Path(sys.executable), hybrid_dir, tmp_path, command, env)
+    assert remote["hybridize"] is None
+    assert {name.rsplit(".", 1)[1] for name in remote["kernels"]} == REFERENCE_KERNELS
+    _assert_same_model(remote, hybrid_dir)
+
+
+def test_the_cards_loading_snippet_runs_without_hybridize(dry_run, tmp_path):
+    """The card's code block, as a user would paste it, with the repository id pointing at the dry-run folder."""
+    card = (dry_run / "README.md").read_text()
+    snippet = re.search(r"## How to load\n\n```python\n(.*?)```", card, re.DOTALL).group(1)
+    check = ('\nids = tokenizer("def add(a, b):", return_tensors="pt").input_ids\n'
+             'out = model.generate(ids, max_new_tokens=3, do_sample=False)\n'
+             'import importlib.util\nassert importlib.util.find_spec("hybridize") is None\n'
+             'print("generated", out.shape[1] - ids.shape[1])\n')
+    command, env = _without_hybridize(tmp_path)
+    done = subprocess.run([*command, "-c", snippet.replace("me/tiny-hybrid", str(dry_run)) + check], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "generated 3"
+    assert "pip install hybridize" not in card and "pypi.org/project/hybridize" not in card
+
+
+FOREIGN_INIT = """
+import pathlib
+pathlib.Path(__file__).parent.parent.joinpath("ran").write_text("foreign code ran")
+__hybridize_toolkit__ = {mark!r}
+__version__ = {version!r}
+"""
+
+
+@pytest.mark.parametrize("impostor", ["no marker", "other version"])
+def test_a_foreign_hybridize_package_never_runs(impostor, dry_run, tmp_path):
+    """Another package named `hybridize` first on the path: ops.py reads its __init__.py, never imports it, and
+    takes the reference kernels."""
+    fake = tmp_path / "fake"
+    (fake / "hybridize" / "kernels").mkdir(parents=True)
+    mark, version = ("someone else's", __version__) if impostor == "no marker" else (__hybridize_toolkit__, "9.9.9")
+    (fake / "hybridize" / "__init__.py").write_text(FOREIGN_INIT.format(mark=mark, version=version))
+    (fake / "hybridize" / "kernels" / "__init__.py").write_text(FOREIGN_INIT.format(mark=mark, version=version))
+    command, env = _without_hybridize(tmp_path, fake)
+    remote = _load_remotely(Path(sys.executable), dry_run, tmp_path, command, env)
+    assert remote["hybridize"] == str(fake / "hybridize" / "__init__.py")  # it was there to be found
+    assert not (fake / "ran").exists()
+    assert {name.rsplit(".", 1)[1] for name in remote["kernels"]} == REFERENCE_KERNELS
 
 
 def _assert_same_model(remote: dict, hybrid_dir: Path) -> None:
@@ -192,6 +284,5 @@ def test_fresh_venv_without_hybridize_loads_the_same_model(hybrid_dir, dry_run, 
                            cwd=tmp_path, capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "None"
     remote = _load_remotely(python, dry_run, tmp_path)
-    assert {name.rsplit(".", 1)[1] for name in remote["kernels"]} == {"ref_conv1d", "ref_gated_delta", "ref_norm",
-                                                                      "ref_ssd"}
+    assert {name.rsplit(".", 1)[1] for name in remote["kernels"]} == REFERENCE_KERNELS
     _assert_same_model(remote, hybrid_dir)
