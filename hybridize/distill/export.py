@@ -10,6 +10,7 @@ from ..atomic import staged_folder, write_json_atomic
 from ..dtypes import stored_dtype
 from ..errors import UserError
 from ..model import HybridConfig, HybridForCausalLM
+from ..publish.remote_code import add_remote_code
 from .recipe import KDStage, Stage
 from .stages import Distiller, add_lora, merge_lora, trainable_names
 
@@ -52,6 +53,7 @@ def export_student(accelerator: Accelerator, distiller: Distiller, stage: Stage,
         with staged_folder(target) as folder:
             student.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
+            add_remote_code(folder)  # loadable without hybridize too (trust_remote_code=True)
             for name, data in files.items():
                 write_json_atomic(folder / name, data)
     accelerator.wait_for_everyone()
