@@ -9,10 +9,11 @@ import os
 import shutil
 from pathlib import Path
 
+from ..atomic import remove_dead_partials
 from ..errors import UserError
+from .checkpoints import PARTIAL_PREFIX
 
 LOCK_FILE = ".lock"
-PARTIAL_MARK = ".partial-"  # staging folders of atomic.staged_folder and of checkpoints carry it in their names
 
 
 class RunLock:
@@ -51,16 +52,14 @@ def holds_run_files(folder: Path) -> bool:
     return folder.is_dir() and any(path.name != LOCK_FILE for path in folder.iterdir())
 
 
-def remove_stale_partials(folder: Path) -> list[Path]:
-    """Remove every staging folder or file under `folder`; call only while holding its lock.
+def remove_stale_partials(folder: Path, staged_outputs: list[Path]) -> None:
+    """Remove what killed writers left half-written in the run folder; call only while holding its lock.
 
-    Every writer into an output folder is the run that holds its lock, so while this process holds it, a
-    `.partial-` entry can only be left over from a run that was killed mid-write.
+    Staged outputs (init/, stages/*, final/) are built by hybridize.atomic, whose staging names carry the
+    writer's host and PID: those of dead writers go. Checkpoint partials (checkpoints/*/.partial-step-N) are
+    written only by the run that holds the lock, so while this process holds it they are all stale.
     """
-    stale = sorted(path for path in Path(folder).rglob(f"*{PARTIAL_MARK}*") if path.name.startswith("."))
-    for path in stale:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    return stale
+    for target in staged_outputs:
+        remove_dead_partials(target)
+    for path in Path(folder).glob(f"checkpoints/*/{PARTIAL_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)

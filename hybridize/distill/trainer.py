@@ -215,7 +215,8 @@ class Trainer:
         if self.main:
             self.lock.acquire()
             self._check_output_dir()
-            remove_stale_partials(self.out)
+            remove_stale_partials(self.out, [self.out / "init"] + [stage_folder(self.out, self.recipe, i)
+                                                                  for i in range(len(self.recipe.stages))])
             if not self.resume:
                 write_json_atomic(self.out / "run.json",
                                   {"hybridize_version": __version__, "recipe": recipe_to_dict(self.recipe)})

@@ -122,10 +122,10 @@ def test_partials_left_by_killed_writers_are_removed_on_resume(tmp_path, tiny_mo
     recipe = write_recipe(tmp_path / "r.yaml", raw)
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"recipe": recipe_to_dict(parse_recipe(raw))}))
-    # A real writer killed inside its staging folder, as an export killed mid-write leaves it.
+    # A real writer killed inside its staging folder, as a conversion or export killed mid-write leaves it.
     writer = subprocess.Popen([sys.executable, "-c", (
         "import time; from pathlib import Path; from hybridize.atomic import staged_folder\n"
-        f"with staged_folder(Path({str(out / 'stages' / '0-attention')!r})) as folder:\n"
+        f"with staged_folder(Path({str(out / 'init')!r})) as folder:\n"
         "    (folder / 'model.safetensors').write_bytes(bytes(1000)); print('in', flush=True); time.sleep(60)")],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline() == "in\n"
