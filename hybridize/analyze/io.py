@@ -135,7 +135,7 @@ def analyze_to_folder(
     record = {
         "hybridize_version": __version__,
         "mode": "fast" if settings.fast else "full",
-        "teacher": teacher_identity(teacher_name),
+        "teacher": teacher_identity(teacher_name, record_folder=out_dir),
         "layer_types": plan,
         "budget": budget,
         "settings": resolved,

@@ -93,12 +93,9 @@ def convert_to_folder(
     student.generation_config = generation_config
     report = conversion_report(student, captured, input_ids, teacher_logprobs, teacher_nll)
     log(format_report(report))
-    # A local folder is recorded by its absolute path, so eval and bench find it from any directory.
-    local = teacher_name is not None and folder == Path(teacher_name)
-    recorded_name = str(folder.resolve()) if local else teacher_name
     record = {
         "hybridize_version": __version__,
-        "teacher": teacher_identity(recorded_name),
+        "teacher": teacher_identity(teacher_name, record_folder=out_dir),
         "layer_types": plan,
         "plan_spec": plan_spec if isinstance(plan_spec, str) else "list",
         "seed": seed,

@@ -31,11 +31,6 @@ def portable_recipe(recipe: Recipe, run_folder: Path) -> dict:
     return record
 
 
-def portable_teacher(identity: dict, run_folder: Path) -> dict:
-    return {key: _portable_if_local(value, run_folder) if key in ("name", "source") else value
-            for key, value in identity.items()}
-
-
 def portable_data_record(record: dict, run_folder: Path) -> dict:
     portable = {**record, "source": _portable_if_local(record.get("source"), run_folder)}
     if "files" in record:

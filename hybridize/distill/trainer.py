@@ -41,7 +41,7 @@ from . import checkpoints
 from .data import StageData, load_documents, stage_data
 from .disk_full import free_space, is_disk_full
 from .export import check_student_folder, export_student, load_student
-from .provenance import portable_data_record, portable_path, portable_recipe, portable_teacher
+from .provenance import portable_data_record, portable_path, portable_recipe
 from .recipe import KDStage, Recipe, Stage, recipe_to_dict
 from .run_lock import RunLock, holds_run_files, remove_stale_partials
 from .stages import build_distiller, parameter_groups, prepare_student
@@ -250,7 +250,7 @@ class Trainer:
 
             self.log(f"converting {self.recipe.teacher} with plan {self.recipe.plan!r} into {target}")
             convert_to_folder(self.recipe.teacher, self.recipe.plan, target, seed=self.recipe.seed,
-                              sink_tokens=self.recipe.sink_tokens, log=self.log)
+                              sink_tokens=self.recipe.sink_tokens, device=self.accelerator.device, log=self.log)
         self.accelerator.wait_for_everyone()
 
     def record(self, final: Path, stages: list[dict]) -> dict:
@@ -260,7 +260,7 @@ class Trainer:
         return {
             "hybridize_version": __version__,
             "recipe": portable_recipe(self.recipe, self.out),
-            "teacher": portable_teacher(teacher_identity(self.recipe.teacher), self.out),
+            "teacher": teacher_identity(self.recipe.teacher, record_folder=final),
             "init": portable_path(self.recipe.init or self.out / "init", self.out),
             "data": portable_data_record(self.documents.record, self.out),
             "stages": stages,

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ..atomic import check_output_folder
 from ..errors import UserError
-from ..teacher import DEFAULT_TEACHER, _fill_special_tokens, load_teacher
+from ..teacher import DEFAULT_TEACHER, _fill_special_tokens, load_teacher, recorded_teacher_path
 
 NO_TEACHER = "none"
 # How long --small takes for the 135M embedded teacher and its hybrid on 2 busy CPU cores (README, Measured).
@@ -58,7 +58,7 @@ def recorded_teacher(path: str | Path) -> tuple[str, str] | None:
         if record.is_file():
             teacher = json.loads(record.read_text()).get("teacher")
             teacher = teacher.get("name") if isinstance(teacher, dict) else teacher
-            return (teacher, name) if teacher else None
+            return (recorded_teacher_path(teacher, Path(path)), name) if teacher else None
     return None
 
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Mi
 
 import hybridize.convert.io as convert_io
 from hybridize.cli import main
+from hybridize.evaluate.common import recorded_teacher
 from hybridize.teacher import teacher_folder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -150,11 +151,18 @@ def test_the_report_explains_its_error_column(tiny_llama, tmp_path, capsys):
     assert "Mamba2 / Gated DeltaNet layers read 1.0000 when their output gate starts at zero" in out.out
 
 
-def test_a_relative_teacher_is_recorded_by_its_absolute_path(tiny_llama, tmp_path, capsys, monkeypatch):
+def test_a_relative_teacher_is_recorded_relative_to_the_hybrid_and_found_from_anywhere(tiny_llama, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A teacher given as a relative path is recorded relative to the hybrid folder (no absolute local path in a
+    record that push publishes), and eval finds it again from another working directory."""
     monkeypatch.chdir(tiny_llama.parent)
     assert convert(capsys, tiny_llama.name, "--plan", "h2:1", "--out", tmp_path / "h")[0] == 0
-    teacher = json.loads((tmp_path / "h" / "conversion.json").read_text())["teacher"]
-    assert teacher["name"] == str(tiny_llama.resolve()) and teacher["source"] == str(tiny_llama.resolve())
+    record = (tmp_path / "h" / "conversion.json").read_text()
+    teacher = json.loads(record)["teacher"]
+    assert teacher["source"] == "local folder" and str(tmp_path) not in record
+    assert (tmp_path / "h" / teacher["name"]).resolve() == tiny_llama.resolve()
+    monkeypatch.chdir(tmp_path)
+    assert recorded_teacher(tmp_path / "h")[0] == str(tiny_llama)
 
 
 def test_out_dot_in_a_users_folder_keeps_the_users_files(tiny_llama, tmp_path):

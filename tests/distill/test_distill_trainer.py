@@ -21,6 +21,7 @@ from hybridize.cli import main as hybridize_main
 from hybridize.distill.__main__ import main as distill_main
 from hybridize.distill.recipe import parse_recipe, recipe_to_dict
 from hybridize.distill.trainer import Trainer, reduce_gradients_in_fp32, tf32_matmuls
+from hybridize.evaluate.common import recorded_teacher
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -38,6 +39,8 @@ def test_stage2_lowers_the_kl(tmp_path, tiny_models, text_file):
     record = json.loads((final / "distill.json").read_text())
     # Published with the model: no local paths, only names and paths inside the run folder.
     assert str(tmp_path) not in (final / "distill.json").read_text() and "/tmp" not in json.dumps(record)
+    # ... yet `hybridize eval final/` finds the local teacher again, from any working directory.
+    assert recorded_teacher(final)[0] == str(tiny_models / "teacher")
     assert record["model_folder"] == "final" and record["init"] == "init" and record["recipe"]["output_dir"] == "run"
     assert record["stages"][0]["steps_done"] == 12 and record["stages"][0]["tokens"] == 12 * 256
     assert record["data"]["documents"] == {"train": 36, "held_out": 4}

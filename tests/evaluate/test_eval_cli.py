@@ -34,7 +34,7 @@ def test_eval_defaults_to_the_recorded_teacher_and_can_skip_it(hybrid_dir, teach
     assert main(["eval", str(hybrid_dir), "--teacher", "none", "--out", str(out), "--no-recall", *SMALL[:6]]) == 0
     results = json.loads((out / "eval.json").read_text())
     assert results["teacher"] is None and "kl" not in results["quality"]["all"]
-    assert main(["eval", str(hybrid_dir), "--out", str(out), "--no-recall", *SMALL[:6]]) == 0
+    assert main(["eval", str(hybrid_dir), "--out", str(out), "--overwrite", "--no-recall", *SMALL[:6]]) == 0
     assert json.loads((out / "eval.json").read_text())["teacher"] == str(teacher_dir)
 
 
