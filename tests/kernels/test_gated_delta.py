@@ -190,6 +190,63 @@ def test_triton_chunk_matches_loop(B, T, HK, H, K, V, cu, init, chunk_size, guar
     assert_all_close(actual, expected, FP32_TOL)
 
 
+# Per-tensor relative-RMSE tolerances for 16-bit inputs against the fp32 loop fed the same rounded inputs. Every
+# intermediate the kernels round to the input dtype (h, v_new, dv, w, u and the operands of tl.dot) adds one rounding,
+# relative u = 2^-11 (fp16) or 2^-8 (bf16); a gradient passes through at most a few such roundings that add up
+# independently, and the conditioning of the unit keys and decays used here is O(1). So 4u bounds them (fp16: the
+# measured errors are ~1u).
+HALF_TOL = {torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8, torch.float32: 1e-5}
+
+
+def strong_gate_inputs(B, T, HK, H, K, V, N, dtype, device="cpu"):
+    """Layer-like inputs whose gates decay by e^-100 and more within a chunk: the cumulative gate of a partial last
+    chunk falls far below -88, where exp(-gc) overflows fp32."""
+    (q, k, v, g, beta), h0 = make_inputs(B, T, HK, H, K, V, N=N, dtype=dtype, device=device)
+    return [q, k, v, 100.0 * g, beta], h0
+
+
+def assert_matches_with_floor(actual: dict, expected: dict, tol: float):
+    """Relative RMSE for o, ht, dq, dk, dv, dbeta. dg and dh0 are differences of (or decay into) terms far larger
+    than themselves when gates are this strong (dg: q.dq - k.dk, the true value ~e^-100 of them), so they are held
+    to `tol` times the size of those terms: rms |q||dq| + |k||dk| per token for dg, rms(ht's gradient) for dh0."""
+    for name in ("o", "ht", "dq", "dk", "dv", "dbeta"):
+        assert_rel_rmse(actual[name].float(), expected[name].float(), tol, name)
+    terms = expected["dq"].norm(dim=-1).repeat_interleave(actual["dg"].shape[2] // expected["dq"].shape[2], 2)
+    terms = terms + expected["dk"].norm(dim=-1).repeat_interleave(actual["dg"].shape[2] // expected["dk"].shape[2], 2)
+    floors = {"dg": terms.pow(2).mean().sqrt(), "dh0": expected["ht"].new_tensor(1.0)}  # dht ~ N(0, 1)
+    for name in ("dg", "dh0"):
+        assert torch.isfinite(actual[name]).all(), f"{name}: NaN/inf"
+        err = (actual[name].double() - expected[name].double()).pow(2).mean().sqrt()
+        scale = torch.maximum(expected[name].double().pow(2).mean().sqrt(), floors[name].double())
+        assert err <= tol * scale, f"{name}: RMSE {err:.2e} > {tol:.0e} x {scale:.2e}"
+
+
+# (B, T, HK, H, K, V, cu_seqlens): partial last chunks, alone, with GQA, and at every end of packed sequences
+STRONG_GATE_CASES = [
+    (1, 41, 1, 1, 16, 16, None),
+    (2, 75, 1, 2, 32, 16, None),
+    (1, 150, 2, 4, 16, 16, [0, 41, 105, 150]),
+]
+
+
+def _check_strong_gates(B, T, HK, H, K, V, cu, dtype, device, place=torch.clone):
+    N = B if cu is None else len(cu) - 1
+    inputs, h0 = strong_gate_inputs(B, T, HK, H, K, V, N, dtype, device)
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    assert inputs[3][:, :11].sum(1).max() < -88  # within 11 tokens: inside every partial chunk of the cases
+    expected = run_with_grads(reference.recurrent_gated_delta_rule, [x.float() for x in inputs], h0, cu_seqlens)
+    actual = run_with_grads(chunk_gated_delta_rule, inputs, h0, cu_seqlens, place=place, backend="triton")
+    assert_matches_with_floor(actual, expected, HALF_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B, T, HK, H, K, V, cu", STRONG_GATE_CASES)
+def test_triton_chunk_partial_chunk_strong_gates(B, T, HK, H, K, V, cu, dtype, guard):
+    """A partial last chunk (T % 64 != 0, or a packed sequence's end) whose gates decay strongly: every output and
+    gradient stays finite and right. (bf16 runs in the CUDA twin: the interpreter's bf16 tl.dot is wrong.)"""
+    _check_strong_gates(B, T, HK, H, K, V, cu, dtype, "cpu", place=guard.place)
+
+
 @pytest.mark.parametrize("name, config", BV_CONFIGS)
 def test_triton_chunk_every_block_size(name, config, guard):
     """The V tiles that autotuning may pick on the GPU, which the other tests (first config only) do not run."""
@@ -353,6 +410,14 @@ def test_triton_chunk_bf16_cuda(B, T, HK, H, K, V, cu, init, guard):
     actual = run_with_grads(chunk_gated_delta_rule, inputs, h0, cu_seqlens, place=guard.place)
     torch.cuda.synchronize()  # a faulting kernel fails this test, not a later one
     assert_all_close(actual, expected, BF16_TOL)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B, T, HK, H, K, V, cu", STRONG_GATE_CASES + [(2, 1000, 4, 8, 128, 128, None)])
+def test_triton_chunk_partial_chunk_strong_gates_cuda(B, T, HK, H, K, V, cu, dtype, guard):
+    _check_strong_gates(B, T, HK, H, K, V, cu, dtype, "cuda", place=guard.place)
+    torch.cuda.synchronize()
 
 
 @requires_cuda

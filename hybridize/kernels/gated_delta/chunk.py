@@ -64,6 +64,20 @@ def _masked_exp(b_d, m):
 
 
 @triton.jit
+def _chunk_gates(gc, bos, i_t, T, H: tl.constexpr, i_h, BT: tl.constexpr):
+    """The chunk's cumulative log decays [BT] and the value at its last token.
+
+    Rows past the sequence end read the last token's value, not 0: the decay factors exp(gc_i - gc_j), i >= j, stay
+    <= 1 for them too. A 0 there made exp(0 - gc_j) overflow to inf once a chunk decays by more than e^88, and inf
+    times the zero padding of q, k or do is NaN, which the next tl.dot spreads into the real rows.
+    """
+    i_end = tl.minimum(i_t * BT + BT, T) - 1
+    b_g = tl.load(gc + (bos + tl.minimum(i_t * BT + tl.arange(0, BT), i_end)) * H + i_h)
+    b_g_last = tl.load(gc + (bos + i_end) * H + i_h)
+    return b_g, b_g_last
+
+
+@triton.jit
 def _solve_unit_lower(b_A, BT: tl.constexpr):
     """(I + A)^{-1} of a strictly lower [BT, BT] tile, by doubling the inverted diagonal blocks.
 
@@ -126,6 +140,7 @@ def _wy_fwd_kernel(
     o_t = i_t * BT + o_i
     m_t = o_t < T
 
+    # g is 0 past the end, so the padded rows of the cumsum hold the last token's value (see _chunk_gates)
     b_g = tl.cumsum(tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
     tl.store(gc + (bos + o_t) * H + i_h, b_g, mask=m_t)
     b_b = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
@@ -166,7 +181,6 @@ def _state_fwd_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
     bos, T, boh = _sequence_of(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
-    o_i = tl.arange(0, BT)
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
@@ -185,9 +199,7 @@ def _state_fwd_kernel(
         b_v = tl.load(p_u, boundary_check=(0, 1), padding_option="zero").to(tl.float32) - tl.dot(b_w, b_h.to(b_w.dtype))
         tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), boundary_check=(0, 1))
 
-        o_t = i_t * BT + o_i
-        b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
-        b_g_last = tl.load(gc + (bos + tl.minimum(i_t * BT + BT, T) - 1) * H + i_h)
+        b_g, b_g_last = _chunk_gates(gc, bos, i_t, T, H, i_h, BT)
         p_kT = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (K, T), (1, HK * K), (0, i_t * BT), (BK, BT), (0, 1))
         b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")  # [BK, BT]
         b_v = (b_v * tl.exp(b_g_last - b_g)[:, None]).to(b_kT.dtype)
@@ -208,7 +220,6 @@ def _output_fwd_kernel(
     bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
-    o_t = i_t * BT + o_i
 
     p_q = tl.make_block_ptr(q + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
     p_kT = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (K, T), (1, HK * K), (0, i_t * BT), (BK, BT), (0, 1))
@@ -216,7 +227,7 @@ def _output_fwd_kernel(
     b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
     b_kT = tl.load(p_kT, boundary_check=(0, 1), padding_option="zero")
     b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
-    b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
+    b_g, _ = _chunk_gates(gc, bos, i_t, T, H, i_h, BT)
 
     # o = scale (exp(gc) q h + (q k^T * decay, causal) v_new)
     b_o = tl.dot(b_q, b_h) * tl.exp(b_g)[:, None]  # [BT, BV]
@@ -239,13 +250,12 @@ def _dv_local_kernel(
     bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
-    o_t = i_t * BT + o_i
 
     p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
     p_qT = tl.make_block_ptr(q + (bos * HK + i_hk) * K, (K, T), (1, HK * K), (0, i_t * BT), (BK, BT), (0, 1))
     b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
     b_qT = tl.load(p_qT, boundary_check=(0, 1), padding_option="zero")
-    b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
+    b_g, _ = _chunk_gates(gc, bos, i_t, T, H, i_h, BT)
     # The transposed intra-chunk attention: [j, i] = scale (q_i . k_j) exp(gc_i - gc_j) for i >= j
     b_sT = tl.dot(b_k, b_qT) * _masked_exp(b_g[None, :] - b_g[:, None], o_i[:, None] <= o_i[None, :]) * scale
     b_sT = b_sT.to(b_k.dtype)
@@ -269,7 +279,6 @@ def _state_bwd_kernel(
     i_hk = i_h // (H // HK)
     bos, T, boh = _sequence_of(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     NT = tl.cdiv(T, BT)
-    o_i = tl.arange(0, BT)
 
     # b_dh: gradient of the state at the end of the current chunk, walking the chunks backwards
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
@@ -281,9 +290,7 @@ def _state_bwd_kernel(
         p_dh = tl.make_block_ptr(dh + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
         tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), boundary_check=(0, 1))
 
-        o_t = i_t * BT + o_i
-        b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
-        b_g_last = tl.load(gc + (bos + tl.minimum(i_t * BT + BT, T) - 1) * H + i_h)
+        b_g, b_g_last = _chunk_gates(gc, bos, i_t, T, H, i_h, BT)
         p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
         p_dvl = tl.make_block_ptr(dv_local + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV),
                                   (1, 0))
@@ -353,9 +360,7 @@ def _dqkw_kernel(
     p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
     b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
     b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
-    b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
-    i_last = tl.minimum(i_t * BT + BT, T) - 1
-    b_g_last = tl.load(gc + (bos + i_last) * H + i_h)
+    b_g, b_g_last = _chunk_gates(gc, bos, i_t, T, H, i_h, BT)
 
     b_ds = (b_ds * _masked_exp(b_g[:, None] - b_g[None, :], o_i[:, None] >= o_i[None, :]) * scale).to(b_q.dtype)
     b_dq = b_dq * (tl.exp(b_g) * scale)[:, None] + tl.dot(b_ds, b_k)
@@ -364,7 +369,7 @@ def _dqkw_kernel(
     # gate gradient (per position of the cumulative sum): what every exp(gc) factor above received
     b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1) - tl.sum(b_k.to(tl.float32) * b_dk, 1)
     b_dg_last = tl.sum(b_hdh) * tl.exp(b_g_last) + tl.sum(b_k.to(tl.float32) * b_dk_state)
-    b_dg = tl.where(o_t == i_last, b_dg + b_dg_last, b_dg)
+    b_dg = tl.where(o_t == tl.minimum(i_t * BT + BT, T) - 1, b_dg + b_dg_last, b_dg)
 
     p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
     p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
@@ -392,7 +397,7 @@ def _wy_bwd_kernel(
     p_Ai = tl.make_block_ptr(Ai + (bos * H + i_h) * BT, (T, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
     b_Ai = tl.load(p_Ai, boundary_check=(0, 1), padding_option="zero")  # [BT, BT] fp32
     b_AiT = tl.trans(b_Ai).to(du.dtype.element_ty)
-    b_g = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0.0)
+    b_g, _ = _chunk_gates(gc, bos, i_t, T, H, i_h, BT)
     b_b = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
 
     # u = Ai (beta v)
