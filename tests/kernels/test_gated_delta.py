@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from helpers import assert_rel_rmse, rel_rmse, requires_cuda
+from helpers import assert_rel_rmse, requires_cuda
 
 from hybridize.kernels.gated_delta import chunk, chunk_gated_delta_rule, gated_delta_step, reference
 from hybridize.kernels.tuning import pinned
@@ -333,15 +333,31 @@ def _fp64_inverse(A):
     return torch.linalg.solve_triangular(eye + A.double(), eye.expand_as(A), upper=False)
 
 
+def _inverse_tolerance(A: torch.Tensor, eps: float) -> torch.Tensor:
+    """Relative-RMSE bound on a computed (I + A)^{-1} = X of a [BT, BT] unit lower triangular system in precision
+    eps: BT * eps * || |X| |I + A| |X| ||_F / ||X||_F.
+
+    Each entry of the inverse is formed by dot products of length < BT, rounded in eps, so it carries an error of
+    at most gamma_BT |X| |I + A| |X| (Higham, forward error of triangular inversion, componentwise); the ratio is
+    the componentwise (Skeel) condition number of the inverse. The normwise cond(I + A) would not do: at BT = 64 the
+    `keys` and `negative` matrices have cond ~1e17, yet their inverses are accurate to ~1e-7, because their error
+    follows the size of the entries. The bound holds for a substitution and for the block doubling alike (both form
+    every entry from dot products of entries of X and A), with no machine-dependent constant."""
+    T, X = torch.eye(A.shape[-1], dtype=torch.float64) + A.double(), _fp64_inverse(A)
+    growth = (X.abs() @ T.abs() @ X.abs()).norm(dim=(-2, -1)) / X.norm(dim=(-2, -1))
+    return A.shape[-1] * eps * growth
+
+
 @pytest.mark.parametrize("BT", [16, 32, 64])
 @pytest.mark.parametrize("kind", ["layer", "correlated", "keys", "negative"])
 def test_solve_unit_lower_matches_fp64(kind, BT):
-    """In fp32 (interpreted: exact fp32 matmuls) the block doubling is as accurate as a row-by-row substitution
-    (`reference.unit_lower_inverse` in fp32), also where the inverse's entries span many orders of magnitude."""
+    """In fp32 (interpreted: exact fp32 matmuls) the block doubling is as accurate as a triangular inversion can be
+    (`_inverse_tolerance`), also where the inverse's entries span many orders of magnitude."""
     A = _strictly_lower(kind, 8, BT)
-    Ai, substituted, expected = _solve(A), reference.unit_lower_inverse(A), _fp64_inverse(A)
+    Ai, expected, tols = _solve(A), _fp64_inverse(A), _inverse_tolerance(A, 2.0**-24)
+    assert tols.max() < 1e-2, "the bound must stay far below an O(1) error, or the test could not fail"
     for i in range(A.shape[0]):
-        assert_rel_rmse(Ai[i], expected[i], 4 * rel_rmse(substituted[i], expected[i]) + 1e-7, f"matrix {i}")
+        assert_rel_rmse(Ai[i], expected[i], tols[i].item(), f"matrix {i}")
 
 
 def _step_inputs(B, HK, H, K, V, seed):
