@@ -6,7 +6,7 @@ The Triton tests run interpreted on CPU with small, awkward shapes; the @require
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_rel_rmse, requires_cuda
+from helpers import assert_rel_rmse, rel_rmse, requires_cuda
 
 from hybridize.kernels.ssd import chunk_ssd, recurrent_ssd, reference, ssd_step
 
@@ -160,6 +160,69 @@ def test_triton_half_precision():
     actual = run(chunk_ssd, q, k, v, g, h0, backend="triton")
     assert actual["o"].dtype == torch.float16 and actual["ht"].dtype == torch.float32
     assert_all_close(actual, expected, {name: 1e-3 for name in ("o", "ht", *GRADS)})
+
+
+# 2b. The Mamba2 mapping, against the minimal discrete SSD of the Mamba2 paper written from its equations.
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """a [..., T] -> [..., T, T] with [i, j] = a_{j+1} + ... + a_i for i >= j (0 on the diagonal), -inf above it.
+
+    Summed along the masked rows rather than as a difference of two cumulative sums, which would cancel."""
+    T = a.shape[-1]
+    x = a[..., None, :].expand(*a.shape, T).transpose(-1, -2)  # [..., i, r] = a_i
+    x = x.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(-1), 0.0)  # keep r < i: [..., i, r] = a_i
+    s = x.cumsum(-2)  # [..., i, r] = a_{r+1} + ... + a_i for i > r
+    return s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+
+
+def _minimal_discrete_ssd(x, dt, A, B, C, D, chunk: int = 16):
+    """Mamba2's discrete SSM h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = C_t^T h_t + D x_t, computed the way
+    the paper's minimal SSD does (state-space duality, block decomposition with segsums): x [b, T, H, P], dt [b, T, H],
+    A [H], B, C [b, T, G, N], D [H]. Returns y and the final state [b, H, N, P]. fp32."""
+    b, T, H, P = x.shape
+    pad = -T % chunk
+    rep = H // B.shape[2]
+    X = F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad))  # [b, L, H, P]
+    Ad = F.pad(A * dt, (0, 0, 0, pad))  # [b, L, H]; padding decays nothing and writes nothing
+    Bh, Ch = (F.pad(m.repeat_interleave(rep, 2), (0, 0, 0, 0, 0, pad)) for m in (B, C))  # [b, L, H, N]
+    n = X.shape[1] // chunk
+    X, Ad, Bh, Ch = (m.reshape(b, n, chunk, *m.shape[2:]) for m in (X, Ad, Bh, Ch))
+    Ad = Ad.permute(0, 3, 1, 2)  # [b, H, n, l]
+    Acs = Ad.cumsum(-1)
+    # diagonal blocks: y_i = sum_{j <= i} exp(segsum)_ij (C_i . B_j) X_j
+    Y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Ch, Bh, _segsum(Ad).exp(), X)
+    # the state each chunk leaves, then the states entering every chunk, by the segsum over chunk totals
+    states = torch.einsum("bclhn,bhcl,bclhp->bchnp", Bh, (Acs[..., -1:] - Acs).exp(), X)
+    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)  # [b, n + 1, H, N, P]
+    decay = _segsum(F.pad(Acs[..., -1], (1, 0))).exp()  # [b, H, n + 1, n + 1]
+    states = torch.einsum("bhzc,bchnp->bzhnp", decay, states)
+    Y = Y + torch.einsum("bclhn,bchnp,bhcl->bclhp", Ch, states[:, :-1], Acs.exp())
+    y = Y.reshape(b, n * chunk, H, P)[:, :T] + D[:, None] * x
+    return y, states[:, -1]
+
+
+@pytest.mark.parametrize("T", [75, 130])
+def test_mamba2_mapping_matches_minimal_discrete_ssd(T):
+    """q = C, k = B, v = x * dt, g = A * dt and scale = 1, plus the D skip: the documented mapping (README) gives the
+    minimal discrete SSD of fp16 inputs within fp16 rounding. The op's default scale N^-1/2 is not Mamba2's."""
+    gen = torch.Generator().manual_seed(3)
+    b, G, H, N, P = 2, 2, 4, 16, 32
+    x = torch.randn(b, T, H, P, generator=gen).half().float()
+    B, C = (torch.randn(b, T, G, N, generator=gen).half().float() for _ in range(2))
+    dt = F.softplus(torch.randn(b, T, H, generator=gen) - 1.0)
+    A, D = -torch.exp(torch.randn(H, generator=gen)), torch.randn(H, generator=gen)
+    y_ref, state_ref = _minimal_discrete_ssd(x, dt, A, B, C, D)
+    # the chunked minimal form is the token recurrence (fp32, no rounding in between)
+    y_loop, state_loop = recurrent_ssd(C, B, x * dt[..., None], A * dt, scale=1.0, output_final_state=True)
+    assert_rel_rmse(y_loop + D[:, None] * x, y_ref, 1e-5, "minimal form vs loop")
+    assert_rel_rmse(state_loop, state_ref, 1e-5, "minimal form vs loop, state")
+
+    v = (x * dt[..., None]).half()
+    y, state = chunk_ssd(C.half(), B.half(), v, A * dt, scale=1.0, output_final_state=True, backend="triton")
+    # v's own fp16 rounding and the kernels' fp16 intermediates: a few roundings of 2^-11 each
+    assert_rel_rmse(y.float() + D[:, None] * x, y_ref, 4 * 2.0**-11, "y")
+    assert_rel_rmse(state, state_ref, 4 * 2.0**-11, "state")
+    y_default, _ = chunk_ssd(C.half(), B.half(), v, A * dt, backend="triton")
+    assert rel_rmse(y_default.float() + D[:, None] * x, y_ref) > 0.1, "the default scale must not pass for Mamba2's"
 
 
 # 3. Decode step.
