@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from hybridize.cli import main
 from hybridize.corpus import documents
+from hybridize.distill.export import load_student
 from hybridize.dtypes import stored_dtype
 from hybridize.model.modeling_hybrid import FP32_PARAMETERS
 from hybridize.teacher import teacher_folder
@@ -154,6 +155,16 @@ def test_eval_and_bench_run_in_the_stored_dtype(teacher, hybrid, tmp_path):
     assert main(["bench", str(hybrid), "--teacher", str(folder), "--dtype", name, "--out", str(bench_out),
                  "--contexts", "32", "--batch-sizes", "1", "--new-tokens", "4", "--repeats", "1"]) == 0
     assert json.loads((bench_out / "bench.json").read_text())["dtype"] == name
+
+
+def test_analyze_scores_the_teacher_and_training_loads_fp32_master_weights(teacher, hybrid, tmp_path):
+    folder, _ = teacher
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(folder), "--budget", "1", "--fast", "--seq-len", "640", "--eval-blocks", "1",
+                 "--out", str(out)]) == 0
+    assert len(json.loads((out / "plan.json").read_text())["layer_types"]) == 4
+    student = load_student(hybrid)  # what each distillation stage trains: fp32, whatever the folder stores
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
 
 
 def test_the_shipped_1b_recipe_runs_on_the_teacher_in_smoke_mode(teacher, tmp_path):
