@@ -3,12 +3,21 @@
 # Hub's): build the teacher, `hybridize convert` it (peak RSS and wall), and per stage name:
 #   pipeline SHAPE RECIPE  the shipped recipe, shortened: convert -> stage 1 -> stage 2 -> eval -> bench -> push --dry-run
 #   kd SHAPE PLAN MB CKPT  KD-stage tokens/s and peak GPU memory at micro batch MB, gradient checkpointing CKPT (true/false)
+#   convert SHAPE PLAN NAME  conversion alone
 # Usage: bash scripts/gpu/real_shapes.sh STAGE ARGS...   (several stages: separate them with `--`)
-# Needs a tokenizer folder in $TOKENIZER (default .device/tokenizer) and the wheels of scripts/gpu/env.sh.
-source scripts/gpu/env.sh
-tokenizer=${TOKENIZER:-.device/tokenizer}
-root=${ROOT:-/root/shapes}
-mkdir -p "$root"
+# Runs on any CUDA machine with hybridize installed (pip install -e .). Disk: the 8B shape needs about 80 GB.
+# TOKENIZER: a local tokenizer folder (default: the embedded teacher's); ROOT: where teachers and runs go
+# (default runs/real-shapes); OUT: where logs and summary.jsonl go (default ROOT/logs).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+root=${ROOT:-runs/real-shapes}
+OUT=${OUT:-$root/logs}
+mkdir -p "$root" "$OUT"
+tokenizer=${TOKENIZER:-$(python3 -c "from hybridize.teacher import teacher_folder; print(teacher_folder(None))")}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/versions.txt"
+python3 -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'triton',
+ triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" \
+  | tee -a "$OUT/versions.txt"
 [ -f "$root/docs.jsonl" ] || python3 scripts/real_shapes.py text --out "$root/docs.jsonl"
 summary="$OUT/summary.jsonl"
 
@@ -21,7 +30,7 @@ convert() {  # convert SHAPE PLAN NAME -> $root/NAME, with its peak RSS and wall
   teacher "$1"
   [ -f "$root/$3/config.json" ] && return
   local started=$SECONDS
-  python3 -m hybridize.cli convert "$root/$1" --plan "$2" --out "$root/$3" 2>&1 | grep -v Warn | tail -8 \
+  python3 -m hybridize convert "$root/$1" --plan "$2" --out "$root/$3" 2>&1 | grep -v Warn | tail -8 \
     | tee -a "$OUT/convert.log"
   echo "{\"convert\": \"$3\", \"plan\": \"$2\", \"wall_s\": $((SECONDS - started)), \"log\": \"$(grep -o 'peak RSS [0-9.]* GiB' \
     "$OUT/convert.log" | tail -1)\"}" | tee -a "$summary"
@@ -33,7 +42,7 @@ pipeline() {  # pipeline SHAPE RECIPE: the recipe at 10 stage-1 and 4 stage-2 st
   local shape=$1 recipe=$2 name; name=$1-$(basename "$2" .yaml)
   teacher "$shape"
   local run=$root/runs/$name started=$SECONDS
-  python3 -m hybridize.cli distill "$recipe" --out "$run" --set "teacher=$root/$shape" \
+  python3 -m hybridize distill "$recipe" --out "$run" --set "teacher=$root/$shape" \
     --set "data.source=$root/docs.jsonl" --set data.subset=null --set data.max_documents=null \
     --set stages.0.tokens=655360 --set stages.1.tokens=1048576 --set logging.eval_sequences=8 2>&1 | quiet \
     | tail -30 | tee -a "$OUT/$name.log"
@@ -48,9 +57,9 @@ for stage in sorted({r["stage"] for r in rows}):
                           "peak_memory_gib": max(r.get("peak_memory_gib", 0) for r in train)}))
 PY
   started=$SECONDS
-  python3 -m hybridize.cli eval "$run/final" --small --out "$run/eval" 2>&1 | quiet | tail -16 | tee -a "$OUT/$name.log"
-  python3 -m hybridize.cli bench "$run/final" --small --out "$run/bench" 2>&1 | quiet | tail -12 | tee -a "$OUT/$name.log"
-  python3 -m hybridize.cli push "$run/final" my-org/$name --dry-run "$run/push" 2>&1 | tail -3 | tee -a "$OUT/$name.log"
+  python3 -m hybridize eval "$run/final" --small --out "$run/eval" 2>&1 | quiet | tail -16 | tee -a "$OUT/$name.log"
+  python3 -m hybridize bench "$run/final" --small --out "$run/bench" 2>&1 | quiet | tail -12 | tee -a "$OUT/$name.log"
+  python3 -m hybridize push "$run/final" my-org/$name --dry-run "$run/push" 2>&1 | tail -3 | tee -a "$OUT/$name.log"
   echo "{\"pipeline\": \"$name\", \"eval_bench_push_wall_s\": $((SECONDS - started)), \"pushed_files\": $(ls "$run/push" | wc -l)}" \
     | tee -a "$summary"
 }

@@ -168,16 +168,17 @@ def test_analyze_scores_the_teacher_and_training_loads_fp32_master_weights(teach
 
 
 def test_the_shipped_1b_recipe_runs_on_the_teacher_in_smoke_mode(teacher, tmp_path):
-    """recipes/llama3.2-1b/gdn.yaml, pointed at this teacher and local text: convert, stage 1, stage 2, export."""
+    """recipes/llama3.2-1b/gdn.yaml, pointed at this teacher, every layer type and local text: convert, 2 steps of
+    stage 1, 2 of stage 2, export."""
     folder, dtype = teacher
     text = tmp_path / "docs.jsonl"
     picked = list(documents("code", "train")[:12]) + list(documents("prose", "train")[:12])
     text.write_text("".join(json.dumps({"text": t}) + "\n" for t in picked))
     out = tmp_path / "run"
-    overrides = [f"teacher={folder}", "plan=uniform:1:gated_deltanet", f"data.source={text}", "data.subset=null",
+    overrides = [f"teacher={folder}", "plan=h2:1", f"data.source={text}", "data.subset=null",
                  "data.num_proc=1", "stages.0.seq_len=32", "stages.1.seq_len=32", "stages.1.kl_chunk_tokens=16"]
     command = [sys.executable, "-m", "hybridize.distill", str(REPO / "recipes" / "llama3.2-1b" / "gdn.yaml"),
-               "--smoke", "--max-steps", "1", "--output-dir", str(out)]
+               "--smoke", "--max-steps", "2", "--out", str(out)]
     for assignment in overrides:
         command += ["--set", assignment]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -185,7 +186,9 @@ def test_the_shipped_1b_recipe_runs_on_the_teacher_in_smoke_mode(teacher, tmp_pa
     final = out / "final"
     assert stored_dtype(final) == dtype  # the hybrid leaves training in the dtype its teacher was stored in
     model = AutoModelForCausalLM.from_pretrained(final)
-    assert model.config.layer_types.count("gated_deltanet") == 3
+    assert model.config.layer_types == ["mamba2", "gated_deltanet", "full_attention", "sliding_attention"]
+    steps = [stage["steps_done"] for stage in json.loads((final / "distill.json").read_text())["stages"]]
+    assert steps == [2, 2]
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]]), use_cache=False).logits).all()
 
