@@ -1,6 +1,7 @@
 """Distillation fails safe: divergence never exports a model and names a good checkpoint; a second run into a busy
 folder, a full disk, torn metrics and killed writers are handled; bad input leaves nothing behind."""
 
+import errno
 import json
 import signal
 import subprocess
@@ -138,10 +139,15 @@ def test_partials_left_by_killed_writers_are_removed_on_resume(tmp_path, tiny_mo
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 20 MB file system (tmpfs), where the tiny KD stage's first checkpoint fits and its second does not."""
+    """A real 20 MB file system (tmpfs), where the tiny KD stage's first checkpoint fits and its second does not.
+
+    Mounting needs root; elsewhere test_a_simulated_full_disk_is_one_line covers the same path with an injected
+    ENOSPC."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], check=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     yield mount
     subprocess.run(["umount", "--lazy", str(mount)], check=True)  # the in-process run may still hold a file there
 
@@ -166,6 +172,32 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_resumable(tmp_pat
     subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
     assert distill_main([str(recipe), "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out and (out / "final" / "config.json").exists()
+
+
+def test_a_simulated_full_disk_is_one_line(tmp_path, tiny_models, text_file, monkeypatch, capsys):
+    """The second checkpoint's write fails with ENOSPC: one line naming the first, which a resume continues from."""
+    from accelerate import Accelerator
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", one_stage(tiny_models, text_file, out, steps=4))
+    save_state, calls = Accelerator.save_state, []
+
+    def failing_save_state(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", failing_save_state)
+    assert distill_main([str(recipe)]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    first = out / "checkpoints" / "0-kd" / "step-00000001"
+    assert line.startswith("hybridize distill: error: the disk is full (")
+    assert line.endswith(f"training stopped, the last good checkpoint is {first} (--resume continues from it)")
+    assert sorted(p.name for p in first.parent.iterdir()) == ["step-00000001"]
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    assert distill_main([str(recipe), "--resume"]) == 0
+    assert (out / "final" / "config.json").exists()
 
 
 @pytest.mark.parametrize("change, message", [
