@@ -1,4 +1,5 @@
-"""Training text: documents from the offline corpus, local files or the Hub, tokenized, packed and ordered by seed.
+"""Training text: documents from the offline corpus, the installed library, local files or the Hub, tokenized,
+packed and ordered by seed.
 
 Order of work: load documents -> shuffle them by seed -> cap at max_documents -> split off the held-out
 documents (before packing, so no document is in both sets) -> tokenize once (eos after each document) ->
@@ -15,7 +16,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from .. import corpus
+from .. import corpus, library
 from ..errors import UserError
 from ..teacher import hub_reachable
 from .recipe import DataConfig
@@ -40,7 +41,8 @@ def load_documents(config: DataConfig, tokenizer, seed: int) -> Documents:
     if config.text_field not in dataset.column_names:
         raise UserError(f"data.text_field: column {config.text_field!r} is not in {config.source} "
                         f"(columns: {', '.join(dataset.column_names)})")
-    dataset = dataset.select_columns([config.text_field])
+    # A source whose documents come in parts (the library) keeps the column, for the token count of each part.
+    dataset = dataset.select_columns([config.text_field] + (["part"] if "part" in dataset.column_names else []))
     if config.text_field != "text":
         dataset = dataset.rename_column(config.text_field, "text")
     dataset = dataset.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True,
@@ -66,6 +68,8 @@ def load_documents(config: DataConfig, tokenizer, seed: int) -> Documents:
     held_out = tokenized.select(list(range(count - held, count)))  # a list: select() rejects an empty range at the end
     record = {**record, "documents": {"train": len(train), "held_out": len(held_out)},
               "tokens": {"train": _count(train), "held_out": _count(held_out)}}
+    if "part" in tokenized.column_names:
+        record["tokens_by_part"] = _count_by_part(tokenized)
     return Documents(train=train, held_out=held_out, record=record)
 
 
@@ -78,8 +82,19 @@ def _count(tokenized: datasets.Dataset) -> int:
     return int(sum(tokenized["num_tokens"])) if len(tokenized) else 0
 
 
+def _count_by_part(tokenized: datasets.Dataset) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for part, tokens in zip(tokenized["part"], tokenized["num_tokens"]):
+        counts[part] = counts.get(part, 0) + tokens
+    return dict(sorted(counts.items()))
+
+
 def _read_source(config: DataConfig) -> tuple[datasets.Dataset, dict]:
     source = config.source
+    if source == "library":
+        documents, record = library.read_library(config.roots, config.domains)
+        texts = {"text": [d.text for d in documents], "part": [d.part for d in documents]}
+        return datasets.Dataset.from_dict(texts), record
     if source == "corpus":
         texts = [text for domain in config.domains for text in corpus.documents(domain, "train")]
         record = {"source": "corpus", "domains": list(config.domains), "split": "train",

@@ -18,6 +18,7 @@ import yaml
 
 from ..corpus import DOMAINS
 from ..errors import UserError
+from ..library import DEFAULT_ROOTS
 from ..model.configuration_hybrid import LAYER_TYPES
 
 
@@ -54,11 +55,14 @@ def _check_at_most(value: int, limit: int, key: str) -> None:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where the text comes from. `source`: "corpus" (the packaged offline corpus), a local .txt / .jsonl /
-    .json / .parquet file or a folder of them, or a Hub dataset id (needs network)."""
+    """Where the text comes from. `source`: "corpus" (the packaged offline corpus), "library" (the installed
+    packages' sources and documentation, with prose; hybridize.library), a local .txt / .jsonl / .json / .parquet
+    file or a folder of them, or a Hub dataset id (needs network)."""
 
     source: str = "corpus"
-    domains: list[str] = field(default_factory=lambda: list(DOMAINS))  # corpus only
+    domains: list[str] = field(default_factory=lambda: list(DOMAINS))  # corpus domains, or library parts
+    # library only: "stdlib", "site-packages" or folders
+    roots: list[str] = field(default_factory=lambda: list(DEFAULT_ROOTS))
     subset: str | None = None  # Hub dataset configuration name
     split: str = "train"  # Hub dataset split
     text_field: str = "text"
@@ -69,6 +73,7 @@ class DataConfig:
     def check(self) -> None:
         for i, domain in enumerate(self.domains):
             _require(domain in DOMAINS, f"domains[{i}]", f"allowed values: {', '.join(DOMAINS)}; got {domain!r}")
+        _require(len(self.roots) > 0, "roots", "name at least one of: stdlib, site-packages, a folder")
         _require(self.max_documents is None or self.max_documents >= 2, "max_documents", "must be >= 2")
         _require(0 <= self.held_out_fraction < 1, "held_out_fraction", "must be in [0, 1)")
         _require(self.num_proc is None or self.num_proc >= 1, "num_proc", "must be >= 1")
@@ -381,21 +386,28 @@ def _is_plan_file(plan) -> bool:
 def resolve_relative_paths(raw: dict, folder: Path) -> None:
     """Make the file's relative input paths relative to its `folder` (in place, before any --set override).
 
-    `init` and a plan file are always paths. `teacher` and `data.source` may also be an alias, a Hub id or
-    "corpus": they are taken as paths only when something exists at that place next to the recipe.
+    `init` and a plan file are always paths. `teacher`, `data.source` and each of `data.roots` may also be an
+    alias, a Hub id, "corpus" or "stdlib": they are taken as paths only when something exists at that place next
+    to the recipe.
     """
     def anchored(value):
         return str(folder / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value
+
+    def anchored_if_present(value):
+        return anchored(value) if isinstance(value, str) and Path(anchored(value)).exists() else value
 
     if "init" in raw:
         raw["init"] = anchored(raw["init"])
     if _is_plan_file(raw.get("plan")):
         raw["plan"] = anchored(raw["plan"])
-    if isinstance(raw.get("teacher"), str) and Path(anchored(raw["teacher"])).exists():
-        raw["teacher"] = anchored(raw["teacher"])
+    if "teacher" in raw:
+        raw["teacher"] = anchored_if_present(raw["teacher"])
     data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("source"), str) and Path(anchored(data["source"])).exists():
-        data["source"] = anchored(data["source"])
+    if isinstance(data, dict):
+        if "source" in data:
+            data["source"] = anchored_if_present(data["source"])
+        if isinstance(data.get("roots"), list):
+            data["roots"] = [root if root in DEFAULT_ROOTS else anchored_if_present(root) for root in data["roots"]]
 
 
 def read_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
