@@ -118,3 +118,22 @@ def plot_loss_curve(rows: list[dict], path: Path) -> None:
     figure.savefig(staging, dpi=110)
     plt.close(figure)
     os.replace(staging, path)
+
+
+GAP_TRAIN_STEPS = 10  # train steps averaged: one step's loss is too noisy to compare with a held-out mean
+
+
+def held_out_gap(rows: list[dict]) -> dict | None:
+    """Held-out minus train at a stage's end, on the KL where the stage reports one (KD), else on the loss.
+
+    The train side is the mean of the last GAP_TRAIN_STEPS steps, the held-out side the last evaluation (the one
+    run at the stage's end); a gap that grows over a run means the data is being memorized. None without both.
+    """
+    train = [r for r in rows if r["split"] == "train"][-GAP_TRAIN_STEPS:]
+    evals = [r for r in rows if r["split"] == "eval"]
+    if not train or not evals:
+        return None
+    metric = "kl" if all("kl" in r for r in train) and "kl" in evals[-1] else "loss"
+    train_mean = sum(r[metric] for r in train) / len(train)
+    return {"metric": metric, "train_last_steps": train_mean, "train_steps": len(train),
+            "held_out_end": evals[-1][metric], "gap": evals[-1][metric] - train_mean}

@@ -46,7 +46,7 @@ from .recipe import KDStage, Recipe, Stage, recipe_to_dict
 from .run_lock import RunLock, holds_run_files, remove_stale_partials
 from .stages import build_distiller, parameter_groups, prepare_student
 from .tracking import (
-    MetricsLog, flat_config, missing_tracker_warning, plot_loss_curve, progress_bar, usable_trackers,
+    MetricsLog, flat_config, held_out_gap, missing_tracker_warning, plot_loss_curve, progress_bar, usable_trackers,
 )
 
 # What a resumed run may change: where and how it reports, and (say after a NaN) its learning-rate schedule.
@@ -584,6 +584,7 @@ class StageRun:
             "train_loss_last": train[-1]["loss"] if train else None,
             "eval_first": evals[0] if evals else None,
             "eval_last": evals[-1] if len(evals) > 1 else None,
+            "held_out_gap": held_out_gap(rows),
             "tokens_per_s_median": statistics.median(speeds) if speeds else None,
             "peak_memory_gib": max((r["peak_memory_gib"] for r in train if "peak_memory_gib" in r), default=None),
         }
