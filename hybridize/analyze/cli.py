@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="choose from the scores of an earlier analysis (its plan.json) instead of scoring: "
                              "seconds, for another budget or other constraints; the teacher and mode come from it")
     parser.add_argument("--fast", action="store_true",
-                        help="rank layers by attention-map proxies only: no fitting, seconds on a CPU")
+                        help="rank layers by attention-map proxies only, no fitting: 5 minutes for a 135M model on "
+                             "2 busy CPU cores at the default --seq-len (docs/analyze.md, Measured)")
     parser.add_argument("--mixers", default=None,
                         help=f"comma-separated mixers a replaced layer may get (default: {','.join(CANDIDATE_MIXERS)}; "
                              "with --scores, those the earlier run scored)")

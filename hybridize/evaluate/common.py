@@ -12,9 +12,10 @@ from ..errors import UserError
 from ..teacher import DEFAULT_TEACHER, _fill_special_tokens, load_teacher, recorded_teacher_path
 
 NO_TEACHER = "none"
-# How long --small takes for the 135M embedded teacher and its hybrid on 2 busy CPU cores (README, Measured).
-SMALL_TIMES = {"eval": "about 1 minute for a 135M model on 2 CPU cores",
-               "bench": "about 1 minute for a 135M model on 2 CPU cores"}
+# --small with the 135M embedded teacher and its hybrid, measured on 2 CPU cores that other jobs kept busy (load
+# average 4-5); on idle cores the same work runs many times faster (README, "Times on a CPU").
+SMALL_TIMES = {"eval": "9 minutes for a 135M model on 2 busy CPU cores",
+               "bench": "5 minutes for a 135M model on 2 busy CPU cores"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -76,9 +76,10 @@ def continuation_agreement(student_tokens: torch.LongTensor, teacher_tokens: tor
     return int((prefix == same.shape[1]).sum()), int(prefix.sum())
 
 
-def domain_quality(student, teacher, tokenizer, domain: str, settings: QualitySettings) -> dict:
-    """Every quality number for one held-out domain."""
+def domain_quality(student, teacher, tokenizer, domain: str, settings: QualitySettings, log=print) -> dict:
+    """Every quality number for one held-out domain; `log` gets a line as each step starts (CPU steps take minutes)."""
     blocks = token_blocks(tokenizer, domain, "heldout", settings.seq_len, settings.blocks_per_domain)
+    log(f"quality {domain}: next-token statistics on {blocks.shape[0]} x {blocks.shape[1]} tokens")
     sums = logit_stats(student, teacher, blocks, settings.batch_size)
     result = {"tokens": sums["predicted"], "student_ppl": _ppl(sums["student_nll"], sums["predicted"]), "sums": sums}
     if teacher is None:
@@ -86,6 +87,8 @@ def domain_quality(student, teacher, tokenizer, domain: str, settings: QualitySe
     # Prompts are short blocks of their own: cutting them from the long blocks would need 16 x 2048 held-out tokens.
     prompts = token_blocks(tokenizer, domain, "heldout", settings.greedy_prompt_len, settings.greedy_prompts)
     pad = tokenizer.pad_token_id
+    log(f"quality {domain}: greedy continuations, {len(prompts)} x {settings.greedy_new_tokens} tokens, hybrid then "
+        "teacher")
     s_cont = greedy_continuations(student, prompts, settings.greedy_new_tokens, settings.batch_size, pad)
     t_cont = greedy_continuations(teacher, prompts, settings.greedy_new_tokens, settings.batch_size, pad)
     exact, prefix = continuation_agreement(s_cont, t_cont)
@@ -108,9 +111,9 @@ def _agreement(sums: dict) -> dict:
     }
 
 
-def run_quality(student, teacher, tokenizer, settings: QualitySettings) -> dict:
+def run_quality(student, teacher, tokenizer, settings: QualitySettings, log=print) -> dict:
     """{"settings", "domains": {domain: numbers}, "all": numbers pooled over every domain's tokens}."""
-    domains = {d: domain_quality(student, teacher, tokenizer, d, settings) for d in settings.domains}
+    domains = {d: domain_quality(student, teacher, tokenizer, d, settings, log) for d in settings.domains}
     pooled = {key: sum(r["sums"].get(key, 0) for r in domains.values()) for key in domains[settings.domains[0]]["sums"]}
     overall = {"tokens": pooled["predicted"], "student_ppl": _ppl(pooled["student_nll"], pooled["predicted"])}
     if teacher is not None:
@@ -132,8 +135,8 @@ def quality_table(results: dict) -> str:
     return format_table(header, rows)
 
 
-def compare(student, teacher, tokenizer, *, small: bool = True, settings: QualitySettings | None = None):
+def compare(student, teacher, tokenizer, *, small: bool = True, settings: QualitySettings | None = None, log=print):
     """(results dict, printable table) for the student against the teacher (None: the student alone)."""
     settings = settings or (QualitySettings.small() if small else QualitySettings())
-    results = run_quality(student, teacher, tokenizer, settings)
+    results = run_quality(student, teacher, tokenizer, settings, log)
     return results, quality_table(results)

@@ -46,6 +46,9 @@ class RecallSettings:
                    mqar_samples=2)
 
 
+MODEL_NAMES = {"student": "hybrid", "teacher": "teacher"}  # how progress lines name the two models
+
+
 def default_lengths(limit: int, shortest: int = 1024) -> tuple[int, ...]:
     """Powers of two from `shortest` while below `limit`, then `limit` itself."""
     lengths, length = [], shortest
@@ -120,7 +123,7 @@ def _answers(model, prompts: list[list[int]], tokenizer, settings: RecallSetting
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
-def run_passkey(models: dict, tokenizer, settings: RecallSettings, limit: int) -> dict:
+def run_passkey(models: dict, tokenizer, settings: RecallSettings, limit: int, log=print) -> dict:
     """{"lengths", "depths", "<model>": accuracy grid [depth][length], "<model>_mean"} for each named model."""
     lengths = settings.lengths or default_lengths(limit)
     haystack = Haystack(tokenizer, max(lengths))
@@ -130,6 +133,7 @@ def run_passkey(models: dict, tokenizer, settings: RecallSettings, limit: int) -
         cells = [(i, *passkey_prompt(tokenizer, haystack, length, depth, rng))
                  for i, depth in enumerate(settings.depths) for _ in range(settings.trials)]
         for name, model in models.items():
+            log(f"passkey @{length}: {len(cells)} prompts, {MODEL_NAMES[name]}")
             answers = _answers(model, [prompt for _, prompt, _ in cells], tokenizer, settings)
             for (i, _, number), answer in zip(cells, answers):
                 grids[name][i][j] += passkey_found(answer, number) / settings.trials
@@ -171,7 +175,7 @@ def mqar_sample(tokenizer, words: list[str], pairs: int, rng: random.Random) -> 
 
 
 @torch.no_grad()
-def run_mqar(models: dict, tokenizer, settings: RecallSettings) -> dict:
+def run_mqar(models: dict, tokenizer, settings: RecallSettings, log=print) -> dict:
     """{"pairs": [...], "<model>": accuracy per pair count, "<model>_mean"} for each named model."""
     words = single_token_words(tokenizer, 2 * max(settings.mqar_pairs))
     result: dict = {"pairs": list(settings.mqar_pairs), "samples": settings.mqar_samples}
@@ -183,6 +187,7 @@ def run_mqar(models: dict, tokenizer, settings: RecallSettings) -> dict:
         ids = torch.tensor([s[0] for s in samples])  # [S, T]: every sample of one pair count has the same length
         where = torch.tensor([s[1] for s in samples])  # [S, pairs]
         targets = ids.gather(1, where + 1)
+        log(f"MQAR {pairs} pairs: {len(samples)} samples, {' then '.join(MODEL_NAMES[n] for n in models)}")
         for name, model in models.items():
             device = next(model.parameters()).device
             hits = 0
@@ -196,12 +201,12 @@ def run_mqar(models: dict, tokenizer, settings: RecallSettings) -> dict:
     return result
 
 
-def run_recall(student, teacher, tokenizer, settings: RecallSettings) -> dict:
+def run_recall(student, teacher, tokenizer, settings: RecallSettings, log=print) -> dict:
     """Passkey and MQAR for the student and (when given) the teacher, with the student's share of the teacher's."""
     models = {"student": student} | ({"teacher": teacher} if teacher is not None else {})
     limit = (teacher if teacher is not None else student).config.max_position_embeddings
-    result = {"settings": asdict(settings), "passkey": run_passkey(models, tokenizer, settings, limit),
-              "mqar": run_mqar(models, tokenizer, settings)}
+    result = {"settings": asdict(settings), "passkey": run_passkey(models, tokenizer, settings, limit, log),
+              "mqar": run_mqar(models, tokenizer, settings, log)}
     if teacher is not None:
         for test in ("passkey", "mqar"):
             part = result[test]
