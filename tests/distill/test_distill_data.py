@@ -140,3 +140,21 @@ def test_a_sequence_length_the_data_cannot_fill_is_one_line(jsonl, tokenizer):
     assert "\n" not in message and f"({tokens} tokens) fills 2 sequences of seq_len {tokens // 2}" in message
     data = stage_data(docs, "kd", seq_len=16, global_batch=4, seed=0)
     assert data.train[0]["input_ids"].shape == (16,) and torch.is_tensor(data.train_batch(0, 0, 2, 4, 0, 1))
+
+
+def test_library_source_counts_the_tokens_of_each_part(tmp_path, tokenizer):
+    root = tmp_path / "root"
+    root.mkdir()
+    code = "def scale(value):\n    return value * 2  # twice\n" * 20
+    docs = "This guide says what the package computes and why it does so. " * 12
+    (root / "scale.py").write_text(code)
+    (root / "guide.md").write_text(docs)
+    config = DataConfig(source="library", roots=[str(root)], domains=["code", "docs"], held_out_fraction=0.0)
+    loaded = load_documents(config, tokenizer, seed=0)
+    expected = {name: len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+                for name, text in (("code", code), ("docs", docs))}
+    assert loaded.record["tokens_by_part"] == expected
+    assert loaded.record["tokens"]["train"] == sum(expected.values())
+    assert loaded.record["source"] == "library" and loaded.record["parts"]["code"]["documents"] == 1
+    again = load_documents(config, tokenizer, seed=0)
+    assert list(again.train["input_ids"]) == list(loaded.train["input_ids"])  # same order and content

@@ -11,6 +11,7 @@ from hybridize.convert.plan import resolve_plan
 from hybridize.distill.recipe import (
     AttentionOutputStage, KDStage, apply_override, load_recipe, parse_recipe, read_recipe, smoke_overrides,
 )
+from hybridize.distill.tracking import GAP_TRAIN_STEPS, held_out_gap
 from hybridize.errors import UserError
 
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*/*.yaml") if p.parent.name != "accelerate")
@@ -232,3 +233,37 @@ def test_smoke_runs_get_their_own_folder_and_out_is_the_flag():
     assert build_recipe(parser.parse_args([path, "--smoke"])).output_dir == "runs/llama3.2-1b-gdn-smoke"
     assert build_recipe(parser.parse_args([path, "--smoke", "--out", "o"])).output_dir == "o"
     assert build_recipe(parser.parse_args([path, "--output-dir", "o2"])).output_dir == "o2"
+
+
+def test_library_roots_are_read_against_the_recipe_folder(tmp_path):
+    (tmp_path / "texts").mkdir()
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL_LIBRARY_RECIPE)
+    recipe = load_recipe(path)
+    assert recipe.data.source == "library"
+    assert recipe.data.roots == ["stdlib", str(tmp_path / "texts"), "elsewhere"]
+    with pytest.raises(UserError, match=r"data.roots: name at least one"):
+        load_recipe(path, ["data.roots=[]"])
+
+
+MINIMAL_LIBRARY_RECIPE = """
+teacher: smollm2-135m
+init: init
+output_dir: out
+data: {source: library, roots: [stdlib, texts, elsewhere]}
+stages:
+  - {name: kd, kind: kd, tokens: 1000, seq_len: 64, global_batch_size: 2, micro_batch_size: 1, lr: 1.0e-4}
+"""
+
+
+def test_the_held_out_gap_compares_the_last_train_steps_with_the_final_evaluation():
+    train = [{"split": "train", "loss": 9.0, "kl": 5.0}] + [{"split": "train", "loss": 2.0, "kl": 0.1 + i / 100}
+                                                           for i in range(GAP_TRAIN_STEPS)]
+    evals = [{"split": "eval", "loss": 8.0, "kl": 4.0}, {"split": "eval", "loss": 2.5, "kl": 0.145}]
+    gap = held_out_gap(train[:6] + evals[:1] + train[6:] + evals[1:])
+    mean = 0.1 + (GAP_TRAIN_STEPS - 1) / 200  # the first step, at kl 5.0, is outside the window
+    assert gap["metric"] == "kl" and gap["train_steps"] == GAP_TRAIN_STEPS
+    assert gap["train_last_steps"] == pytest.approx(mean) and gap["gap"] == pytest.approx(0.145 - mean)
+    stage_one = held_out_gap([{"split": "train", "loss": 1.0}, {"split": "eval", "loss": 1.5}])
+    assert stage_one["metric"] == "loss" and stage_one["gap"] == pytest.approx(0.5)
+    assert held_out_gap([{"split": "train", "loss": 1.0}]) is None
