@@ -16,6 +16,7 @@ from ..model import HybridConfig, HybridForCausalLM
 from ..model.configuration_hybrid import RECURRENT_TYPES
 from ..model.modeling_hybrid import FP32_PARAMETERS
 from .init import INITIALIZERS, InitOptions
+from .statistics import HeadStatistics
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -73,10 +74,13 @@ def hybrid_config_from_teacher(teacher_config: PretrainedConfig, layer_types: li
 
 
 def convert_state(
-    keys: list[str], read: Callable[[str], torch.Tensor], config: HybridConfig, options: InitOptions, seed: int
+    keys: list[str], read: Callable[[str], torch.Tensor], config: HybridConfig, options: InitOptions, seed: int,
+    statistics: dict[int, HeadStatistics] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(hybrid state dict in config.dtype, {dropped teacher key: reason}); reads each teacher tensor once, layer by
-    layer. Initializers compute new values in fp32, rounded once here; FP32_PARAMETERS stay fp32."""
+    layer. Initializers compute new values in fp32, rounded once here; FP32_PARAMETERS stay fp32. `statistics`
+    holds the teacher's per-head attention statistics of each replaced layer, for the teacher-calibrated options."""
+    statistics = statistics or {}
     dtype = config.dtype
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
@@ -93,7 +97,7 @@ def convert_state(
         attention = {k[len(prefix):]: read(k).float() for k in attention_keys}  # one layer at a time
         if kind in RECURRENT_TYPES and any(k.endswith(".bias") for k in attention):
             raise UserError(f"layer {i}: attention biases have no place in a {kind} layer; keep it as attention")
-        for name, tensor in INITIALIZERS[kind](attention, config, options, generator).items():
+        for name, tensor in INITIALIZERS[kind](attention, config, options, generator, statistics.get(i)).items():
             key = f"model.layers.{i}.mixer.{name}"
             state[key] = tensor.to(torch.float32 if _KEEP_FP32.search(key) else dtype)
         consumed.update(attention_keys)

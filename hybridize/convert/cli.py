@@ -7,7 +7,7 @@ from ..device import pick_device
 from ..dtypes import DTYPES, parse_dtype
 from ..errors import UserError
 from .init import InitOptions
-from .io import convert_to_folder
+from .io import CONVERT_DEFAULTS, convert_to_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,21 +28,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "A_log, dt_bias and D stay float32 in every dtype)")
     parser.add_argument("--device", default=None,
                         help="where the teacher and the report's forwards run (default: cuda if available, else cpu)")
-    defaults = InitOptions()
+    defaults = CONVERT_DEFAULTS
     # What each choice does and why the defaults were picked: docs/conversion.md, "Init options".
     parser.add_argument("--init-conv", default=defaults.conv, choices=("identity", "random"),
                         help="short convolution of Mamba2 / GDN layers: identity passes each token through (then "
                              "SiLU); random is the mixer's own init, which mixes in neighbours")
-    parser.add_argument("--init-gate", default=defaults.gate, choices=("zero", "random"),
-                        help="output gate of Mamba2 / GDN layers: zero makes each start as an exact skip (step-0 "
-                             "rel. error 1.0); random is a small random projection")
-    parser.add_argument("--init-decay", default=defaults.decay, choices=("slow", "random"),
-                        help="state decay of Mamba2 / GDN layers: slow starts every head near exp(-0.01) per token "
-                             "(about 100 tokens of memory); random spreads heads over Mamba2's usual range")
+    parser.add_argument("--init-gate", default=defaults.gate, choices=("zero", "random", "teacher"),
+                        help="output gate of Mamba2 / GDN layers: teacher copies W_v into the gate and fits each "
+                             "head's output scale to the teacher's attention output on calibration text; zero makes "
+                             "each layer start as an exact skip (step-0 rel. error 1.0); random is a small random "
+                             "projection")
+    parser.add_argument("--init-decay", default=defaults.decay, choices=("slow", "random", "teacher"),
+                        help="state decay of Mamba2 / GDN layers: teacher gives each head a half-life equal to the "
+                             "teacher head's mean attention distance; slow starts every head near exp(-0.01) per "
+                             "token (about 100 tokens of memory); random spreads heads over Mamba2's usual range")
+    parser.add_argument("--init-beta", default=defaults.beta, choices=("half", "teacher"),
+                        help="write strength of GDN layers: teacher sets each head's from its attention entropy "
+                             "(0.7 for a sharp head down to 0.3 for a uniform one); half is 1/2 everywhere")
+    parser.add_argument("--align-steps", type=int, default=defaults.align_steps, metavar="N",
+                        help="after the init, N full-batch Adam steps of each Mamba2 / GDN mixer alone against the "
+                             "teacher's attention output on calibration text (0: none)")
 
 
 def run(args: argparse.Namespace) -> int:
-    options = InitOptions(conv=args.init_conv, gate=args.init_gate, decay=args.init_decay)
+    options = InitOptions(conv=args.init_conv, gate=args.init_gate, decay=args.init_decay, beta=args.init_beta,
+                          align_steps=args.align_steps)
     if args.sink_tokens < 0:
         raise UserError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
     convert_to_folder(args.model, args.plan, args.out, seed=args.seed, overwrite=args.overwrite, options=options,

@@ -1,7 +1,8 @@
 """Initializers: one pure function per mapping from a teacher attention layer to a hybrid mixer.
 
 Each takes the teacher layer's attention tensors {"q_proj", "k_proj", "v_proj", "o_proj"} (weights, [out, in]),
-the HybridConfig and the InitOptions, and returns the mixer's full state dict. Parameters attention has
+the HybridConfig, the InitOptions and, for the teacher-calibrated options, the layer's HeadStatistics
+(convert/statistics.py), and returns the mixer's full state dict. Parameters attention has
 no counterpart for are set by the options; docs/conversion.md records how each choice was measured.
 """
 
@@ -19,20 +20,61 @@ ATTENTION_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj")
 class InitOptions:
     """conv: "identity" makes the short conv pass x_t through (then SiLU); "random" is the mixer's own init.
     gate: "zero" makes silu(gate) = 0, so a converted layer starts as an exact skip and the model equals the
-    teacher with that attention layer removed; "random" is a small random projection.
+    teacher with that attention layer removed; "random" is a small random projection; "teacher" copies W_v into
+    the gate and fits a per-head output scale to the teacher's attention output (convert/calibrate.py).
     decay: "slow" starts every head near a_t = exp(-0.01) (memory of ~100 tokens); "random" spreads heads
-    over Mamba2's usual range (A in [1, 16], dt in [0.001, 0.1]).
+    over Mamba2's usual range (A in [1, 16], dt in [0.001, 0.1]); "teacher" gives each head a half-life equal
+    to the teacher head's mean attention distance.
+    beta (Gated DeltaNet only): "half" writes with b_t = 1/2 everywhere; "teacher" sets each head's write strength
+    from its attention entropy, between BETA_RANGE's ends (sharp heads write hard, averaging heads softly).
+    align_steps: Adam steps of each converted Mamba2 / GDN mixer alone against the teacher's attention output
+    on the calibration text (0: none).
     """
 
     conv: str = "identity"
     gate: str = "zero"
     decay: str = "slow"
+    beta: str = "half"
+    align_steps: int = 0
 
     def __post_init__(self):
-        for field, allowed in (("conv", ("identity", "random")), ("gate", ("zero", "random")),
-                               ("decay", ("slow", "random"))):
+        for field, allowed in (("conv", ("identity", "random")), ("gate", ("zero", "random", "teacher")),
+                               ("decay", ("slow", "random", "teacher")), ("beta", ("half", "teacher"))):
             if getattr(self, field) not in allowed:
                 raise UserError(f"init option {field}={getattr(self, field)!r}; allowed: {', '.join(allowed)}")
+        if self.align_steps < 0:
+            raise UserError(f"init option align_steps={self.align_steps}; must be >= 0")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the init reads the teacher's attention on calibration text (statistics, fitting or alignment)."""
+        return "teacher" in (self.gate, self.decay, self.beta) or self.align_steps > 0
+
+
+# The conversion default for Mamba2 / GDN layers (docs/conversion.md has the measurements behind it).
+TEACHER_CALIBRATED = InitOptions(gate="teacher", decay="teacher", beta="teacher")
+
+# Write strengths of the sharpest (entropy 0) and the most uniform (entropy 1) teacher heads.
+BETA_RANGE = (0.7, 0.3)
+# A head whose attention stays on the current token gets half-life one token (a = 1/2), not a zero-memory state.
+MIN_HALF_LIFE = 1.0
+
+
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def decay_from_distance(mean_distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_log, dt_bias) [H] whose per-token decay a = exp(-softplus(dt_bias)) halves the state in `mean_distance`
+    tokens: a^d = 1/2 <=> softplus(dt_bias) = ln 2 / d, with A_log = 0 (A = 1)."""
+    dt = math.log(2) / mean_distance.float().clamp_min(MIN_HALF_LIFE)
+    return torch.zeros_like(dt), inverse_softplus(dt)
+
+
+def beta_bias_from_entropy(entropy: torch.Tensor) -> torch.Tensor:
+    """b_bias [H] with sigmoid(b_bias) = beta, linear in the normalized entropy from BETA_RANGE[0] to [1]."""
+    sharp, uniform = BETA_RANGE
+    return torch.logit(sharp + (uniform - sharp) * entropy.float().clamp(0, 1))
 
 
 def repeat_heads(weight: torch.Tensor, num_heads: int, head_dim: int, times: int) -> torch.Tensor:
@@ -49,18 +91,32 @@ def _conv_weight(channels: int, width: int, options: InitOptions, generator: tor
     return torch.rand(channels, width, generator=generator) * 2 * bound - bound
 
 
-def _decay(num_heads: int, options: InitOptions, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _decay(num_heads: int, options: InitOptions, generator: torch.Generator,
+           statistics) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_log, dt_bias) with a = exp(-exp(A_log) * softplus(dt_bias)) when the dt/alpha projection is zero."""
+    if options.decay == "teacher":
+        return decay_from_distance(_needed(statistics).mean_distance)
     if options.decay == "slow":
         dt = torch.full((num_heads,), 0.01)
         a = torch.ones(num_heads)
     else:
         dt = torch.exp(torch.rand(num_heads, generator=generator) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
         a = torch.rand(num_heads, generator=generator) * 15 + 1
-    return torch.log(a), dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+    return torch.log(a), inverse_softplus(dt)
 
 
-def _gate(rows: int, columns: int, options: InitOptions, std: float, generator: torch.Generator) -> torch.Tensor:
+def _needed(statistics):
+    if statistics is None:
+        raise ValueError("teacher-calibrated init options need the teacher's HeadStatistics for this layer")
+    return statistics
+
+
+def _gate(rows: int, columns: int, options: InitOptions, std: float, generator: torch.Generator,
+          value_weight: torch.Tensor) -> torch.Tensor:
+    if options.gate == "teacher":
+        # silu(W_v x) opens each channel where the current token's value is large; calibrate.py then scales
+        # each head's output to the teacher's attention output.
+        return value_weight.clone()
     if options.gate == "zero":
         return torch.zeros(rows, columns)
     return torch.randn(rows, columns, generator=generator) * std
@@ -76,23 +132,24 @@ def _check_heads(config, mixer: str, heads: int, groups: int, dims: tuple[int, .
 
 
 def attention_to_attention(attention: dict[str, torch.Tensor], config, options: InitOptions,
-                           generator: torch.Generator) -> dict[str, torch.Tensor]:
+                           generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
     """Full or sliding-window attention: the same weights (the window is in the config)."""
     return {f"{name}.{kind}": t.clone() for name in ATTENTION_KEYS for kind in ("weight", "bias")
             if (t := attention.get(f"{name}.{kind}")) is not None}
 
 
 def attention_to_mamba2(attention: dict[str, torch.Tensor], config, options: InitOptions,
-                        generator: torch.Generator) -> dict[str, torch.Tensor]:
+                        generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
     """C <- W_q, B <- W_k, x <- W_v (KV heads repeated to every query head), out <- W_o; D = 0 like attention."""
     heads, dim, group = config.mamba_num_heads, config.mamba_head_dim, config.num_attention_heads // config.num_key_value_heads
     _check_heads(config, "mamba2", heads, config.mamba_num_groups, (dim, config.mamba_state_size))
     kv_heads, hidden = config.num_key_value_heads, config.hidden_size
-    a_log, dt_bias = _decay(heads, options, generator)
+    a_log, dt_bias = _decay(heads, options, generator, statistics)
     channels = heads * dim + 2 * config.mamba_num_groups * config.mamba_state_size
+    value = repeat_heads(attention["v_proj.weight"], kv_heads, dim, group)
     return {
-        "z_proj.weight": _gate(heads * dim, hidden, options, config.initializer_range, generator),
-        "x_proj.weight": repeat_heads(attention["v_proj.weight"], kv_heads, dim, group),
+        "z_proj.weight": _gate(heads * dim, hidden, options, config.initializer_range, generator, value),
+        "x_proj.weight": value,
         "B_proj.weight": repeat_heads(attention["k_proj.weight"], kv_heads, dim, group),
         "C_proj.weight": attention["q_proj.weight"].clone(),
         "dt_proj.weight": torch.zeros(heads, hidden),
@@ -107,22 +164,26 @@ def attention_to_mamba2(attention: dict[str, torch.Tensor], config, options: Ini
 
 
 def attention_to_gated_deltanet(attention: dict[str, torch.Tensor], config, options: InitOptions,
-                                generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """q <- W_q, k <- W_k, v <- W_v (KV heads repeated to every query head), o <- W_o; beta starts at 1/2."""
+                                generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
+    """q <- W_q, k <- W_k, v <- W_v (KV heads repeated to every query head), o <- W_o; beta starts at 1/2 or at
+    the teacher head's value (b_proj zero either way: beta does not depend on the token yet)."""
     heads, group = config.gdn_num_heads, config.num_attention_heads // config.num_key_value_heads
     _check_heads(config, "gated_deltanet", heads, config.gdn_num_k_heads, (config.gdn_head_k_dim, config.gdn_head_v_dim))
     dim, kv_heads, hidden = config.head_dim, config.num_key_value_heads, config.hidden_size
-    a_log, dt_bias = _decay(heads, options, generator)
+    a_log, dt_bias = _decay(heads, options, generator, statistics)
+    value = repeat_heads(attention["v_proj.weight"], kv_heads, dim, group)
+    beta_bias = beta_bias_from_entropy(_needed(statistics).entropy) if options.beta == "teacher" else torch.zeros(heads)
     return {
         "q_proj.weight": attention["q_proj.weight"].clone(),
         "k_proj.weight": repeat_heads(attention["k_proj.weight"], kv_heads, dim, group),
-        "v_proj.weight": repeat_heads(attention["v_proj.weight"], kv_heads, dim, group),
+        "v_proj.weight": value,
         "a_proj.weight": torch.zeros(heads, hidden),
         "b_proj.weight": torch.zeros(heads, hidden),
-        "g_proj.weight": _gate(heads * dim, hidden, options, config.initializer_range, generator),
+        "g_proj.weight": _gate(heads * dim, hidden, options, config.initializer_range, generator, value),
         "conv_weight": _conv_weight(3 * heads * dim, config.conv_kernel_size, options, generator),
         "A_log": a_log,
         "dt_bias": dt_bias,
+        "b_bias": beta_bias,
         "norm_weight": torch.ones(dim),
         "o_proj.weight": attention["o_proj.weight"].clone(),
     }

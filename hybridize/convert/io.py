@@ -2,8 +2,10 @@
 
 Order of work, chosen so peak memory stays near one model copy:
 1. load the teacher; run it once on the calibration batch, keeping each replaced layer's attention input/output
-   and the teacher's log-probs;
-2. free the teacher, then stream its safetensors tensor by tensor into the hybrid's state (layer by layer);
+   and the teacher's log-probs; for the teacher-calibrated init, also on a second, disjoint batch of calibration
+   text (the fitting batch): attention input/output and per-head attention statistics;
+2. free the teacher, then stream its safetensors tensor by tensor into the hybrid's state (layer by layer), and fit
+   the Mamba2 / GDN mixers to the fitting batch (convert/calibrate.py);
 3. measure the hybrid against what was kept in 1, and write everything to a temporary folder renamed at the end.
 """
 
@@ -22,7 +24,9 @@ from ..errors import UserError
 from ..publish.remote_code import add_remote_code
 from ..teacher import load_teacher, teacher_folder, teacher_identity
 from ..teacher_forcing import capture_mixer_io
+from ..model.configuration_hybrid import RECURRENT_TYPES
 from .build import check_teacher, convert_state, hybrid_config_from_teacher, model_from_state
+from .calibrate import calibrate_student, teacher_calibration
 from .init import InitOptions
 from .plan import describe, resolve_plan
 from .report import conversion_report, format_report, next_token_stats
@@ -54,13 +58,23 @@ class _SafetensorsReader:
             raise UserError(f"weight tensor {key} is unreadable or corrupt: {err}") from err
 
 
+# The init `hybridize convert` and distillation use unless told otherwise (docs/conversion.md, "Init options").
+CONVERT_DEFAULTS = InitOptions()
+
+
+def fitting_batch(tokenizer, seq_len: int) -> torch.LongTensor:
+    """The calibration text the teacher-calibrated init fits to: each domain's second held-out block, so the
+    report (first blocks) measures the init on tokens it was not fitted on."""
+    return calibration_batch(tokenizer, seq_len=seq_len, blocks_per_domain=2)[1::2]
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def convert_to_folder(
     teacher_name: str | None, plan_spec, out_dir: str | Path, *, seed: int = 0, overwrite: bool = False,
-    options: InitOptions = InitOptions(), sink_tokens: int = 0, calibration_seq_len: int = 256,
+    options: InitOptions = CONVERT_DEFAULTS, sink_tokens: int = 0, calibration_seq_len: int = 256,
     dtype: torch.dtype | None = None, device: str | torch.device = "cpu", log=print,
 ) -> Path:
     """Write the converted hybrid to `out_dir` and return it; the report is also in out_dir/conversion.json.
@@ -84,14 +98,22 @@ def convert_to_folder(
     captured = capture_mixer_io(teacher, input_ids, replaced)
     with torch.no_grad():
         teacher_logprobs, teacher_nll = next_token_stats(teacher(input_ids=input_ids, use_cache=False).logits, input_ids)
+    recurrent = [i for i, kind in enumerate(plan) if kind in RECURRENT_TYPES]
+    fitting, statistics = {}, {}
+    if options.uses_teacher and recurrent:
+        fitting, statistics = teacher_calibration(teacher, fitting_batch(tokenizer, calibration_seq_len).to(device),
+                                                  recurrent)
     del teacher
 
     reader = _SafetensorsReader(folder)
-    state, dropped = convert_state(reader.keys(), reader.read, config, options, seed)
+    state, dropped = convert_state(reader.keys(), reader.read, config, options, seed, statistics)
     student = model_from_state(config, state).to(device)
     del state
+    calibrate_student(student, fitting, options)
+    del fitting
     student.generation_config = generation_config
-    report = conversion_report(student, captured, input_ids, teacher_logprobs, teacher_nll)
+    report = conversion_report(student, captured, input_ids, teacher_logprobs, teacher_nll,
+                               compare_zero_gate=options.gate != "zero")
     log(format_report(report))
     record = {
         "hybridize_version": __version__,

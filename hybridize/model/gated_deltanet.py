@@ -19,7 +19,9 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 class GatedDeltaNetMixer(nn.Module):
     """S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,  o_t = S_t^T q_t / sqrt(d_k),  out = W_o RMSNorm(o) * silu(W_g x).
 
-    a_t = exp(-exp(A_log) * softplus(W_a x_t + dt_bias)) and b_t = sigmoid(W_b x_t), one of each per head.
+    a_t = exp(-exp(A_log) * softplus(W_a x_t + dt_bias)) and b_t = sigmoid(W_b x_t + b_bias), one of each per head.
+    b_bias holds a per-head write strength that does not depend on the input (conversion sets it from the teacher;
+    zero gives GDN's own b_t = sigmoid(W_b x_t)).
     """
 
     def __init__(self, config, layer_idx: int):
@@ -42,6 +44,7 @@ class GatedDeltaNetMixer(nn.Module):
         self.conv_weight = nn.Parameter(torch.empty(2 * key_dim + value_dim, config.conv_kernel_size))
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.b_bias = nn.Parameter(torch.empty(self.num_heads))
         self.norm_weight = nn.Parameter(torch.empty(self.head_v_dim))
         self.o_proj = nn.Linear(value_dim, hidden, bias=False)
 
@@ -59,6 +62,7 @@ class GatedDeltaNetMixer(nn.Module):
             "conv_weight": torch.empty_like(self.conv_weight).uniform_(-(width**-0.5), width**-0.5),
             "A_log": torch.log(torch.empty(self.num_heads).uniform_(1, 16)),
             "dt_bias": dt + torch.log(-torch.expm1(-dt)),  # inverse softplus
+            "b_bias": torch.zeros(self.num_heads),
             "norm_weight": torch.ones(self.head_v_dim),
         }
 
@@ -78,7 +82,7 @@ class GatedDeltaNetMixer(nn.Module):
         q = l2_normalize(q.view(batch, length, self.num_k_heads, self.head_k_dim))  # [B, T, HK, K]
         k = l2_normalize(k.view(batch, length, self.num_k_heads, self.head_k_dim))  # [B, T, HK, K]
         v = v.view(batch, length, self.num_heads, self.head_v_dim)  # [B, T, H, V]
-        beta = torch.sigmoid(b.float())  # [B, T, H]
+        beta = torch.sigmoid(b.float() + self.b_bias.float())  # [B, T, H]
         g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias)  # [B, T, H]
         scale = self.head_k_dim**-0.5
         if decoding:
