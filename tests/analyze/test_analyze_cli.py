@@ -230,3 +230,15 @@ def test_bad_scores_are_one_line(full_run, tmp_path, capsys, extra, message):
     lines = streams.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "k").exists()
+
+
+def test_seq_len_default_is_what_the_help_says(tiny_llama, tmp_path, capsys):
+    """--help states the default block length; a run without --seq-len uses exactly that."""
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "4 times the sliding window" in help_text and "2048 for a 512-token window" in help_text
+    code, _ = analyze(capsys, tiny_llama, "--fast", "--budget", "2", "--eval-blocks", "1", "--out", tmp_path / "p")
+    assert code == 0
+    settings = json.loads((tmp_path / "p" / "plan.json").read_text())["settings"]
+    assert settings["window"] == 512 and settings["seq_len"] == 2048  # the tiny Llama's context is 2048
