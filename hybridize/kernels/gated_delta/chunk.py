@@ -362,14 +362,25 @@ def _dqkw_kernel(
     b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
     b_g, b_g_last = _chunk_gates(gc, bos, i_t, T, H, i_h, BT)
 
-    b_ds = (b_ds * _masked_exp(b_g[:, None] - b_g[None, :], o_i[:, None] >= o_i[None, :]) * scale).to(b_q.dtype)
-    b_dq = b_dq * (tl.exp(b_g) * scale)[:, None] + tl.dot(b_ds, b_k)
-    b_dk_state = b_dk * tl.where(m_t, tl.exp(b_g_last - b_g), 0.0)[:, None]
+    b_ds = b_ds * _masked_exp(b_g[:, None] - b_g[None, :], o_i[:, None] >= o_i[None, :]) * scale  # [BT, BT]
+    b_dq = b_dq * (tl.exp(b_g) * scale)[:, None]  # the state part, [BT, BK]
+    b_dk_state = b_dk * tl.exp(b_g_last - b_g)[:, None]
+    # Gate gradient, per position of the cumulative sum: what every exp(gc) factor received. The state part is
+    # q . dq_state. The attention part, each ds_ij (q_i . k_j) exp(gc_i - gc_j) adding to dgc_i and subtracting from
+    # dgc_j, is taken from its fp32 terms, not as q . dq - k . dk of the whole dq, dk: there the diagonal (no decay,
+    # so no gate gradient) cancels only up to the rounding of ds to the input dtype, an error of eps |q||dq| per
+    # token, where the true value may be e^-50 of that (strong gates) or the sum of many such terms.
+    b_dss = tl.where(o_i[:, None] > o_i[None, :], b_ds * tl.dot(b_q, tl.trans(b_k)), 0.0)  # [BT, BT]
+    b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1) + tl.sum(b_dss, 1) - tl.sum(b_dss, 0)
+    # This kernel's share of dg itself (g_t enters gc_i for i >= t): the scan from the chunk's end of the above, plus
+    # the decay of the end state, which every g of the chunk reaches, and exp(gc_C - gc_j) k_j . dk_state_j for j < t
+    # (g_t enters gc_C but not gc_j): a prefix sum of its own, not a total that the later terms are taken back from,
+    # which would leave every dg_t an error of eps times the largest, latest term.
+    b_kdk = tl.sum(b_k.to(tl.float32) * b_dk_state, 1)
+    b_dg = tl.cumsum(b_dg, 0, reverse=True) + (tl.cumsum(b_kdk, 0) - b_kdk) + tl.sum(b_hdh) * tl.exp(b_g_last)
+    b_ds = b_ds.to(b_q.dtype)
+    b_dq += tl.dot(b_ds, b_k)
     b_dk = b_dk_state + tl.dot(tl.trans(b_ds), b_q)
-    # gate gradient (per position of the cumulative sum): what every exp(gc) factor above received
-    b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1) - tl.sum(b_k.to(tl.float32) * b_dk, 1)
-    b_dg_last = tl.sum(b_hdh) * tl.exp(b_g_last) + tl.sum(b_k.to(tl.float32) * b_dk_state)
-    b_dg = tl.where(o_t == tl.minimum(i_t * BT + BT, T) - 1, b_dg + b_dg_last, b_dg)
 
     p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
     p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
@@ -417,7 +428,6 @@ def _wy_bwd_kernel(
     # w = Ai (beta exp(gc) k), in K slices of BK
     b_bg = b_b * tl.exp(b_g)
     b_dg = tl.zeros([BT], dtype=tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
         p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
@@ -427,18 +437,18 @@ def _wy_bwd_kernel(
         b_db += b_dkbg_k * tl.exp(b_g)
         b_dg += b_dkbg_k * b_bg
         b_dAi += tl.dot(b_dw, tl.trans((b_k * b_bg[:, None]).to(b_k.dtype)))
-        b_kk += tl.dot(b_k, tl.trans(b_k))
 
     # Ai = (I + A)^{-1}  =>  dA = -Ai^T dAi Ai^T, on the strictly lower triangle where A lives
     m_lower = o_i[:, None] > o_i[None, :]
     b_dA = tl.dot(tl.dot(tl.trans(b_Ai), b_dAi), tl.trans(b_Ai))
     b_dA = tl.where(m_lower, -b_dA, 0.0) * _masked_exp(b_g[:, None] - b_g[None, :], m_lower)
-    # A = beta_i (k_i . k_j) exp(gc_i - gc_j); b_dA now holds dA * exp(gc_i - gc_j)
-    b_dAk = b_dA * b_kk
-    b_db += tl.sum(b_dAk, 1)
-    b_dAA = b_dAk * b_b[:, None]
-    b_dg += tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0)
+    # A = beta_i (k_i . k_j) exp(gc_i - gc_j); b_dA now holds dA * exp(gc_i - gc_j). Through A: dk_i gets
+    # sum_j M_ij k_j + sum_j M_ji k_j with M = beta_i b_dA_ij, dbeta_i gets sum_j b_dA_ij (k_i . k_j), and dgc gets the
+    # row sums minus the column sums of M * (k_i . k_j). All three come from the same products M K, M^T K and
+    # b_dA K as k_i . (those rows), slice by slice of K; the row and column sums read the same rounded M, so the
+    # pairs inside a suffix of the chunk cancel in dg's reverse scan.
     b_dAb = (b_dA * b_b[:, None]).to(b_AiT.dtype)
+    b_dA = b_dA.to(b_AiT.dtype)
     # dk = (the non-WY part) + through w's beta exp(gc) k + through A
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
@@ -448,14 +458,21 @@ def _wy_bwd_kernel(
         p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
         b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
         b_dw = tl.load(p_dw, boundary_check=(0, 1), padding_option="zero")
+        b_kf = b_k.to(tl.float32)
+        b_Mk = tl.dot(b_dAb, b_k)  # [BT, BK]
+        b_MTk = tl.dot(tl.trans(b_dAb), b_k)  # [BT, BK]
+        b_db += tl.sum(tl.dot(b_dA, b_k) * b_kf, 1)
+        b_dg += tl.sum(b_Mk * b_kf, 1) - tl.sum(b_MTk * b_kf, 1)
         b_dk = tl.dot(b_AiT, b_dw) * b_bg[:, None] + tl.load(p_dki, boundary_check=(0, 1), padding_option="zero")
-        b_dk += tl.dot(b_dAb, b_k) + tl.dot(tl.trans(b_dAb), b_k)
+        b_dk += b_Mk + b_MTk
         tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
 
-    # gc is a cumulative sum of g within the chunk, so dg is the reverse cumulative sum of dgc.
+    # gc is a cumulative sum of g within the chunk, so dg is the reverse cumulative sum of dgc: a scan from the
+    # chunk's end (padded rows zeroed first), not the total minus the prefix sum, which would leave every dg_t an
+    # error of eps times the chunk's whole sum. The shares of `_dqkw` come summed already.
+    b_dg = tl.cumsum(tl.where(m_t, b_dg, 0.0), 0, reverse=True)
     p_dgi = dg_in + ((bos + o_t) * H + i_h)[:, None] * NK + tl.arange(0, NK)[None, :]
-    b_dg = tl.where(m_t, b_dg + tl.sum(tl.load(p_dgi, mask=m_t[:, None], other=0.0), 1), 0.0)
-    b_dg = tl.sum(b_dg, 0) - tl.cumsum(b_dg, 0) + b_dg
+    b_dg += tl.sum(tl.load(p_dgi, mask=m_t[:, None], other=0.0), 1)
 
     tl.store(dbeta + (bos + o_t) * H + i_h, b_db, mask=m_t)
     tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
@@ -571,7 +588,7 @@ def _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay: _Layout, need_dh0: bo
 
 
 def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
-    """dq in full, dk and dgc without their WY parts, and dw (per value head); dgc in [B, T, H, NK] shares.
+    """dq in full, dk and dg without their WY parts, and dw (per value head); dg in [B, T, H, NK] shares.
 
     dq is per value head, in `_per_head_grad_dtype`.
     """
@@ -592,7 +609,7 @@ def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
 
 
 def _wy_bwd(k, v, beta, gc, Ai, dw, du, dk_in, dg_in, lay: _Layout):
-    """Back through w and u: the full dk (per value head), dv, dbeta, and dg (reverse cumsum of dgc).
+    """Back through w and u: the full dk (per value head), dv, dbeta, and dg (its WY part scanned, plus dg_in).
 
     dk_in, dg_in: the non-WY parts from `_dqkw`. dv is in v's dtype, dk in `_per_head_grad_dtype`.
     """
