@@ -1,14 +1,16 @@
 """`hybridize bench HYBRID [--teacher MODEL]`: prefill and decode speed, time to first token, memory, cache size.
 
 Prints a table per path and the hybrid/teacher ratios, and writes OUT/bench.json and OUT/bench.png;
-OUT defaults to HYBRID/bench, which `hybridize push` puts on the model card.
+OUT defaults to HYBRID/bench, which `hybridize push` puts on the model card. Each `--target RATIO=VALUE` is
+checked at every measured (context, batch): PASS/FAIL lines, a "targets" entry in bench.json, exit code 1 on a miss.
 """
 
 import dataclasses
 
 from .. import __version__
 from ..errors import UserError
-from .bench import PATHS, BenchSettings, bench_tables, path_flag, path_names, run_bench
+from .bench import AT_LEAST, AT_MOST, PATHS, BenchSettings, bench_tables, check_targets, parse_target, path_flag, \
+    path_names, run_bench
 from ..atomic import staged_folder, write_json_atomic
 from ..device import pick_device
 from .common import add_common_arguments, comma_joined, int_list, load_pair, output_folder, pick_dtype
@@ -34,6 +36,10 @@ def add_arguments(parser) -> None:
                         help=f"comma-separated, any of: {','.join(map(path_flag, PATHS))} (default: all)")
     parser.add_argument("--no-compile", action="store_true",
                         help="capture the hybrid's decode step as a CUDA graph without torch.compile first")
+    parser.add_argument("--target", action="append", default=[], metavar="RATIO=VALUE",
+                        help=f"a hybrid/teacher ratio to check at every measured context and batch, repeatable, e.g. "
+                             f"decode_speedup=8 or cache_ratio=0.3; at least VALUE: {', '.join(AT_LEAST)}; at most "
+                             f"VALUE: {', '.join(AT_MOST)}. A miss prints FAIL and exits with code 1")
 
 
 def run(args) -> int:
@@ -50,6 +56,10 @@ def run(args) -> int:
     if settings.contexts and min(settings.contexts) <= settings.new_tokens:
         raise UserError(f"every context must exceed --new-tokens ({settings.new_tokens}): "
                         "a context counts prompt + new tokens")
+    try:
+        targets = [parse_target(text) for text in args.target]
+    except ValueError as err:
+        raise UserError(f"--target {err}") from None
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     out_dir, replace = output_folder(args)
@@ -58,9 +68,11 @@ def run(args) -> int:
     print(f"hybrid {args.hybrid} vs teacher {teacher_name or '(none)'} on {device}, {dtype}")
     result = run_bench(student, teacher, settings, pad_token_id=tokenizer.pad_token_id)
     result |= {"hybridize_version": __version__, "hybrid": str(args.hybrid), "teacher": teacher_name}
+    if targets:
+        result["targets"] = check_targets(result["ratios"], targets)
     print("\n" + bench_tables(result))
     with staged_folder(out_dir, replace=replace) as staging:
         write_json_atomic(staging / "bench.json", result)
         plot_bench(result, staging / "bench.png")
     print(f"\nwrote {out_dir}/bench.json, bench.png")
-    return 0
+    return 0 if all(t["pass"] for t in result.get("targets", [])) else 1
