@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.align_steps < 0:
+        raise UserError(f"--align-steps must be >= 0, got {args.align_steps}")
     options = InitOptions(conv=args.init_conv, gate=args.init_gate, decay=args.init_decay, beta=args.init_beta,
                           align_steps=args.align_steps)
     if args.sink_tokens < 0:

@@ -103,6 +103,7 @@ def corrupt_copy(tiny_llama, tmp_path):
         ("corrupt", "is unreadable or corrupt"),
         ("hub_offline", "not in the Hugging Face cache, and the Hub cannot be reached"),
         ("negative_sinks", "--sink-tokens must be >= 0, got -1"),
+        ("negative_align", "--align-steps must be >= 0, got -1"),
     ],
 )
 def test_bad_input_gets_one_line_exit_2_and_no_output(case, message, tiny_llama, tmp_path, capsys):
@@ -121,7 +122,7 @@ def test_bad_input_gets_one_line_exit_2_and_no_output(case, message, tiny_llama,
         teacher = corrupt_copy(tiny_llama, tmp_path)
     elif case == "hub_offline":
         teacher = "no-such-org/no-such-model"
-    extra = ["--sink-tokens", -1] if case == "negative_sinks" else []
+    extra = {"negative_sinks": ["--sink-tokens", -1], "negative_align": ["--align-steps", -1]}.get(case, [])
     code, captured = convert(capsys, teacher, "--plan", plan, "--out", out, *extra)
     assert code == 2
     lines = captured.err.strip().splitlines()
@@ -143,8 +144,21 @@ def test_interrupted_conversion_leaves_nothing_behind(tiny_llama, tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_report_explains_its_error_column(tiny_llama, tmp_path, capsys):
+def test_default_init_is_teacher_calibrated_and_the_report_shows_the_zero_gate_init_beside_it(tiny_llama, tmp_path,
+                                                                                             capsys):
     code, out = convert(capsys, tiny_llama, "--plan", "h2:1", "--out", tmp_path / "a")
+    assert code == 0
+    record = json.loads((tmp_path / "a" / "conversion.json").read_text())
+    assert record["init_options"] == {"conv": "identity", "gate": "teacher", "decay": "teacher", "beta": "teacher",
+                                      "align_steps": 0}
+    baseline = record["report"]["zero_gate_init"]
+    assert f"zero-gate init (Mamba2 / GDN layers skipped): KL {baseline['kl_teacher_hybrid']:.4f}" in out.out
+    # the calibrated layers are no longer skips (the zero gate reads exactly 1.0000)
+    assert all(row["relative_error"] != 1.0 for row in record["report"]["layers"])
+
+
+def test_the_report_explains_its_error_column(tiny_llama, tmp_path, capsys):
+    code, out = convert(capsys, tiny_llama, "--plan", "h2:1", "--out", tmp_path / "a", "--init-gate", "zero")
     assert code == 0
     assert "    0  mamba2             1.0000" in out.out  # zero gate: the layer starts as an exact skip
     assert "1 = the layer adds nothing (as if\n  skipped)" in out.out
