@@ -173,3 +173,23 @@ def test_same_seed_gives_byte_identical_weights(tiny_teacher):
     options = InitOptions(gate="teacher", decay="teacher", beta="teacher", align_steps=1)
     first, second = (save(calibrated_student(tiny_teacher, options, token_batch(0)).state_dict()) for _ in range(2))
     assert first == second
+
+
+def test_a_folder_saved_before_b_bias_loads_with_beta_from_b_proj_alone(tmp_path):
+    """b_bias defaults to 0 when a checkpoint lacks it, so b_t = sigmoid(W_b x_t) as before; nothing else moves."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from hybridize.convert.build import convert_model
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    convert_model(teacher, ["gated_deltanet", "full_attention"], options=InitOptions(decay="random")
+                  ).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.0.mixer.b_bias"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.model.layers[0].mixer.b_bias, torch.zeros(4))
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in state.items())
