@@ -28,17 +28,18 @@ def test_a_users_folder_is_refused_and_overwrite_keeps_their_files(command, args
     assert (work / f"{command}.png").is_file() and not list(tmp_path.glob(".*partial*"))
 
 
-def test_the_default_folder_is_refreshed_and_a_users_file_there_kept(hybrid_dir, tmp_path):
+def test_the_default_folder_is_refreshed_and_a_users_file_there_kept(hybrid_dir, teacher_dir, tmp_path):
     hybrid = shutil.copytree(hybrid_dir, tmp_path / "hybrid")
-    assert main(["eval", str(hybrid), *QUICK]) == 0
+    teacher = ["--teacher", str(teacher_dir)]  # the copy's recorded relative path points elsewhere
+    assert main(["eval", str(hybrid), *teacher, *QUICK]) == 0
     (hybrid / "eval" / "notes.txt").write_text("mine")
-    assert main(["eval", str(hybrid), *QUICK]) == 0  # HYBRID/eval is refreshed without --overwrite
+    assert main(["eval", str(hybrid), *teacher, *QUICK]) == 0  # HYBRID/eval is refreshed without --overwrite
     names = {p.name for p in (hybrid / "eval").iterdir()}
     assert {"eval.json", "eval.png", "notes.txt"} <= names and (hybrid / "eval" / "notes.txt").read_text() == "mine"
 
 
 def test_eval_from_another_directory_finds_a_relative_teacher(teacher_dir, tmp_path, monkeypatch):
-    """Converted with the teacher given as a relative path, evaluated from elsewhere: the record is absolute."""
+    """Converted with the teacher given as a relative path, evaluated from another working directory."""
     monkeypatch.chdir(teacher_dir.parent)
     assert main(["convert", teacher_dir.name, "--plan", "h2:1", "--out", str(tmp_path / "h")]) == 0
     monkeypatch.chdir(tmp_path)

@@ -74,10 +74,11 @@ def test_card_describes_the_model(dry_run, hybrid_dir):
 
 def test_card_shows_eval_and_bench_results(hybrid_dir, tmp_path):
     hybrid = shutil.copytree(hybrid_dir, tmp_path / "hybrid")
-    assert main(["eval", str(hybrid), "--no-recall", "--domains", "code", "--seq-len", "32", "--blocks", "1",
+    teacher = ["--teacher", str(hybrid_dir.parent / "teacher")]  # the copy's recorded relative path points elsewhere
+    assert main(["eval", str(hybrid), *teacher, "--no-recall", "--domains", "code", "--seq-len", "32", "--blocks", "1",
                  "--greedy-prompts", "1"]) == 0
-    assert main(["bench", str(hybrid), "--contexts", "16", "--batch-sizes", "1", "--new-tokens", "2", "--repeats", "1",
-                 "--paths", "hybrid-fast,teacher-static"]) == 0
+    assert main(["bench", str(hybrid), *teacher, "--contexts", "16", "--batch-sizes", "1", "--new-tokens", "2",
+                 "--repeats", "1", "--paths", "hybrid-fast,teacher-static"]) == 0
     out = tmp_path / "upload"
     assert main(["push", str(hybrid), "me/tiny-hybrid", "--dry-run", str(out)]) == 0
     card = (out / "README.md").read_text()
