@@ -8,8 +8,6 @@ This file only names the runs, builds their plan strings, and gathers the eval J
     python scripts/study.py run [--only NAME ...] [--deadline SECONDS]   # skips runs already evaluated
     python scripts/study.py report --root runs/study                     # ROOT/study.json: one row per run,
                                                                          # ROOT/questions.png, ROOT/pareto.png
-    python scripts/study.py collect FLAT_DIR --root docs/results/study   # NAME.eval.json / NAME.bench.json, as
-                                                                         # scripts/gpu/study.sh returns them
 """
 
 import argparse
@@ -39,7 +37,7 @@ QUESTIONS = {"layers": "which layers (8 kept, GDN elsewhere)", "mixers": "which 
              "attention": "how much attention (K of 30 kept)", "stages": "which stages (3M tokens in all)",
              "analyzer": "analyzer vs other plans (stage 1 only)",
              "sinks": "windows that keep the first 4 tokens (sinks)"}
-# The Pareto plot's speed axis: `hybridize bench`'s bar point, the hybrid's fast decode path.
+# The Pareto plot's speed axis: the hybrid's fast decode path at 8K context, batch 16.
 BENCH_POINT = {"path": "hybrid fast", "context": 8192, "batch": 16}
 
 
@@ -279,22 +277,6 @@ def report(args) -> int:
     return 0
 
 
-def collect(args) -> int:
-    """Put flat NAME.eval.json / NAME.bench.json copies (the lent GPU returns no folders) where `report` reads them."""
-    flat, root = Path(args.flat_dir), Path(args.root)
-    known = {run.name for run in runs()}
-    placed = 0
-    for path in sorted(flat.glob("*.json")):
-        name, _, kind = path.name.removesuffix(".json").rpartition(".")
-        if name in known and kind in ("eval", "bench"):
-            target = root / name / kind / f"{kind}.json"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(path.read_text())
-            placed += 1
-    print(f"study collect: {placed} result file(s) from {flat} into {root}")
-    return 0 if placed else 2
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -310,14 +292,11 @@ def main() -> int:
     one.add_argument("--root", default="runs/study")
     report_parser = commands.add_parser("report")
     report_parser.add_argument("--root", default="runs/study")
-    collect_parser = commands.add_parser("collect")
-    collect_parser.add_argument("flat_dir")
-    collect_parser.add_argument("--root", default="runs/study")
     args = parser.parse_args()
     if args.command == "one":
         run_one(next(r for r in runs() if r.name == args.name), Path(args.root))
         return 0
-    return {"run": run_all, "report": report, "collect": collect}[args.command](args)
+    return {"run": run_all, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

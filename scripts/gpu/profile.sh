@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Run on the lent GPU (teacher joined): where the time goes in the two paths that miss their bars — the hybrid's
-# fast decode step at 8K / batch 16, and one stage-2 KD step of the SmolLM2 recipe. Usage: bash scripts/gpu/profile.sh
-source scripts/gpu/env.sh
-[ -d /root/h2 ] || python3 -m hybridize.cli convert --plan h2:8 --out /root/h2 | tail -1
-timeout 150 python3 scripts/profile_decode.py /root/h2 --batch 16 --context 8192 2>&1 | grep -v Warn | tee "$OUT/profile_decode.log"
-timeout 200 python3 scripts/bench_distill.py profile --out /root/profile-kd 2>&1 | grep -v "it/s\]" | tail -45 | tee "$OUT/profile_kd.log"
+# Where the time goes: the hybrid's fast decode step at 8K / batch 16 (on the converted h2:8 plan), and one stage-2
+# KD step of recipes/smollm2-135m/gdn.yaml. Runs on any CUDA machine with hybridize installed.
+# Usage: bash scripts/gpu/profile.sh   (OUT: the hybrid, logs and the KD profile; default runs/gpu/profile)
+set -uo pipefail
+export OUT=${OUT:-runs/gpu/profile} TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+source scripts/gpu/versions.sh
+hybrid=$OUT/h2
+[ -f "$hybrid/config.json" ] || python3 -m hybridize convert --plan h2:8 --out "$hybrid" | tail -1
+python3 scripts/profile_decode.py "$hybrid" --batch 16 --context 8192 2>&1 | grep -v Warn | tee "$OUT/profile_decode.log"
+rm -rf "$OUT/kd"
+python3 scripts/bench_distill.py profile --out "$OUT/kd" 2>&1 | grep -v "it/s\]" | tail -45 | tee "$OUT/profile_kd.log"

@@ -14,10 +14,7 @@ root=${ROOT:-runs/real-shapes}
 OUT=${OUT:-$root/logs}
 mkdir -p "$root" "$OUT"
 tokenizer=${TOKENIZER:-$(python3 -c "from hybridize.teacher import teacher_folder; print(teacher_folder(None))")}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/versions.txt"
-python3 -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'triton',
- triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" \
-  | tee -a "$OUT/versions.txt"
+source scripts/gpu/versions.sh
 [ -f "$root/docs.jsonl" ] || python3 scripts/real_shapes.py text --out "$root/docs.jsonl"
 summary="$OUT/summary.jsonl"
 

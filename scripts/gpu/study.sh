@@ -1,24 +1,14 @@
 #!/usr/bin/env bash
-# Run on the lent GPU (teacher joined): the results study, resumable across calls on the same machine.
-# Usage: bash scripts/gpu/study.sh [DEADLINE_S] [RUN ...]   (runs under /root/runs, outside the repo copy, which
-# every call replaces; the analyzer's plan is taken from docs/results/analyze-smollm2/ when runs/ has none)
-source scripts/gpu/env.sh
-deadline=${1:-300}; shift || true
-mkdir -p /root/runs/study
-[ -f /root/runs/analyze-smollm2/plan.json ] || cp -r docs/results/analyze-smollm2 /root/runs/
-ln -sfn /root/runs runs
-python3 scripts/study.py run --deadline "$deadline" ${1:+--only "$@"} 2>&1 | grep "^\\$\|failed\|Error" | tail -20
-python3 scripts/study.py report > /dev/null
-# Flat copies in one tar: the device tool returns at most 8 files, at most 2 folders down. Locally:
-# tar -xf study_results.tar -C FLAT && python scripts/study.py collect FLAT --root docs/results/study
-flat=$(mktemp -d)
-cp /root/runs/study/study.json "$flat/" 2>/dev/null
-for run in /root/runs/study/*/; do
-  name=$(basename "$run")
-  cp "$run/eval/eval.json" "$flat/$name.eval.json" 2>/dev/null
-  cp "$run/bench/bench.json" "$flat/$name.bench.json" 2>/dev/null
-done
-for file in /root/runs/analyze-smollm2-s4/*; do  # the sink-scored analysis, committed beside the plain one
-  cp "$file" "$flat/analyze-smollm2-s4.$(basename "$file")" 2>/dev/null
-done
-tar -cf "$OUT/study_results.tar" -C "$flat" .
+# The design study (docs/results.md, "What each design choice buys"): scripts/study.py's runs, each distilled,
+# evaluated and, where the study asks, benched, into runs/study/NAME; then the report (runs/study/study.json and
+# the charts). Resumable: runs already evaluated are skipped. Runs on any CUDA machine with hybridize installed.
+# Usage: bash scripts/gpu/study.sh [RUN ...]   (no RUN: every run; DEADLINE_S: start no run after that many seconds;
+# OUT: logs and versions.txt, default runs/gpu/study)
+set -uo pipefail
+export OUT=${OUT:-runs/gpu/study} TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+source scripts/gpu/versions.sh
+mkdir -p runs/study
+[ -f runs/analyze-smollm2/plan.json ] || cp -r docs/results/analyze-smollm2 runs/  # the committed analysis
+python3 scripts/study.py run --deadline "${DEADLINE_S:-inf}" ${1:+--only "$@"} 2>&1 | tee "$OUT/study.log" \
+  | grep "^\\$\|failed\|Error" | tail -20
+python3 scripts/study.py report --root runs/study > /dev/null

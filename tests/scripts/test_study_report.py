@@ -64,18 +64,3 @@ def test_pareto_front_keeps_only_unbeaten_points_by_speed():
     points = [(10.0, 0.1), (5.0, 0.2), (20.0, 0.3), (20.0, 0.4), (20.0, 0.3), (30.0, 0.9)]
     assert front(points) == [0, 2, 4, 5]
     assert front([(1.0, 1.0)]) == [0]
-
-
-def test_collect_places_flat_results_where_report_reads_them(tmp_path):
-    flat, root = tmp_path / "flat", tmp_path / "study"
-    flat.mkdir()
-    shutil.copy(COMMITTED / "mixers-MGS" / "eval" / "eval.json", flat / "attention-k5.eval.json")
-    (flat / "attention-k5.bench.json").write_text(json.dumps({"rows": [
-        {"path": "hybrid fast", "context": 8192, "batch": 16, "decode_tok_s": 5000.0, "cache_bytes_per_seq": 1}]}))
-    (flat / "versions.txt").write_text("not a result")
-    (flat / "no-such-run.eval.json").write_text("{}")
-    done = subprocess.run([sys.executable, "scripts/study.py", "collect", str(flat), "--root", str(root)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "2 result file(s)" in done.stdout, done.stdout + done.stderr
-    assert not (root / "no-such-run").exists()
-    assert report(root)[0]["decode_tok_s"] == 5000.0
