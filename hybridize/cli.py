@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if a in COMMANDS), None)
     args = build_parser(command).parse_args(argv)
-    # Our commands print their own progress; transformers' per-file bars would bury it (and user errors) in noise.
+    # Our commands print their own progress; transformers' per-file progress output would bury it (and user errors) in noise.
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     try:

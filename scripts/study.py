@@ -1,4 +1,6 @@
-"""The results study (docs/results.md, issue "Results"): which layers, which mixers, how much attention, which stages.
+"""The design study (docs/results.md, "What each design choice buys").
+
+Which layers, which mixers, how much attention, which stages.
 
 Every run is the shipped commands, as a user types them: `hybridize analyze`, then per run
 `hybridize distill recipes/smollm2-135m/study/<stages>.yaml --set plan=<plan> --out <dir>` and
@@ -26,7 +28,8 @@ BUDGET = 8
 ANALYZE_DIR = Path("runs/analyze-smollm2")
 RECIPES = Path("recipes/smollm2-135m/study")
 ABLATION_EVAL = ["--passkey-lengths", "1024,4096", "--passkey-trials", "2", "--mqar-pairs", "8,32"]
-# Replaced layers cycle through these by depth; MGS is the seeds' h2 order (Mamba2 -> GDN -> SWA).
+# Replaced layers cycle through these by depth; MGS is the H2 order of "Gated Delta Networks: Improving Mamba2 with
+# Delta Rule" (arXiv:2412.06464): Mamba2 -> GDN -> SWA.
 CYCLES = {"MGS": ("mamba2", "gated_deltanet", "sliding_attention"),
           "SGM": ("sliding_attention", "gated_deltanet", "mamba2"),
           "GMS": ("gated_deltanet", "mamba2", "sliding_attention")}

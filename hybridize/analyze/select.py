@@ -13,8 +13,9 @@ from .proxies import distant_content, proxy_sensitivity
 
 CANDIDATE_MIXERS = ("mamba2", "gated_deltanet", "sliding_attention")
 PATTERNS = ("best", "h2")
-# Fast mode's order of preference for a layer a sliding window cannot serve: seeds/003 finds Gated DeltaNet
-# ahead of Mamba2 at recall, the part of attention a recurrent state finds hardest.
+# Fast mode's order of preference for a layer a sliding window cannot serve: "Gated Delta Networks: Improving Mamba2
+# with Delta Rule" (arXiv:2412.06464) finds Gated DeltaNet ahead of Mamba2 at recall, the part of attention a
+# recurrent state finds hardest.
 RECURRENT_PREFERENCE = ("gated_deltanet", "mamba2", "sliding_attention")
 
 

@@ -133,7 +133,7 @@ class Trainer:
                                        project_dir=str(self.out / "logs"), kwargs_handlers=[patience])
         reduce_gradients_in_fp32(self.accelerator)
         # Compiling pays off over a GPU run's thousands of steps; a CPU smoke run would spend minutes compiling.
-        # FSDP2 runs stay eager: compiled layers under its hooks are untested here (no multi-GPU machine lent).
+        # FSDP2 runs stay eager: compiled layers under its hooks have not been tested on several GPUs.
         self.compiles = (recipe.compile and state.device.type == "cuda"
                          and self.accelerator.distributed_type != DistributedType.FSDP)
         self.main = self.accelerator.is_main_process

@@ -1,4 +1,4 @@
-"""PNG charts of eval and bench results: quality bars, passkey heat maps, speed and memory against context."""
+"""PNG charts of eval and bench results: quality bar charts, passkey heat maps, speed and memory against context."""
 
 from pathlib import Path
 
