@@ -14,7 +14,7 @@ COLORS = {"mamba2": "tab:orange", "gated_deltanet": "tab:green", "sliding_attent
 PROXY_COLORS = {"entropy": "tab:gray", "distance": "tab:brown", "outside_window": "tab:pink", "induction": "tab:red"}
 # A planned window that drops more than this share of its layer's attention on distant content (not the first-token
 # sink) gets a warning: on SmolLM2 the layers above it (3-9, 0.35-0.5) were the ones whose windows cost the passkey
-# recall after distillation, while their text KL was tiny (docs/results.md, third pass).
+# recall after distillation, while their text KL was tiny (docs/runs/sink-probe_cpu_2026-11-23.md).
 DISTANT_CONTENT_WARNING = 0.2
 
 
