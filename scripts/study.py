@@ -59,7 +59,7 @@ def analyzer_plan(budget: int) -> Path:
 
 
 # Attention in the layers that spread attention over distant content (3-9) and in 18, sink windows elsewhere: the
-# plan the untrained sink probe ranked first (docs/results.md, third pass).
+# plan the untrained sink probe ranked first (docs/runs/sink-probe_cpu_2026-11-23.md).
 PLAN_F = "full_attention:3,4,5,6,7,8,9,18 sliding_attention:rest"
 SINKS = 4
 
@@ -67,7 +67,7 @@ SINKS = 4
 ANALYZE_SINKS_DIR = Path(f"{ANALYZE_DIR}-s{SINKS}")
 
 # The headline budget chosen for Gated DeltaNet alone: the kept layers a GDN hybrid needs differ from those that
-# suit windows elsewhere (docs/results.md, second pass).
+# suit windows elsewhere (docs/results.md, "Which layers keep attention").
 ANALYZE_GDN_DIR = Path(f"{ANALYZE_DIR}-gdn")
 
 

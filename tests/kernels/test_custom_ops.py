@@ -86,7 +86,7 @@ def test_ops_are_registered_with_their_writes():
 def test_compiled_gated_norm_trains_like_eager(device, gated):
     """Forward and backward of the Triton norm in one compiled graph (AOT autograd, as distillation's compiled layers):
     the same output and gradients as eager. A traced backward launch fails this on the CPU (dynamo cannot trace the
-    interpreter) and, with the NaN-poisoned torch.empty, on the GPU (AOT autograd rejected it in run 11)."""
+    interpreter) and, with the NaN-poisoned torch.empty, on the GPU (AOT autograd rejected it there)."""
     gen = torch.Generator().manual_seed(0)
     x, gate = (torch.randn(2, 5, 3, 16, generator=gen).to(device) for _ in range(2))
     weight = (1 + 0.1 * torch.randn(16, generator=gen)).to(device)
