@@ -1,4 +1,5 @@
-# Two front-door targets: `make demo` and `make test`. Each creates .venv and installs what it needs.
+# Front-door targets: `make demo`, `make test` (everything, as CI runs it) and `make test-fast` (a quick subset for
+# the edit-test loop). Each creates .venv and installs what it needs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+# The quick subset: the plan parser, conversion maps, layer selection, the model's cache and decode paths, one
+# kernel, the KD losses, the CLI and atomic outputs, the study report; none loads the real teacher or trains.
+FAST_TESTS := tests/test_cli.py tests/test_atomic.py tests/convert/test_plan.py tests/convert/test_init.py \
+	tests/analyze/test_select.py tests/analyze/test_proxies.py tests/analyze/test_report.py \
+	tests/model/test_hybrid_model.py tests/model/test_sink_windows.py tests/model/test_projections.py \
+	tests/kernels/test_norm.py tests/distill/test_distill_losses.py tests/scripts/test_study_report.py
+
+.PHONY: demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +32,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(FAST_TESTS)
 
 clean:
 	rm -rf $(VENV) out
