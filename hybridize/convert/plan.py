@@ -6,7 +6,8 @@ Accepted forms of a plan spec (resolved against the teacher's layer count):
 - a JSON file with a "layer_types" list (what `hybridize analyze` writes);
 - "uniform:K[:MIXER]": K full-attention layers spread evenly through the depth, the rest MIXER (gated_deltanet);
 - "h2:K": K full-attention layers spread evenly, the rest cycling Mamba2 -> Gated DeltaNet -> sliding window,
-  the ordering seeds/000 and seeds/003 (Table S.1) found best when training from scratch;
+  the ordering "Gated Delta Networks: Improving Mamba2 with Delta Rule" (arXiv:2412.06464, Table S.1) found best
+  when training from scratch;
 - "all:MIXER": every layer MIXER ("all:full_attention" reproduces the teacher).
 """
 

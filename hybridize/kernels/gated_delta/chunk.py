@@ -20,8 +20,8 @@ from hybridize.kernels.tuning import autotune, chunk_range, configs
 KEY = ["K", "V", "BT", "IS_VARLEN"]
 # The sequential state passes: Triton software-pipelines their loop over chunks, so the depth matters.
 STATE_CONFIGS = configs(BV=(32, 64), num_warps=(4, 8), num_stages=(2, 3, 4))
-# The backward state pass keeps more tiles live: at K=128, BV=64 with 4 stages failed on the H100 (run 4 of
-# docs/benchmarks.md, every-config sweep), so its depth stops at 3.
+# The backward state pass keeps more tiles live: at K=128, BV=64 with 4 stages failed on the H100 (the
+# every-config sweep), so its depth stops at 3.
 STATE_BWD_CONFIGS = configs(BV=(32, 64), num_warps=(4, 8), num_stages=(2, 3))
 # One program per chunk: nothing is pipelined (the V loops are short), so num_stages would change nothing. BV stays
 # 64 in these kernels: on the H100 with Triton 3.6, _output_fwd_kernel with BV=32 and 4 warps (a [BT, BT] matmul
@@ -30,11 +30,11 @@ STATE_BWD_CONFIGS = configs(BV=(32, 64), num_warps=(4, 8), num_stages=(2, 3))
 CHUNK_CONFIGS = configs(BV=(64,), num_warps=(4, 8), num_stages=(2,))
 # The WY kernel feeds its [BT, BT] inverse into a [BT, BK] matmul. At BK=16 in bf16 (an m64n16 wgmma) with 4 warps,
 # Triton 3.6 on the H100 reads shared memory out of bounds (compute-sanitizer: chunk.py, the w store), which faulted
-# or silently gave o 12% off; with 8 warps every config of every other kernel is right there (docs/benchmarks.md,
-# run 9). At BK=64 and 128 the 4-warp config passed the every-config sweep (run 8) and is the faster one: the
-# B4 T4096 H16 D128 forward took 0.50 ms when autotuning could pick it (runs 7, 8), 0.76 ms with 8 warps only
-# (run 10). So 4 warps are offered from BK=64 up; BK=32 keeps 8, as the narrow-wgmma class also hit _output_fwd
-# at BV=32.
+# or silently gave o 12% off; with 8 warps every config of every other kernel is right there (a probe
+# of each config alone). At BK=64 and 128 the 4-warp config passed the every-config sweep and is the faster one:
+# the B4 T4096 H16 D128 forward took 0.50 ms when autotuning could pick it, 0.76 ms with 8 warps only
+# (docs/runs/kernels_h100_2026-11-23.md). So 4 warps are offered from BK=64 up; BK=32 keeps 8, as the
+# narrow-wgmma class also hit _output_fwd at BV=32.
 WY_FWD_CONFIGS = configs(BV=(64,), num_warps=(4, 8), num_stages=(2,))
 WY_FWD_MIN_BK_FOR_4_WARPS = 64
 

@@ -129,7 +129,7 @@ def gated_rms_norm_bwd(
 
 
 # The backward likewise: dynamo traces the autograd Function's backward too, and AOT autograd rejected that traced
-# launch on the GPU when its fresh output buffer had been written before (run 11: the tests' NaN-filled torch.empty).
+# launch on the GPU when its fresh output buffer had been written before (the tests' NaN-filled torch.empty).
 gated_rms_norm_bwd_op = torch.library.custom_op("hybridize::gated_rms_norm_bwd", gated_rms_norm_bwd, mutates_args=())
 
 
