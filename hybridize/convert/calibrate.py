@@ -82,9 +82,9 @@ def calibrate_student(student: nn.Module, captured: dict[int, tuple[torch.Tensor
     if options.gate != "teacher" and options.align_steps == 0:
         return
     for i, (hidden, target) in sorted(captured.items()):
-        original = student.model.layers[i].mixer
         if student.config.layer_types[i] not in RECURRENT_TYPES:
             continue
+        original = student.model.layers[i].mixer
         mixer = copy.deepcopy(original).float()
         hidden, target = hidden.float(), target.float()
         context = teacher_forced_context(student, hidden)
