@@ -10,15 +10,17 @@
 #   headline  GDN chunk fwd, fwd+bwd and decode step at B4 T4096 H16 D128, then the per-kernel profile of the fwd+bwd
 #   models    GDN at the SmolLM2 and Llama-3.2-1B shapes, T 2K/8K/32K
 #   others    SSD, conv1d/norm, decode attention, window attention
-# pytest runs verbose with a per-test limit, so a hung test fails alone and the log names every test.
+# pytest runs verbose, so the log names every test; with pytest-timeout each test has a limit and a hung one fails alone.
 set -uo pipefail
 export OUT=${OUT:-runs/gpu/kernels} TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 source scripts/gpu/versions.sh
 stage=${1:?usage: kernels.sh sweep|kernels|model|rest|headline|models|others}
 log="$OUT/$stage.log"
+# A per-test limit where pytest-timeout is installed (pip install pytest-timeout).
+per_test_limit=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150")
 pytest_cuda() {  # pytest_cuda SELECTION PATHS...
   local selection=$1; shift
-  python3 -m pytest "$@" -k "$selection" -v -p no:cacheprovider -rfE --tb=short --timeout 150 --durations=10 >"$log" 2>&1
+  python3 -m pytest "$@" -k "$selection" -v -p no:cacheprovider -rfE --tb=short $per_test_limit --durations=10 >"$log" 2>&1
   echo "pytest rc $?" >>"$log"
   grep -c PASSED "$log"; grep -E "^(FAILED|ERROR)|pytest rc|passed|failed" "$log" | tail -20
 }
