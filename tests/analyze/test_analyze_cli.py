@@ -152,15 +152,18 @@ def test_bad_budgets_and_constraints_get_one_line_and_write_nothing(tiny_llama, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_is_refused_then_replaced_with_overwrite(tiny_llama, tmp_path, capsys):
+def test_existing_output_is_refused_then_written_into_with_overwrite(tiny_llama, tmp_path, capsys):
+    """A folder holding the user's file: refused without --overwrite; with it, the analysis is written beside the
+    user's file, which is kept."""
     out = tmp_path / "plan"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, streams = analyze(capsys, tiny_llama, "--fast", "--budget", "1", "--out", out, *CHEAP)
-    assert code == 2 and "exists; pass --overwrite" in streams.err
-    assert (out / "keep.txt").read_text() == "mine"
+    assert code == 2 and "is not empty; pass --overwrite" in streams.err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert analyze(capsys, tiny_llama, "--fast", "--budget", "1", "--out", out, "--overwrite", *CHEAP)[0] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["plan.json", "report.md", "scores.png"]
+    names = {p.name for p in out.iterdir()}
+    assert {"plan.json", "report.md", "scores.png", "keep.txt"} <= names and (out / "keep.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["plan"]  # no partial folder left beside it
 
 
