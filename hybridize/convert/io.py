@@ -95,6 +95,7 @@ def convert_to_folder(
     generation_config = teacher.generation_config
 
     input_ids = calibration_batch(tokenizer, seq_len=calibration_seq_len, blocks_per_domain=1).to(device)
+    log(f"teacher forward on {input_ids.numel()} calibration tokens ({dtype_name(dtype)}, {device})")
     replaced = [i for i, kind in enumerate(plan) if kind != "full_attention"]
     captured = capture_mixer_io(teacher, input_ids, replaced)
     with torch.no_grad():
@@ -102,10 +103,12 @@ def convert_to_folder(
     recurrent = [i for i, kind in enumerate(plan) if kind in RECURRENT_TYPES]
     fitting, statistics = {}, {}
     if options.uses_teacher and recurrent:
+        log(f"teacher attention statistics for {len(recurrent)} recurrent layers")
         fitting, statistics = teacher_calibration(teacher, fitting_batch(tokenizer, calibration_seq_len).to(device),
                                                   recurrent)
     del teacher
 
+    log("building the hybrid from the teacher's weights" + (", then fitting output scales" if fitting else ""))
     reader = _SafetensorsReader(folder)
     state, dropped = convert_state(reader.keys(), reader.read, config, options, seed, statistics)
     student = model_from_state(config, state).to(device)
@@ -113,6 +116,7 @@ def convert_to_folder(
     calibrate_student(student, fitting, options)
     del fitting
     student.generation_config = generation_config
+    log("measuring the hybrid against the teacher")
     report = conversion_report(student, captured, input_ids, teacher_logprobs, teacher_nll,
                                compare_zero_gate=options.gate != "zero")
     log(format_report(report))
