@@ -15,7 +15,7 @@ from hybridize.convert.init import (
     BETA_RANGE, MIN_HALF_LIFE, TEACHER_CALIBRATED, InitOptions, attention_to_gated_deltanet, beta_bias_from_entropy,
     decay_from_distance,
 )
-from hybridize.convert.statistics import SINK_TOKENS, HeadStatistics, head_statistics
+from hybridize.convert.statistics import SINK_TOKENS, head_statistics
 from hybridize.errors import UserError
 from hybridize.teacher_forcing import capture_mixer_io, relative_error, student_mixer_outputs
 

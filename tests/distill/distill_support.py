@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -54,3 +55,12 @@ def distill_command(*args: str) -> list[str]:
 
 def run_distill(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(distill_command(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `path` exists, while `process` (which makes it) still runs."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)

@@ -6,11 +6,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, write_recipe
+from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, wait_for, write_recipe
 from safetensors.torch import load_file
 
 from hybridize.distill.__main__ import main as distill_main
@@ -30,14 +29,6 @@ def one_stage(tiny_models, text_file, out, steps: int, stage: int = 1) -> dict:
     raw = tiny_recipe(tiny_models, text_file, out, {"checkpoint.every_steps": 1})
     raw["stages"] = [raw["stages"][stage] | {"tokens": steps * 256}]
     return raw
-
-
-def wait_for(path, process, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
 
 
 def kill(process) -> None:
@@ -159,7 +150,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_resumable(tmp_pat
     assert distill_main([str(recipe)]) == 2
     [line] = error_lines(capsys.readouterr().err)
     first = out / "checkpoints" / "0-kd" / "step-00000001"
-    assert line.startswith(f"hybridize distill: error: the disk is full (")
+    assert line.startswith("hybridize distill: error: the disk is full (")
     assert line.endswith(f"training stopped, the last good checkpoint is {first} (--resume continues from it)")
     assert sorted(p.name for p in first.parent.iterdir()) == ["step-00000001"]  # the failed save left nothing
     # torch.save's own message on a full disk (no errno in it) is recognized too.

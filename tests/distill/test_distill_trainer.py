@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +13,7 @@ import torch.distributed as dist
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from helpers import requires_cuda
-from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, write_recipe
+from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, wait_for, write_recipe
 
 from hybridize.cli import COMMANDS
 from hybridize.cli import main as hybridize_main
@@ -124,14 +123,6 @@ def test_fp32_reduction_leaves_other_setups_alone():
                                       state=SimpleNamespace(fsdp_plugin=plugin))
         reduce_gradients_in_fp32(accelerator)
         assert plugin.mixed_precision_policy is None
-
-
-def wait_for(path, process, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
 
 
 def test_kill_and_resume_continues_exactly(tmp_path, tiny_models, text_file):

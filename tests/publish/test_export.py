@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_imports
 
 from hybridize import __hybridize_toolkit__, __version__
