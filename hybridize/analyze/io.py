@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .. import __version__
 from ..atomic import check_output_folder
 from ..convert.build import check_teacher, convert_model, hybrid_config_from_teacher
@@ -22,6 +20,7 @@ from ..convert.plan import H2_CYCLE, resolve_plan, uniform_positions
 from ..corpus import calibration_batch
 from ..device import pick_device
 from ..distill.tracking import progress_bar
+from ..dtypes import DTYPES as ALL_DTYPES
 from ..errors import UserError
 from ..teacher import load_teacher, teacher_identity
 from .proxies import (
@@ -34,7 +33,8 @@ from .scores import (
 )
 from .select import Constraints, assign_mixers, choose_plan, parse_budget
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# fp16 is left out: the candidate fits run under autocast, whose fp16 mode would need a gradient scaler.
+DTYPES = {name: dtype for name, dtype in ALL_DTYPES.items() if name != "float16"}
 INDUCTION_BLOCKS = 2
 SEQ_LEN_WINDOWS = 4  # default calibration block: this many sliding windows (capped at the teacher's context)
 

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..atomic import check_output_folder
+from ..dtypes import DTYPES, parse_dtype
 from ..errors import UserError
 from ..teacher import DEFAULT_TEACHER, _fill_special_tokens, load_teacher, recorded_teacher_path
 
@@ -16,16 +17,11 @@ NO_TEACHER = "none"
 # average 4-5); on idle cores the same work runs many times faster (README, "Times on a CPU").
 SMALL_TIMES = {"eval": "9 minutes for a 135M model on 2 busy CPU cores",
                "bench": "5 minutes for a 135M model on 2 busy CPU cores"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """bf16 on a GPU (what the models are served in), fp32 on the CPU (where bf16 matmuls are slow and inexact)."""
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return parse_dtype(name)
 
 
 def load_hybrid(
