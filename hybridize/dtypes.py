@@ -7,6 +7,7 @@ loads the student in fp32 (master weights) and runs bf16 autocast; the teacher r
 """
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def stored_dtype(folder: str | Path) -> torch.dtype:
                     tensor = handle.get_slice(key)
                     dtype = _SAFETENSORS_DTYPES.get(tensor.get_dtype())
                     if dtype is not None:
-                        counts[dtype] += _numel(tensor.get_shape())
+                        counts[dtype] += math.prod(tensor.get_shape())
         except (SafetensorError, OSError) as err:
             raise UserError(f"weight file {path} is unreadable or corrupt: {err}") from err
     if not counts:
@@ -55,10 +56,3 @@ def _configured_dtype(folder: str | Path) -> torch.dtype:
     config = Path(folder) / "config.json"
     name = json.loads(config.read_text()).get("dtype") if config.is_file() else None
     return DTYPES.get(name, torch.float32)
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

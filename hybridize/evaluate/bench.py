@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 
+from ..dtypes import dtype_name
 from ..model.compiling import allow_recompiles
 from .common import format_table
 from .fast_decode import StaticDecoder
@@ -199,7 +200,7 @@ def run_bench(student, teacher, settings: BenchSettings, *, pad_token_id: int, l
                 log(_row_line(row))
                 rows.append(row)
     result = {"settings": asdict(settings) | {"contexts": list(contexts)}, "device": _device_name(device),
-              "dtype": str(next(student.parameters()).dtype).removeprefix("torch."), "rows": rows,
+              "dtype": dtype_name(next(student.parameters()).dtype), "rows": rows,
               "ratios": ratios(rows)}
     return result
 

@@ -12,6 +12,7 @@ import torch
 from .. import __version__
 from ..atomic import staged_folder, write_json_atomic
 from ..device import pick_device
+from ..dtypes import dtype_name
 from .common import add_common_arguments, comma_joined, float_list, int_list, load_pair, output_folder, pick_dtype
 from .lm_eval_tasks import lm_eval_table, require_harness, run_lm_eval
 from .plots import plot_eval, plot_passkey
@@ -81,7 +82,7 @@ def run(args) -> int:
     print(f"hybrid {args.hybrid} vs teacher {teacher_name or '(none)'} on {device}, {dtype}")
     started = time.time()
     results = {"hybridize_version": __version__, "hybrid": str(args.hybrid), "teacher": teacher_name,
-               "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+               "device": str(device), "dtype": dtype_name(dtype)}
     with torch.inference_mode():
         results["quality"] = run_quality(student, teacher, tokenizer, quality_settings)
     print(quality_table(results["quality"]))
