@@ -93,10 +93,12 @@ class Haystack:
 
 
 def passkey_prompt(
-    tokenizer, haystack: Haystack, length: int, depth: float, rng: random.Random
+    tokenizer, haystack: Haystack, length: int, depth: float, rng: random.Random, number: str | None = None
 ) -> tuple[list[int], str]:
-    """(prompt of exactly `length` tokens, the 7-digit number it hides)."""
-    name, number = rng.choice(NAMES), str(rng.randrange(1_000_000, 10_000_000))
+    """(prompt of exactly `length` tokens, the 7-digit number it hides); `number` replaces the drawn one, so two
+    generators in the same state give the same prompt around two different numbers."""
+    name, drawn = rng.choice(NAMES), str(rng.randrange(1_000_000, 10_000_000))
+    number = number or drawn
     prefix, needle = _prefix(tokenizer), _encode(tokenizer, NEEDLE.format(name=name, number=number))
     question = _encode(tokenizer, QUESTION.format(name=name))
     room = length - len(prefix) - len(needle) - len(question)

@@ -1,10 +1,15 @@
-"""Choose between the Triton kernels and the fp32 PyTorch references."""
+"""Choose between the Triton kernels and the fp32 PyTorch references.
+
+`HYBRIDIZE_KERNELS=reference` makes every "auto" call take the reference path, CUDA tensors included: the same model,
+eval or training run on the plain PyTorch math, to tell a kernel defect from a modelling one.
+"""
 
 import os
 
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
+ENVIRONMENT_VARIABLE = "HYBRIDIZE_KERNELS"
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -12,7 +17,14 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "reference"
+        return "triton" if _preferred() == "auto" and x.is_cuda else "reference"
     if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
     return backend
+
+
+def _preferred() -> str:
+    preferred = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
+    if preferred not in ("auto", "reference"):
+        raise ValueError(f"{ENVIRONMENT_VARIABLE} must be 'auto' or 'reference', got {preferred!r}")
+    return preferred

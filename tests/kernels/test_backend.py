@@ -1,0 +1,38 @@
+"""The backend choice: "auto" follows the tensor's device unless HYBRIDIZE_KERNELS=reference asks for the references."""
+
+import pytest
+import torch
+
+from hybridize.kernels.backend import ENVIRONMENT_VARIABLE, resolve_backend
+from hybridize.kernels.gated_delta import chunk_gated_delta_rule, reference
+
+from helpers import requires_cuda
+
+
+def test_explicit_backend_beats_the_environment(monkeypatch):
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "reference")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", torch.zeros(1)) == "triton"
+    assert resolve_backend("auto", torch.zeros(1)) == "reference"
+
+
+def test_unknown_environment_value_raises(monkeypatch):
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "fla")
+    with pytest.raises(ValueError, match=ENVIRONMENT_VARIABLE):
+        resolve_backend("auto", torch.zeros(1))
+
+
+@requires_cuda
+def test_environment_sends_cuda_calls_to_the_reference(monkeypatch):
+    x = torch.zeros(1, device="cuda")
+    assert resolve_backend("auto", x) == "triton"
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "reference")
+    assert resolve_backend("auto", x) == "reference"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.nn.functional.normalize(torch.randn(1, 37, 2, 16, device="cuda", generator=gen), dim=-1)
+            for _ in range(2))
+    v = torch.randn(1, 37, 2, 16, device="cuda", generator=gen)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 37, 2, device="cuda", generator=gen))
+    beta = torch.rand(1, 37, 2, device="cuda", generator=gen)
+    o, _ = chunk_gated_delta_rule(q, k, v, g, beta)
+    assert torch.equal(o, reference.chunk_gated_delta_rule(q, k, v, g, beta)[0])
