@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernel_profile import print_kernel_table
+from bench.kernel_profile import print_kernel_table
 
 from hybridize.distill.losses import KDOptions, kd_loss, next_token_labels
 from hybridize.distill.recipe import apply_override, parse_recipe, read_recipe

@@ -9,7 +9,7 @@ hundreds of tiny kernels, so the count and the slowest few matter more than band
 import argparse
 
 import torch
-from kernel_profile import print_kernel_table
+from bench.kernel_profile import print_kernel_table
 
 from hybridize.evaluate.fast_decode import StaticDecoder
 from hybridize.model import HybridForCausalLM

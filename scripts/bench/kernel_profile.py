@@ -1,4 +1,4 @@
-"""Where GPU time goes: the CUDA kernels of a callable, by total device time (used by the bench scripts' --profile)."""
+"""Where GPU time goes: the CUDA kernels of a callable, by total device time (run.py --profile, profile_decode.py)."""
 
 import torch
 from torch.profiler import ProfilerActivity, profile
