@@ -1,0 +1,205 @@
+"""The on_policy stage: its divergences, the generated batch's loss mask, generation by the student alone and
+reproducible from the seed, exact resume, a smoke run through the CLI, and its recipe checks."""
+
+import json
+import signal
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, wait_for, write_recipe
+
+from hybridize.distill.export import load_student
+from hybridize.distill.losses import KDOptions, kd_loss
+from hybridize.distill.on_policy import (
+    ContinuationSampler, cached_continuations, generated_loss_mask, sampling_uniforms, step_generates,
+)
+from hybridize.distill.recipe import OnPolicyStage, load_recipe, parse_recipe
+from hybridize.distill.stages import OnPolicyDistiller
+from hybridize.distill.trainer import Trainer
+from hybridize.evaluate.sampling import Sampling, choose_tokens
+from hybridize.teacher import load_teacher
+
+ON_POLICY = {"name": "onpolicy", "kind": "on_policy", "tokens": 4 * 64, "seq_len": 24, "prompt_tokens": 12,
+             "new_tokens": 12, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "kl_chunk_tokens": 20}
+
+
+def stage(**changes) -> OnPolicyStage:
+    raw = {"teacher": "t", "init": "i", "output_dir": "o", "stages": [ON_POLICY | changes]}
+    return parse_recipe(raw).stages[0]
+
+
+def direct_divergence(teacher_logits, student_logits, divergence: str, beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence from the definitions, with torch's own softmax and kl_div."""
+    log_p, log_q = F.log_softmax(teacher_logits, -1), F.log_softmax(student_logits, -1)
+    kl = lambda a, b: (a.exp() * (a - b)).sum(-1)  # noqa: E731  KL(a || b) from log-probabilities
+    if divergence == "forward_kl":
+        return kl(log_p, log_q)
+    if divergence == "reverse_kl":
+        return kl(log_q, log_p)
+    log_m = torch.log(beta * log_p.exp() + (1 - beta) * log_q.exp())
+    return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+
+
+def fused_divergence(teacher_logits, student_logits, options: KDOptions, mask=None):
+    """kd_loss on logits: hidden states [N, V] under an identity head give the logits themselves."""
+    eye = torch.eye(student_logits.shape[1], dtype=student_logits.dtype)
+    return kd_loss(student_logits, eye, teacher_logits, eye, None, options, mask)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_each_divergence_and_its_gradient_match_the_definition(divergence):
+    torch.manual_seed(0)
+    teacher_logits = 3 * torch.randn(7, 11, dtype=torch.float64)
+    student_logits = (3 * torch.randn(7, 11, dtype=torch.float64)).requires_grad_()
+    mask = torch.tensor([True, False, True, True, False, True, True])
+    tau, beta = 2.0, 0.3
+    options = KDOptions(temperature=tau, divergence=divergence, jsd_beta=beta, chunk_tokens=3)  # 3 chunks, the last short
+    fused = fused_divergence(teacher_logits, student_logits, options, mask)
+    rows = direct_divergence(teacher_logits / tau, student_logits / tau, divergence, beta)
+    expected = tau**2 * rows[mask].mean()
+    torch.testing.assert_close(fused.loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fused.kl, rows[mask].mean(), rtol=1e-12, atol=0)
+    (grad,) = torch.autograd.grad(fused.loss, student_logits)
+    (reference,) = torch.autograd.grad(expected, student_logits)
+    torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-14)
+    assert grad[~mask].abs().max() == 0  # rows outside the mask get no gradient at all
+
+
+def test_forward_kl_without_a_mask_is_the_kd_stage_loss():
+    torch.manual_seed(1)
+    teacher_logits, student_logits = torch.randn(5, 9, dtype=torch.float64), torch.randn(5, 9, dtype=torch.float64)
+    every_row = fused_divergence(teacher_logits, student_logits, KDOptions(), torch.ones(5, dtype=torch.bool))
+    no_mask = fused_divergence(teacher_logits, student_logits, KDOptions())
+    torch.testing.assert_close(every_row.loss, no_mask.loss, rtol=1e-14, atol=0)
+    torch.testing.assert_close(no_mask.loss, direct_divergence(teacher_logits, student_logits, "forward_kl").mean())
+
+
+def test_the_jsd_tends_to_the_forward_and_reverse_kl_at_its_beta_limits():
+    torch.manual_seed(2)
+    teacher_logits, student_logits = 2 * torch.randn(4, 13, dtype=torch.float64), torch.randn(4, 13, dtype=torch.float64)
+    forward = direct_divergence(teacher_logits, student_logits, "forward_kl").mean()
+    reverse = direct_divergence(teacher_logits, student_logits, "reverse_kl").mean()
+    for beta in (1e-3, 1e-5):
+        small = fused_divergence(teacher_logits, student_logits, KDOptions(divergence="jsd", jsd_beta=beta)).kl
+        large = fused_divergence(teacher_logits, student_logits, KDOptions(divergence="jsd", jsd_beta=1 - beta)).kl
+        # The next term of each expansion is O(beta) relative to the limit (a chi-square of the two distributions,
+        # here below 50 times the KL), so the relative gap shrinks in step with beta.
+        assert abs(small / beta / forward - 1) < 50 * beta
+        assert abs(large / beta / reverse - 1) < 50 * beta
+
+
+def test_the_loss_mask_covers_the_rows_that_predict_generated_tokens_up_to_the_first_eos():
+    eos, prompt = 0, 3
+    sequences = torch.tensor([
+        [5, 6, 7, 8, 9, 0, 4, 0],  # continuation 8 9 eos, then padding 4 0
+        [5, 0, 7, 8, 9, 4, 4, 4],  # an eos inside the prompt ends nothing
+        [5, 6, 7, 0, 9, 4, 4, 4],  # the first generated token is eos
+    ])
+    mask = generated_loss_mask(sequences, prompt, eos)
+    # Row r predicts token r + 1: rows 2.. predict the generated tokens; the last row predicts nothing.
+    assert mask.tolist() == [
+        [False, False, True, True, True, False, False, False],
+        [False, False, True, True, True, True, True, False],
+        [False, False, True, False, False, False, False, False],
+    ]
+    assert generated_loss_mask(sequences, prompt, None)[0].tolist() == [False] * 2 + [True] * 5 + [False]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    teacher, _ = load_teacher(str(tiny_models / "teacher"), dtype=torch.float32)
+    return load_student(tiny_models / "init").eval(), teacher.eval()
+
+
+def test_the_on_policy_loss_is_the_divergence_on_the_generated_rows_only(models):
+    student, teacher = models
+    config = stage(divergence="reverse_kl", temperature=1.5)
+    distiller = OnPolicyDistiller(student, teacher, config, static_decode=False)
+    torch.manual_seed(3)
+    sequences = torch.randint(1, 1000, (2, config.seq_len))
+    sequences[1, 17] = 0  # the second continuation ends at eos
+    mask = generated_loss_mask(sequences, config.prompt_tokens, eos=0)
+    loss, parts = distiller(sequences, loss_mask=mask)
+    with torch.no_grad():
+        rows = direct_divergence(teacher(sequences).logits / 1.5, student(sequences).logits / 1.5, "reverse_kl")
+    # rows 11..22 predict the 12 generated tokens; in the second sequence rows past 16 predict padding
+    expected_rows = torch.cat([rows[0, 11:23], rows[1, 11:17]])
+    torch.testing.assert_close(parts["divergence"], expected_rows.mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss, 1.5**2 * expected_rows.mean(), rtol=1e-5, atol=0)
+
+
+def reference_continuations(model, prompts, uniforms, sampling):
+    """No cache at all: the whole sequence through the model for every new token."""
+    sequences = prompts
+    with torch.no_grad():
+        for j in range(uniforms.shape[1]):
+            logits = model(sequences, use_cache=False).logits[:, -1]
+            sequences = torch.cat([sequences, choose_tokens(logits, uniforms[:, j], sampling)], 1)
+    return sequences
+
+
+@pytest.mark.parametrize("sampling", [dict(sample_temperature=1.0), dict(sample_temperature=0.7, top_k=40, top_p=0.9),
+                                      dict(sample_temperature=0.0)], ids=["plain", "top-k-top-p", "greedy"])
+def test_static_and_cached_decode_sample_the_students_own_tokens(models, sampling):
+    student, teacher = models
+    config = stage(**sampling)
+    torch.manual_seed(4)
+    prompts = torch.randint(1, 1000, (2, config.prompt_tokens))
+    uniforms = sampling_uniforms(seed=0, stage_index=0, first_position=8, count=2, new_tokens=config.new_tokens)
+    expected = reference_continuations(student, prompts, uniforms, Sampling(
+        config.sample_temperature, config.top_k, config.top_p))
+    static = ContinuationSampler(student, config, static=True)(prompts, uniforms)
+    cached = ContinuationSampler(student, config, static=False)(prompts, uniforms)
+    assert torch.equal(static, expected) and torch.equal(cached, expected)
+    # Through the distiller, with any teacher: the teacher's logits play no part in what is sampled.
+    for static_decode in (True, False):
+        for judge in (teacher, load_teacher_with_other_weights(teacher)):
+            generated = OnPolicyDistiller(student, judge, config, static_decode)(prompts, sample_uniforms=uniforms)
+            assert torch.equal(generated, expected)
+    if sampling["sample_temperature"] > 0:  # the teacher would have chosen other tokens
+        assert not torch.equal(reference_continuations(teacher, prompts, uniforms, Sampling(
+            config.sample_temperature, config.top_k, config.top_p)), expected)
+
+
+def load_teacher_with_other_weights(teacher):
+    import copy
+
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(torch.randn_like(param))
+    return other
+
+
+def test_sampling_draws_each_token_with_its_probability():
+    """Uniforms on an even grid of K points: each token is chosen for its probability's share of them, to one point."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0, -3.0]])
+    count = 20_000
+    grid = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+    for sampling in (Sampling(1.0), Sampling(0.5), Sampling(1.0, top_k=3), Sampling(1.0, top_p=0.8)):
+        probs = torch.softmax(logits[0].double() / sampling.temperature, -1)
+        if sampling.top_k:
+            probs[probs < probs.topk(sampling.top_k).values[-1]] = 0
+        if sampling.top_p < 1:
+            ordered, order = probs.sort(descending=True)
+            probs[order[(ordered.cumsum(0) - ordered) >= sampling.top_p]] = 0
+        probs /= probs.sum()
+        chosen = choose_tokens(logits.expand(count, -1), grid, sampling)[:, 0]
+        counts = torch.bincount(chosen, minlength=logits.shape[1]).double()
+        # one grid point either way, plus what fp32 rounding of the cdf (~1e-7 of K) moves
+        assert (counts - probs * count).abs().max() <= 1.01, (sampling, counts, probs * count)
+
+
+def test_draws_depend_only_on_seed_stage_step_and_stream_position():
+    first = sampling_uniforms(seed=0, stage_index=1, first_position=10, count=3, new_tokens=5)
+    assert torch.equal(first, sampling_uniforms(0, 1, 10, 3, 5))
+    # A micro batch starting one position later shares two sequences' draws: the draw is the sequence's, not the batch's
+    assert torch.equal(sampling_uniforms(0, 1, 11, 3, 5)[:2], first[1:])
+    assert not torch.equal(sampling_uniforms(1, 1, 10, 3, 5), first)
+    assert not torch.equal(sampling_uniforms(0, 2, 10, 3, 5), first)
+    kinds = [step_generates(0, 0, step, 0.5) for step in range(200)]
+    assert kinds == [step_generates(0, 0, step, 0.5) for step in range(200)]
+    assert 70 < sum(kinds) < 130  # about half, by a fixed draw per step
+    assert all(step_generates(0, 0, s, 1.0) for s in range(20)) and not any(step_generates(0, 0, s, 0.0) for s in range(20))
