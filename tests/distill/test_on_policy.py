@@ -18,6 +18,7 @@ from hybridize.distill.on_policy import (
 from hybridize.distill.recipe import OnPolicyStage, load_recipe, parse_recipe
 from hybridize.distill.stages import OnPolicyDistiller
 from hybridize.distill.trainer import Trainer
+from hybridize.errors import UserError
 from hybridize.evaluate.sampling import Sampling, choose_tokens
 from hybridize.teacher import load_teacher
 
@@ -203,3 +204,113 @@ def test_draws_depend_only_on_seed_stage_step_and_stream_position():
     assert kinds == [step_generates(0, 0, step, 0.5) for step in range(200)]
     assert 70 < sum(kinds) < 130  # about half, by a fixed draw per step
     assert all(step_generates(0, 0, s, 1.0) for s in range(20)) and not any(step_generates(0, 0, s, 0.0) for s in range(20))
+
+
+def on_policy_recipe(tiny_models, text_file, out, **changes) -> dict:
+    """One on_policy stage over the tiny models: 6 steps of 4 sequences of 12 prompt + 12 new tokens."""
+    raw = tiny_recipe(tiny_models, text_file, out)
+    raw["stages"] = [ON_POLICY | {"tokens": 6 * 4 * 24} | changes]
+    return raw
+
+
+def test_a_mixed_stage_trains_and_reports_its_generation_cost(tmp_path, tiny_models, text_file):
+    raw = on_policy_recipe(tiny_models, text_file, tmp_path / "run", on_policy_fraction=0.5, divergence="jsd",
+                           lr=3e-3)
+    final = Trainer(parse_recipe(raw)).run()
+    train = [r for r in metrics(tmp_path / "run") if r["split"] == "train"]
+    kinds = [r["on_policy"] for r in train]
+    assert kinds == [float(step_generates(0, 0, step, 0.5)) for step in range(6)] and 0 < sum(kinds) < 6
+    for row in train:
+        assert 0 <= row["generation_share"] < 1 and ("generated_tokens_per_s" in row) == bool(row["on_policy"])
+        assert row["generation_share"] > 0 or not row["on_policy"]
+    summary = json.loads((final / "stage.json").read_text())
+    assert summary["kind"] == "on_policy" and summary["on_policy_steps"] == sum(kinds)
+    assert summary["generated_tokens_per_s_median"] > 0 and 0 < summary["generation_share_mean"] < 1
+    evals = [r for r in metrics(tmp_path / "run") if r["split"] == "eval"]
+    assert evals[-1]["divergence"] < evals[0]["divergence"], evals
+
+
+def test_kill_and_resume_gives_the_same_next_steps(tmp_path, tiny_models, text_file):
+    """Killed after a checkpoint, resumed: the same steps generate, from the same draws, to the same losses."""
+    raw = on_policy_recipe(tiny_models, text_file, tmp_path / "unused", on_policy_fraction=0.7, tokens=8 * 4 * 24,
+                           sample_temperature=1.0, top_p=0.95)
+    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    process = subprocess.Popen(distill_command(recipe, "--output-dir", killed), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(killed / "checkpoints" / "0-onpolicy" / "step-00000004", process)
+    finally:
+        process.send_signal(signal.SIGKILL)  # no cleanup, no final save
+        process.wait()
+    assert not (killed / "final").exists()
+    resumed = run_distill(recipe, "--output-dir", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    start = int(resumed.stdout.split("resumed from ")[1].split("step-")[1][:8])
+    assert 4 <= start < 8
+    finished = run_distill(recipe, "--output-dir", straight)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    def train_rows(run):
+        return {r["step"]: r for r in metrics(run) if r["split"] == "train"}
+
+    after_kill, uninterrupted = train_rows(killed), train_rows(straight)
+    assert sorted(after_kill) == list(range(1, 9))
+    assert any(uninterrupted[step]["on_policy"] for step in range(start + 1, 9))
+    for step in range(start + 1, 9):
+        assert after_kill[step]["on_policy"] == uninterrupted[step]["on_policy"]
+        assert after_kill[step]["loss"] == uninterrupted[step]["loss"], step  # bit-exact: the same draws and weights
+
+
+def test_a_smoke_run_through_the_cli(tmp_path, tiny_models, text_file):
+    raw = on_policy_recipe(tiny_models, text_file, tmp_path / "unused", prompt_tokens=64, new_tokens=64, seq_len=128)
+    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
+    result = run_distill(recipe, "--smoke", "--output-dir", tmp_path / "smoke")
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = [r for r in metrics(tmp_path / "smoke") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(r["on_policy"] == 1.0 for r in train)
+    assert all(r["tokens"] == r["step"] * 2 * 32 for r in train)  # smoke: 2 sequences of 16 + 16 tokens
+    assert all(r["generated_tokens_per_s"] > 0 and 0 < r["generation_share"] < 1 for r in train)
+    record = json.loads((tmp_path / "smoke" / "final" / "distill.json").read_text())
+    assert record["recipe"]["stages"][0]["prompt_tokens"] == 16 and record["stages"][0]["steps_done"] == 2
+
+
+@pytest.mark.parametrize("change, line", [
+    ({"seq_len": 30}, "stages[0].seq_len: must equal prompt_tokens + new_tokens (12 + 12 = 24)"),
+    ({"divergence": "kl"}, "stages[0].divergence: allowed values: forward_kl, reverse_kl, jsd; got 'kl'"),
+    ({"jsd_beta": 1.0}, "stages[0].jsd_beta: must be in (0, 1) (forward_kl and reverse_kl are its limits), got 1"),
+    ({"on_policy_fraction": 1.5}, "stages[0].on_policy_fraction: must be in [0, 1], got 1.5"),
+    ({"sample_temperature": -1}, "stages[0].sample_temperature: must be in [0, 100] (0: greedy), got -1"),
+    ({"top_p": 0}, "stages[0].top_p: must be in (0, 1] (1: no cut), got 0"),
+    ({"top_k": -5}, "stages[0].top_k: must be >= 0 (0: no limit), got -5"),
+    ({"new_tokens": 0, "seq_len": 12}, "stages[0].new_tokens: must be >= 1, got 0"),
+    ({"ce_weight": 0.5}, "stages[0].ce_weight: unknown key; allowed:"),
+])
+def test_bad_on_policy_values_are_one_line_naming_the_key(change, line):
+    raw = {"teacher": "t", "init": "i", "output_dir": "o", "stages": [ON_POLICY | change]}
+    with pytest.raises(UserError) as caught:
+        parse_recipe(raw)
+    assert line in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_bad_on_policy_value_is_one_line_from_the_cli(tmp_path, tiny_models, text_file):
+    raw = on_policy_recipe(tiny_models, text_file, tmp_path / "out", divergence="kl")
+    result = run_distill(write_recipe(tmp_path / "recipe.yaml", raw), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"hybridize distill: error: recipe {tmp_path / 'recipe.yaml'}: stages[0].divergence: allowed values: "
+        "forward_kl, reverse_kl, jsd; got 'kl'"]
+    assert not (tmp_path / "out").exists()
+
+
+VARIANTS = {"windows-sinks-onpolicy": "windows-sinks", "gdn-onpolicy": "gdn"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_on_policy_variants_train_on_their_base_recipes_tokens(variant):
+    folder = REPO / "recipes" / "smollm2-135m"
+    recipe, base = load_recipe(folder / f"{variant}.yaml"), load_recipe(folder / f"{VARIANTS[variant]}.yaml")
+    assert sum(s.tokens for s in recipe.stages) == sum(s.tokens for s in base.stages)
+    assert [s.KIND for s in recipe.stages] == [s.KIND for s in base.stages] + ["on_policy"]
+    assert recipe.stages[:-2] == base.stages[:-1] and recipe.plan == base.plan
+    assert recipe.stages[-2].tokens == base.stages[-1].tokens - recipe.stages[-1].tokens
