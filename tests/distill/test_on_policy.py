@@ -2,8 +2,11 @@
 reproducible from the seed, exact resume, a smoke run through the CLI, and its recipe checks."""
 
 import json
+import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +317,23 @@ def test_the_on_policy_variants_train_on_their_base_recipes_tokens(variant):
     assert [s.KIND for s in recipe.stages] == [s.KIND for s in base.stages] + ["on_policy"]
     assert recipe.stages[:-2] == base.stages[:-1] and recipe.plan == base.plan
     assert recipe.stages[-2].tokens == base.stages[-1].tokens - recipe.stages[-1].tokens
+
+
+def test_ddp_on_two_cpu_processes_generates_the_same_sequences_as_one(tmp_path, tiny_models, text_file):
+    """The draws belong to stream positions, not to processes: under DDP the first step's loss is one process's."""
+    raw = on_policy_recipe(tiny_models, text_file, tmp_path / "unused", tokens=2 * 4 * 24, sample_temperature=1.0)
+    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
+    accelerate = Path(sys.executable).parent / "accelerate"  # the launcher of the interpreter running the tests
+    command = [str(accelerate) if accelerate.exists() else "accelerate", "launch", "--config_file",
+               "recipes/accelerate/ddp.yaml", "-m", "hybridize.distill", str(recipe), "--output-dir", tmp_path / "ddp"]
+    result = subprocess.run(list(map(str, command)), cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = run_distill(recipe, "--output-dir", tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp, one = ([r for r in metrics(tmp_path / run) if r["split"] == "train"] for run in ("ddp", "single"))
+    assert json.loads((tmp_path / "ddp" / "final" / "distill.json").read_text())["processes"] == 2
+    assert [r["on_policy"] for r in ddp] == [r["on_policy"] for r in one] == [1.0, 1.0]
+    # Micro batches of 2 sequences either way, so the same mean of means; only the reduction order differs.
+    assert ddp[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
+    assert ddp[0]["divergence"] == pytest.approx(one[0]["divergence"], rel=1e-5)
