@@ -11,17 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import requires_cuda
 from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, wait_for, write_recipe
 
 from hybridize.distill.export import load_student
 from hybridize.distill.losses import KDOptions, kd_loss
 from hybridize.distill.on_policy import (
-    ContinuationSampler, cached_continuations, generated_loss_mask, sampling_uniforms, step_generates,
+    ContinuationSampler, generated_loss_mask, sampling_uniforms, step_generates,
 )
 from hybridize.distill.recipe import OnPolicyStage, load_recipe, parse_recipe
 from hybridize.distill.stages import OnPolicyDistiller
 from hybridize.distill.trainer import Trainer
 from hybridize.errors import UserError
+from hybridize.evaluate.fast_decode import StaticDecoder
 from hybridize.evaluate.sampling import Sampling, choose_tokens
 from hybridize.teacher import load_teacher
 
@@ -337,3 +339,36 @@ def test_ddp_on_two_cpu_processes_generates_the_same_sequences_as_one(tmp_path, 
     # Micro batches of 2 sequences either way, so the same mean of means; only the reduction order differs.
     assert ddp[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
     assert ddp[0]["divergence"] == pytest.approx(one[0]["divergence"], rel=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_the_captured_sampling_step_on_cuda_draws_what_the_eager_step_draws(models, compile_step):
+    """fp32, as the stage decodes: the CUDA graph reads the uniforms from its buffer, replay after replay."""
+    student = models[0].to("cuda")
+    try:
+        config = stage(sample_temperature=1.0, top_p=0.95)
+        prompts = torch.randint(1, 1000, (2, config.prompt_tokens), device="cuda",
+                                generator=torch.Generator("cuda").manual_seed(5))
+        sampling = Sampling(config.sample_temperature, config.top_k, config.top_p)
+        eager = StaticDecoder(student, 2, config.seq_len, use_cuda_graph=False, compile_step=False, sampling=sampling)
+        graphed = StaticDecoder(student, 2, config.seq_len, compile_step=compile_step, sampling=sampling,
+                                log=pytest.fail)
+        for first in (0, 2):  # a second call with other draws: the buffer, not the capture, holds them
+            uniforms = sampling_uniforms(0, 0, first, 2, config.new_tokens).cuda()
+            expected = eager.generate(prompts, config.new_tokens, uniforms=uniforms)
+            tokens = graphed.generate(prompts, config.new_tokens, uniforms=uniforms)
+            # compiled kernels round differently, which can move a draw that falls on a cdf step by one token
+            agree = (tokens == expected).float().mean().item()
+            assert agree == 1.0 if not compile_step else agree > 0.9
+    finally:
+        student.to("cpu")
+
+
+@requires_cuda
+def test_a_stage_on_cuda_decodes_compiled_and_trains_in_bf16(tmp_path, tiny_models, text_file):
+    raw = on_policy_recipe(tiny_models, text_file, tmp_path / "run", on_policy_fraction=0.5, tokens=4 * 4 * 24)
+    Trainer(parse_recipe(raw)).run()
+    train = [r for r in metrics(tmp_path / "run") if r["split"] == "train"]
+    assert len(train) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert any(r["on_policy"] for r in train) and all(r["generated_tokens_per_s"] > 0 for r in train if r["on_policy"])
