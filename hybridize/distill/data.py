@@ -201,8 +201,13 @@ class StageData:
         Step s owns stream positions [s * G, (s + 1) * G); micro batch m of rank r takes the slice at
         (m * world + r) * micro_batch, so the union over ranks and micro batches is that same global batch.
         """
-        start = step * global_batch + (micro * world + rank) * micro_batch
+        start = self.stream_start(step, micro, micro_batch, global_batch, rank, world)
         return self.train[self.order.blocks(start, micro_batch)]["input_ids"]
+
+    @staticmethod
+    def stream_start(step: int, micro: int, micro_batch: int, global_batch: int, rank: int, world: int) -> int:
+        """Stream position of the first sequence of that micro batch (train_batch's rows follow it)."""
+        return step * global_batch + (micro * world + rank) * micro_batch
 
     def eval_batches(self, micro_batch: int, sequences: int, rank: int, world: int) -> list[torch.Tensor]:
         """This rank's share of the first `sequences` held-out blocks, in micro batches (the last may be smaller).

@@ -11,7 +11,7 @@ from ..dtypes import stored_dtype
 from ..errors import UserError
 from ..model import HybridConfig, HybridForCausalLM
 from ..publish.remote_code import add_remote_code
-from .recipe import KDStage, Stage
+from .recipe import EndToEndStage, Stage
 from .stages import Distiller, add_lora, merge_lora, trainable_names
 
 
@@ -41,7 +41,7 @@ def export_student(accelerator: Accelerator, distiller: Distiller, stage: Stage,
     state = accelerator.get_state_dict(distiller)  # every process takes part when FSDP gathers shards
     if accelerator.is_main_process:
         student = load_student(source)
-        with_lora = isinstance(stage, KDStage) and stage.lora is not None
+        with_lora = isinstance(stage, EndToEndStage) and stage.lora is not None
         adapted = add_lora(student, stage, trainable_names(student, stage)) if with_lora else None
         prefix = "student."
         student.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)

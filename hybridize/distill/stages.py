@@ -3,6 +3,7 @@
 Stage 1 (attention_output) is teacher-forced: one teacher forward captures, for every replaced layer, the
 hidden state its attention read and the attention output; each student mixer gets that input and is
 pulled towards that output. Stage 2 (kd) runs both models end to end and matches next-token distributions.
+An on_policy stage does the same on sequences the student continued itself (on_policy.py).
 """
 
 import fnmatch
@@ -16,7 +17,8 @@ from torch import nn
 from ..errors import UserError
 from ..teacher_forcing import capture_mixer_io, student_mixer_outputs
 from .losses import KDOptions, attention_output_loss, kd_loss, next_token_labels
-from .recipe import AttentionOutputStage, KDStage, LoraConfig, Stage
+from .on_policy import ContinuationSampler
+from .recipe import AttentionOutputStage, EndToEndStage, LoraConfig, OnPolicyStage, Stage
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -68,7 +70,7 @@ def lora_target_modules(layer_types: list[str], lora: LoraConfig, trained: set[s
     return [m for m in modules if f"{m}.weight" not in trained]
 
 
-def add_lora(student: nn.Module, stage: KDStage, trained: set[str]) -> LoraModel:
+def add_lora(student: nn.Module, stage: EndToEndStage, trained: set[str]) -> LoraModel:
     """Inject LoRA adapters (in place) into `student`; the returned LoraModel merges them back at the end."""
     targets = lora_target_modules(student.config.layer_types, stage.lora, trained)
     if not targets:
@@ -87,7 +89,7 @@ def merge_lora(adapted: LoraModel) -> nn.Module:
 def prepare_student(student: nn.Module, stage: Stage) -> LoraModel | None:
     """Freeze everything but the stage's trainable parameters (and LoRA adapters, added here); returns the LoraModel."""
     trained = trainable_names(student, stage)
-    adapted = add_lora(student, stage, trained) if isinstance(stage, KDStage) and stage.lora else None
+    adapted = add_lora(student, stage, trained) if isinstance(stage, EndToEndStage) and stage.lora else None
     for name, param in student.named_parameters():
         param.requires_grad_(name in trained or (adapted is not None and ".lora_" in name))
     if stage.gradient_checkpointing:
@@ -170,19 +172,46 @@ class KDDistiller(Distiller):
         super().__init__(student, teacher)
         self.options = options
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, loss_mask=None):
+        """input_ids [B, T], loss_mask [B, T] bool (None: every position) -> (loss, metrics)."""
         with torch.no_grad():
             teacher_hidden = self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, C]
         hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, C]
         terms = kd_loss(
             hidden.flatten(0, 1), self.student.lm_head.weight, teacher_hidden.flatten(0, 1),
             self.teacher.lm_head.weight, next_token_labels(input_ids).flatten(), self.options,
+            None if loss_mask is None else loss_mask.flatten(),
         )
         return terms.loss, {"kl": terms.kl, "ce": terms.ce}
 
 
-def build_distiller(stage: Stage, student: nn.Module, teacher: nn.Module) -> Distiller:
+class OnPolicyDistiller(KDDistiller):
+    """The stage's divergence on a loss mask; called with sample_uniforms, the student's continuations instead.
+
+    Generation goes through forward so that DDP and FSDP2 see it as a forward of the prepared model (FSDP2
+    gathers the sharded weights only inside one).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, stage: OnPolicyStage, static_decode: bool):
+        options = KDOptions(temperature=stage.temperature, chunk_tokens=stage.kl_chunk_tokens,
+                            divergence=stage.divergence, jsd_beta=stage.jsd_beta)
+        super().__init__(student, teacher, options)
+        self.sampler = ContinuationSampler(student, stage, static_decode)
+
+    def forward(self, input_ids, loss_mask=None, sample_uniforms=None):
+        """input_ids [B, T] (and loss_mask [B, T]) -> (loss, metrics); with sample_uniforms [B, L], input_ids are
+        prompts [B, P] and the result is the student's sequences [B, P + L] (no gradient)."""
+        if sample_uniforms is not None:
+            return self.sampler(input_ids, sample_uniforms)
+        loss, parts = super().forward(input_ids, loss_mask)
+        return loss, {"divergence": parts["kl"]}
+
+
+def build_distiller(stage: Stage, student: nn.Module, teacher: nn.Module, sharded: bool = False) -> Distiller:
+    """The stage's Distiller; `sharded`: the student's weights will be FSDP2 shards (no static decode then)."""
     if isinstance(stage, AttentionOutputStage):
         return AttentionOutputDistiller(student, teacher)
+    if isinstance(stage, OnPolicyStage):
+        return OnPolicyDistiller(student, teacher, stage, static_decode=not sharded)
     options = KDOptions(temperature=stage.temperature, ce_weight=stage.ce_weight, chunk_tokens=stage.kl_chunk_tokens)
     return KDDistiller(student, teacher, options)

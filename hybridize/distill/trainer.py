@@ -42,7 +42,8 @@ from .data import StageData, load_documents, stage_data
 from .disk_full import free_space, is_disk_full
 from .export import check_student_folder, export_student, load_student
 from .provenance import portable_data_record, portable_path, portable_recipe
-from .recipe import KDStage, Recipe, Stage, recipe_to_dict
+from .on_policy import OnPolicyFeed
+from .recipe import EndToEndStage, OnPolicyStage, Recipe, Stage, recipe_to_dict
 from .run_lock import RunLock, holds_run_files, remove_stale_partials
 from .stages import build_distiller, parameter_groups, prepare_student
 from .tracking import (
@@ -196,7 +197,7 @@ class Trainer:
         else:
             init = Path(self.recipe.init)
             check_student_folder(init)
-        if self.compiles and any(isinstance(stage, KDStage) for stage in self.recipe.stages):
+        if self.compiles and any(isinstance(stage, EndToEndStage) for stage in self.recipe.stages):
             compile_decoder_layers(self.teacher)
         place_teacher(self.teacher, self.accelerator)
         with self.accelerator.main_process_first():
@@ -347,12 +348,14 @@ class StageRun:
         set_seed(trainer.recipe.seed + self.index)
         student = load_student(self.source)
         prepare_student(student, stage)
-        if trainer.compiles and isinstance(stage, KDStage):
+        if trainer.compiles and isinstance(stage, EndToEndStage):
             compile_decoder_layers(student)  # stage 1 calls the mixers alone, outside their layers
         groups = parameter_groups(student, stage)
         self.peak_lrs = [group["peak_lr"] for group in groups]
         trained = sum(p.numel() for g in groups for p in g["params"])
-        distiller = build_distiller(stage, student, trainer.teacher)
+        distiller = build_distiller(stage, student, trainer.teacher, sharded=accelerator.is_fsdp2)
+        self.feed = (OnPolicyFeed(stage, self.index, trainer.recipe.seed, trainer.tokenizer.eos_token_id,
+                                  accelerator.num_processes) if isinstance(stage, OnPolicyStage) else None)
         optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
         self.model, self.optimizer = accelerator.prepare(distiller, optimizer)
         self._restore()
@@ -428,10 +431,13 @@ class StageRun:
             seconds = time.perf_counter() - started
             row = {"split": "train", "loss": loss_value, "grad_norm": grad_value, "lr": stage.lr * factor,
                    "tokens_per_s": self.tokens_per_step / seconds, "seconds": seconds, **means}
+            if self.feed:
+                row.update(self.feed.step_metrics(step, seconds))
             if torch.cuda.is_available():
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             self._report(row, tracker=progress.step % trainer.recipe.logging.every_steps == 0)
-            bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
+            shown = {"gen_share": f"{row['generation_share']:.0%}"} if self.feed else {}
+            bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{row['tokens_per_s']:,.0f}", **shown, refresh=False)
             bar.update(1)
             every_eval = trainer.recipe.logging.eval_every_steps
             if every_eval and progress.step % every_eval == 0 and progress.step < self.stop:
@@ -450,8 +456,12 @@ class StageRun:
                                               accelerator.process_index, accelerator.num_processes)
             # Gradients are synchronized only after the last micro batch.
             sync = micro == self.accumulation - 1
+            input_ids = to_device(input_ids, accelerator.device)
+            # An on_policy stage's student generates first (outside no_sync: no gradient flows there).
+            inputs = (self.feed.inputs(self.model, step, micro, accelerator.process_index, input_ids) if self.feed
+                      else {"input_ids": input_ids})
             with nullcontext() if sync else accelerator.no_sync(self.model):
-                loss, parts = self.model(to_device(input_ids, accelerator.device))
+                loss, parts = self.model(**inputs)
                 accelerator.backward(loss / self.accumulation)
             loss_sum += loss.detach().float() / self.accumulation
             for name, value in parts.items():
@@ -587,4 +597,17 @@ class StageRun:
             "held_out_gap": held_out_gap(rows),
             "tokens_per_s_median": statistics.median(speeds) if speeds else None,
             "peak_memory_gib": max((r["peak_memory_gib"] for r in train if "peak_memory_gib" in r), default=None),
+            **(generation_summary(train) if self.feed else {}),
         }
+
+
+def generation_summary(train: list[dict]) -> dict:
+    """An on_policy stage's decode cost: its steps that generated, their median generated tokens/s, and the mean share
+    of step time that generating took over those steps."""
+    generating = [r for r in train if "generated_tokens_per_s" in r]
+    return {
+        "on_policy_steps": len(generating),
+        "generated_tokens_per_s_median": statistics.median(r["generated_tokens_per_s"] for r in generating)
+        if generating else None,
+        "generation_share_mean": statistics.fmean(r["generation_share"] for r in generating) if generating else None,
+    }

@@ -10,7 +10,9 @@ overhead, not the GPU, sets the decode speed. StaticDecoder removes it:
   state and is captured once as a CUDA graph; decoding N tokens is N graph replays;
 - the step is compiled with torch.compile first (on a GPU, by default), so the dozens of small
   element-wise kernels per layer fuse: inside a CUDA graph the launch count, not Python, is what is left;
-- prefill runs the model's own forward (the chunked kernels), then copies its cache into the slots.
+- prefill runs the model's own forward (the chunked kernels), then copies its cache into the slots;
+- the next token is the argmax, or (with `sampling`) drawn by `sampling.choose_tokens` from uniforms the caller
+  gives, held in a device buffer the step reads, so sampling adds no RNG state to the graph.
 On the CPU the same step runs eagerly (or compiled, when asked), which is how the tests check it
 against `generate()`.
 """
@@ -26,6 +28,7 @@ from ..model.cache import RecurrentLayerCache, SinkWindowLayer
 from ..model.compiling import allow_recompiles
 from ..model.configuration_hybrid import ATTENTION_TYPES
 from ..model.context import SequenceContext, real_token_rank
+from .sampling import Sampling, choose_tokens
 
 _SLOT_ALIGN = 8  # attention kernels prefer key lengths that are a multiple of 8; extra slots stay masked
 
@@ -47,15 +50,16 @@ NO_TOKEN = 2**62  # a sink_index that never leaves the ring: the row has not had
 
 
 class StaticDecoder:
-    """Greedy decoding of up to `batch_size` sequences of at most `max_length` tokens (prompt + new) in total.
+    """Greedy (or sampled) decoding of up to `batch_size` sequences of at most `max_length` tokens (prompt + new).
 
     Build one per (batch size, max length) and reuse it: the step is compiled and the CUDA graph captured
     in the constructor. `use_cuda_graph=None` and `compile_step=None` mean: when the model is on a GPU.
     """
 
     def __init__(self, model, batch_size: int, max_length: int, *, use_cuda_graph: bool | None = None,
-                 compile_step: bool | None = None, log=print):
+                 compile_step: bool | None = None, sampling: Sampling = Sampling(temperature=0), log=print):
         self.model = model.eval()
+        self.sampling = sampling
         self.config = model.config
         self.batch_size, self.max_length = batch_size, max_length
         param = next(model.parameters())
@@ -100,6 +104,7 @@ class StaticDecoder:
                 cache.recurrent_state = torch.zeros(batch, *state_shape(mixer), dtype=torch.float32, device=device)
                 self.layer_caches.append(cache)
         self.tokens = torch.zeros(batch, self.max_length, dtype=torch.long, device=device)  # prompt + generated
+        self.uniforms = torch.zeros(batch, self.max_length, dtype=torch.float32, device=device)  # per token column
         self._next_token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1] input of the next step
         self._position = torch.zeros(batch, dtype=torch.long, device=device)  # [B] RoPE position of that token
         self._index = torch.zeros((), dtype=torch.long, device=device)  # its stream index (same for every row)
@@ -115,7 +120,8 @@ class StaticDecoder:
         return out
 
     def _reset(self) -> None:
-        for buffer in [self.tokens, self._next_token, self._position, self._index, *self._cache_buffers()]:
+        for buffer in [self.tokens, self.uniforms, self._next_token, self._position, self._index,
+                       *self._cache_buffers()]:
             buffer.zero_()
         for cache in self.layer_caches:
             if isinstance(cache, AttentionSlots):
@@ -126,7 +132,7 @@ class StaticDecoder:
         return sum(b.numel() * b.element_size() for b in self._cache_buffers())
 
     def _step(self) -> None:
-        """Decode one token for every row: read _next_token at _index, write the argmax to tokens[:, _index + 1]."""
+        """Decode one token for every row: read _next_token at _index, write the chosen one to tokens[:, _index + 1]."""
         model = self.model.model
         hidden = model.embed_tokens(self._next_token)  # [B, 1, C]
         cos, sin = model.rotary_emb(hidden, self._position[:, None])  # [B, 1, D] each
@@ -139,8 +145,9 @@ class StaticDecoder:
             hidden = hidden + mixed
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         logits = self.model.lm_head(model.norm(hidden))[:, -1]  # [B, V]
-        chosen = logits.argmax(-1, keepdim=True)  # [B, 1]
-        self.tokens.index_copy_(1, (self._index + 1).view(1), chosen)
+        column = (self._index + 1).view(1)
+        chosen = choose_tokens(logits, self.uniforms.index_select(1, column)[:, 0], self.sampling)  # [B, 1]
+        self.tokens.index_copy_(1, column, chosen)
         self._next_token.copy_(chosen)
         self._position.add_(1)
         self._index.add_(1)
@@ -175,13 +182,17 @@ class StaticDecoder:
         return graph
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> None:
-        """Run the prompt [B, T] (left-padded where attention_mask [B, T] is 0) and pick its first new token."""
+    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                uniforms: torch.Tensor | None = None) -> None:
+        """Run the prompt [B, T] (left-padded where attention_mask [B, T] is 0) and pick its first new token;
+        with sampling, uniforms [B, n] are the draws for the next n tokens (n <= max_length - T)."""
         batch, length = input_ids.shape
         if batch != self.batch_size or length >= self.max_length:
             raise ValueError(f"prompt {tuple(input_ids.shape)} does not fit batch {self.batch_size}, "
                              f"max length {self.max_length}")
         self._reset()
+        if uniforms is not None:
+            self.uniforms[:, length : length + uniforms.shape[1]] = uniforms
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         for cache, layer in zip(self.layer_caches, out.past_key_values.layers):
@@ -194,7 +205,7 @@ class StaticDecoder:
             else:
                 cache.conv_state.copy_(layer.conv_state)
                 cache.recurrent_state.copy_(layer.recurrent_state)
-        chosen = out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+        chosen = choose_tokens(out.logits[:, -1], self.uniforms[:, length], self.sampling)  # [B, 1]
         self.tokens[:, :length] = input_ids
         self.tokens[:, length : length + 1] = chosen
         self._next_token.copy_(chosen)
@@ -210,13 +221,16 @@ class StaticDecoder:
             else:
                 self._run_step()
 
-    def generate(self, input_ids: torch.LongTensor, max_new_tokens: int,
-                 attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
-        """[B, T] -> [B, T + max_new_tokens], the same tokens as greedy `model.generate()` with no eos stop."""
+    def generate(self, input_ids: torch.LongTensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                 uniforms: torch.Tensor | None = None) -> torch.LongTensor:
+        """[B, T] -> [B, T + max_new_tokens], the same tokens as greedy `model.generate()` with no eos stop
+        (with sampling: drawn with uniforms [B, max_new_tokens], one per new token)."""
         length = input_ids.shape[1]
         if length + max_new_tokens > self.max_length:
             raise ValueError(f"{length} + {max_new_tokens} tokens exceed max length {self.max_length}")
-        self.prefill(input_ids, attention_mask)
+        if not self.sampling.greedy and (uniforms is None or uniforms.shape != (self.batch_size, max_new_tokens)):
+            raise ValueError(f"sampling needs uniforms of shape {(self.batch_size, max_new_tokens)}")
+        self.prefill(input_ids, attention_mask, uniforms)
         self.decode(max_new_tokens - 1)
         return self.tokens[:, : length + max_new_tokens].clone()
 

@@ -9,7 +9,7 @@ from distill_support import REPO
 
 from hybridize.convert.plan import resolve_plan
 from hybridize.distill.recipe import (
-    AttentionOutputStage, KDStage, apply_override, load_recipe, parse_recipe, read_recipe, smoke_overrides,
+    AttentionOutputStage, KDStage, OnPolicyStage, apply_override, load_recipe, parse_recipe, read_recipe, smoke_overrides,
 )
 from hybridize.distill.tracking import GAP_TRAIN_STEPS, held_out_gap
 from hybridize.errors import UserError
@@ -50,7 +50,8 @@ def test_both_teachers_have_recipes():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_recipe_loads_and_its_plan_resolves(path):
     recipe = load_recipe(path)
-    assert [type(s) for s in recipe.stages] == [AttentionOutputStage, KDStage]
+    on_policy = [OnPolicyStage] if path.stem.endswith("-onpolicy") else []
+    assert [type(s) for s in recipe.stages] == [AttentionOutputStage, KDStage] + on_policy
     layer_types = resolve_plan(recipe.plan, TEACHER_LAYERS[path.parent.name])
     assert "full_attention" in layer_types and len(set(layer_types)) == 2
     assert all(stage.steps() >= 100 for stage in recipe.stages)
