@@ -21,7 +21,8 @@ def softplus(x):
     rounded: accurate to a few ulps where log(1 + e) keeps only the bits of e above 1's (layers run at e ~ 1e-3)."""
     e = tl.exp(tl.minimum(x, 20.0))
     u = 1.0 + e
-    return tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
+    d = u - 1.0  # 0 where e is below 1's last bit: log1p(e) = e there
+    return tl.where(x > 20.0, x, tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d))))
 
 
 @triton.jit
