@@ -1,11 +1,13 @@
 """Benchmark the gated delta rule (chunk forward, forward+backward, decode step) against fla-core on a CUDA GPU.
 
-Run: python scripts/bench_gated_delta.py [--headline | --models | --profile].
+Run: python scripts/bench_gated_delta.py [--headline | --models | --profile | --raw-inputs].
 Prints ms (median of triton.testing.do_bench), the ratio to the peer (fla-core, when installed) and to the
 ideal-byte floor (bytes read once + written once at 3.0 TB/s).
 --headline stops after the headline shape and the decode step (fla's autotuning of every shape takes minutes).
 --models runs only the SmolLM2 and Llama-3.2-1B shapes: decode steps at B 64 and 512, chunks at T = 2K, 8K, 32K.
 --profile prints instead where the fwd+bwd time goes, kernel by kernel, for ours and the peer at the headline shape.
+--raw-inputs times fwd+bwd from the layer's raw q, k, a, b: the norms, gate and beta formed in PyTorch before the op
+against the op forming them (gate_params, qk_l2norm), at the SmolLM2 and headline shapes.
 """
 
 import sys
@@ -17,7 +19,8 @@ import triton
 from kernel_profile import print_kernel_table
 
 from hybridize.kernels.gated_delta import chunk as chunk_module
-from hybridize.kernels.gated_delta import chunk_gated_delta_rule, gated_delta_step
+from hybridize.kernels.gated_delta import GateParams, chunk_gated_delta_rule, gated_delta_step
+from hybridize.model.gated_deltanet import l2_normalize
 
 try:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
@@ -117,6 +120,30 @@ def bench_step(B, H, D):
     print(f"{'':44s} ours {achieved / 1e9:.0f} GB/s = {achieved / BANDWIDTH:.0%} of 3.0 TB/s")
 
 
+def bench_raw_inputs(B, T, HK, H, D):
+    """fwd+bwd from raw inputs laid out as the layer has them (views of one projection), un-fused and fused."""
+    qkv = torch.randn(B, T, (2 * HK + H) * D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ab = torch.randn(B, T, 2 * H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    A_log, dt_bias, b_bias = (torch.randn(H, device="cuda", requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        dt_bias -= 4.0
+
+    def run(fused):
+        for x in (qkv, ab, A_log, dt_bias, b_bias):
+            x.grad = None
+        q, k, v = (x.unflatten(-1, (-1, D)) for x in qkv.split([HK * D, HK * D, H * D], -1))
+        a, b = ab.split([H, H], -1)
+        if fused:
+            o = chunk_gated_delta_rule(q, k, v, a, b, gate_params=GateParams(A_log, dt_bias, b_bias), qk_l2norm=True)[0]
+        else:
+            g = -torch.exp(A_log) * F.softplus(a.float() + dt_bias)
+            o = chunk_gated_delta_rule(l2_normalize(q), l2_normalize(k), v, g, torch.sigmoid(b.float() + b_bias))[0]
+        o.backward(torch.ones_like(o))
+
+    unfused_ms, fused_ms = (time_ms(run, fused) for fused in (False, True))
+    print(f"raw inputs B{B} T{T} HK{HK} H{H} D{D} fwd+bwd   un-fused {unfused_ms:.3f} ms   fused {fused_ms:.3f} ms")
+
+
 def profile_fwd_bwd(B=4, T=4096, H=16, D=128):
     inputs = make(B, T, H, D, requires_grad=True)
     for name, fn in [("ours", chunk_gated_delta_rule), ("fla-core", fla_chunk)]:
@@ -138,6 +165,10 @@ def main():
           f"fla-core {'installed' if fla_chunk is not None else 'not installed'}")
     if "--profile" in sys.argv[1:]:
         profile_fwd_bwd()
+        return
+    if "--raw-inputs" in sys.argv[1:]:
+        for B, T, HK, H, D in [(8, 2048, 3, 9, 64), (4, 4096, 16, 16, 128)]:
+            bench_raw_inputs(B, T, HK, H, D)
         return
     if "--models" not in sys.argv[1:]:  # --models: only the model shapes below, each call's limit spent on them
         bench_chunk("GDN", 4, 4096, 16, 128)

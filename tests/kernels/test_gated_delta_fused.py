@@ -1,4 +1,4 @@
-"""Gated delta rule on raw inputs (gate_params, qk_l2norm): the op against the un-fused fp32 computation, every gradient.
+"""Gated delta rule on raw inputs (gate_params, qk_l2norm) against the un-fused fp32 computation, every gradient.
 
 The ground truth forms q / |q|, k / |k|, g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b + b_bias) in fp32
 PyTorch, as the layer's un-fused path does, and runs the token loop on them; autograd carries its gradients back to
@@ -13,16 +13,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from helpers import assert_rel_rmse, requires_cuda
-from test_gated_delta import CASES, FP32_TOL, HALF_TOL, LONG_TOL, STRONG_GATE_CASES, guard  # noqa: F401
+import test_gated_delta
+from test_gated_delta import CASES, FP32_TOL, HALF_TOL, LONG_TOL, STRONG_GATE_CASES
 
 from hybridize.kernels.gated_delta import GateParams, chunk_gated_delta_rule, gated_delta_step, reference
 from hybridize.kernels.gated_delta.inputs import l2norm_bwd, l2norm_fwd, softplus
 from hybridize.model.gated_deltanet import l2_normalize
 
+guard = test_gated_delta.guard  # the fixture: NaN guard bands around every buffer the kernels allocate
+
 RAW = ["q", "k", "v", "a", "b", "A_log", "dt_bias", "b_bias"]
 PARAMS = ["dA_log", "ddt_bias", "db_bias"]
 # fp32: the un-fused tolerances, a and b as g and beta (da is dg times the gate's slope, db dbeta times beta's)
-FUSED_FP32_TOL = {**FP32_TOL, "da": FP32_TOL["dg"], "db": FP32_TOL["dbeta"], **dict.fromkeys(PARAMS, FP32_TOL["dg"])}
+FUSED_FP32_TOL = {**FP32_TOL, "da": FP32_TOL["dg"], "db": FP32_TOL["dbeta"],
+                  **dict.fromkeys(PARAMS, FP32_TOL["dg"])}
 # 16-bit: one rounding more than the un-fused op on every path, the normalized q and k stored in the input dtype
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 FUSED_HALF_TOL = {dtype: HALF_TOL[dtype] + u for dtype, u in UNIT_ROUNDOFF.items()}
@@ -32,7 +36,8 @@ FUSED_LONG_TOL = {dtype: LONG_TOL[dtype] + u for dtype, u in UNIT_ROUNDOFF.items
 def make_raw_inputs(B, T, HK, H, K, V, *, N=None, init=True, dtype=torch.float32, device="cpu", seed=0, rate=None):
     """Raw layer inputs: q, k of norms spread over 0.1..10 (the norm's Jacobian matters), v; a, b ~ N(0, 1); A_log,
     dt_bias as the layer initializes them (decays e^-0.001 .. e^-16 a token), or A_log = log(rate) and dt_bias 3
-    for strong gates (decays beyond e^-0.7 rate); b_bias ~ N(0, 1). q, k, v, a, b in `dtype`, the parameters and the state fp32."""
+    for strong gates (decays beyond e^-0.7 rate); b_bias ~ N(0, 1). q, k, v, a, b in `dtype`; the parameters and
+    the state fp32."""
     gen = torch.Generator().manual_seed(seed)
     randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     rand = lambda *s: torch.rand(*s, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -46,7 +51,8 @@ def make_raw_inputs(B, T, HK, H, K, V, *, N=None, init=True, dtype=torch.float32
         A_log, dt_bias = torch.full((H,), float(rate)).log(), torch.full((H,), 3.0)
     b_bias = randn(H)
     h0 = (0.5 * randn(N or B, H, K, V)).to(device, torch.float32) if init else None
-    raw = [x.to(device, dtype) for x in (q, k, v, a, b)] + [x.to(device, torch.float32) for x in (A_log, dt_bias, b_bias)]
+    raw = [x.to(device, dtype) for x in (q, k, v, a, b)]
+    raw += [x.to(device, torch.float32) for x in (A_log, dt_bias, b_bias)]
     return raw, h0
 
 
@@ -127,7 +133,8 @@ def test_fused_chunk_matches_unfused_loop(B, T, HK, H, K, V, cu, init, chunk_siz
     assert_fused_close(actual, expected, FUSED_FP32_TOL, parameter_terms(raw, expected))
 
 
-@pytest.mark.parametrize("B, T, HK, H, K, V, cu", [(2, 63, 2, 4, 16, 32, None), (1, 150, 2, 4, 16, 16, [0, 17, 80, 150])])
+@pytest.mark.parametrize("B, T, HK, H, K, V, cu", [(2, 63, 2, 4, 16, 32, None),
+                                                    (1, 150, 2, 4, 16, 16, [0, 17, 80, 150])])
 def test_fused_chunk_half_precision(B, T, HK, H, K, V, cu, guard):
     """fp16 (the interpreter's bf16 tl.dot is wrong; the CUDA twin runs both)."""
     _check(B, T, HK, H, K, V, cu, torch.float16, dict.fromkeys(FUSED_FP32_TOL, FUSED_HALF_TOL[torch.float16]),
@@ -153,7 +160,7 @@ def _check_strong(B, T, HK, H, K, V, cu, dtype, device, place=torch.clone):
     tol = HALF_TOL[dtype] + UNIT_ROUNDOFF.get(dtype, 0.0)
     for name in ("o", "ht", "dq", "dk", "dv", "db"):
         assert_rel_rmse(actual[name].float(), expected[name].float(), tol, name)
-    # dg's terms are q . dq and k . dk of the unit q, k, ~ |dq| + |dk| (as in test_gated_delta.assert_matches_with_floor);
+    # dg's terms: q . dq and k . dk of the unit q, k, ~ |dq| + |dk| (test_gated_delta.assert_matches_with_floor);
     # da is dg times the slope of the gate; dA_log and ddt_bias sum dg g and da over the tokens
     dg_terms = sum(inter[x].grad.norm(dim=-1).repeat_interleave(H // HK, 2) for x in ("q", "k")).double()  # [B, T, H]
     a, A_log, dt_bias = (x.double() for x in (raw[3], raw[5], raw[6]))

@@ -545,7 +545,7 @@ def _launch_per_chunk(kernel, lay: _Layout, *args, H: int, HK: int, K: int, V: i
 
 class _Gates(NamedTuple):
     """g and beta as the WY kernels read them: [B * T, H] rows at the token strides s_g, s_b. With `params`, they hold
-    the raw a and b, which the kernels turn into the gate and beta (inputs.gate_inputs)."""
+    the raw a and b, which the kernels turn into the gate and beta (inputs.log_decay, inputs.write_strength)."""
 
     g: torch.Tensor
     s_g: int
