@@ -58,6 +58,7 @@ class HybridConfig(PretrainedConfig):
     gdn_head_k_dim: int | None = None
     gdn_head_v_dim: int | None = None
     gdn_chunk_size: int = 64
+    gdn_fused_inputs: bool = True  # the gate, beta and q/k L2 norms formed inside the GDN kernels
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:

@@ -20,6 +20,7 @@ class GatedDeltaNetMixer(nn.Module):
     """S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,  o_t = S_t^T q_t / sqrt(d_k),  out = W_o RMSNorm(o) * silu(W_g x).
 
     a_t = exp(-exp(A_log) * softplus(W_a x_t + dt_bias)) and b_t = sigmoid(W_b x_t + b_bias), one of each per head.
+    With config.gdn_fused_inputs the kernels form a_t, b_t and the q/k norms from the raw projections themselves.
     b_bias holds a per-head write strength that does not depend on the input (conversion sets it from the teacher;
     zero gives GDN's own b_t = sigmoid(W_b x_t)).
     """
@@ -32,6 +33,7 @@ class GatedDeltaNetMixer(nn.Module):
         self.head_k_dim = config.gdn_head_k_dim
         self.head_v_dim = config.gdn_head_v_dim
         self.chunk_size = config.gdn_chunk_size
+        self.fused_inputs = config.gdn_fused_inputs
         self.norm_eps = config.rms_norm_eps
         hidden = config.hidden_size
         key_dim, value_dim = self.num_k_heads * self.head_k_dim, self.num_heads * self.head_v_dim
@@ -79,20 +81,26 @@ class GatedDeltaNetMixer(nn.Module):
         qkv, conv_state = cached_short_conv(qkv, self.conv_weight, None, layer_cache, keep)  # [B, T, D_conv]
         decoding = is_decoding(layer_cache, length)
         q, k, v = torch.split(qkv, self.conv_channels, dim=-1)
-        q = l2_normalize(q.view(batch, length, self.num_k_heads, self.head_k_dim))  # [B, T, HK, K]
-        k = l2_normalize(k.view(batch, length, self.num_k_heads, self.head_k_dim))  # [B, T, HK, K]
+        q = q.view(batch, length, self.num_k_heads, self.head_k_dim)  # [B, T, HK, K]
+        k = k.view(batch, length, self.num_k_heads, self.head_k_dim)  # [B, T, HK, K]
         v = v.view(batch, length, self.num_heads, self.head_v_dim)  # [B, T, H, V]
-        beta = torch.sigmoid(b.float() + self.b_bias.float())  # [B, T, H]
-        g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias)  # [B, T, H]
+        if self.fused_inputs:
+            # the kernels normalize q, k and form g, beta from the raw a, b themselves
+            g, beta, gate_params = a, b, ops.GateParams(self.A_log, self.dt_bias, self.b_bias)
+        else:
+            q, k = l2_normalize(q), l2_normalize(k)
+            beta = torch.sigmoid(b.float() + self.b_bias.float())  # [B, T, H]
+            g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias)  # [B, T, H]
+            gate_params = None
         scale = self.head_k_dim**-0.5
         if decoding:
             o = ops.gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], layer_cache.recurrent_state,
-                                     scale=scale)[:, None]
+                                     scale=scale, gate_params=gate_params, qk_l2norm=self.fused_inputs)[:, None]
         else:
             o, state = ops.chunk_gated_delta_rule(
                 q, k, v, g, beta, scale=scale, chunk_size=self.chunk_size,
                 initial_state=layer_cache.recurrent_state if layer_cache is not None else None,
-                output_final_state=layer_cache is not None,
+                output_final_state=layer_cache is not None, gate_params=gate_params, qk_l2norm=self.fused_inputs,
             )  # [B, T, H, V]
             if layer_cache is not None:
                 layer_cache.conv_state, layer_cache.recurrent_state = conv_state, state

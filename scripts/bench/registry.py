@@ -5,8 +5,9 @@ A case builds its inputs from a shape dict (`build`), and each variant binds the
 (preparation, such as a peer's head expansion or an attention mask, happens at bind time, outside the timing).
 To compare another way of calling an op on the same inputs, add an entry to the case's `ours` dict, e.g.
 `"fwd, chunk 32": fwd(lambda x: chunk_gated_delta_rule(..., chunk_size=32)[0])`. An op that takes other inputs is
-another case: the gated delta rule with the gate, norm and beta computed inside would be `gated_delta.fused_gate`,
-with its own `build` and a `traffic` that counts the raw projections it reads instead of g and beta.
+another case: `gated_delta.raw_inputs` times the gated delta rule from the layer's raw projections, the gate, the
+q/k norms and beta formed inside the op against the PyTorch glue that forms them first; its `traffic` counts the
+raw projections it reads instead of g and beta.
 
 Traffic is the ideal: each pass reads its inputs once and writes its outputs once. A forward reads `reads` and
 writes `writes`; a backward reads the inputs again and the output gradient, and writes `grads`. A decode step's
@@ -21,10 +22,11 @@ import torch.nn.functional as F
 
 from hybridize.kernels.conv1d import causal_conv1d
 from hybridize.kernels.decode_attention import decode_attention
-from hybridize.kernels.gated_delta import chunk_gated_delta_rule, gated_delta_step
+from hybridize.kernels.gated_delta import GateParams, chunk_gated_delta_rule, gated_delta_step
 from hybridize.kernels.norm import gated_rms_norm
 from hybridize.kernels.ssd import chunk_ssd, ssd_step
 from hybridize.model.attention import attention_mask_for, sliding_window_attention
+from hybridize.model.gated_deltanet import l2_normalize
 
 FP32 = 4  # bytes: gates, decays and recurrent states stay fp32 whatever the activation dtype
 FLA = "fla-core"
@@ -145,6 +147,22 @@ def _fla_gated_delta_chunk() -> dict[str, Variant]:
     return {"fwd": fwd(op), "fwd+bwd": fwd_bwd(op)}
 
 
+def _fla_gated_delta_raw() -> dict[str, Variant]:
+    """fla-core's layer path: the q/k norms inside its op (use_qk_l2norm_in_kernel), the gate and beta in PyTorch."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+    except ImportError:
+        return {}
+    _lift_fla_gated_backward_guard()
+
+    def op(x):
+        q, k, v, a, b = _raw_views(x)
+        g, beta = _gate_and_beta(x, a, b)
+        return fla_chunk(q, k, v, g=g, beta=beta, scale=q.shape[-1] ** -0.5, use_qk_l2norm_in_kernel=True)[0]
+
+    return {"fwd": fwd(op), "fwd+bwd": fwd_bwd(op)}
+
+
 def _fla_gated_delta_step() -> dict[str, Variant]:
     try:
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
@@ -251,6 +269,51 @@ def _gated_delta_step_inputs(s: dict, device, dtype, grad: bool) -> dict:
 def _gated_delta_step_traffic(s: dict, a: int) -> Traffic:
     n, state = s["B"] * s["H"], s["B"] * s["H"] * s["D"] * s["D"] * FP32
     return Traffic(reads=n * (3 * s["D"] * a + a + FP32) + state, writes=n * s["D"] * a + state)
+
+
+def _gated_delta_raw_inputs(s: dict, device, dtype, grad: bool) -> dict:
+    """The layer's raw inputs: one [B, T, (2 HK + H) D] q/k/v projection and one [B, T, 2H] a/b projection (split
+    into views as the layer splits them) and the fp32 per-head gate parameters."""
+    B, T, HK, H, D = s["B"], s["T"], s["HK"], s["H"], s["D"]
+    x = {"qkv": _randn(B, T, (2 * HK + H) * D, device=device, dtype=dtype, grad=grad),
+         "ab": _randn(B, T, 2 * H, device=device, dtype=dtype, grad=grad),
+         "A_log": torch.log(torch.linspace(1, 16, H, device=device)).requires_grad_(grad),
+         "dt_bias": torch.full((H,), -4.0, device=device).requires_grad_(grad),  # decays of -0.02 to -0.3 a token
+         "b_bias": torch.zeros(H, device=device).requires_grad_(grad), "heads": (HK, H, D)}
+    if grad:
+        x["do"] = torch.randn(B, T, H, D, device=device, dtype=dtype)  # [B, T, H, D]
+    return x
+
+
+def _raw_views(x: dict) -> tuple[torch.Tensor, ...]:
+    """q, k [B, T, HK, D], v [B, T, H, D], a, b [B, T, H]: views of the two projections, no copies."""
+    HK, H, D = x["heads"]
+    q, k, v = (t.unflatten(-1, (-1, D)) for t in x["qkv"].split([HK * D, HK * D, H * D], -1))
+    return (q, k, v, *x["ab"].split([H, H], -1))
+
+
+def _gate_and_beta(x: dict, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's formulas in PyTorch (model/gated_deltanet.py): g, beta [B, T, H] fp32."""
+    g = -torch.exp(x["A_log"]) * F.softplus(a.float() + x["dt_bias"])
+    return g, torch.sigmoid(b.float() + x["b_bias"])
+
+
+def _gated_delta_raw_in_op(x: dict) -> torch.Tensor:
+    q, k, v, a, b = _raw_views(x)
+    gate = GateParams(x["A_log"], x["dt_bias"], x["b_bias"])
+    return chunk_gated_delta_rule(q, k, v, a, b, gate_params=gate, qk_l2norm=True)[0]
+
+
+def _gated_delta_raw_glue(x: dict) -> torch.Tensor:
+    q, k, v, a, b = _raw_views(x)
+    g, beta = _gate_and_beta(x, a, b)
+    return chunk_gated_delta_rule(l2_normalize(q), l2_normalize(k), v, g, beta)[0]
+
+
+def _gated_delta_raw_traffic(s: dict, a: int) -> Traffic:
+    n = s["B"] * s["T"]
+    reads = n * ((2 * s["HK"] + s["H"]) * s["D"] + 2 * s["H"]) * a + 3 * s["H"] * FP32
+    return Traffic(reads=reads, writes=n * s["H"] * s["D"] * a, grads=reads)
 
 
 # B * T = 16K tokens (B = 1 at 32K) at the SmolLM2-135M (9 heads) and Llama-3.2-1B (32 heads) head shapes
@@ -428,6 +491,19 @@ CASES = {case.name: case for case in (
         ours={"fwd": fwd(_gated_delta_chunk), "fwd+bwd": fwd_bwd(_gated_delta_chunk)},
         peer=f"{FLA} chunk_gated_delta_rule", peer_variants=_fla_gated_delta_chunk,
         traffic=_gated_delta_chunk_traffic,
+    ),
+    Case(
+        name="gated_delta.raw_inputs",
+        about="Gated DeltaNet from the layer's raw projections: gate, q/k norms and beta formed inside the op",
+        shapes={"headline": ({"B": 4, "T": 4096, "HK": 16, "H": 16, "D": 128},),
+                "models": ({"model": "SmolLM2-135M", "B": 8, "T": 2048, "HK": 3, "H": 9, "D": 64},
+                           {"model": "Llama-3.2-1B", "B": 8, "T": 2048, "HK": 8, "H": 32, "D": 64})},
+        build=_gated_delta_raw_inputs,
+        ours={"fwd": fwd(_gated_delta_raw_in_op), "fwd+bwd": fwd_bwd(_gated_delta_raw_in_op)},
+        peer=f"{FLA} chunk_gated_delta_rule(use_qk_l2norm_in_kernel), gate and beta in PyTorch",
+        peer_variants=_fla_gated_delta_raw,
+        traffic=_gated_delta_raw_traffic,
+        others={"PyTorch glue": {"fwd": fwd(_gated_delta_raw_glue), "fwd+bwd": fwd_bwd(_gated_delta_raw_glue)}},
     ),
     Case(
         name="ssd.step",

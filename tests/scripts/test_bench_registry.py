@@ -30,6 +30,7 @@ report = load("report")
 TINY = {
     "gated_delta.step": {"B": 2, "H": 3, "D": 16},
     "gated_delta.chunk": {"B": 2, "T": 37, "H": 3, "D": 16},
+    "gated_delta.raw_inputs": {"B": 2, "T": 37, "HK": 1, "H": 3, "D": 16},
     "ssd.step": {"B": 2, "G": 1, "H": 2, "N": 16, "P": 8},
     "ssd.chunk": {"B": 1, "T": 37, "G": 1, "H": 2, "N": 16, "P": 8},
     "conv1d": {"B": 2, "T": 13, "D": 24, "W": 4},
@@ -155,7 +156,8 @@ def test_window_flops_by_hand():
 
 
 def test_select_by_case_or_op():
-    assert [c.name for c in registry.select(["gated_delta"])] == ["gated_delta.step", "gated_delta.chunk"]
+    assert [c.name for c in registry.select(["gated_delta"])] == [
+        "gated_delta.step", "gated_delta.chunk", "gated_delta.raw_inputs"]
     assert [c.name for c in registry.select(["ssd.chunk", "conv1d"])] == ["ssd.chunk", "conv1d"]
     assert len(registry.select([])) == len(registry.CASES)
     with pytest.raises(KeyError):

@@ -4,9 +4,9 @@ import torch
 
 from hybridize.kernels.backend import resolve_backend
 from hybridize.kernels.gated_delta import chunk, recurrent, reference
-from hybridize.kernels.gated_delta.reference import recurrent_gated_delta_rule
+from hybridize.kernels.gated_delta.reference import GateParams, recurrent_gated_delta_rule
 
-__all__ = ["chunk_gated_delta_rule", "gated_delta_step", "recurrent_gated_delta_rule"]
+__all__ = ["GateParams", "chunk_gated_delta_rule", "gated_delta_step", "recurrent_gated_delta_rule"]
 
 
 def chunk_gated_delta_rule(
@@ -21,16 +21,21 @@ def chunk_gated_delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    gate_params: GateParams | None = None,
+    qk_l2norm: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule over whole sequences; see `chunk.chunk_gated_delta_rule` for shapes.
 
+    gate_params: GateParams(A_log, dt_bias, b_bias), each [H]; g and beta are then the raw a and b, and the op forms
+    g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b + b_bias) (fp32), with their gradients.
+    qk_l2norm: q and k are raw; the op L2-normalizes them (1e-6 inside the rsqrt), with their gradients.
     backend: "auto" (Triton on CUDA tensors, else the reference), "triton" or "reference".
     """
     impl = chunk if resolve_backend(backend, q) == "triton" else reference
     return impl.chunk_gated_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        cu_seqlens=cu_seqlens, chunk_size=chunk_size, gate_params=gate_params, qk_l2norm=qk_l2norm,
     )
 
 
@@ -43,11 +48,14 @@ def gated_delta_step(
     state: torch.Tensor,
     *,
     scale: float | None = None,
+    gate_params: GateParams | None = None,
+    qk_l2norm: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One decode token, `state` [B, H, K, V] fp32 updated in place; see `recurrent.gated_delta_step` for shapes.
 
+    gate_params, qk_l2norm: the raw inputs, formed inside the kernel, as in `chunk_gated_delta_rule`.
     backend: "auto" (Triton on CUDA tensors, else the reference), "triton" or "reference".
     """
     impl = recurrent if resolve_backend(backend, q) == "triton" else reference
-    return impl.gated_delta_step(q, k, v, g, beta, state, scale=scale)
+    return impl.gated_delta_step(q, k, v, g, beta, state, scale=scale, gate_params=gate_params, qk_l2norm=qk_l2norm)

@@ -14,6 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridize.kernels.gated_delta.inputs import (
+    decay_gate, l2norm_bwd, l2norm_fwd, log_decay, token_rows, write_strength,
+)
+from hybridize.kernels.gated_delta.reference import GateParams, check_gate_params
 from hybridize.kernels.tuning import autotune, chunk_range, configs
 
 # Autotune: re-tuned per head size, chunk size, varlen or not (and dtypes), never per sequence length.
@@ -129,9 +133,10 @@ def _sequence_of(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN:
 @autotune(WY_FWD_CONFIGS, KEY, prune=wy_fwd_safe_configs)
 @triton.jit
 def _wy_fwd_kernel(
-    k, v, g, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T,
+    k, v, g, s_g, beta, s_b, A_log, dt_bias, b_bias, gc, Ai, w, u, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_AI: tl.constexpr,
+    RAW_GATES: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
@@ -140,10 +145,12 @@ def _wy_fwd_kernel(
     o_t = i_t * BT + o_i
     m_t = o_t < T
 
+    # g and beta as given, or formed from the raw a and b at RAW_GATES; rows at the token strides s_g, s_b
+    b_g = log_decay(g, A_log, dt_bias, (bos + o_t) * s_g + i_h, m_t, i_h, RAW_GATES)
+    b_b = write_strength(beta, b_bias, (bos + o_t) * s_b + i_h, m_t, i_h, RAW_GATES)
     # g is 0 past the end, so the padded rows of the cumsum hold the last token's value (see _chunk_gates)
-    b_g = tl.cumsum(tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+    b_g = tl.cumsum(b_g, axis=0)
     tl.store(gc + (bos + o_t) * H + i_h, b_g, mask=m_t)
-    b_b = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
 
     p_k = tl.make_block_ptr(k + (bos * HK + i_hk) * K, (T, K), (HK * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
     b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")  # [BT, BK]
@@ -394,9 +401,11 @@ def _dqkw_kernel(
 @autotune(BWD_CONFIGS, KEY)
 @triton.jit
 def _wy_bwd_kernel(
-    k, v, beta, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, cu_seqlens, chunk_indices, T,
+    k, v, g, s_g, beta, s_b, A_log, dt_bias, b_bias, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, dparams,
+    cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, IS_VARLEN: tl.constexpr,
+    RAW_GATES: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
@@ -409,7 +418,7 @@ def _wy_bwd_kernel(
     b_Ai = tl.load(p_Ai, boundary_check=(0, 1), padding_option="zero")  # [BT, BT] fp32
     b_AiT = tl.trans(b_Ai).to(du.dtype.element_ty)
     b_g, _ = _chunk_gates(gc, bos, i_t, T, H, i_h, BT)
-    b_b = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_b = write_strength(beta, b_bias, (bos + o_t) * s_b + i_h, m_t, i_h, RAW_GATES)
 
     # u = Ai (beta v)
     b_db = tl.zeros([BT], dtype=tl.float32)
@@ -474,8 +483,22 @@ def _wy_bwd_kernel(
     p_dgi = dg_in + ((bos + o_t) * H + i_h)[:, None] * NK + tl.arange(0, NK)[None, :]
     b_dg += tl.sum(tl.load(p_dgi, mask=m_t[:, None], other=0.0), 1)
 
-    tl.store(dbeta + (bos + o_t) * H + i_h, b_db, mask=m_t)
-    tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
+    if RAW_GATES:
+        # Through g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b + b_bias): da and db per token, and this
+        # chunk's shares of the per-head sums, dA_log = sum dg g, ddt_bias = sum da, db_bias = sum db ([3, NC, H]).
+        b_gt, b_slope = decay_gate(tl.load(g + (bos + o_t) * s_g + i_h, mask=m_t, other=0.0),
+                                   tl.load(A_log + i_h).to(tl.float32), tl.load(dt_bias + i_h).to(tl.float32))
+        b_dA_log = tl.sum(tl.where(m_t, b_dg * b_gt, 0.0))
+        b_dg = tl.where(m_t, b_dg * b_slope, 0.0)
+        b_db = tl.where(m_t, b_db * b_b * (1.0 - b_b), 0.0)
+        NC = tl.num_programs(0)
+        p_dp = dparams + i_c * H + i_h
+        tl.store(p_dp, b_dA_log)
+        tl.store(p_dp + NC * H, tl.sum(b_dg))
+        tl.store(p_dp + 2 * NC * H, tl.sum(b_db))
+
+    tl.store(dbeta + (bos + o_t) * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=m_t)
+    tl.store(dg + (bos + o_t) * H + i_h, b_dg.to(dg.dtype.element_ty), mask=m_t)
 
 
 class _Layout(NamedTuple):
@@ -520,19 +543,39 @@ def _launch_per_chunk(kernel, lay: _Layout, *args, H: int, HK: int, K: int, V: i
     )
 
 
-def _wy_fwd(k, v, g, beta, lay: _Layout, store_Ai: bool):
+class _Gates(NamedTuple):
+    """g and beta as the WY kernels read them: [B * T, H] rows at the token strides s_g, s_b. With `params`, they hold
+    the raw a and b, which the kernels turn into the gate and beta (inputs.log_decay, inputs.write_strength)."""
+
+    g: torch.Tensor
+    s_g: int
+    beta: torch.Tensor
+    s_b: int
+    params: GateParams | None
+
+    def args(self) -> tuple:
+        return self.g, self.s_g, self.beta, self.s_b, *(self.params or (None, None, None))
+
+
+def _gates(g: torch.Tensor, beta: torch.Tensor, params: GateParams | None) -> _Gates:
+    (g, s_g), (beta, s_b) = token_rows(g), token_rows(beta)
+    return _Gates(g, s_g, beta, s_b, params)
+
+
+def _wy_fwd(k, v, gates: _Gates, lay: _Layout, store_Ai: bool):
     """Chunk-local cumsum of g, Ai = (I + A)^{-1}, and the WY factors w = Ai (beta exp(gc) k), u = Ai (beta v).
 
     Ai is only written (and returned) when store_Ai: the backward needs it, a forward without gradients does not.
     """
     HK, K = k.shape[2], k.shape[3]
     H, V = v.shape[2], v.shape[3]
-    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)  # [B, T, H]
-    Ai = torch.empty(*g.shape, lay.BT, dtype=torch.float32, device=g.device) if store_Ai else None  # [B, T, H, BT]
+    gc = torch.empty(v.shape[:3], dtype=torch.float32, device=v.device)  # [B, T, H]
+    Ai = torch.empty(*v.shape[:3], lay.BT, dtype=torch.float32, device=v.device) if store_Ai else None  # [B, T, H, BT]
     w = torch.empty(*v.shape[:3], K, dtype=k.dtype, device=k.device)  # [B, T, H, K]
     u = torch.empty_like(v)  # [B, T, H, V]
     _launch_per_chunk(
-        _wy_fwd_kernel, lay, k, v, g, beta, gc, Ai, w, u, H=H, HK=HK, K=K, V=V, BK=_bk(K), STORE_AI=store_Ai
+        _wy_fwd_kernel, lay, k, v, *gates.args(), gc, Ai, w, u, H=H, HK=HK, K=K, V=V, BK=_bk(K), STORE_AI=store_Ai,
+        RAW_GATES=gates.params is not None,
     )
     return gc, Ai, w, u
 
@@ -608,23 +651,27 @@ def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
     return dq, dk, dw, dg
 
 
-def _wy_bwd(k, v, beta, gc, Ai, dw, du, dk_in, dg_in, lay: _Layout):
+def _wy_bwd(k, v, gates: _Gates, gc, Ai, dw, du, dk_in, dg_in, lay: _Layout):
     """Back through w and u: the full dk (per value head), dv, dbeta, and dg (its WY part scanned, plus dg_in).
 
-    dk_in, dg_in: the non-WY parts from `_dqkw`. dv is in v's dtype, dk in `_per_head_grad_dtype`.
+    dk_in, dg_in: the non-WY parts from `_dqkw`. dv is in v's dtype, dk in `_per_head_grad_dtype`, dg and dbeta
+    [B, T, H] in those of g and beta. With raw gates, dg and dbeta are da and db, and dparams [3, NC, H] fp32 holds
+    every chunk's shares of dA_log, ddt_bias, db_bias (else None).
     """
     HK, K = k.shape[2], k.shape[3]
     H, V = v.shape[2], v.shape[3]
     dk = torch.empty(dk_in.shape, dtype=_per_head_grad_dtype(k, H), device=k.device)
     dv = torch.empty_like(v)
-    dbeta = torch.empty(beta.shape, dtype=torch.float32, device=beta.device)
-    dg = torch.empty(beta.shape, dtype=torch.float32, device=beta.device)
+    dbeta = torch.empty(v.shape[:3], dtype=gates.beta.dtype, device=v.device)
+    dg = torch.empty(v.shape[:3], dtype=gates.g.dtype, device=v.device)
+    raw = gates.params is not None
+    dparams = torch.empty(3, lay.NC, H, dtype=torch.float32, device=v.device) if raw else None
     # K is walked in slices of 64 (twice: the dA pass, then dk), to keep the [BT, BK] tiles in registers.
     _launch_per_chunk(
-        _wy_bwd_kernel, lay, k, v, beta, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg,
-        H=H, HK=HK, K=K, V=V, BK=min(_bk(K), 64), NK=dg_in.shape[-1],
+        _wy_bwd_kernel, lay, k, v, *gates.args(), gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, dparams,
+        H=H, HK=HK, K=K, V=V, BK=min(_bk(K), 64), NK=dg_in.shape[-1], RAW_GATES=raw,
     )
-    return dk, dv, dbeta, dg
+    return dk, dv, dbeta, dg, dparams
 
 
 def _per_head_grad_dtype(x: torch.Tensor, H: int) -> torch.dtype:
@@ -639,51 +686,65 @@ def _sum_groups(x: torch.Tensor, HK: int) -> torch.Tensor:
     return x if H == HK else x.view(B, T, HK, H // HK, K).sum(3)
 
 
-def _fwd(q, k, v, g, beta, scale, initial_state, output_final_state, lay: _Layout, store_Ai: bool):
+def _fwd(q, k, v, gates: _Gates, scale, initial_state, output_final_state, lay: _Layout, store_Ai: bool):
     """cumsum -> WY (w, u) -> states h -> output o."""
-    gc, Ai, w, u = _wy_fwd(k, v, g, beta, lay, store_Ai)
+    gc, Ai, w, u = _wy_fwd(k, v, gates, lay, store_Ai)
     h, v_new, ht = _state_fwd(k, w, u, gc, initial_state, lay, output_final_state)
     o = _output_fwd(q, k, v_new, h, gc, scale, lay)
     return o, ht, gc, Ai, w, u
 
 
-def _bwd(q, k, v, beta, gc, Ai, w, u, scale, initial_state, do, dht, lay: _Layout):
-    """states h again -> dv_new within chunks -> dh backwards -> dq, dk, dw -> back through WY (dk, dv, dbeta, dg)."""
+def _bwd(q, k, v, gates: _Gates, gc, Ai, w, u, scale, initial_state, do, dht, lay: _Layout):
+    """states h again -> dv_new within chunks -> dh backwards -> dq, dk, dw -> back through WY (dk, dv, dbeta, dg).
+
+    dq, dk are per value head ([B, T, H, K]); dparams as in `_wy_bwd`.
+    """
     # The per-chunk states are recomputed rather than kept from the forward, to save memory.
     h, v_new, _ = _state_fwd(k, w, u, gc, initial_state, lay, output_final_state=False)
     dv_local = _dv_local(q, k, gc, do, scale, lay)
     dh, dv_new, dh0 = _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay, initial_state is not None)
     dq, dk, dw, dgc = _dqkw(q, k, v_new, h, dh, do, dv_new, gc, scale, lay)
-    dk, dv, dbeta, dg = _wy_bwd(k, v, beta, gc, Ai, dw, dv_new, dk, dgc, lay)
-    HK = q.shape[2]
-    return _sum_groups(dq, HK), _sum_groups(dk, HK), dv, dg, dbeta, dh0
+    dk, dv, dbeta, dg, dparams = _wy_bwd(k, v, gates, gc, Ai, dw, dv_new, dk, dgc, lay)
+    return dq, dk, dv, dg, dbeta, dparams, dh0
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
-    """Saves the WY factors and gates of the forward; the backward recomputes the per-chunk states."""
+    """Saves the WY factors and gates of the forward (with qk_l2norm, the normalized q, k and their rstd instead of
+    q, k); the backward recomputes the per-chunk states. With gate params, g and beta are the raw a and b."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+    def forward(ctx, q, k, v, g, beta, A_log, dt_bias, b_bias, scale, initial_state, output_final_state, cu_seqlens,
+                chunk_size, qk_l2norm):
         lay = _layout(q.shape[0], q.shape[1], cu_seqlens, chunk_size, q.device)
+        params = None if A_log is None else GateParams(A_log, dt_bias, b_bias)
+        gates = _gates(g, beta, params)
+        rstd = (None, None)
+        if qk_l2norm:
+            q, k, *rstd = l2norm_fwd(q, k)
         o, ht, gc, Ai, w, u = _fwd(
-            q, k, v, g, beta, scale, initial_state, output_final_state, lay, store_Ai=any(ctx.needs_input_grad)
+            q, k, v, gates, scale, initial_state, output_final_state, lay, store_Ai=any(ctx.needs_input_grad)
         )
-        ctx.save_for_backward(q, k, v, beta, gc, Ai, w, u, initial_state)
-        ctx.lay, ctx.scale, ctx.dtypes = lay, scale, (g.dtype, beta.dtype)
+        ctx.save_for_backward(q, k, v, gates.g, gates.beta, A_log, dt_bias, b_bias, gc, Ai, w, u,
+                              initial_state, *rstd)
+        ctx.lay, ctx.scale, ctx.qk_l2norm, ctx.strides = lay, scale, qk_l2norm, (gates.s_g, gates.s_b)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, gc, Ai, w, u, initial_state = ctx.saved_tensors
-        dq, dk, dv, dg, dbeta, dh0 = _bwd(
-            q, k, v, beta, gc, Ai, w, u, ctx.scale, initial_state, do.contiguous(),
+        q, k, v, g, beta, A_log, dt_bias, b_bias, gc, Ai, w, u, initial_state, rstd_q, rstd_k = ctx.saved_tensors
+        params = None if A_log is None else GateParams(A_log, dt_bias, b_bias)
+        gates = _Gates(g, ctx.strides[0], beta, ctx.strides[1], params)
+        dq, dk, dv, dg, dbeta, dparams, dh0 = _bwd(
+            q, k, v, gates, gc, Ai, w, u, ctx.scale, initial_state, do.contiguous(),
             None if dht is None else dht.contiguous(), ctx.lay,
         )
-        g_dtype, beta_dtype = ctx.dtypes
-        return (
-            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g_dtype), dbeta.to(beta_dtype),
-            None, dh0, None, None, None,
-        )
+        if ctx.qk_l2norm:
+            dq, dk = l2norm_bwd(dq, dk, q, k, rstd_q, rstd_k)
+        else:
+            dq, dk = _sum_groups(dq, q.shape[2]).to(q.dtype), _sum_groups(dk, k.shape[2]).to(k.dtype)
+        # the per-head parameters: one sum of the chunks' shares
+        dparams = (None, None, None) if params is None else [d.to(p.dtype) for d, p in zip(dparams.sum(1), params)]
+        return (dq, dk, dv, dg, dbeta, *dparams, None, dh0, None, None, None, None)
 
 
 def chunk_gated_delta_rule(
@@ -698,17 +759,24 @@ def chunk_gated_delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    gate_params: GateParams | None = None,
+    qk_l2norm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule over whole sequences, chunked, in Triton (differentiable).
 
     Args:
-        q, k: [B, T, HK, K], used as given (normalize them before). v: [B, T, H, V], H a multiple of HK;
-            value head h reads q/k head h // (H // HK). q, k, v share one dtype. K <= 128; K, V >= 16 work best.
+        q, k: [B, T, HK, K], used as given (normalize them before), or L2-normalized inside with qk_l2norm.
+            v: [B, T, H, V], H a multiple of HK; value head h reads q/k head h // (H // HK). q, k, v share one
+            dtype. K <= 128; K, V >= 16 work best.
         g: [B, T, H] log decay (<= 0), fp32 or the input dtype. beta: [B, T, H].
         scale: output scale, default K ** -0.5.
         initial_state: [N, H, K, V] fp32 or None. output_final_state: also return the final states.
         cu_seqlens: [N + 1] cumulative starts of N sequences packed along T (then B == 1), or None (N = B).
         chunk_size: tokens per chunk, a power of two in [16, 64].
+        gate_params: GateParams(A_log, dt_bias, b_bias), each [H]: then g and beta are the raw a and b, and the op
+            forms g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b + b_bias) itself (in fp32), with
+            gradients to a, b and the three parameters.
+        qk_l2norm: q and k are raw; the op uses q / sqrt(|q|^2 + 1e-6) (and k so), with gradients to the raw q, k.
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] fp32, or None.
     """
@@ -722,13 +790,18 @@ def chunk_gated_delta_rule(
         raise ValueError(f"need K <= 128 and chunk_size in (16, 32, 64), got K={K}, chunk_size={chunk_size}")
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs batch size 1, got {B}")
+    check_gate_params(gate_params, H)
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
         if initial_state.shape != (N, H, K, v.shape[3]):
             raise ValueError(f"initial_state must be {(N, H, K, v.shape[3])}, got {tuple(initial_state.shape)}")
         initial_state = initial_state.float().contiguous()
     scale = K**-0.5 if scale is None else scale
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    # raw q, k are read at their token stride by the norm's prologue; g and beta by the WY kernels
+    if not qk_l2norm:
+        q, k = q.contiguous(), k.contiguous()
+    params = (None, None, None) if gate_params is None else (p.contiguous() for p in gate_params)
     return ChunkGatedDeltaRuleFunction.apply(
-        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size
+        q, k, v.contiguous(), g, beta, *params, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+        qk_l2norm,
     )

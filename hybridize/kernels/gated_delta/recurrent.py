@@ -4,11 +4,15 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridize.kernels.gated_delta.inputs import decay_gate
+from hybridize.kernels.gated_delta.reference import L2NORM_EPS, GateParams, check_gate_params
+
 
 @triton.jit
 def _step_kernel(
-    q, k, v, g, beta, state, o, scale,
+    q, k, v, g, beta, state, o, scale, A_log, dt_bias, b_bias, eps,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    RAW_GATES: tl.constexpr, QK_L2NORM: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -23,6 +27,12 @@ def _step_kernel(
     b_v = tl.load(v + i_bh * V + o_v, mask=m_v, other=0.0).to(tl.float32)
     b_g = tl.load(g + i_bh).to(tl.float32)
     b_b = tl.load(beta + i_bh).to(tl.float32)
+    if QK_L2NORM:
+        b_q *= tl.rsqrt(tl.sum(b_q * b_q) + eps)
+        b_k *= tl.rsqrt(tl.sum(b_k * b_k) + eps)
+    if RAW_GATES:  # g, beta hold the raw a, b
+        b_g, _ = decay_gate(b_g, tl.load(A_log + i_h).to(tl.float32), tl.load(dt_bias + i_h).to(tl.float32))
+        b_b = tl.sigmoid(b_b + tl.load(b_bias + i_h).to(tl.float32))
     p_s = state + i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
     b_s = tl.load(p_s, mask=m_s, other=0.0) * tl.exp(b_g)  # [BK, BV]
     # S = a S + k (b (v - (a S)^T k))^T ;  o = scale S^T q
@@ -42,6 +52,8 @@ def gated_delta_step(
     state: torch.Tensor,
     *,
     scale: float | None = None,
+    gate_params: GateParams | None = None,
+    qk_l2norm: bool = False,
 ) -> torch.Tensor:
     """One decode token of the gated delta rule (no autograd).
 
@@ -49,6 +61,9 @@ def gated_delta_step(
         q, k: [B, HK, K]; v: [B, H, V], H a multiple of HK; g (log decay), beta: [B, H].
         state: [B, H, K, V] fp32, contiguous; updated in place.
         scale: output scale, default K ** -0.5.
+        gate_params: GateParams(A_log, dt_bias, b_bias), each [H]: g and beta are then the raw a and b, and the
+            kernel forms g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b + b_bias) (fp32).
+        qk_l2norm: q and k are raw; the kernel normalizes them (fp32, 1e-6 inside the rsqrt).
     Returns:
         o: [B, H, V] in v's dtype.
     """
@@ -58,15 +73,18 @@ def gated_delta_step(
         raise ValueError(f"shapes q {q.shape} k {k.shape} v {v.shape} g {g.shape} beta {beta.shape} do not fit")
     if state.shape != (B, H, K, V) or state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"state must be a contiguous fp32 [B, H, K, V] = {(B, H, K, V)} tensor")
+    check_gate_params(gate_params, H)
     scale = K**-0.5 if scale is None else scale
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    params = (None, None, None) if gate_params is None else tuple(p.contiguous() for p in gate_params)
     launch = _gated_delta_step_op if torch.compiler.is_compiling() else _gated_delta_step
-    return launch(q, k, v, g, beta, state, scale)
+    return launch(q, k, v, g, beta, state, scale, *params, qk_l2norm)
 
 
 def _gated_delta_step(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
-    scale: float,
+    scale: float, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None, b_bias: torch.Tensor | None,
+    qk_l2norm: bool,
 ) -> torch.Tensor:
     B, HK, K = q.shape
     H, V = v.shape[1], v.shape[2]
@@ -75,7 +93,8 @@ def _gated_delta_step(
     # The state is read and written once: many small programs keep enough bytes in flight.
     BV = min(triton.next_power_of_2(V), max(4, 4096 // BK))
     _step_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, v, g, beta, state, o, scale, H=H, HK=HK, K=K, V=V, BK=BK, BV=BV, num_warps=4
+        q, k, v, g, beta, state, o, scale, A_log, dt_bias, b_bias, L2NORM_EPS, H=H, HK=HK, K=K, V=V, BK=BK, BV=BV,
+        RAW_GATES=A_log is not None, QK_L2NORM=qk_l2norm, num_warps=4,
     )
     return o
 
@@ -88,5 +107,5 @@ _gated_delta_step_op = torch.library.custom_op(
 
 
 @_gated_delta_step_op.register_fake
-def _(q, k, v, g, beta, state, scale):
+def _(q, k, v, g, beta, state, scale, A_log, dt_bias, b_bias, qk_l2norm):
     return v.new_empty(v.shape)

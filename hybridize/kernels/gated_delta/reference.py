@@ -1,9 +1,42 @@
 """Gated delta rule in PyTorch: the token loop (ground truth), the chunkwise WY/UT form, and the decode step.
 
-All three compute in fp32 (fp64 when given fp64) and are differentiable by autograd. The math is in README.md.
+All three compute in fp32 (fp64 when given fp64) and are differentiable by autograd. The math is in README.md. Each
+takes the raw inputs too (`gate_params`, `qk_l2norm`): the gate, beta and the q/k norms are then formed first, in
+the compute dtype, and autograd carries the gradients back to the raw inputs and parameters.
 """
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
+
+L2NORM_EPS = 1e-6  # inside the rsqrt
+
+
+class GateParams(NamedTuple):
+    """The per-head parameters ([H] each) that turn the raw a, b into g = -exp(A_log) softplus(a + dt_bias) and
+    beta = sigmoid(b + b_bias) inside the op."""
+
+    A_log: torch.Tensor
+    dt_bias: torch.Tensor
+    b_bias: torch.Tensor
+
+
+def check_gate_params(params: GateParams | None, H: int) -> None:
+    if params is not None and any(p.shape != (H,) for p in params):
+        raise ValueError(f"gate params must be [{H}] each, got {[tuple(p.shape) for p in params]}")
+
+
+def _raw_inputs(q, k, g, beta, gate_params, qk_l2norm, dt):
+    """q, k, g, beta in the compute dtype dt, the gate, beta and the q/k norms formed from the raw inputs if asked."""
+    q, k, g, beta = q.to(dt), k.to(dt), g.to(dt), beta.to(dt)
+    if qk_l2norm:
+        q, k = (x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2NORM_EPS) for x in (q, k))
+    if gate_params is not None:
+        A_log, dt_bias, b_bias = (p.to(dt) for p in gate_params)
+        g = -A_log.exp() * F.softplus(g + dt_bias)
+        beta = torch.sigmoid(beta + b_bias)
+    return q, k, g, beta
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -20,15 +53,17 @@ def _sequences(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[in
     return [(0, bos, eos) for bos, eos in zip(bounds[:-1], bounds[1:])]
 
 
-def _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens):
-    """Upcast, share q/k heads across their value-head group, and split the batch into sequences."""
+def _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_params, qk_l2norm):
+    """Upcast (forming the raw inputs), share q/k heads across their value-head group, split the batch in sequences."""
     B, T, HK, K = q.shape
     H = v.shape[2]
     if H % HK:
         raise ValueError(f"value heads {H} must be a multiple of q/k heads {HK}")
+    check_gate_params(gate_params, H)
     dt = _compute_dtype(q)
-    q, k = (x.to(dt).repeat_interleave(H // HK, dim=2) for x in (q, k))  # [B, T, H, K]
-    v, g, beta = v.to(dt), g.to(dt), beta.to(dt)
+    q, k, g, beta = _raw_inputs(q, k, g, beta, gate_params, qk_l2norm, dt)
+    q, k = (x.repeat_interleave(H // HK, dim=2) for x in (q, k))  # [B, T, H, K]
+    v = v.to(dt)
     scale = K**-0.5 if scale is None else scale
     seqs = _sequences(B, T, cu_seqlens)
     if initial_state is not None and initial_state.shape[0] != len(seqs):
@@ -49,7 +84,8 @@ def _initial(initial_state, n, H, K, V, dt, device):
 
 
 def recurrent_gated_delta_rule(
-    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, gate_params=None,
+    qk_l2norm=False,
 ):
     """Token-by-token gated delta rule, the ground truth.
 
@@ -59,12 +95,17 @@ def recurrent_gated_delta_rule(
         scale: output scale, default K ** -0.5.
         initial_state: [N, H, K, V] or None. output_final_state: also return the final states.
         cu_seqlens: [N + 1] cumulative sequence starts of N sequences packed in a batch of 1, or None (N = B).
+        gate_params: GateParams(A_log, dt_bias, b_bias), each [H]: g and beta are then the raw a and b of
+            g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b + b_bias).
+        qk_l2norm: q and k are raw; they are used as q / sqrt(|q|^2 + 1e-6), k / sqrt(|k|^2 + 1e-6).
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] fp32, or None.
     """
     V, out_dtype = v.shape[-1], v.dtype  # v is upcast below
     K = q.shape[-1]
-    q, k, v, g, beta, scale, seqs, dt = _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    q, k, v, g, beta, scale, seqs, dt = _prepare(
+        q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_params, qk_l2norm
+    )
     H = v.shape[2]
     outs, states = [], []
     for n, (b, bos, eos) in enumerate(seqs):
@@ -130,12 +171,15 @@ def _chunk_one(q, k, v, g, beta, S, scale, C):
 
 
 def chunk_gated_delta_rule(
-    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64,
+    gate_params=None, qk_l2norm=False,
 ):
     """Chunkwise (WY/UT) gated delta rule in PyTorch; same arguments and results as `recurrent_gated_delta_rule`."""
     V, out_dtype = v.shape[-1], v.dtype  # v is upcast below
     K = q.shape[-1]
-    q, k, v, g, beta, scale, seqs, dt = _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    q, k, v, g, beta, scale, seqs, dt = _prepare(
+        q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_params, qk_l2norm
+    )
     H = v.shape[2]
     outs, states = [], []
     for n, (b, bos, eos) in enumerate(seqs):
@@ -147,17 +191,19 @@ def chunk_gated_delta_rule(
     return _finish(outs, states, out_dtype, cu_seqlens, output_final_state)
 
 
-def gated_delta_step(q, k, v, g, beta, state, *, scale=None):
+def gated_delta_step(q, k, v, g, beta, state, *, scale=None, gate_params=None, qk_l2norm=False):
     """One decode token. q, k: [B, HK, K]; v: [B, H, V]; g, beta: [B, H]; state: [B, H, K, V] fp32, updated in place.
 
-    Returns o: [B, H, V] in v's dtype.
+    gate_params, qk_l2norm: the raw inputs, as in `recurrent_gated_delta_rule`. Returns o: [B, H, V] in v's dtype.
     """
     H, HK = v.shape[1], q.shape[1]
+    check_gate_params(gate_params, H)
     dt = _compute_dtype(state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k = (x.to(dt).repeat_interleave(H // HK, dim=1) for x in (q, k))  # [B, H, K]
-    S = state.to(dt) * g.to(dt).exp()[..., None, None]
-    delta = beta.to(dt)[..., None] * (v.to(dt) - torch.einsum("bhkv,bhk->bhv", S, k))  # [B, H, V]
+    q, k, g, beta = _raw_inputs(q, k, g, beta, gate_params, qk_l2norm, dt)
+    q, k = (x.repeat_interleave(H // HK, dim=1) for x in (q, k))  # [B, H, K]
+    S = state.to(dt) * g.exp()[..., None, None]
+    delta = beta[..., None] * (v.to(dt) - torch.einsum("bhkv,bhk->bhv", S, k))  # [B, H, V]
     S = S + k[..., None] * delta[..., None, :]
     state.copy_(S)
     return (scale * torch.einsum("bhkv,bhk->bhv", S, q)).to(v.dtype)
