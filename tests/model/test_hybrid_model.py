@@ -12,6 +12,8 @@ PLANS = {
     "sliding_attention": ["sliding_attention"] * 2,
     "mamba2": ["mamba2"] * 2,
     "gated_deltanet": ["gated_deltanet"] * 2,
+    "window_gated_deltanet": ["window_gated_deltanet"] * 2,
+    "window_mamba2": ["window_mamba2"] * 2,
     "mixed": MIXED,
 }
 
@@ -88,7 +90,7 @@ def test_left_padded_batch_equals_each_sequence_alone(plan):
         torch.testing.assert_close(batched[row, width - len(seq):], alone[0], **CLOSE)
 
 
-@pytest.mark.parametrize("plan", ["mixed", "mamba2"])
+@pytest.mark.parametrize("plan", ["mixed", "mamba2", "window_gated_deltanet"])
 def test_generate_greedy_with_cache_equals_without_and_handles_padding(plan):
     model = tiny_hybrid(PLANS[plan])
     prompt = torch.randint(3, 97, (1, 21))
