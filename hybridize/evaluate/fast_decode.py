@@ -122,6 +122,8 @@ class StaticDecoder:
                                        dtype=self.dtype, device=self.device)
         cache.recurrent_state = torch.zeros(self.batch_size, *state_shape(mixer), dtype=torch.float32,
                                             device=self.device)
+        if hasattr(mixer, "new_pending"):  # a memory that reads only what has left its window
+            cache.pending = mixer.new_pending(self.batch_size, self.dtype, self.device)
         return cache
 
     def _attention_slot_caches(self) -> list[AttentionSlots]:
@@ -135,7 +137,7 @@ class StaticDecoder:
         for cache in self.layer_caches:
             recurrent = cache.memory if isinstance(cache, WindowMemorySlots) else cache
             if isinstance(recurrent, RecurrentLayerCache):
-                out += [recurrent.conv_state, recurrent.recurrent_state]
+                out += recurrent.tensors()
         return out
 
     def _reset(self) -> None:
@@ -265,6 +267,8 @@ def _fill_slots_from(slots: AttentionSlots, layer, mask: torch.Tensor) -> None:
 def _copy_state(cache: RecurrentLayerCache, prefilled: RecurrentLayerCache) -> None:
     cache.conv_state.copy_(prefilled.conv_state)
     cache.recurrent_state.copy_(prefilled.recurrent_state)
+    for kept, filled in zip(cache.pending or [], prefilled.pending or [], strict=True):
+        kept.copy_(filled)
 
 
 def _fill_slots(slots: AttentionSlots, keys: torch.Tensor, values: torch.Tensor, key_slots: torch.Tensor,

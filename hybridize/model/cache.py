@@ -12,6 +12,8 @@ class RecurrentLayerCache:
 
     conv_state: [B, D_conv, W-1] (the last W-1 conv inputs), recurrent_state: [B, H, K, V] in fp32.
     Both are set by the first (prefill) forward, then updated in place by single-token decode steps.
+    pending: only for a memory that reads what has left a window (model/window_memory.py): the recurrence inputs of
+    the last `window` tokens, [B, window, ...] each, not yet written into the state.
     """
 
     is_compileable = False
@@ -22,20 +24,23 @@ class RecurrentLayerCache:
     def __init__(self):
         self.conv_state: torch.Tensor | None = None
         self.recurrent_state: torch.Tensor | None = None
+        self.pending: list[torch.Tensor] | None = None
 
     @property
     def has_state(self) -> bool:
         return self.recurrent_state is not None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.conv_state, self.recurrent_state) if t is not None]
+        return [t for t in (self.conv_state, self.recurrent_state, *(self.pending or [])) if t is not None]
 
     def _apply(self, fn) -> None:
         if self.has_state:
             self.conv_state, self.recurrent_state = fn(self.conv_state), fn(self.recurrent_state)
+        if self.pending is not None:
+            self.pending = [fn(t) for t in self.pending]
 
     def reset(self) -> None:
-        self.conv_state = self.recurrent_state = None
+        self.conv_state = self.recurrent_state = self.pending = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -84,18 +84,25 @@ class GatedDeltaNetMixer(nn.Module):
         v = v.view(batch, length, self.num_heads, self.head_v_dim)  # [B, T, H, V]
         beta = torch.sigmoid(b.float() + self.b_bias.float())  # [B, T, H]
         g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias)  # [B, T, H]
-        scale = self.head_k_dim**-0.5
-        if decoding:
-            o = ops.gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], layer_cache.recurrent_state,
-                                     scale=scale)[:, None]
-        else:
-            o, state = ops.chunk_gated_delta_rule(
-                q, k, v, g, beta, scale=scale, chunk_size=self.chunk_size,
-                initial_state=layer_cache.recurrent_state if layer_cache is not None else None,
-                output_final_state=layer_cache is not None,
-            )  # [B, T, H, V]
-            if layer_cache is not None:
-                layer_cache.conv_state, layer_cache.recurrent_state = conv_state, state
+        o = self.recurrence(q, k, v, g, beta, layer_cache, decoding)  # [B, T, H, V]
+        if conv_state is not None:
+            layer_cache.conv_state = conv_state
         gate = gate.view(batch, length, self.num_heads, self.head_v_dim)
         o = ops.gated_rms_norm(o, gate, self.norm_weight, eps=self.norm_eps)
         return self.o_proj(o.reshape(batch, length, -1))
+
+    def recurrence(self, q, k, v, g, beta, layer_cache, decoding: bool) -> torch.Tensor:
+        """o [B, T, H, V] of the gated delta rule over this forward's tokens, continuing layer_cache's state (if any)
+        and leaving the new one there."""
+        scale = self.head_k_dim**-0.5
+        if decoding:
+            return ops.gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], layer_cache.recurrent_state,
+                                        scale=scale)[:, None]
+        o, state = ops.chunk_gated_delta_rule(
+            q, k, v, g, beta, scale=scale, chunk_size=self.chunk_size,
+            initial_state=layer_cache.recurrent_state if layer_cache is not None else None,
+            output_final_state=layer_cache is not None,
+        )  # [B, T, H, V]
+        if layer_cache is not None:
+            layer_cache.recurrent_state = state
+        return o

@@ -13,11 +13,12 @@ LAYERS = ["mamba2", "full_attention", "gated_deltanet", "sliding_attention", "wi
           "window_mamba2", "full_attention"]
 
 
-def _model(layer_types=LAYERS, window=8, dtype=torch.float32, device="cpu", sinks=0):
+def _model(layer_types=LAYERS, window=8, dtype=torch.float32, device="cpu", sinks=0, memory_outside_window=False):
     torch.manual_seed(0)
     config = HybridConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
                           num_attention_heads=4, num_key_value_heads=2, layer_types=layer_types, sliding_window=window,
-                          sliding_window_sinks=sinks, max_position_embeddings=256, conv_kernel_size=4)
+                          sliding_window_sinks=sinks, max_position_embeddings=256, conv_kernel_size=4,
+                          memory_outside_window=memory_outside_window)
     return HybridForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
@@ -40,6 +41,19 @@ def test_same_tokens_as_generate(padded, sinks):
         mask[1, :16] = 0
         mask[2, :1] = 0
     decoder = StaticDecoder(model, batch_size=3, max_length=48)
+    assert torch.equal(decoder.generate(ids, 24, attention_mask=mask), _reference(model, ids, 24, mask))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_memories_that_read_outside_the_window_decode_as_generate(padded):
+    """With memory_outside_window the decoder keeps each memory's last `window` inputs in static buffers and writes
+    the oldest into the state at every step: the same tokens as generate(), the window wrapping several times."""
+    model = _model(["window_gated_deltanet", "full_attention", "window_mamba2"], memory_outside_window=True)
+    ids = torch.randint(1, 128, (2, 13), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :6] = 0
+    decoder = StaticDecoder(model, batch_size=2, max_length=40)
     assert torch.equal(decoder.generate(ids, 24, attention_mask=mask), _reference(model, ids, 24, mask))
 
 
