@@ -7,7 +7,7 @@ from .io import DTYPES, SEQ_LEN_WINDOWS, AnalyzeSettings, analyze_to_folder
 from .reselect import read_scores, reselect_to_folder
 from .proxies import FAST_RANKINGS
 from .scores import FitSettings
-from .select import CANDIDATE_MIXERS, PATTERNS, Constraints
+from .select import CANDIDATE_MIXERS, DEFAULT_MIXERS, PATTERNS, Constraints
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rank layers by attention-map proxies only, no fitting: 5 minutes for a 135M model on "
                              "2 busy CPU cores at the default --seq-len (docs/analyze.md, Measured)")
     parser.add_argument("--mixers", default=None,
-                        help=f"comma-separated mixers a replaced layer may get (default: {','.join(CANDIDATE_MIXERS)}; "
+                        help=f"comma-separated mixers a replaced layer may get, of {','.join(CANDIDATE_MIXERS)} "
+                             f"(default: {','.join(DEFAULT_MIXERS)}; "
                              "with --scores, those the earlier run scored)")
     parser.add_argument("--pattern", default="best", choices=PATTERNS,
                         help="best: each replaced layer gets its best-scoring mixer; h2: replaced layers cycle "
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _mixers(args: argparse.Namespace) -> tuple[str, ...]:
     if args.mixers is not None:
         return tuple(m.strip() for m in args.mixers.split(",") if m.strip())
-    return tuple(read_scores(args.scores)["settings"]["mixers"]) if args.scores else CANDIDATE_MIXERS
+    return tuple(read_scores(args.scores)["settings"]["mixers"]) if args.scores else DEFAULT_MIXERS
 
 
 def run(args: argparse.Namespace) -> int:

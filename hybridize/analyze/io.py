@@ -22,6 +22,7 @@ from ..device import pick_device
 from ..distill.tracking import progress_bar
 from ..dtypes import DTYPES as ALL_DTYPES
 from ..errors import UserError
+from ..model.configuration_hybrid import WINDOW_MEMORY_TYPES
 from ..teacher import load_teacher, teacher_identity
 from .proxies import (
     FAST_RANKINGS, PROXY_NAMES, WINDOW_STATISTICS, attention_proxies, proxy_sensitivity, repeated_random_tokens,
@@ -37,6 +38,7 @@ from .select import Constraints, assign_mixers, choose_plan, parse_budget
 DTYPES = {name: dtype for name, dtype in ALL_DTYPES.items() if name != "float16"}
 INDUCTION_BLOCKS = 2
 SEQ_LEN_WINDOWS = 4  # default calibration block: this many sliding windows (capped at the teacher's context)
+WINDOWED_TYPES = ("sliding_attention", *WINDOW_MEMORY_TYPES)
 
 
 @dataclass(frozen=True)
@@ -97,9 +99,10 @@ def analyze_to_folder(
     # At 2 x window, sliding windows won all 22 replaced layers of SmolLM2 and then lost long-context recall after
     # distillation (docs/results.md): the block must be long enough for the window's loss to show.
     seq_len = settings.seq_len or min(SEQ_LEN_WINDOWS * window, teacher.config.max_position_embeddings)
-    if "sliding_attention" in constraints.mixers and seq_len <= window:
-        raise UserError(f"--seq-len {seq_len} is not longer than the sliding window ({window}): sliding_attention "
-                        "would score exactly like full attention; use a longer --seq-len or drop it from --mixers")
+    windowed = [m for m in constraints.mixers if m in WINDOWED_TYPES]
+    if windowed and seq_len <= window:
+        raise UserError(f"--seq-len {seq_len} is not longer than the sliding window ({window}): {', '.join(windowed)} "
+                        "would see every token as full attention does; use a longer --seq-len or drop it from --mixers")
 
     held_ids = calibration_batch(tokenizer, seq_len=seq_len, blocks_per_domain=settings.eval_blocks).to(device)
     probe_ids = repeated_random_tokens(teacher.config.vocab_size, seq_len, INDUCTION_BLOCKS, settings.seed).to(device)

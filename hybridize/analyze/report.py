@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from ..atomic import staged_folder
-from ..convert.plan import describe
+from ..convert.plan import SHORT_NAMES, describe
 from .proxies import PROXY_NAMES, distant_content
 
-SHORT = {"full_attention": "A", "sliding_attention": "S", "mamba2": "M", "gated_deltanet": "G"}
-COLORS = {"mamba2": "tab:orange", "gated_deltanet": "tab:green", "sliding_attention": "tab:purple"}
+COLORS = {"mamba2": "tab:orange", "gated_deltanet": "tab:green", "sliding_attention": "tab:purple",
+          "window_gated_deltanet": "tab:olive", "window_mamba2": "tab:cyan"}
 PROXY_COLORS = {"entropy": "tab:gray", "distance": "tab:brown", "outside_window": "tab:pink", "induction": "tab:red"}
 # A planned window that drops more than this share of its layer's attention on distant content (not the first-token
 # sink) gets a warning: on SmolLM2 the layers above it (3-9, 0.35-0.5) were the ones whose windows cost the passkey
@@ -137,7 +137,7 @@ def score_chart(record: dict) -> bytes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="best")
     for i, kind in enumerate(record["layer_types"]):
-        top.annotate(SHORT[kind], (i, 1.01), xycoords=("data", "axes fraction"), ha="center", fontsize=8,
+        top.annotate(SHORT_NAMES[kind], (i, 1.01), xycoords=("data", "axes fraction"), ha="center", fontsize=8,
                      color="tab:blue" if kind == "full_attention" else COLORS[kind])
     top.set_title(f"{record['teacher']['name']}: {record['budget']} attention layers kept (shaded)", pad=16)
     figure.tight_layout()

@@ -11,12 +11,16 @@ from ..convert.plan import H2_CYCLE, check_budget
 from ..errors import UserError
 from .proxies import distant_content, proxy_sensitivity
 
-CANDIDATE_MIXERS = ("mamba2", "gated_deltanet", "sliding_attention")
+# What --mixers may name; DEFAULT_MIXERS is what an analysis scores unless told (the window + memory types double the
+# scoring cost of the mixers they contain, so they are scored when asked for).
+CANDIDATE_MIXERS = ("mamba2", "gated_deltanet", "sliding_attention", "window_gated_deltanet", "window_mamba2")
+DEFAULT_MIXERS = ("mamba2", "gated_deltanet", "sliding_attention")
 PATTERNS = ("best", "h2")
-# Fast mode's order of preference for a layer a sliding window cannot serve: "Gated Delta Networks: Improving Mamba2
-# with Delta Rule" (arXiv:2412.06464) finds Gated DeltaNet ahead of Mamba2 at recall, the part of attention a
-# recurrent state finds hardest.
-RECURRENT_PREFERENCE = ("gated_deltanet", "mamba2", "sliding_attention")
+# Fast mode's order of preference for a layer a sliding window cannot serve: a window + memory layer first where
+# allowed (it keeps the window's exact local attention and adds a memory for the rest), then "Gated Delta Networks:
+# Improving Mamba2 with Delta Rule" (arXiv:2412.06464), which finds Gated DeltaNet ahead of Mamba2 at recall, the
+# part of attention a recurrent state finds hardest.
+RECURRENT_PREFERENCE = ("window_gated_deltanet", "window_mamba2", "gated_deltanet", "mamba2", "sliding_attention")
 
 
 def parse_budget(text: str, num_layers: int) -> int:
@@ -39,7 +43,7 @@ class Constraints:
     ones); no_attention_first: layers 0..n-1 are never kept as attention; min_spacing: kept layers are at least
     this many layers apart (1: no constraint)."""
 
-    mixers: tuple[str, ...] = CANDIDATE_MIXERS
+    mixers: tuple[str, ...] = DEFAULT_MIXERS
     pattern: str = "best"
     no_attention_first: int = 0
     min_spacing: int = 1
@@ -51,6 +55,8 @@ class Constraints:
                             f"got {','.join(self.mixers)!r}")
         if self.pattern not in PATTERNS:
             raise UserError(f"unknown pattern {self.pattern!r}; allowed: {', '.join(PATTERNS)}")
+        if self.pattern == "h2" and not set(H2_CYCLE) & set(self.mixers):
+            raise UserError(f"--pattern h2 cycles {', '.join(H2_CYCLE)}: --mixers must allow at least one of them")
         if self.no_attention_first < 0:
             raise UserError(f"--no-attention-first must be >= 0, got {self.no_attention_first}")
         if self.min_spacing < 1:

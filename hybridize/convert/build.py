@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..errors import UserError
 from ..model import HybridConfig, HybridForCausalLM
-from ..model.configuration_hybrid import RECURRENT_TYPES
+from ..model.configuration_hybrid import STATEFUL_TYPES
 from ..model.modeling_hybrid import FP32_PARAMETERS
 from .init import INITIALIZERS, InitOptions
 from .statistics import HeadStatistics
@@ -95,7 +95,7 @@ def convert_state(
         attention_keys = [k for k in keys if k.startswith(prefix) and k[len(prefix):].split(".")[0] in
                           ("q_proj", "k_proj", "v_proj", "o_proj")]
         attention = {k[len(prefix):]: read(k).float() for k in attention_keys}  # one layer at a time
-        if kind in RECURRENT_TYPES and any(k.endswith(".bias") for k in attention):
+        if kind in STATEFUL_TYPES and any(k.endswith(".bias") for k in attention):
             raise UserError(f"layer {i}: attention biases have no place in a {kind} layer; keep it as attention")
         for name, tensor in INITIALIZERS[kind](attention, config, options, generator, statistics.get(i)).items():
             key = f"model.layers.{i}.mixer.{name}"

@@ -7,7 +7,7 @@ no counterpart for are set by the options; docs/conversion.md records how each c
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -189,9 +189,38 @@ def attention_to_gated_deltanet(attention: dict[str, torch.Tensor], config, opti
     }
 
 
+def _attention_to_window_memory(memory: str, attention: dict[str, torch.Tensor], config, options: InitOptions,
+                                generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
+    """window.* <- the attention weights unchanged; memory.* <- the `memory` mixer's own mapping; memory_scale = 0,
+    so the layer starts as exactly its sliding window.
+
+    The memory's gate never starts at zero (gate "zero" gives it the teacher gate, W_v): its output is already held
+    at zero by memory_scale, and a zero gate as well would give both zero gradients, so neither could ever open."""
+    memory_options = replace(options, gate="teacher") if options.gate == "zero" else options
+    window = attention_to_attention(attention, config, options, generator)
+    recurrent = INITIALIZERS[memory](attention, config, memory_options, generator, statistics)
+    return {**{f"window.{name}": t for name, t in window.items()},
+            **{f"memory.{name}": t for name, t in recurrent.items()},
+            "memory_scale": torch.zeros(config.hidden_size)}
+
+
+def attention_to_window_gated_deltanet(attention: dict[str, torch.Tensor], config, options: InitOptions,
+                                       generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
+    """A sliding window copied from attention plus a Gated DeltaNet memory initialized as a gated_deltanet layer."""
+    return _attention_to_window_memory("gated_deltanet", attention, config, options, generator, statistics)
+
+
+def attention_to_window_mamba2(attention: dict[str, torch.Tensor], config, options: InitOptions,
+                               generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
+    """A sliding window copied from attention plus a Mamba2 memory initialized as a mamba2 layer."""
+    return _attention_to_window_memory("mamba2", attention, config, options, generator, statistics)
+
+
 INITIALIZERS = {
     "full_attention": attention_to_attention,
     "sliding_attention": attention_to_attention,
     "mamba2": attention_to_mamba2,
     "gated_deltanet": attention_to_gated_deltanet,
+    "window_gated_deltanet": attention_to_window_gated_deltanet,
+    "window_mamba2": attention_to_window_mamba2,
 }

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..publish.remote_code import add_remote_code
 from ..teacher import load_teacher, teacher_folder, teacher_identity
 from ..teacher_forcing import capture_mixer_io
-from ..model.configuration_hybrid import RECURRENT_TYPES
+from ..model.configuration_hybrid import STATEFUL_TYPES
 from .build import check_teacher, convert_state, hybrid_config_from_teacher, model_from_state
 from .calibrate import calibrate_student, teacher_calibration
 from .init import TEACHER_CALIBRATED, InitOptions
@@ -100,7 +100,7 @@ def convert_to_folder(
     captured = capture_mixer_io(teacher, input_ids, replaced)
     with torch.no_grad():
         teacher_logprobs, teacher_nll = next_token_stats(teacher(input_ids=input_ids, use_cache=False).logits, input_ids)
-    recurrent = [i for i, kind in enumerate(plan) if kind in RECURRENT_TYPES]
+    recurrent = [i for i, kind in enumerate(plan) if kind in STATEFUL_TYPES]
     fitting, statistics = {}, {}
     if options.uses_teacher and recurrent:
         log(f"teacher attention statistics for {len(recurrent)} recurrent layers")

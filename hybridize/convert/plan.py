@@ -5,6 +5,7 @@ Accepted forms of a plan spec (resolved against the teacher's layer count):
 - a compact spec: "full_attention:0,7,14,21 gated_deltanet:rest" (each layer named once; "rest" fills the others);
 - a JSON file with a "layer_types" list (what `hybridize analyze` writes);
 - "uniform:K[:MIXER]": K full-attention layers spread evenly through the depth, the rest MIXER (gated_deltanet);
+  "uniform:0:window_gated_deltanet" (or "all:window_gated_deltanet") keeps no full attention: constant memory;
 - "h2:K": K full-attention layers spread evenly, the rest cycling Mamba2 -> Gated DeltaNet -> sliding window,
   the ordering "Gated Delta Networks: Improving Mamba2 with Delta Rule" (arXiv:2412.06464, Table S.1) found best
   when training from scratch;
@@ -15,9 +16,12 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..model.configuration_hybrid import LAYER_TYPES, RECURRENT_TYPES
+from ..model.configuration_hybrid import LAYER_TYPES, RECURRENT_TYPES, WINDOW_MEMORY_TYPES
 
 H2_CYCLE = ("mamba2", "gated_deltanet", "sliding_attention")
+# One letter per layer type, for one-line plan summaries.
+SHORT_NAMES = {"full_attention": "A", "sliding_attention": "S", "mamba2": "M", "gated_deltanet": "G",
+               "window_gated_deltanet": "g", "window_mamba2": "m"}
 
 
 def uniform_positions(num_layers: int, budget: int) -> list[int]:
@@ -48,7 +52,8 @@ def _pattern(name: str, args: list[str], num_layers: int) -> list[str]:
     budget = check_budget(args[0], num_layers)
     kept = set(uniform_positions(num_layers, budget)) if budget else set()
     if name == "uniform":
-        mixer = _check_type(args[1], RECURRENT_TYPES + ("sliding_attention",)) if len(args) > 1 else "gated_deltanet"
+        replacements = RECURRENT_TYPES + ("sliding_attention",) + tuple(WINDOW_MEMORY_TYPES)
+        mixer = _check_type(args[1], replacements) if len(args) > 1 else "gated_deltanet"
         return ["full_attention" if i in kept else mixer for i in range(num_layers)]
     replaced = [i for i in range(num_layers) if i not in kept]
     plan = ["full_attention"] * num_layers
@@ -98,8 +103,8 @@ def resolve_plan(spec: str | list[str], num_layers: int) -> list[str]:
 
 def describe(plan: list[str]) -> str:
     """One line per mixer type with its layer indices, for printing the resolved plan."""
-    short = {"full_attention": "A", "sliding_attention": "S", "mamba2": "M", "gated_deltanet": "G"}
-    lines = ["".join(short[k] for k in plan) + "   (A attention, S sliding window, M Mamba2, G Gated DeltaNet)"]
+    lines = ["".join(SHORT_NAMES[k] for k in plan) + "   (A attention, S sliding window, M Mamba2, G Gated DeltaNet, "
+             "g window + Gated DeltaNet, m window + Mamba2)"]
     for kind in LAYER_TYPES:
         layers = [i for i, k in enumerate(plan) if k == kind]
         if layers:

@@ -5,6 +5,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..model.configuration_hybrid import WINDOW_MEMORY_TYPES
 from ..teacher_forcing import relative_error, student_mixer_outputs
 
 
@@ -69,6 +70,9 @@ LEGEND = ("rel. error = |layer output - teacher attention output| / |teacher att
 RECURRENT_NOTE = ("  Mamba2 / Gated DeltaNet layers read 1.0000 when their output gate starts at zero (--init-gate "
                   "zero): they\n  output exactly 0, so the model starts as the teacher without those attention "
                   "layers and distillation\n  opens the gates. KL and perplexity below compare init choices at step 0.")
+WINDOW_MEMORY_NOTE = ("  window + memory layers (window_gated_deltanet, window_mamba2) start as exactly their sliding "
+                      "window: the\n  memory branch's output scale is 0 until distillation opens it, so they read "
+                      "what sliding_attention would.")
 
 
 def format_report(report: dict) -> str:
@@ -80,6 +84,8 @@ def format_report(report: dict) -> str:
         lines.append(LEGEND)
     if any(row["type"] in RECURRENT for row in report["layers"]):
         lines.append(RECURRENT_NOTE)
+    if any(row["type"] in WINDOW_MEMORY_TYPES for row in report["layers"]):
+        lines.append(WINDOW_MEMORY_NOTE)
     lines.append(
         f"KL(teacher||hybrid) {report['kl_teacher_hybrid']:.4f} nats/token   ppl {report['hybrid_ppl']:.2f} vs teacher "
         f"{report['teacher_ppl']:.2f} (ratio {report['ppl_ratio']:.3f}) on {report['calibration_tokens']} held-out tokens"

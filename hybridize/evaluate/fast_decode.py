@@ -5,7 +5,8 @@ overhead, not the GPU, sets the decode speed. StaticDecoder removes it:
 - every buffer a decode step touches is allocated once: attention K/V slots ([B, Hkv, S, D], S = the
   longest sequence for full attention, the window for sliding attention, used as a ring, plus one slot per
   sink token that a sink window keeps after the token has left the ring), and the
-  Mamba2 / GDN conv windows and fp32 recurrent states, updated in place by the decode-step kernels;
+  Mamba2 / GDN conv windows and fp32 recurrent states, updated in place by the decode-step kernels (a window +
+  memory layer has both: its window's slots and its memory's state);
 - the step reads its position, token and write slot from device tensors, so it has no Python-side
   state and is captured once as a CUDA graph; decoding N tokens is N graph replays;
 - the step is compiled with torch.compile first (on a GPU, by default), so the dozens of small
@@ -26,7 +27,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from ..kernels.decode_attention import decode_attention
 from ..model.cache import RecurrentLayerCache, SinkWindowLayer
 from ..model.compiling import allow_recompiles
-from ..model.configuration_hybrid import ATTENTION_TYPES
+from ..model.configuration_hybrid import ATTENTION_TYPES, WINDOW_MEMORY_TYPES
 from ..model.context import SequenceContext, real_token_rank
 from .sampling import Sampling, choose_tokens
 
@@ -47,6 +48,14 @@ class AttentionSlots:
 
 
 NO_TOKEN = 2**62  # a sink_index that never leaves the ring: the row has not had that many real tokens yet
+
+
+@dataclass
+class WindowMemorySlots:
+    """A window + memory layer's static cache: its window's slots and its memory branch's conv window and state."""
+
+    window: AttentionSlots
+    memory: RecurrentLayerCache
 
 
 class StaticDecoder:
@@ -79,30 +88,17 @@ class StaticDecoder:
             self._reset()
 
     def _allocate(self) -> None:
-        config, batch, device = self.config, self.batch_size, self.device
-        self.layer_caches: list[AttentionSlots | RecurrentLayerCache] = []
+        batch, device = self.batch_size, self.device
+        self.layer_caches: list[AttentionSlots | RecurrentLayerCache | WindowMemorySlots] = []
         for i, kind in enumerate(self.config.layer_types):
             mixer = self.model.model.layers[i].mixer
             if kind in ATTENTION_TYPES:
-                ring = self.max_length if kind == "full_attention" else min(config.sliding_window, self.max_length)
-                sinks = mixer.sinks if ring < self.max_length else 0  # no token leaves a ring this long
-                slots = -(-(ring + sinks) // _SLOT_ALIGN) * _SLOT_ALIGN
-                shape = (batch, config.num_key_value_heads, slots, config.head_dim)
-                self.layer_caches.append(AttentionSlots(
-                    keys=torch.zeros(shape, dtype=self.dtype, device=device),
-                    values=torch.zeros(shape, dtype=self.dtype, device=device),
-                    valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
-                    ring=ring,
-                    sinks=sinks,
-                    sink_index=torch.full((batch, sinks), NO_TOKEN, dtype=torch.long, device=device),
-                ))
+                self.layer_caches.append(self._attention_slots(mixer, kind == "full_attention"))
+            elif kind in WINDOW_MEMORY_TYPES:
+                self.layer_caches.append(WindowMemorySlots(self._attention_slots(mixer.window, False),
+                                                           self._recurrent_state(mixer.memory)))
             else:
-                cache = RecurrentLayerCache()
-                conv_channels = sum(mixer.conv_channels)
-                cache.conv_state = torch.zeros(batch, conv_channels, config.conv_kernel_size - 1, dtype=self.dtype,
-                                               device=device)
-                cache.recurrent_state = torch.zeros(batch, *state_shape(mixer), dtype=torch.float32, device=device)
-                self.layer_caches.append(cache)
+                self.layer_caches.append(self._recurrent_state(mixer))
         self.tokens = torch.zeros(batch, self.max_length, dtype=torch.long, device=device)  # prompt + generated
         self.uniforms = torch.zeros(batch, self.max_length, dtype=torch.float32, device=device)  # per token column
         self._next_token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1] input of the next step
@@ -110,22 +106,51 @@ class StaticDecoder:
         self._index = torch.zeros((), dtype=torch.long, device=device)  # its stream index (same for every row)
         self._recurrent_context = SequenceContext(position_embeddings=None, attention_mask=None, past_tokens=0)
 
+    def _attention_slots(self, attention, full: bool) -> AttentionSlots:
+        config, batch, device = self.config, self.batch_size, self.device
+        ring = self.max_length if full else min(config.sliding_window, self.max_length)
+        sinks = attention.sinks if ring < self.max_length else 0  # no token leaves a ring this long
+        slots = -(-(ring + sinks) // _SLOT_ALIGN) * _SLOT_ALIGN
+        shape = (batch, config.num_key_value_heads, slots, config.head_dim)
+        return AttentionSlots(
+            keys=torch.zeros(shape, dtype=self.dtype, device=device),
+            values=torch.zeros(shape, dtype=self.dtype, device=device),
+            valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
+            ring=ring,
+            sinks=sinks,
+            sink_index=torch.full((batch, sinks), NO_TOKEN, dtype=torch.long, device=device),
+        )
+
+    def _recurrent_state(self, mixer) -> RecurrentLayerCache:
+        cache = RecurrentLayerCache()
+        cache.conv_state = torch.zeros(self.batch_size, sum(mixer.conv_channels), self.config.conv_kernel_size - 1,
+                                       dtype=self.dtype, device=self.device)
+        cache.recurrent_state = torch.zeros(self.batch_size, *state_shape(mixer), dtype=torch.float32,
+                                            device=self.device)
+        if hasattr(mixer, "new_pending"):  # a memory that reads only what has left its window
+            cache.pending = mixer.new_pending(self.batch_size, self.dtype, self.device)
+        return cache
+
+    def _attention_slot_caches(self) -> list[AttentionSlots]:
+        return [c.window if isinstance(c, WindowMemorySlots) else c for c in self.layer_caches
+                if isinstance(c, (AttentionSlots, WindowMemorySlots))]
+
     def _cache_buffers(self) -> list[torch.Tensor]:
         out = []
+        for cache in self._attention_slot_caches():
+            out += [cache.keys, cache.values, cache.valid, cache.sink_index]
         for cache in self.layer_caches:
-            if isinstance(cache, AttentionSlots):
-                out += [cache.keys, cache.values, cache.valid, cache.sink_index]
-            else:
-                out += [cache.conv_state, cache.recurrent_state]
+            recurrent = cache.memory if isinstance(cache, WindowMemorySlots) else cache
+            if isinstance(recurrent, RecurrentLayerCache):
+                out += recurrent.tensors()
         return out
 
     def _reset(self) -> None:
         for buffer in [self.tokens, self.uniforms, self._next_token, self._position, self._index,
                        *self._cache_buffers()]:
             buffer.zero_()
-        for cache in self.layer_caches:
-            if isinstance(cache, AttentionSlots):
-                cache.sink_index.fill_(NO_TOKEN)
+        for cache in self._attention_slot_caches():
+            cache.sink_index.fill_(NO_TOKEN)
 
     def cache_nbytes(self) -> int:
         """Bytes of the KV slots, conv windows and recurrent states of all `batch_size` rows."""
@@ -140,6 +165,9 @@ class StaticDecoder:
             x = layer.input_layernorm(hidden)
             if isinstance(cache, AttentionSlots):
                 mixed = _attention_step(layer.mixer, x, cos, sin, cache, self._index, self._position)
+            elif isinstance(cache, WindowMemorySlots):
+                window = _attention_step(layer.mixer.window, x, cos, sin, cache.window, self._index, self._position)
+                mixed = layer.mixer.combine(window, layer.mixer.memory(x, self._recurrent_context, cache.memory))
             else:
                 mixed = layer.mixer(x, self._recurrent_context, cache)
             hidden = hidden + mixed
@@ -196,15 +224,13 @@ class StaticDecoder:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         for cache, layer in zip(self.layer_caches, out.past_key_values.layers):
-            if isinstance(cache, AttentionSlots):
-                if isinstance(layer, SinkWindowLayer):  # it says which stream indices it kept
-                    key_slots = layer.slots
-                else:  # the other caches keep the prompt's last tokens
-                    key_slots = torch.arange(length - layer.keys.shape[2], length, device=self.device)
-                _fill_slots(cache, layer.keys, layer.values, key_slots, mask)
+            if isinstance(cache, WindowMemorySlots):
+                _fill_slots_from(cache.window, layer.window, mask)
+                _copy_state(cache.memory, layer.memory)
+            elif isinstance(cache, AttentionSlots):
+                _fill_slots_from(cache, layer, mask)
             else:
-                cache.conv_state.copy_(layer.conv_state)
-                cache.recurrent_state.copy_(layer.recurrent_state)
+                _copy_state(cache, layer)
         chosen = choose_tokens(out.logits[:, -1], self.uniforms[:, length], self.sampling)  # [B, 1]
         self.tokens[:, :length] = input_ids
         self.tokens[:, length : length + 1] = chosen
@@ -240,6 +266,23 @@ def state_shape(mixer) -> tuple[int, int, int]:
     if hasattr(mixer, "state_size"):
         return mixer.num_heads, mixer.state_size, mixer.head_dim
     return mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim
+
+
+def _fill_slots_from(slots: AttentionSlots, layer, mask: torch.Tensor) -> None:
+    """Copy an attention layer cache's prefill K/V into the slots; mask [B, T] is the prompt's (0 at left padding)."""
+    length = mask.shape[1]
+    if isinstance(layer, SinkWindowLayer):  # it says which stream indices it kept
+        key_slots = layer.slots
+    else:  # the other caches keep the prompt's last tokens
+        key_slots = torch.arange(length - layer.keys.shape[2], length, device=mask.device)
+    _fill_slots(slots, layer.keys, layer.values, key_slots, mask)
+
+
+def _copy_state(cache: RecurrentLayerCache, prefilled: RecurrentLayerCache) -> None:
+    cache.conv_state.copy_(prefilled.conv_state)
+    cache.recurrent_state.copy_(prefilled.recurrent_state)
+    for kept, filled in zip(cache.pending or [], prefilled.pending or [], strict=True):
+        kept.copy_(filled)
 
 
 def _fill_slots(slots: AttentionSlots, keys: torch.Tensor, values: torch.Tensor, key_slots: torch.Tensor,

@@ -1,7 +1,10 @@
-"""HybridCache: KV caches for attention layers and conv + recurrent states for Mamba2 / GDN layers, for `generate()`."""
+"""HybridCache: KV caches for attention layers, conv + recurrent states for Mamba2 / GDN layers, and both for
+window + memory layers, for `generate()`."""
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from .configuration_hybrid import WINDOW_MEMORY_TYPES
 
 
 class RecurrentLayerCache:
@@ -9,6 +12,8 @@ class RecurrentLayerCache:
 
     conv_state: [B, D_conv, W-1] (the last W-1 conv inputs), recurrent_state: [B, H, K, V] in fp32.
     Both are set by the first (prefill) forward, then updated in place by single-token decode steps.
+    pending: only for a memory that reads what has left a window (model/window_memory.py): the recurrence inputs of
+    the last `window` tokens, [B, window, ...] each, not yet written into the state.
     """
 
     is_compileable = False
@@ -19,20 +24,23 @@ class RecurrentLayerCache:
     def __init__(self):
         self.conv_state: torch.Tensor | None = None
         self.recurrent_state: torch.Tensor | None = None
+        self.pending: list[torch.Tensor] | None = None
 
     @property
     def has_state(self) -> bool:
         return self.recurrent_state is not None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.conv_state, self.recurrent_state) if t is not None]
+        return [t for t in (self.conv_state, self.recurrent_state, *(self.pending or [])) if t is not None]
 
     def _apply(self, fn) -> None:
         if self.has_state:
             self.conv_state, self.recurrent_state = fn(self.conv_state), fn(self.recurrent_state)
+        if self.pending is not None:
+            self.pending = [fn(t) for t in self.pending]
 
     def reset(self) -> None:
-        self.conv_state = self.recurrent_state = None
+        self.conv_state = self.recurrent_state = self.pending = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -110,13 +118,69 @@ class SinkWindowLayer(DynamicLayer):
         raise NotImplementedError("a sink window's dropped keys cannot be restored; assisted decoding is not supported")
 
 
+class WindowMemoryLayerCache:
+    """A window + memory layer's cache: its window's keys (`window`, as a sliding_attention layer keeps them) and its
+    memory branch's conv window and state (`memory`). Both are bounded, so the layer's cache does not grow with the
+    sequence."""
+
+    is_compileable = False
+    supports_early_init = False
+    is_sliding = True
+    is_croppable = False
+
+    def __init__(self, window, memory: RecurrentLayerCache):
+        self.window, self.memory = window, memory
+
+    def tensors(self) -> list[torch.Tensor]:
+        keys = [t for t in (self.window.keys, self.window.values) if t is not None] if self.window.is_initialized else []
+        return keys + self.memory.tensors()
+
+    def get_seq_length(self) -> int:
+        return self.window.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.window.reset()
+        self.memory.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.window.reorder_cache(beam_idx)
+        self.memory.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.window.batch_repeat_interleave(repeats)
+        self.memory.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.window.batch_select_indices(indices)
+        self.memory.batch_select_indices(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a memory state cannot be rolled back; assisted decoding is not supported")
+
+    def offload(self) -> None:
+        self.window.offload()
+        self.memory.offload()
+
+    def prefetch(self) -> None:
+        self.window.prefetch()
+
+
+def _window_cache(config):
+    if config.sliding_window_sinks:
+        return SinkWindowLayer(config.sliding_window, config.sliding_window_sinks)
+    return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)
+
+
 def _layer_cache(config, kind: str):
     if kind == "full_attention":
         return DynamicLayer()
-    if kind == "sliding_attention" and config.sliding_window_sinks:
-        return SinkWindowLayer(config.sliding_window, config.sliding_window_sinks)
     if kind == "sliding_attention":
-        return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)
+        return _window_cache(config)
+    if kind in WINDOW_MEMORY_TYPES:
+        return WindowMemoryLayerCache(_window_cache(config), RecurrentLayerCache())
     return RecurrentLayerCache()
 
 
@@ -150,6 +214,7 @@ class HybridCache(Cache):
         """Bytes held by every cached tensor (KV, conv windows, recurrent states)."""
         total = 0
         for layer in self.layers:
-            tensors = layer.tensors() if isinstance(layer, RecurrentLayerCache) else [layer.keys, layer.values]
+            tensors = (layer.tensors() if isinstance(layer, (RecurrentLayerCache, WindowMemoryLayerCache))
+                       else [layer.keys, layer.values])
             total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total

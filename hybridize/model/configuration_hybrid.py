@@ -1,11 +1,20 @@
-"""HybridConfig: a Llama decoder whose per-layer token mixer is attention, sliding-window attention, Mamba2 or GDN."""
+"""HybridConfig: a Llama decoder whose per-layer token mixer is attention, sliding-window attention, Mamba2, GDN, or a
+sliding window plus a Mamba2 / GDN memory."""
 
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
-LAYER_TYPES = ("full_attention", "sliding_attention", "mamba2", "gated_deltanet")
+LAYER_TYPES = ("full_attention", "sliding_attention", "mamba2", "gated_deltanet", "window_gated_deltanet",
+               "window_mamba2")
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
 RECURRENT_TYPES = ("mamba2", "gated_deltanet")
+# Intra-layer hybrids: a sliding window plus a recurrent memory in one mixer (model/window_memory.py), by the
+# recurrent mixer their memory branch is.
+WINDOW_MEMORY_TYPES = {"window_gated_deltanet": "gated_deltanet", "window_mamba2": "mamba2"}
+# Layers that hold a recurrent state (their own or their memory branch's).
+STATEFUL_TYPES = RECURRENT_TYPES + tuple(WINDOW_MEMORY_TYPES)
+# Layers that attend with RoPE (all or part of their output).
+ROPE_TYPES = ATTENTION_TYPES + tuple(WINDOW_MEMORY_TYPES)
 
 
 class HybridConfigError(ValueError):
@@ -47,6 +56,8 @@ class HybridConfig(PretrainedConfig):
     layer_types: list[str] | None = None
     sliding_window: int = 512
     sliding_window_sinks: int = 0  # sliding layers also see each row's first this-many real tokens ("sinks")
+    # window_* layers: the memory branch reads only tokens that have left the window (False: every token so far)
+    memory_outside_window: bool = False
     conv_kernel_size: int = 4
     mamba_num_heads: int | None = None
     mamba_head_dim: int | None = None
@@ -105,7 +116,7 @@ class HybridConfig(PretrainedConfig):
             _require(value in (16, 32, 64, 128), name, f"allowed values: 16, 32, 64, 128; got {value}")
 
     def validate_layer_type(self) -> None:
-        """Replaces transformers' check, whose list of layer types does not know mamba2 and gated_deltanet."""
+        """Replaces transformers' check, whose list of layer types does not know ours."""
         self.check()
 
 

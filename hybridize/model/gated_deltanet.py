@@ -85,25 +85,32 @@ class GatedDeltaNetMixer(nn.Module):
         k = k.view(batch, length, self.num_k_heads, self.head_k_dim)  # [B, T, HK, K]
         v = v.view(batch, length, self.num_heads, self.head_v_dim)  # [B, T, H, V]
         if self.fused_inputs:
-            # the kernels normalize q, k and form g, beta from the raw a, b themselves
-            g, beta, gate_params = a, b, ops.GateParams(self.A_log, self.dt_bias, self.b_bias)
+            g, beta = a, b  # raw: the kernels normalize q, k and form the gate and beta themselves
         else:
             q, k = l2_normalize(q), l2_normalize(k)
             beta = torch.sigmoid(b.float() + self.b_bias.float())  # [B, T, H]
             g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias)  # [B, T, H]
-            gate_params = None
-        scale = self.head_k_dim**-0.5
-        if decoding:
-            o = ops.gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], layer_cache.recurrent_state,
-                                     scale=scale, gate_params=gate_params, qk_l2norm=self.fused_inputs)[:, None]
-        else:
-            o, state = ops.chunk_gated_delta_rule(
-                q, k, v, g, beta, scale=scale, chunk_size=self.chunk_size,
-                initial_state=layer_cache.recurrent_state if layer_cache is not None else None,
-                output_final_state=layer_cache is not None, gate_params=gate_params, qk_l2norm=self.fused_inputs,
-            )  # [B, T, H, V]
-            if layer_cache is not None:
-                layer_cache.conv_state, layer_cache.recurrent_state = conv_state, state
+        o = self.recurrence(q, k, v, g, beta, layer_cache, decoding)  # [B, T, H, V]
+        if conv_state is not None:
+            layer_cache.conv_state = conv_state
         gate = gate.view(batch, length, self.num_heads, self.head_v_dim)
         o = ops.gated_rms_norm(o, gate, self.norm_weight, eps=self.norm_eps)
         return self.o_proj(o.reshape(batch, length, -1))
+
+    def recurrence(self, q, k, v, g, beta, layer_cache, decoding: bool) -> torch.Tensor:
+        """o [B, T, H, V] of the gated delta rule over this forward's tokens, continuing layer_cache's state (if any)
+        and leaving the new one there. With `fused_inputs`, q, k are un-normalized and g, beta are the raw a, b."""
+        scale = self.head_k_dim**-0.5
+        fused = {"gate_params": ops.GateParams(self.A_log, self.dt_bias, self.b_bias) if self.fused_inputs else None,
+                 "qk_l2norm": self.fused_inputs}
+        if decoding:
+            return ops.gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], layer_cache.recurrent_state,
+                                        scale=scale, **fused)[:, None]
+        o, state = ops.chunk_gated_delta_rule(
+            q, k, v, g, beta, scale=scale, chunk_size=self.chunk_size,
+            initial_state=layer_cache.recurrent_state if layer_cache is not None else None,
+            output_final_state=layer_cache is not None, **fused,
+        )  # [B, T, H, V]
+        if layer_cache is not None:
+            layer_cache.recurrent_state = state
+        return o

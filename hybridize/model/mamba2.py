@@ -77,18 +77,25 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias)  # [B, T, H]
         g = -torch.exp(self.A_log.float()) * dt  # [B, T, H] log decay
         v = x * dt[..., None].to(x.dtype)
-        scale = self.state_size**-0.5
-        if decoding:
-            y = ops.ssd_step(c[:, 0], b[:, 0], v[:, 0], g[:, 0], layer_cache.recurrent_state, scale=scale)[:, None]
-        else:
-            y, state = ops.chunk_ssd(
-                c, b, v, g, scale=scale, chunk_size=self.chunk_size,
-                initial_state=layer_cache.recurrent_state if layer_cache is not None else None,
-                output_final_state=layer_cache is not None,
-            )  # [B, T, H, P]
-            if layer_cache is not None:
-                layer_cache.conv_state, layer_cache.recurrent_state = conv_state, state
+        y = self.recurrence(c, b, v, g, layer_cache, decoding)  # [B, T, H, P]
+        if conv_state is not None:
+            layer_cache.conv_state = conv_state
         y = y + self.D[:, None].to(y.dtype) * x
         z = z.view(batch, length, self.num_heads, self.head_dim)
         y = ops.gated_rms_norm(y, z, self.norm_weight, eps=self.norm_eps)
         return self.out_proj(y.reshape(batch, length, -1))
+
+    def recurrence(self, c, b, v, g, layer_cache, decoding: bool) -> torch.Tensor:
+        """y [B, T, H, P] of the SSD recurrence over this forward's tokens (before the D skip), continuing
+        layer_cache's state (if any) and leaving the new one there."""
+        scale = self.state_size**-0.5
+        if decoding:
+            return ops.ssd_step(c[:, 0], b[:, 0], v[:, 0], g[:, 0], layer_cache.recurrent_state, scale=scale)[:, None]
+        y, state = ops.chunk_ssd(
+            c, b, v, g, scale=scale, chunk_size=self.chunk_size,
+            initial_state=layer_cache.recurrent_state if layer_cache is not None else None,
+            output_final_state=layer_cache is not None,
+        )  # [B, T, H, P]
+        if layer_cache is not None:
+            layer_cache.recurrent_state = state
+        return y

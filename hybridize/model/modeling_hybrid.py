@@ -12,16 +12,18 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from .attention import Attention
 from .cache import HybridCache
-from .configuration_hybrid import ATTENTION_TYPES, HybridConfig
+from .configuration_hybrid import ROPE_TYPES, HybridConfig
 from .context import SequenceContext, real_token_rank
 from .gated_deltanet import GatedDeltaNetMixer
 from .mamba2 import Mamba2Mixer
 from .mlp import GatedMLP
+from .window_memory import WindowMemoryMixer
 
 # Parameters that set a recurrence's time scales stay fp32 in every dtype: in bf16, A_log and dt_bias (magnitudes
 # 1-5) have steps of about 0.02, so the small updates distillation makes to them would round away, and the decay
-# exp(-exp(A_log) * softplus(.)) would move by whole percents per step of rounding.
-FP32_PARAMETERS = r"mixer\.(?:A_log|dt_bias|D)$"
+# exp(-exp(A_log) * softplus(.)) would move by whole percents per step of rounding. The same holds for the memory
+# branch of a window + memory layer.
+FP32_PARAMETERS = r"mixer\.(?:memory\.)?(?:A_log|dt_bias|D)$"
 
 MIXERS = {
     "full_attention": lambda config, layer_idx: Attention(config, layer_idx, window=None),
@@ -29,6 +31,8 @@ MIXERS = {
                                                              sinks=config.sliding_window_sinks),
     "mamba2": Mamba2Mixer,
     "gated_deltanet": GatedDeltaNetMixer,
+    "window_gated_deltanet": lambda config, layer_idx: WindowMemoryMixer(config, layer_idx, "gated_deltanet"),
+    "window_mamba2": lambda config, layer_idx: WindowMemoryMixer(config, layer_idx, "mamba2"),
 }
 
 
@@ -74,7 +78,7 @@ class HybridPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, (Mamba2Mixer, GatedDeltaNetMixer)):
+        if isinstance(module, (Mamba2Mixer, GatedDeltaNetMixer, WindowMemoryMixer)):
             for name, value in module.new_parameter_values().items():
                 init.copy_(getattr(module, name), value)
 
@@ -119,7 +123,7 @@ class HybridModel(HybridPreTrainedModel):
             attention_mask = None  # nothing padded: the mixers take their unmasked fast paths
         if position_ids is None:
             position_ids = _position_ids(attention_mask, past_tokens, length, hidden_states.device)
-        has_attention = any(t in ATTENTION_TYPES for t in self.config.layer_types)
+        has_attention = any(t in ROPE_TYPES for t in self.config.layer_types)
         context = SequenceContext(
             position_embeddings=self.rotary_emb(hidden_states, position_ids) if has_attention else None,
             attention_mask=attention_mask,

@@ -10,10 +10,14 @@ from ..evaluate.fast_decode import state_shape
 from ..evaluate.lm_eval_tasks import lm_eval_table
 from ..evaluate.quality import quality_table
 from ..evaluate.recall import recall_table
+from ..model.configuration_hybrid import WINDOW_MEMORY_TYPES
 from ..teacher import ALIASES
 
-MIXER_NAMES = {"full_attention": "full attention", "sliding_attention": "sliding-window attention",
-               "mamba2": "Mamba2", "gated_deltanet": "Gated DeltaNet"}
+WINDOW_NAME = "sliding-window attention"
+MIXER_NAMES = {"full_attention": "full attention", "sliding_attention": WINDOW_NAME,
+               "mamba2": "Mamba2", "gated_deltanet": "Gated DeltaNet",
+               "window_gated_deltanet": "sliding-window attention + Gated DeltaNet memory",
+               "window_mamba2": "sliding-window attention + Mamba2 memory"}
 STATE_BYTES = 4  # recurrent states are kept in fp32
 EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF (Q4_1) was quantized from
 
@@ -31,12 +35,14 @@ def cache_footprint(model, kv_bytes: int = 2) -> dict:
     for layer, kind in zip(model.model.layers, config.layer_types):
         if kind == "full_attention":
             per_token += kv
-        elif kind == "sliding_attention":
+            continue
+        if kind in ("sliding_attention", *WINDOW_MEMORY_TYPES):
             sliding += kv * (config.sliding_window + config.sliding_window_sinks)
-        else:
-            heads, rows, cols = state_shape(layer.mixer)
+        if kind != "sliding_attention":
+            mixer = layer.mixer.memory if kind in WINDOW_MEMORY_TYPES else layer.mixer
+            heads, rows, cols = state_shape(mixer)
             recurrent += heads * rows * cols * STATE_BYTES
-            recurrent += sum(layer.mixer.conv_channels) * (config.conv_kernel_size - 1) * kv_bytes
+            recurrent += sum(mixer.conv_channels) * (config.conv_kernel_size - 1) * kv_bytes
     return {"per_token": per_token, "sliding_max": sliding, "recurrent": recurrent,
             "teacher_per_token": kv * config.num_hidden_layers}
 
@@ -60,9 +66,10 @@ def _plan_rows(layer_types: list[str], window: int, sinks: int) -> list[str]:
     for i in range(1, len(layer_types) + 1):
         if i == len(layer_types) or layer_types[i] != layer_types[start]:
             span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
-            name = MIXER_NAMES[layer_types[start]]
-            if layer_types[start] == "sliding_attention":
-                name += f" ({window} tokens" + (f" + the first {sinks})" if sinks else ")")
+            kind, name = layer_types[start], MIXER_NAMES[layer_types[start]]
+            if kind == "sliding_attention" or kind in WINDOW_MEMORY_TYPES:
+                extent = f" ({window} tokens" + (f" + the first {sinks})" if sinks else ")")
+                name = name.replace(WINDOW_NAME, WINDOW_NAME + extent, 1)
             rows.append(f"| {span} | {name} |")
             start = i
     return rows

@@ -135,7 +135,12 @@ def test_fast_mode_with_sinks_discounts_the_first_token(tiny_llama, tmp_path, ca
         (["--budget", "1", "--min-spacing", "0"], "--min-spacing must be >= 1, got 0"),
         (["--budget", "1", "--no-attention-first", "-1"], "--no-attention-first must be >= 0, got -1"),
         (["--budget", "1", "--mixers", "mamba2,lstm"], "--mixers needs one or more distinct of mamba2, "
-                                                       "gated_deltanet, sliding_attention, got 'mamba2,lstm'"),
+                                                       "gated_deltanet, sliding_attention, window_gated_deltanet, "
+                                                       "window_mamba2, got 'mamba2,lstm'"),
+        (["--budget", "1", "--mixers", "window_gated_deltanet", "--pattern", "h2"],
+         "--pattern h2 cycles mamba2, gated_deltanet, sliding_attention: --mixers must allow at least one of them"),
+        (["--budget", "1", "--mixers", "window_mamba2", "--seq-len", "512"],
+         "--seq-len 512 is not longer than the sliding window (512): window_mamba2 would see every token"),
         (["--budget", "1", "--mixers", "mamba2,sliding_attention", "--seq-len", "512"],
          "--seq-len 512 is not longer than the sliding window (512)"),
         (["--budget", "1", "--fit-steps", "0"], "--fit-steps must be >= 1, got 0"),

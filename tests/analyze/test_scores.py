@@ -114,3 +114,27 @@ def test_sink_windows_are_scored_as_sink_windows(tiny_teacher):
         scores = layer_scores(base, held_out, {"sliding_attention": mixers}, torch.float32)
         kl[sinks] = scores["sliding_attention"]["kl"]
     assert all(abs(a - b) > 1e-9 for a, b in zip(kl[0], kl[2]))
+
+
+def test_window_memory_candidates_start_as_their_window_and_the_fit_opens_the_memory(tiny_teacher):
+    """A window + GDN candidate scores exactly as the window at its init (memory held at zero); the layer-local fit
+    then opens the memory in every layer, and its weights train too (a memory whose own gate also started at zero
+    would get no gradient through either)."""
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(5))
+    base = convert_model(tiny_teacher, ["full_attention"] * 4)
+    held_out = capture_held_out(tiny_teacher, ids)
+    candidates = {kind: candidate_mixers(tiny_teacher, kind, seed=0)
+                  for kind in ("sliding_attention", "window_gated_deltanet")}
+    for window, hybrid in zip(candidates["sliding_attention"], candidates["window_gated_deltanet"]):
+        window.window = hybrid.window.window = 16  # shorter than the blocks, so the windows drop keys
+    scores = layer_scores(base, held_out, candidates, torch.float32)
+    assert scores["window_gated_deltanet"] == scores["sliding_attention"]
+    assert min(scores["sliding_attention"]["kl"]) > 1e-5
+    hybrids = candidates["window_gated_deltanet"]
+    before = [mixer.memory.q_proj.weight.clone() for mixer in hybrids]
+    blocks = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(6))
+    fit_candidates(tiny_teacher, base, {"window_gated_deltanet": hybrids}, blocks,
+                   FitSettings(steps=3, batch_blocks=1, lr=1e-3), torch.float32)
+    for mixer, weight in zip(hybrids, before):
+        assert mixer.memory_scale.abs().max() > 1e-4
+        assert (mixer.memory.q_proj.weight - weight).abs().max() > 1e-4

@@ -62,6 +62,9 @@ def test_mixer_rules():
     assert measured_choice(kl, ("sliding_attention",)) == ([0.9, 0.2, 0.6], ["sliding_attention"] * 3)
     assert fast_choice([0.01, 0.3], ("mamba2", "sliding_attention"), 0.05) == ["sliding_attention", "mamba2"]
     assert fast_choice([0.01, 0.3], ("mamba2", "gated_deltanet"), 0.05) == ["gated_deltanet"] * 2
+    # a window + memory layer is preferred where the window alone loses too much
+    assert fast_choice([0.01, 0.3], ("gated_deltanet", "sliding_attention", "window_mamba2"), 0.05) == [
+        "sliding_attention", "window_mamba2"]
     best = ["mamba2"] * 6
     assert assign_mixers([2], best, Constraints()) == ["mamba2", "mamba2", "full_attention"] + ["mamba2"] * 3
     assert assign_mixers([2], best, Constraints(pattern="h2")) == [

@@ -199,3 +199,26 @@ def test_out_dot_in_a_users_folder_keeps_the_users_files(tiny_llama, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(work).config.layer_types[2] == "full_attention"
     assert not [p.name for p in work.iterdir() if ".partial-" in p.name]
     assert os.listdir(tmp_path) == ["work"]
+
+
+def test_window_memory_plan_converts_to_its_window_plan_with_a_calibrated_memory(tiny_llama, tmp_path, capsys):
+    """The default (teacher-calibrated) conversion of window + GDN layers gives the window plan's logits exactly, and
+    its memory branches were fitted (their output projection is no longer W_o) while held at zero."""
+    code, out = convert(capsys, tiny_llama, "--plan", "full_attention:0 window_gated_deltanet:rest", "--sink-tokens",
+                        "2", "--out", tmp_path / "g")
+    assert code == 0 and "start as exactly their sliding window" in out.out
+    assert convert(capsys, tiny_llama, "--plan", "full_attention:0 sliding_attention:rest", "--sink-tokens", "2",
+                   "--out", tmp_path / "s")[0] == 0
+    hybrid, window = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("g", "s"))
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = torch.randint(0, 49152, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(hybrid(ids, use_cache=False).logits, window(ids, use_cache=False).logits)
+    mixer = hybrid.model.layers[1].mixer
+    assert not mixer.memory_scale.any()
+    assert not torch.equal(mixer.memory.o_proj.weight, teacher.model.layers[1].self_attn.o_proj.weight)
+    assert mixer.memory.A_log.dtype == torch.float32
+    record = json.loads((tmp_path / "g" / "conversion.json").read_text())
+    reports = {name: json.loads((tmp_path / name / "conversion.json").read_text())["report"] for name in ("g", "s")}
+    assert record["layer_types"][1:] == ["window_gated_deltanet"] * 3
+    assert reports["g"]["kl_teacher_hybrid"] == reports["s"]["kl_teacher_hybrid"]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hybridize.convert.build import convert_model, convert_state, hybrid_config_from_teacher
+from hybridize.convert.build import convert_model, convert_state, hybrid_config_from_teacher, model_from_state
 from hybridize.convert.init import (
     InitOptions, attention_to_attention, attention_to_gated_deltanet, attention_to_mamba2, repeat_heads,
 )
@@ -105,3 +105,53 @@ def test_attention_biases_cannot_go_into_recurrent_layers():
 def test_bad_init_option_is_named():
     with pytest.raises(UserError, match="init option gate='one'; allowed: zero, random"):
         InitOptions(gate="one")
+
+
+@pytest.mark.parametrize("kind, memory", [("window_gated_deltanet", attention_to_gated_deltanet),
+                                          ("window_mamba2", attention_to_mamba2)])
+def test_window_memory_mapping_copies_the_window_and_reuses_the_memory_mapping(kind, memory):
+    """window.* is the attention, memory.* is what the recurrent mapping gives (a zero gate becomes W_v: the memory is
+    held at zero by memory_scale already), memory_scale is zero."""
+    attn = attention_weights()
+    out = attention_to_window_memory(kind, attn, config_for(kind))
+    assert all(torch.equal(out[f"window.{k}"], attn[k]) for k in attn)
+    want = memory(attn, config_for(kind), InitOptions(gate="teacher"), torch.Generator().manual_seed(0))
+    assert {k[len("memory."):] for k in out if k.startswith("memory.")} == want.keys()
+    assert all(torch.equal(out[f"memory.{k}"], v) for k, v in want.items())
+    assert torch.equal(out["memory_scale"], torch.zeros(32))
+
+
+def attention_to_window_memory(kind, attn, config):
+    from hybridize.convert.init import INITIALIZERS
+
+    return INITIALIZERS[kind](attn, config, InitOptions(), torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", ["window_gated_deltanet", "window_mamba2"])
+def test_converted_window_memory_model_equals_the_window_plan(kind):
+    """At step 0 a window + memory layer is exactly its sliding window: the converted model's logits equal those of
+    the same plan with sliding_attention, bit for bit; opening the memory then changes them."""
+    torch.manual_seed(0)
+    teacher_state = LlamaForCausalLM(TEACHER).state_dict()
+
+    def converted(plan):  # an 8-token window with a sink, shorter than the sequence, so the window drops keys
+        config = hybrid_config_from_teacher(TEACHER, plan, sliding_window=8, sliding_window_sinks=1)
+        state, _ = convert_state(list(teacher_state), teacher_state.__getitem__, config, InitOptions(), seed=0)
+        return model_from_state(config, state)
+
+    hybrid = converted(["full_attention", kind, kind, "full_attention"])
+    window = converted(["full_attention", "sliding_attention", "sliding_attention", "full_attention"])
+    ids = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        expected = window(ids, use_cache=False).logits
+        assert torch.equal(hybrid(ids, use_cache=False).logits, expected)
+        hybrid.model.layers[1].mixer.memory_scale.fill_(1.0)
+        assert (hybrid(ids, use_cache=False).logits - expected).abs().max() > 1e-3
+
+
+def test_attention_biases_cannot_go_into_window_memory_layers():
+    config = LlamaConfig(**{**TEACHER.to_dict(), "attention_bias": True})
+    teacher_state = LlamaForCausalLM(config).state_dict()
+    with pytest.raises(UserError, match="attention biases have no place in a window_gated_deltanet layer"):
+        convert_state(list(teacher_state), teacher_state.__getitem__,
+                      hybrid_config_from_teacher(config, ["window_gated_deltanet"] * 4), InitOptions(), seed=0)

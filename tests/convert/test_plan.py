@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hybridize.convert.plan import H2_CYCLE, resolve_plan, uniform_positions
+from hybridize.convert.plan import H2_CYCLE, describe, resolve_plan, uniform_positions
 from hybridize.errors import UserError
 
 
@@ -14,6 +14,20 @@ def test_uniform_spreads_attention_and_avoids_layer_zero():
     assert [i for i, k in enumerate(plan) if k == "full_attention"] == [1, 5, 9, 13, 16, 20, 24, 28]
     assert set(plan) == {"full_attention", "gated_deltanet"}
     assert set(resolve_plan("uniform:3:mamba2", 12)) == {"full_attention", "mamba2"}
+
+
+def test_window_memory_layers_are_plannable_in_every_form(tmp_path):
+    plan = resolve_plan("uniform:8:window_gated_deltanet", 30)
+    assert [i for i, k in enumerate(plan) if k == "full_attention"] == [1, 5, 9, 13, 16, 20, 24, 28]
+    assert set(plan) == {"full_attention", "window_gated_deltanet"}
+    constant = ["window_gated_deltanet"] * 30  # no full attention: the cache does not grow with the context
+    assert resolve_plan("uniform:0:window_gated_deltanet", 30) == resolve_plan("all:window_gated_deltanet", 30) == constant
+    assert resolve_plan("full_attention:0 window_mamba2:rest", 3) == ["full_attention", "window_mamba2", "window_mamba2"]
+    assert resolve_plan(["window_mamba2", "window_gated_deltanet"], 2) == ["window_mamba2", "window_gated_deltanet"]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"layer_types": constant}))
+    assert resolve_plan(str(path), 30) == constant
+    assert describe(["full_attention", "window_gated_deltanet", "window_mamba2"]).startswith("Agm ")
 
 
 def test_h2_cycles_mamba2_gdn_swa_over_replaced_layers():

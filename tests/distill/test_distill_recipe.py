@@ -53,7 +53,9 @@ def test_every_shipped_recipe_loads_and_its_plan_resolves(path):
     on_policy = [OnPolicyStage] if path.stem.endswith("-onpolicy") else []
     assert [type(s) for s in recipe.stages] == [AttentionOutputStage, KDStage] + on_policy
     layer_types = resolve_plan(recipe.plan, TEACHER_LAYERS[path.parent.name])
-    assert "full_attention" in layer_types and len(set(layer_types)) == 2
+    replaced = set(layer_types) - {"full_attention"}
+    assert len(replaced) == 1  # one mixer type replaces attention: in every layer in the constant-memory recipe
+    assert "full_attention" in layer_types or path.stem == "constant-memory"
     assert all(stage.steps() >= 100 for stage in recipe.stages)
     assert recipe.output_dir == f"runs/{path.parent.name}-{path.stem}"
 

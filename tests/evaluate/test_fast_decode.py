@@ -1,20 +1,24 @@
 """StaticDecoder gives generate()'s greedy tokens, with its static slots, ring buffers and in-place states."""
 
+import math
+
 import pytest
 import torch
 from helpers import requires_cuda
 
-from hybridize.evaluate.fast_decode import StaticDecoder
+from hybridize.evaluate.fast_decode import StaticDecoder, state_shape
 from hybridize.model import HybridConfig, HybridForCausalLM
 
-LAYERS = ["mamba2", "full_attention", "gated_deltanet", "sliding_attention", "mamba2", "full_attention"]
+LAYERS = ["mamba2", "full_attention", "gated_deltanet", "sliding_attention", "window_gated_deltanet", "mamba2",
+          "window_mamba2", "full_attention"]
 
 
-def _model(layer_types=LAYERS, window=8, dtype=torch.float32, device="cpu", sinks=0):
+def _model(layer_types=LAYERS, window=8, dtype=torch.float32, device="cpu", sinks=0, memory_outside_window=False):
     torch.manual_seed(0)
     config = HybridConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
                           num_attention_heads=4, num_key_value_heads=2, layer_types=layer_types, sliding_window=window,
-                          sliding_window_sinks=sinks, max_position_embeddings=256, conv_kernel_size=4)
+                          sliding_window_sinks=sinks, max_position_embeddings=256, conv_kernel_size=4,
+                          memory_outside_window=memory_outside_window)
     return HybridForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
@@ -37,6 +41,19 @@ def test_same_tokens_as_generate(padded, sinks):
         mask[1, :16] = 0
         mask[2, :1] = 0
     decoder = StaticDecoder(model, batch_size=3, max_length=48)
+    assert torch.equal(decoder.generate(ids, 24, attention_mask=mask), _reference(model, ids, 24, mask))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_memories_that_read_outside_the_window_decode_as_generate(padded):
+    """With memory_outside_window the decoder keeps each memory's last `window` inputs in static buffers and writes
+    the oldest into the state at every step: the same tokens as generate(), the window wrapping several times."""
+    model = _model(["window_gated_deltanet", "full_attention", "window_mamba2"], memory_outside_window=True)
+    ids = torch.randint(1, 128, (2, 13), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :6] = 0
+    decoder = StaticDecoder(model, batch_size=2, max_length=40)
     assert torch.equal(decoder.generate(ids, 24, attention_mask=mask), _reference(model, ids, 24, mask))
 
 
@@ -63,6 +80,21 @@ def test_cache_bytes():
     assert small.cache_nbytes() == kv * (40 + 8) + state + valid
 
 
+def test_window_memory_layers_hold_a_cache_that_does_not_grow_with_the_length():
+    """A model of window + memory layers only (the constant-memory plan) keeps its window's slots and its memory's
+    state: the same bytes for 40 and 400 tokens, and exactly what its window and memory need."""
+    model = _model(["window_gated_deltanet", "window_mamba2"], window=5)
+    small, large = StaticDecoder(model, 2, 40), StaticDecoder(model, 2, 400)
+    assert small.cache_nbytes() == large.cache_nbytes()
+    config, slots = model.config, 8  # the 5-token window rounded up to 8 slots
+    window = 2 * (2 * config.num_key_value_heads * config.head_dim * 4 + 1) * slots  # K, V fp32 and validity, batch 2
+    memory = 0
+    for layer in model.model.layers:
+        mixer = layer.mixer.memory
+        memory += 2 * (math.prod(state_shape(mixer)) * 4 + sum(mixer.conv_channels) * 3 * 4)
+    assert small.cache_nbytes() == 2 * window + memory
+
+
 def test_rejects_prompts_that_do_not_fit():
     decoder = StaticDecoder(_model(), batch_size=2, max_length=16)
     with pytest.raises(ValueError, match="exceed"):
@@ -73,7 +105,7 @@ def test_rejects_prompts_that_do_not_fit():
 
 def test_compiled_step_gives_the_same_tokens():
     """torch.compile traces the whole step (what runs on a GPU before capture) and changes no token."""
-    model = _model(["mamba2", "full_attention", "gated_deltanet", "sliding_attention"])
+    model = _model(["mamba2", "full_attention", "gated_deltanet", "sliding_attention", "window_gated_deltanet"])
     ids = torch.randint(1, 128, (2, 11), generator=torch.Generator().manual_seed(4))
     decoder = StaticDecoder(model, batch_size=2, max_length=32, compile_step=True, log=pytest.fail)
     assert decoder.compiled

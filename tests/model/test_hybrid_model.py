@@ -12,8 +12,12 @@ PLANS = {
     "sliding_attention": ["sliding_attention"] * 2,
     "mamba2": ["mamba2"] * 2,
     "gated_deltanet": ["gated_deltanet"] * 2,
+    "window_gated_deltanet": ["window_gated_deltanet"] * 2,
+    "window_mamba2": ["window_mamba2"] * 2,
+    "window_outside": ["window_gated_deltanet", "window_mamba2"],  # memories that read what has left the window
     "mixed": MIXED,
 }
+PLAN_OPTIONS = {"window_outside": dict(memory_outside_window=True)}
 
 
 # The model runs in fp64, but recurrent states are kept in fp32 by design (what the kernels do), so cached
@@ -21,12 +25,12 @@ PLANS = {
 CLOSE = dict(atol=1e-6, rtol=1e-5)
 
 
-def tiny_hybrid(layer_types, seed: int = 0) -> HybridForCausalLM:
+def tiny_hybrid(layer_types, seed: int = 0, **options) -> HybridForCausalLM:
     torch.manual_seed(seed)
     config = HybridConfig(
         vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=len(layer_types),
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, layer_types=layer_types,
-        sliding_window=16, mamba_chunk_size=16, gdn_chunk_size=16, max_position_embeddings=512,
+        sliding_window=16, mamba_chunk_size=16, gdn_chunk_size=16, max_position_embeddings=512, **options,
     )
     return HybridForCausalLM(config).double().eval()
 
@@ -39,7 +43,7 @@ def full_logits(model, input_ids, attention_mask=None):
 @pytest.mark.parametrize("plan", sorted(PLANS))
 @pytest.mark.parametrize("length", [1, 63, 75])
 def test_token_by_token_decode_equals_full_forward(plan, length):
-    model = tiny_hybrid(PLANS[plan])
+    model = tiny_hybrid(PLANS[plan], **PLAN_OPTIONS.get(plan, {}))
     input_ids = torch.randint(0, 97, (2, length))
     expected = full_logits(model, input_ids)
     cache = HybridCache(model.config)
@@ -62,7 +66,7 @@ def test_bf16_model_runs_on_the_cpu_and_tracks_fp32():
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_chunked_prefill_then_decode_equals_full_forward(plan):
-    model = tiny_hybrid(PLANS[plan])
+    model = tiny_hybrid(PLANS[plan], **PLAN_OPTIONS.get(plan, {}))
     input_ids = torch.randint(0, 97, (2, 200))
     expected = full_logits(model, input_ids)
     cache = HybridCache(model.config)
@@ -74,7 +78,7 @@ def test_chunked_prefill_then_decode_equals_full_forward(plan):
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_left_padded_batch_equals_each_sequence_alone(plan):
-    model = tiny_hybrid(PLANS[plan])
+    model = tiny_hybrid(PLANS[plan], **PLAN_OPTIONS.get(plan, {}))
     lengths = [75, 63, 40]
     sequences = [torch.randint(0, 97, (n,)) for n in lengths]
     width = max(lengths)
@@ -88,9 +92,9 @@ def test_left_padded_batch_equals_each_sequence_alone(plan):
         torch.testing.assert_close(batched[row, width - len(seq):], alone[0], **CLOSE)
 
 
-@pytest.mark.parametrize("plan", ["mixed", "mamba2"])
+@pytest.mark.parametrize("plan", ["mixed", "mamba2", "window_gated_deltanet"])
 def test_generate_greedy_with_cache_equals_without_and_handles_padding(plan):
-    model = tiny_hybrid(PLANS[plan])
+    model = tiny_hybrid(PLANS[plan], **PLAN_OPTIONS.get(plan, {}))
     prompt = torch.randint(3, 97, (1, 21))
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from hybridize.model import HybridConfig, HybridForCausalLM, HybridModel
 from hybridize.model.attention import attention_mask_for
 from hybridize.model.cache import HybridCache, SinkWindowLayer
 
-LAYERS = ["sliding_attention", "gated_deltanet", "sliding_attention", "full_attention"]
+LAYERS = ["sliding_attention", "gated_deltanet", "sliding_attention", "full_attention", "window_mamba2"]
 
 
 def _model(sinks: int, window: int = 6, layer_types=LAYERS):

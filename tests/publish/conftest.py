@@ -2,21 +2,32 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hybridize.convert.io import convert_to_folder
 from hybridize.teacher import teacher_folder
 
 
+PLAN = "mamba2:0 gated_deltanet:1 full_attention:2 sliding_attention:3 window_gated_deltanet:4"
+
+
 @pytest.fixture(scope="session")
 def hybrid_dir(tmp_path_factory):
-    """Converted with plan h2:1 from a 4-layer Llama (hidden 64) over the real SmolLM2 vocabulary."""
+    """Converted with PLAN from a 5-layer Llama (hidden 64) over the real SmolLM2 vocabulary. The window + GDN layer's
+    memory branch is then opened (memory_scale 1, as distillation would move it), so the exported code's memory path
+    shows in every logit."""
     tokenizer = AutoTokenizer.from_pretrained(teacher_folder(None))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=5,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=tokenizer.eos_token_id)
     root = tmp_path_factory.mktemp("publish")
     LlamaForCausalLM(config).save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
-    return convert_to_folder(str(root / "teacher"), "h2:1", root / "hybrid", log=lambda *_: None)
+    folder = convert_to_folder(str(root / "teacher"), PLAN, root / "hybrid", log=lambda *_: None)
+    weights = folder / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.4.mixer.memory_scale"] = torch.ones_like(state["model.layers.4.mixer.memory_scale"])
+    save_file(state, weights, metadata={"format": "pt"})
+    return folder

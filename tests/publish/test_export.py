@@ -23,7 +23,8 @@ from hybridize.model import HybridForCausalLM
 from hybridize.publish.remote_code import AUTO_MAP
 
 CODE = ["attention.py", "cache.py", "configuration_hybrid.py", "context.py", "gated_deltanet.py", "mamba2.py",
-        "modeling_hybrid.py", "ops.py", "ref_conv1d.py", "ref_gated_delta.py", "ref_norm.py", "ref_ssd.py"]
+        "modeling_hybrid.py", "ops.py", "ref_conv1d.py", "ref_gated_delta.py", "ref_norm.py", "ref_ssd.py",
+        "window_memory.py"]
 # torch, transformers and what installing transformers brings (huggingface_hub), plus the standard library.
 PLAIN_IMPORTS = {"math", "torch", "transformers", "huggingface_hub", "typing", "dataclasses", "collections", "ast",
                  "importlib", "re"}
@@ -65,9 +66,10 @@ def test_card_describes_the_model(dry_run, hybrid_dir):
     params = sum(p.numel() for p in {id(p): p for p in local.parameters()}.values())
     assert f"{params:,} parameters" in card
     for row in ("| 0 | Mamba2 |", "| 1 | Gated DeltaNet |", "| 2 | full attention |",
-                "| 3 | sliding-window attention (512 tokens) |"):
+                "| 3 | sliding-window attention (512 tokens) |",
+                "| 4 | sliding-window attention (512 tokens) + Gated DeltaNet memory |"):
         assert row in card
-    assert "full-attention K/V, per token | 128 B (teacher: 512 B)" in card  # K and V x 2 heads x 16 x bf16
+    assert "full-attention K/V, per token | 128 B (teacher: 640 B)" in card  # K and V x 2 heads x 16 x bf16
     assert "Not distilled" in card and "sha256" in card
 
 
