@@ -53,7 +53,7 @@ def least_squares_head_scales(contributions: torch.Tensor, target: torch.Tensor)
     gram = torch.einsum("nhc,nkc->hk", contributions, contributions).double()  # [H, H]
     rhs = torch.einsum("nhc,nc->h", contributions, target.float()).double()  # [H]
     ridge = SCALE_RIDGE * gram.diagonal().mean().clamp_min(1e-30)
-    return torch.linalg.solve(gram + ridge * torch.eye(len(rhs), dtype=gram.dtype), rhs).float()
+    return torch.linalg.solve(gram + ridge * torch.eye(len(rhs), dtype=gram.dtype, device=gram.device), rhs).float()
 
 
 @torch.no_grad()

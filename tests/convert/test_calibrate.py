@@ -1,6 +1,7 @@
 """The teacher-calibrated init: statistics -> parameters on cases with known answers, the statistics of a real
 (tiny, random) Llama, the fit to the teacher's attention output, and determinism."""
 
+import copy
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from hybridize.convert.init import (
 from hybridize.convert.statistics import SINK_TOKENS, head_statistics
 from hybridize.errors import UserError
 from hybridize.teacher_forcing import capture_mixer_io, relative_error, student_mixer_outputs
+from helpers import requires_cuda
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -167,6 +169,21 @@ def test_calibration_beats_the_zero_gate_against_the_teachers_attention(tiny_tea
     aligned_options = InitOptions(gate="teacher", decay="teacher", beta="teacher", align_steps=5)
     aligned = step0_errors(calibrated_student(tiny_teacher, aligned_options, fit), tiny_teacher, fit)
     assert all(aligned[i] < calibrated[i] - 0.01 for i in calibrated), (aligned, calibrated)  # 0.931, 0.929
+
+
+@requires_cuda
+def test_calibration_on_the_gpu_fits_as_on_the_cpu(tiny_teacher):
+    """The whole calibrated init (statistics, least-squares scales, alignment) with the teacher on the GPU: every
+    tensor it makes lives on the teacher's device, and the step-0 errors match the CPU's (Triton kernels and TF32-free
+    fp32 there, so to ~1e-4)."""
+    options = InitOptions(gate="teacher", decay="teacher", beta="teacher", align_steps=2)
+    fit = token_batch(0)
+    on_cpu = step0_errors(calibrated_student(tiny_teacher, options, fit), tiny_teacher, fit)
+    teacher = copy.deepcopy(tiny_teacher).cuda()
+    student = calibrated_student(teacher, options, fit.cuda())
+    assert {p.device.type for p in student.parameters()} == {"cuda"}
+    on_gpu = step0_errors(student, teacher, fit.cuda())
+    assert on_gpu == pytest.approx(on_cpu, abs=1e-3)
 
 
 def test_same_seed_gives_byte_identical_weights(tiny_teacher):
