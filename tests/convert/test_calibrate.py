@@ -172,7 +172,7 @@ def test_calibration_beats_the_zero_gate_against_the_teachers_attention(tiny_tea
 
 
 @requires_cuda
-def test_calibration_on_the_gpu_fits_as_on_the_cpu(tiny_teacher):
+def test_calibration_on_cuda_fits_as_on_the_cpu(tiny_teacher):
     """The whole calibrated init (statistics, least-squares scales, alignment) with the teacher on the GPU: every
     tensor it makes lives on the teacher's device, and the step-0 errors match the CPU's (Triton kernels and TF32-free
     fp32 there, so to ~1e-4)."""
