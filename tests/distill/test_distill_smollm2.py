@@ -51,21 +51,20 @@ def test_the_shipped_smollm2_recipe_runs_in_smoke_mode(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, kept", [("window-gdn", 8), ("constant-memory", 0)])
-def test_the_window_memory_recipes_run_in_smoke_mode(tmp_path, name, kept):
-    """Converted, one step of each stage, saved, and the saved model decodes; the constant-memory plan keeps no full
-    attention."""
+def test_the_constant_memory_recipe_runs_in_smoke_mode(tmp_path):
+    """Converted, one step of each stage, saved, and the saved model decodes with no full attention layer (window-gdn
+    differs from it only in its plan, which tests/distill/test_distill_recipe.py resolves)."""
     import hybridize.model  # noqa: F401  (registers the hybrid with the Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "smoke"
-    result = run_distill(REPO / "recipes" / "smollm2-135m" / f"{name}.yaml", "--smoke", "--max-steps", "1",
+    result = run_distill(REPO / "recipes" / "smollm2-135m" / "constant-memory.yaml", "--smoke", "--max-steps", "1",
                          "--set", "stages.0.seq_len=32", "--set", "stages.1.seq_len=32", "--output-dir", out)
     assert result.returncode == 0, result.stderr[-4000:]
     record = json.loads((out / "final" / "distill.json").read_text())
     assert [s["steps_done"] for s in record["stages"]] == [1, 1]
     model = AutoModelForCausalLM.from_pretrained(out / "final")
-    assert model.config.layer_types.count("full_attention") == kept
+    assert "full_attention" not in model.config.layer_types
     assert set(model.config.layer_types) - {"full_attention"} == {"window_gated_deltanet"}
     assert model.config.sliding_window_sinks == 4
     prompt = AutoTokenizer.from_pretrained(out / "final")("import os\n", return_tensors="pt")
