@@ -21,6 +21,7 @@ import torch
 from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 
 from ..dtypes import dtype_name
+from ..errors import UserError
 from ..model.compiling import allow_recompiles
 from .common import format_table
 from .fast_decode import StaticDecoder
@@ -53,6 +54,17 @@ class BenchSettings:
     paths: tuple[str, ...] = PATHS
     compile_fast: bool = True  # torch.compile the hybrid's decode step on a GPU (never on the CPU: slow, not the point)
     seed: int = 0
+
+    def __post_init__(self):
+        unknown = set(self.paths) - set(PATHS)
+        if unknown:
+            raise UserError(f"unknown bench path {path_flag(sorted(unknown)[0])!r}; allowed: "
+                            f"{','.join(map(path_flag, PATHS))}")
+        if self.new_tokens < 2:
+            raise UserError("--new-tokens must be at least 2 (decode speed is measured after the first token)")
+        if self.contexts and min(self.contexts) <= self.new_tokens:
+            raise UserError(f"every context must exceed --new-tokens ({self.new_tokens}): "
+                            "a context counts prompt + new tokens")
 
     @classmethod
     def small(cls) -> "BenchSettings":
@@ -245,6 +257,13 @@ def ratios(rows: list[dict]) -> list[dict]:
         entry["peak_mem_ratio"] = min(peaks[0]) / min(peaks[1]) if all(peaks) else None
         out.append(entry)
     return out
+
+
+def check_target_names(targets) -> None:
+    """Before any measuring: every (ratio, value) target names a ratio the bench reports."""
+    for name, _ in targets:
+        if name not in AT_LEAST + AT_MOST:
+            raise UserError(f"unknown target ratio {name!r}; one of {', '.join(AT_LEAST + AT_MOST)}")
 
 
 def parse_target(text: str) -> tuple[str, float]:

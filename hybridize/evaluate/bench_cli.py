@@ -7,14 +7,10 @@ checked at every measured (context, batch): PASS/FAIL lines, a "targets" entry i
 
 import dataclasses
 
-from .. import __version__
 from ..errors import UserError
-from .bench import AT_LEAST, AT_MOST, PATHS, BenchSettings, bench_tables, check_targets, parse_target, path_flag, \
-    path_names, run_bench
-from ..atomic import staged_folder, write_json_atomic
-from ..device import pick_device
-from .common import add_common_arguments, comma_joined, int_list, load_pair, output_folder, pick_dtype
-from .plots import plot_bench
+from .bench import AT_LEAST, AT_MOST, PATHS, BenchSettings, parse_target, path_flag, path_names
+from .common import add_common_arguments, comma_joined, int_list
+from .io import bench_to_folder
 
 
 def add_arguments(parser) -> None:
@@ -47,32 +43,10 @@ def run(args) -> int:
     given = {"contexts": args.contexts, "batch_sizes": args.batch_sizes, "new_tokens": args.new_tokens,
              "repeats": args.repeats, "paths": args.paths, "compile_fast": False if args.no_compile else None}
     settings = dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
-    unknown = set(settings.paths) - set(PATHS)
-    if unknown:
-        raise UserError(f"unknown bench path {path_flag(sorted(unknown)[0])!r}; allowed: "
-                        f"{','.join(map(path_flag, PATHS))}")
-    if settings.new_tokens < 2:
-        raise UserError("--new-tokens must be at least 2 (decode speed is measured after the first token)")
-    if settings.contexts and min(settings.contexts) <= settings.new_tokens:
-        raise UserError(f"every context must exceed --new-tokens ({settings.new_tokens}): "
-                        "a context counts prompt + new tokens")
     try:
         targets = [parse_target(text) for text in args.target]
     except ValueError as err:
         raise UserError(f"--target {err}") from None
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    out_dir, replace = output_folder(args)
-
-    student, teacher, tokenizer, teacher_name = load_pair(args.hybrid, args.teacher, dtype=dtype, device=device)
-    print(f"hybrid {args.hybrid} vs teacher {teacher_name or '(none)'} on {device}, {dtype}")
-    result = run_bench(student, teacher, settings, pad_token_id=tokenizer.pad_token_id)
-    result |= {"hybridize_version": __version__, "hybrid": str(args.hybrid), "teacher": teacher_name}
-    if targets:
-        result["targets"] = check_targets(result["ratios"], targets)
-    print("\n" + bench_tables(result))
-    with staged_folder(out_dir, replace=replace) as staging:
-        write_json_atomic(staging / "bench.json", result)
-        plot_bench(result, staging / "bench.png")
-    print(f"\nwrote {out_dir}/bench.json, bench.png")
+    result = bench_to_folder(args.hybrid, args.out, settings, teacher=args.teacher, targets=targets,
+                             device=args.device, dtype=args.dtype, overwrite=args.overwrite)
     return 0 if all(t["pass"] for t in result.get("targets", [])) else 1

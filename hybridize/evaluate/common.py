@@ -17,11 +17,14 @@ NO_TEACHER = "none"
 # average 4-5); on idle cores the same work runs many times faster (README, "Times on a CPU").
 SMALL_TIMES = {"eval": "9 minutes for a 135M model on 2 busy CPU cores",
                "bench": "5 minutes for a 135M model on 2 busy CPU cores"}
-def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """bf16 on a GPU (what the models are served in), fp32 on the CPU (where bf16 matmuls are slow and inexact)."""
-    if name is None:
+
+
+def pick_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The dtype given (a torch dtype or its name), else bf16 on a GPU (what the models are served in) and fp32 on
+    the CPU (where bf16 matmuls are slow and inexact)."""
+    if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return parse_dtype(name)
+    return dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype)
 
 
 def load_hybrid(
@@ -127,11 +130,13 @@ def float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def output_folder(args) -> tuple[Path, bool]:
-    """(OUT, may replace what an earlier run wrote there): the default HYBRID/eval or HYBRID/bench is ours to
-    refresh; a folder the user names must be empty unless --overwrite. Checked before the long work starts."""
-    out_dir = Path(args.out) if args.out else Path(args.hybrid) / args.command
-    replace = args.overwrite or args.out is None
+def output_folder(
+    hybrid: str | Path, out_dir: str | Path | None, command: str, overwrite: bool
+) -> tuple[Path, bool]:
+    """(OUT, may replace what an earlier run wrote there): the default HYBRID/eval or HYBRID/bench (out_dir None)
+    is ours to refresh; a folder the user names must be empty unless `overwrite`. Checked before the long work."""
+    replace = overwrite or out_dir is None
+    out_dir = Path(hybrid) / command if out_dir is None else Path(out_dir)
     check_output_folder(out_dir, overwrite=replace)
     return out_dir, replace
 

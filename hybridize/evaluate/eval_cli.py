@@ -5,19 +5,11 @@ OUT defaults to HYBRID/eval, which `hybridize push` puts on the model card.
 """
 
 import dataclasses
-import time
 
-import torch
-
-from .. import __version__
-from ..atomic import staged_folder, write_json_atomic
-from ..device import pick_device
-from ..dtypes import dtype_name
-from .common import add_common_arguments, comma_joined, float_list, int_list, load_pair, output_folder, pick_dtype
-from .lm_eval_tasks import lm_eval_table, require_harness, run_lm_eval
-from .plots import plot_eval, plot_passkey
-from .quality import QualitySettings, quality_table, run_quality
-from .recall import RecallSettings, recall_table, run_recall
+from .common import add_common_arguments, comma_joined, float_list, int_list
+from .io import EvalSettings, evaluate_to_folder
+from .quality import QualitySettings
+from .recall import RecallSettings
 
 
 def _defaults(full, small, name: str, show=str) -> str:
@@ -66,43 +58,14 @@ def _override(settings, **values):
 
 
 def run(args) -> int:
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    out_dir, replace = output_folder(args)
-    quality_settings = _override(
-        QualitySettings.small() if args.small else QualitySettings(), domains=args.domains, seq_len=args.seq_len,
-        blocks_per_domain=args.blocks, greedy_prompts=args.greedy_prompts, batch_size=args.batch_size)
-    recall_settings = _override(
-        RecallSettings.small() if args.small else RecallSettings(), lengths=args.passkey_lengths,
-        depths=args.passkey_depths, trials=args.passkey_trials, mqar_pairs=args.mqar_pairs)
-
-    if args.tasks:
-        require_harness()
-    student, teacher, tokenizer, teacher_name = load_pair(args.hybrid, args.teacher, dtype=dtype, device=device)
-    print(f"hybrid {args.hybrid} vs teacher {teacher_name or '(none)'} on {device}, {dtype}")
-    started = time.time()
-    results = {"hybridize_version": __version__, "hybrid": str(args.hybrid), "teacher": teacher_name,
-               "device": str(device), "dtype": dtype_name(dtype)}
-    with torch.inference_mode():
-        results["quality"] = run_quality(student, teacher, tokenizer, quality_settings)
-    print(quality_table(results["quality"]))
-    if not args.no_recall:
-        with torch.inference_mode():
-            results["recall"] = run_recall(student, teacher, tokenizer, recall_settings)
-        print("\n" + recall_table(results["recall"]))
-    if args.tasks:
-        models = {"student": student} | ({"teacher": teacher} if teacher is not None else {})
-        results["lm_eval"] = run_lm_eval(models, tokenizer, args.tasks, include_path=args.tasks_include,
-                                         num_fewshot=args.num_fewshot, limit=args.tasks_limit,
-                                         batch_size=quality_settings.batch_size)
-        print("\n" + lm_eval_table(results["lm_eval"]))
-    results["seconds"] = round(time.time() - started, 1)
-
-    with staged_folder(out_dir, replace=replace) as staging:
-        write_json_atomic(staging / "eval.json", results)
-        plot_eval(results, staging / "eval.png")
-        if "recall" in results:
-            plot_passkey(results["recall"]["passkey"], staging / "passkey.png")
-    print(f"\nwrote {out_dir}/eval.json, eval.png{', passkey.png' if 'recall' in results else ''} "
-          f"({results['seconds']:.0f} s)")
+    base = EvalSettings.small() if args.small else EvalSettings()
+    quality = _override(base.quality, domains=args.domains, seq_len=args.seq_len, blocks_per_domain=args.blocks,
+                        greedy_prompts=args.greedy_prompts, batch_size=args.batch_size)
+    recall = None if args.no_recall else _override(
+        base.recall, lengths=args.passkey_lengths, depths=args.passkey_depths, trials=args.passkey_trials,
+        mqar_pairs=args.mqar_pairs)
+    settings = EvalSettings(quality=quality, recall=recall, tasks=tuple(args.tasks), tasks_include=args.tasks_include,
+                            tasks_limit=args.tasks_limit, num_fewshot=args.num_fewshot)
+    evaluate_to_folder(args.hybrid, args.out, settings, teacher=args.teacher, device=args.device,
+                       dtype=args.dtype, overwrite=args.overwrite)
     return 0

@@ -19,7 +19,9 @@ from transformers.dynamic_module_utils import get_imports
 from hybridize import __hybridize_toolkit__, __version__
 from hybridize.cli import main
 from hybridize.evaluate.common import load_hybrid
+from hybridize.atomic import OUTPUT_RECORD
 from hybridize.model import HybridForCausalLM
+from hybridize.publish.io import publish_to_folder
 from hybridize.publish.remote_code import AUTO_MAP
 
 CODE = ["attention.py", "cache.py", "configuration_hybrid.py", "context.py", "gated_deltanet.py", "mamba2.py",
@@ -50,6 +52,21 @@ def test_folder_holds_weights_tokenizer_records_and_code(dry_run):
         assert set(get_imports(dry_run / name)) <= PLAIN_IMPORTS, name
     # The fast path stays: with hybridize installed, ops.py takes its kernels.
     assert "from hybridize.kernels.gated_delta import" in (dry_run / "ops.py").read_text()
+
+
+def test_publish_to_folder_writes_what_the_dry_run_writes(dry_run, hybrid_dir, tmp_path):
+    """Called from Python: the same files, the same card, and every JSON file with the same keys."""
+    out = tmp_path / "upload"
+    files = publish_to_folder(hybrid_dir, "me/tiny-hybrid", out)
+
+    def tree(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+    assert tree(out) == tree(dry_run) and files == [name for name in tree(out) if name != OUTPUT_RECORD]
+    assert "README.md" in files and "model.safetensors" in files
+    assert (out / "README.md").read_text() == (dry_run / "README.md").read_text()
+    for name in (n for n in files if n.endswith(".json")):
+        assert json.loads((out / name).read_text()).keys() == json.loads((dry_run / name).read_text()).keys(), name
 
 
 def test_exported_folder_still_loads_in_package(dry_run):
