@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridize.kernels.varlen import chunk_layout, chunk_span, sequence_span
+
 from .reference import check_conv_args
 
 # Forward: one [BT, BD] output tile per program. Backward: each program walks NS tiles of BT rows, so that the
@@ -12,20 +14,6 @@ from .reference import check_conv_args
 # ~170 registers, no spills).
 FWD_BT, FWD_BD, FWD_WARPS = 32, 128, 8
 BWD_BT, BWD_BD, BWD_NS, BWD_WARPS = 8, 128, 32, 4
-
-
-@triton.jit
-def _locate(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN: tl.constexpr):
-    """Map program ids to (sequence n, chunk index within it, first row bos in x, sequence length)."""
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
-    else:
-        i_n = i_b
-        bos = i_b.to(tl.int64) * T
-    return i_n, i_t, bos, T
 
 
 @triton.jit
@@ -101,7 +89,7 @@ def causal_conv1d_fwd_kernel(
     HAS_BIAS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, USE_SILU: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_t, bos, T = _locate(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
+    i_n, i_t, bos, T, _ = chunk_span(cu_seqlens, chunk_indices, i_b, i_t, T, BT, IS_VARLEN)
     p_x, p_h = x + bos * D, _state_ptr(h0, i_n, D, W, USE_INITIAL_STATE)
     o_t = i_t * BT + tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
@@ -126,11 +114,7 @@ def causal_conv1d_final_state_kernel(
     W: tl.constexpr, BD: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_d, i_n = tl.program_id(0), tl.program_id(1)
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
+    bos, T = sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
     o_w = tl.arange(0, 4)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
@@ -150,12 +134,12 @@ def causal_conv1d_bwd_kernel(
     USE_SILU: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    # index of this program's row of the weight/bias gradient partials
+    # index of this program's row of the weight/bias gradient partials: a row of length 0 still has one program
     if IS_VARLEN:
         i_cg = i_c
     else:
         i_cg = i_b * tl.num_programs(1) + i_c
-    i_n, i_c, bos, T = _locate(cu_seqlens, chunk_indices, i_c, i_b, T, IS_VARLEN)
+    i_n, i_c, bos, T, _ = chunk_span(cu_seqlens, chunk_indices, i_b, i_c, T, BT * NS, IS_VARLEN)
     p_x, p_dy, p_h = x + bos * D, dy + bos * D, _state_ptr(h0, i_n, D, W, USE_INITIAL_STATE)
     p_dht = _state_ptr(dht, i_n, D, W, USE_FINAL_STATE_GRAD)
     o_d = i_d * BD + tl.arange(0, BD)
@@ -219,24 +203,6 @@ def causal_conv1d_bwd_kernel(
             tl.store(p_dh0, b_dh0.to(dh0.dtype.element_ty), mask=(o_w < W - 1)[:, None] & m_d[None, :])
 
 
-def prepare_chunk_indices(cu_seqlens: torch.Tensor, BT: int) -> torch.Tensor:
-    """[NT, 2] int32 rows (sequence, chunk within it), at least one chunk per sequence so empty ones get a program."""
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    n_chunks = torch.clamp_min(triton.cdiv(lens, BT), 1)
-    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), n_chunks)
-    first = torch.repeat_interleave(torch.cumsum(n_chunks, 0) - n_chunks, n_chunks)
-    chunk = torch.arange(seq.numel(), device=lens.device) - first
-    return torch.stack([seq, chunk], 1).to(torch.int32).contiguous()
-
-
-def _grid_rows(x: torch.Tensor, cu_seqlens: torch.Tensor | None, rows: int):
-    """(chunk indices or None, number of chunks per batch row) for programs that each own `rows` rows."""
-    if cu_seqlens is None:
-        return None, max(1, triton.cdiv(x.shape[1], rows))
-    chunk_indices = prepare_chunk_indices(cu_seqlens, rows)
-    return chunk_indices, chunk_indices.shape[0]
-
-
 def causal_conv1d_final_state(x, initial_state, cu_seqlens, W: int) -> torch.Tensor:
     """The last W-1 inputs of every sequence, [N, D, W-1], oldest first, in x's dtype."""
     B, T, D = x.shape
@@ -256,11 +222,12 @@ def causal_conv1d_final_state(x, initial_state, cu_seqlens, W: int) -> torch.Ten
 def causal_conv1d_fwd(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens):
     B, T, D = x.shape
     W = weight.shape[1]
-    chunk_indices, NT = _grid_rows(x, cu_seqlens, FWD_BT)
+    # every sequence gets a program, also an empty one
+    lay = chunk_layout(B, T, FWD_BT, cu_seqlens, x.device, min_chunks=1)
     BD = min(FWD_BD, triton.next_power_of_2(D))
     y = torch.empty_like(x)
-    causal_conv1d_fwd_kernel[(triton.cdiv(D, BD), NT, B)](
-        x, weight, bias, x if initial_state is None else initial_state, y, cu_seqlens, chunk_indices, T, D,
+    causal_conv1d_fwd_kernel[(triton.cdiv(D, BD), lay.NT, B)](
+        x, weight, bias, x if initial_state is None else initial_state, y, lay.cu_seqlens, lay.chunk_indices, T, D,
         W=W, BT=FWD_BT, BD=BD,
         HAS_BIAS=bias is not None, USE_INITIAL_STATE=initial_state is not None,
         USE_SILU=activation == "silu", IS_VARLEN=cu_seqlens is not None,
@@ -276,7 +243,9 @@ def causal_conv1d_bwd(x, weight, bias, activation, initial_state, cu_seqlens, dy
     # fewer sub-tiles per program when the sequences are short, so that few rows are masked-out work
     max_len = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     NS = max(1, min(BWD_NS, triton.cdiv(max_len, BWD_BT)))
-    chunk_indices, NC = _grid_rows(x, cu_seqlens, BWD_BT * NS)
+    # every sequence gets a program, also an empty one: it writes the initial state's gradient
+    lay = chunk_layout(B, T, BWD_BT * NS, cu_seqlens, x.device, min_chunks=1)
+    NC = lay.NT
     BD = min(BWD_BD, triton.next_power_of_2(D))
     dx = torch.empty_like(x)
     # fp32 partials of the weight/bias gradients, one row per program along T, summed below
@@ -284,7 +253,8 @@ def causal_conv1d_bwd(x, weight, bias, activation, initial_state, cu_seqlens, dy
     db = torch.empty(B * NC, D, dtype=torch.float32, device=x.device) if bias is not None else None
     dh0 = torch.empty_like(initial_state) if initial_state is not None else None
     causal_conv1d_bwd_kernel[(triton.cdiv(D, BD), NC, B)](
-        x, weight, bias, x if initial_state is None else initial_state, dy, dy if dht is None else dht, dx, dw, db, dh0, cu_seqlens, chunk_indices, T, D,
+        x, weight, bias, x if initial_state is None else initial_state, dy, dy if dht is None else dht, dx, dw, db, dh0,
+        lay.cu_seqlens, lay.chunk_indices, T, D,
         W=W, BT=BWD_BT, NS=NS, BD=BD,
         HAS_BIAS=bias is not None, USE_INITIAL_STATE=initial_state is not None and W > 1,
         USE_FINAL_STATE_GRAD=dht is not None and W > 1, USE_SILU=activation == "silu",

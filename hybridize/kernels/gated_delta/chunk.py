@@ -19,6 +19,7 @@ from hybridize.kernels.gated_delta.inputs import (
 )
 from hybridize.kernels.gated_delta.reference import GateParams, check_gate_params
 from hybridize.kernels.tuning import autotune, chunk_range, configs
+from hybridize.kernels.varlen import ChunkLayout, chunk_layout, first_chunk, flat_chunk_span, sequence_span
 
 # Autotune: re-tuned per head size, chunk size, varlen or not (and dtypes), never per sequence length.
 KEY = ["K", "V", "BT", "IS_VARLEN"]
@@ -102,34 +103,6 @@ def _solve_unit_lower(b_A, BT: tl.constexpr):
     return b_T
 
 
-@triton.jit
-def _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Sequence start, length, and chunk-in-sequence of global chunk i_c (T: the batch's length without varlen)."""
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_c * 2)
-        i_t = tl.load(chunk_indices + i_c * 2 + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)  # block pointers want int32
-    else:
-        NT = tl.cdiv(T, BT)
-        i_n, i_t = i_c // NT, i_c % NT
-        bos = i_n.to(tl.int64) * T
-    return bos, T, i_t
-
-
-@triton.jit
-def _sequence_of(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Start, length, and index of the first chunk (in the per-chunk buffers) of sequence i_n."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)  # block pointers want int32
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    return bos, T, boh
-
-
 @autotune(WY_FWD_CONFIGS, KEY, prune=wy_fwd_safe_configs)
 @triton.jit
 def _wy_fwd_kernel(
@@ -139,7 +112,7 @@ def _wy_fwd_kernel(
     RAW_GATES: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
+    _, i_t, bos, T = flat_chunk_span(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -187,7 +160,8 @@ def _state_fwd_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
-    bos, T, boh = _sequence_of(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+    boh = first_chunk(chunk_offsets, i_n, T, BT, IS_VARLEN)
+    bos, T = sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
@@ -224,7 +198,7 @@ def _output_fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
+    _, i_t, bos, T = flat_chunk_span(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
 
@@ -254,7 +228,7 @@ def _dv_local_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
+    _, i_t, bos, T = flat_chunk_span(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
 
@@ -284,7 +258,8 @@ def _state_bwd_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
-    bos, T, boh = _sequence_of(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+    boh = first_chunk(chunk_offsets, i_n, T, BT, IS_VARLEN)
+    bos, T = sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
     NT = tl.cdiv(T, BT)
 
     # b_dh: gradient of the state at the end of the current chunk, walking the chunks backwards
@@ -333,7 +308,7 @@ def _dqkw_kernel(
     # chunk are neighbours in launch order, so the second one finds do, v_new and dv (read whole by each) in L2.
     i_ck, i_h = tl.program_id(0), tl.program_id(1)
     i_c, i_k = i_ck // NK, i_ck % NK
-    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
+    _, i_t, bos, T = flat_chunk_span(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -408,7 +383,7 @@ def _wy_bwd_kernel(
     RAW_GATES: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    bos, T, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
+    _, i_t, bos, T = flat_chunk_span(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     i_hk = i_h // (H // HK)
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -501,41 +476,12 @@ def _wy_bwd_kernel(
     tl.store(dg + (bos + o_t) * H + i_h, b_dg.to(dg.dtype.element_ty), mask=m_t)
 
 
-class _Layout(NamedTuple):
-    """Where the chunks are. Without varlen: B sequences of T tokens, and no index tensors (the kernels compute
-    positions from T). With varlen: every sequence's [start, end) and every chunk's (sequence, chunk-in-sequence)."""
-
-    cu_seqlens: torch.Tensor | None  # [N + 1] int32
-    chunk_indices: torch.Tensor | None  # [NC, 2] int32, ordered by sequence then chunk
-    chunk_offsets: torch.Tensor | None  # [N + 1] int32, index of each sequence's first chunk
-    N: int
-    NC: int
-    BT: int
-    T: int  # tokens along the T axis of the inputs
-
-    @property
-    def varlen(self) -> bool:
-        return self.cu_seqlens is not None
-
-
-def _layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, device: torch.device) -> _Layout:
-    if cu_seqlens is None:
-        return _Layout(None, None, None, B, B * triton.cdiv(T, BT), BT, T)
-    bounds = cu_seqlens.tolist()
-    counts = [triton.cdiv(eos - bos, BT) for bos, eos in zip(bounds[:-1], bounds[1:])]
-    pairs = [(n, t) for n, c in enumerate(counts) for t in range(c)]
-    offsets = [sum(counts[:n]) for n in range(len(counts) + 1)]
-    chunk_indices = torch.tensor(pairs, dtype=torch.int32, device=device).view(-1, 2)
-    chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
-    return _Layout(cu_seqlens.to(torch.int32), chunk_indices, chunk_offsets, len(counts), len(pairs), BT, T)
-
-
 def _bk(K: int) -> int:
     """All of K in one tile, at least 16 (the smallest tl.dot side). BV, the V tile, is autotuned."""
     return max(16, triton.next_power_of_2(K))
 
 
-def _launch_per_chunk(kernel, lay: _Layout, *args, H: int, HK: int, K: int, V: int, **meta):
+def _launch_per_chunk(kernel, lay: ChunkLayout, *args, H: int, HK: int, K: int, V: int, **meta):
     """Run a kernel with one program per (chunk, value head)."""
     kernel[(lay.NC, H)](
         *args, lay.cu_seqlens, lay.chunk_indices, lay.T,
@@ -562,7 +508,7 @@ def _gates(g: torch.Tensor, beta: torch.Tensor, params: GateParams | None) -> _G
     return _Gates(g, s_g, beta, s_b, params)
 
 
-def _wy_fwd(k, v, gates: _Gates, lay: _Layout, store_Ai: bool):
+def _wy_fwd(k, v, gates: _Gates, lay: ChunkLayout, store_Ai: bool):
     """Chunk-local cumsum of g, Ai = (I + A)^{-1}, and the WY factors w = Ai (beta exp(gc) k), u = Ai (beta v).
 
     Ai is only written (and returned) when store_Ai: the backward needs it, a forward without gradients does not.
@@ -580,7 +526,7 @@ def _wy_fwd(k, v, gates: _Gates, lay: _Layout, store_Ai: bool):
     return gc, Ai, w, u
 
 
-def _state_fwd(k, w, u, gc, initial_state, lay: _Layout, output_final_state: bool):
+def _state_fwd(k, w, u, gc, initial_state, lay: ChunkLayout, output_final_state: bool):
     """The state at every chunk start (h), what each chunk writes (v_new), and the final states."""
     HK, K = k.shape[2], k.shape[3]
     H, V = u.shape[2], u.shape[3]
@@ -595,7 +541,7 @@ def _state_fwd(k, w, u, gc, initial_state, lay: _Layout, output_final_state: boo
     return h, v_new, ht
 
 
-def _output_fwd(q, k, v_new, h, gc, scale, lay: _Layout):
+def _output_fwd(q, k, v_new, h, gc, scale, lay: ChunkLayout):
     HK, K = q.shape[2], q.shape[3]
     H, V = v_new.shape[2], v_new.shape[3]
     o = torch.empty_like(v_new)
@@ -606,7 +552,7 @@ def _output_fwd(q, k, v_new, h, gc, scale, lay: _Layout):
     return o
 
 
-def _dv_local(q, k, gc, do, scale, lay: _Layout):
+def _dv_local(q, k, gc, do, scale, lay: ChunkLayout):
     """The intra-chunk part of dv_new: the transposed causal attention of the chunk times do."""
     HK, K = q.shape[2], q.shape[3]
     H, V = do.shape[2], do.shape[3]
@@ -615,7 +561,7 @@ def _dv_local(q, k, gc, do, scale, lay: _Layout):
     return dv_local
 
 
-def _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay: _Layout, need_dh0: bool):
+def _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay: ChunkLayout, need_dh0: bool):
     """Walking the chunks backwards: the end-state gradient of every chunk (dh), the full dv_new, and dh0."""
     HK, K = q.shape[2], q.shape[3]
     H, V = do.shape[2], do.shape[3]
@@ -630,7 +576,7 @@ def _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay: _Layout, need_dh0: bo
     return dh, dv, dh0
 
 
-def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
+def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: ChunkLayout):
     """dq in full, dk and dg without their WY parts, and dw (per value head); dg in [B, T, H, NK] shares.
 
     dq is per value head, in `_per_head_grad_dtype`.
@@ -651,7 +597,7 @@ def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: _Layout):
     return dq, dk, dw, dg
 
 
-def _wy_bwd(k, v, gates: _Gates, gc, Ai, dw, du, dk_in, dg_in, lay: _Layout):
+def _wy_bwd(k, v, gates: _Gates, gc, Ai, dw, du, dk_in, dg_in, lay: ChunkLayout):
     """Back through w and u: the full dk (per value head), dv, dbeta, and dg (its WY part scanned, plus dg_in).
 
     dk_in, dg_in: the non-WY parts from `_dqkw`. dv is in v's dtype, dk in `_per_head_grad_dtype`, dg and dbeta
@@ -686,7 +632,7 @@ def _sum_groups(x: torch.Tensor, HK: int) -> torch.Tensor:
     return x if H == HK else x.view(B, T, HK, H // HK, K).sum(3)
 
 
-def _fwd(q, k, v, gates: _Gates, scale, initial_state, output_final_state, lay: _Layout, store_Ai: bool):
+def _fwd(q, k, v, gates: _Gates, scale, initial_state, output_final_state, lay: ChunkLayout, store_Ai: bool):
     """cumsum -> WY (w, u) -> states h -> output o."""
     gc, Ai, w, u = _wy_fwd(k, v, gates, lay, store_Ai)
     h, v_new, ht = _state_fwd(k, w, u, gc, initial_state, lay, output_final_state)
@@ -694,7 +640,7 @@ def _fwd(q, k, v, gates: _Gates, scale, initial_state, output_final_state, lay: 
     return o, ht, gc, Ai, w, u
 
 
-def _bwd(q, k, v, gates: _Gates, gc, Ai, w, u, scale, initial_state, do, dht, lay: _Layout):
+def _bwd(q, k, v, gates: _Gates, gc, Ai, w, u, scale, initial_state, do, dht, lay: ChunkLayout):
     """states h again -> dv_new within chunks -> dh backwards -> dq, dk, dw -> back through WY (dk, dv, dbeta, dg).
 
     dq, dk are per value head ([B, T, H, K]); dparams as in `_wy_bwd`.
@@ -715,7 +661,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, b_bias, scale, initial_state, output_final_state, cu_seqlens,
                 chunk_size, qk_l2norm):
-        lay = _layout(q.shape[0], q.shape[1], cu_seqlens, chunk_size, q.device)
+        lay = chunk_layout(q.shape[0], q.shape[1], chunk_size, cu_seqlens, q.device)
         params = None if A_log is None else GateParams(A_log, dt_bias, b_bias)
         gates = _gates(g, beta, params)
         rstd = (None, None)

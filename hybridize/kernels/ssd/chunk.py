@@ -4,74 +4,21 @@ Forward: local cumsum of g -> chunk states h -> output o. Backward: states h aga
 -> dv -> dq, dk, dg. The equations, including the chunk-local form of dg, are in README.md.
 """
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from hybridize.kernels.varlen import ChunkLayout, chunk_layout, chunk_span, first_chunk, sequence_span
 
 # Block sizes along N (BK) and P (BV); tl.dot needs at least 16.
 _MAX_BK = 64
 _MAX_BV = 64
 
 
-class _Chunks(NamedTuple):
-    """Where the chunks lie: B sequences of length T, or the packed sequences of cu_seqlens."""
-
-    size: int  # BT, tokens per chunk
-    num_seqs: int  # Nseq: leading dim of the initial/final states
-    grid_chunks: int  # the grid's time axis: chunks per sequence, or all chunks when varlen
-    total_chunks: int  # chunks over all sequences: leading dim of h and dh
-    cu_seqlens: Optional[torch.Tensor]  # [Nseq + 1]
-    chunk_indices: Optional[torch.Tensor]  # [total_chunks, 2] (sequence, chunk within it), varlen only
-    chunk_offsets: Optional[torch.Tensor]  # [Nseq + 1] first chunk of each sequence, varlen only
-
-
-def _chunk_layout(B: int, T: int, BT: int, cu_seqlens: Optional[torch.Tensor]) -> _Chunks:
-    if cu_seqlens is None:
-        NT = triton.cdiv(T, BT)
-        return _Chunks(BT, B, NT, B * NT, None, None, None)
-    cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
-    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + BT - 1) // BT  # [Nseq]
-    chunk_offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)  # [Nseq + 1]
-    total = int(chunk_offsets[-1])  # the grid size needs it on the host
-    seq = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)  # [total]
-    local = torch.arange(total, device=counts.device) - chunk_offsets[seq]
-    chunk_indices = torch.stack([seq, local], dim=1).to(torch.int32).contiguous()
-    return _Chunks(BT, len(counts), total, total, cu_seqlens, chunk_indices, chunk_offsets)
-
-
 def _block(dim: int, cap: int) -> int:
     return min(max(triton.next_power_of_2(dim), 16), cap)
-
-
-@triton.jit
-def _chunk_bounds(i_b, i_t, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """For a program on grid chunk i_t of batch i_b: (chunk within its sequence, first token, length, chunk in h)."""
-    if IS_VARLEN:
-        i_tg = i_t
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
-    else:
-        i_tg = i_b * tl.cdiv(T, BT) + i_t
-        bos = i_b.to(tl.int64) * T
-    return i_t, bos, T, i_tg.to(tl.int64)
-
-
-@triton.jit
-def _sequence_bounds(i_n, cu_seqlens, chunk_offsets, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """For a program walking all chunks of sequence i_n: (first token, length, number of chunks, first chunk in h)."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    return bos, T, tl.cdiv(T, BT), boh
 
 
 @triton.jit
@@ -89,7 +36,7 @@ def chunk_ssd_cumsum_kernel(
     H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, bos, T, _ = _chunk_bounds(i_b, i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    _, i_t, bos, T, _ = chunk_span(cu_seqlens, chunk_indices, i_b, i_t, T, BT, IS_VARLEN)
     p_g = tl.make_block_ptr(g + bos * H, (T, H), (H, 1), (i_t * BT, i_h * BH), (BT, BH), (1, 0))
     p_gc = tl.make_block_ptr(gc + bos * H, (T, H), (H, 1), (i_t * BT, i_h * BH), (BT, BH), (1, 0))
     b_g = tl.load(p_g, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
@@ -106,7 +53,9 @@ def chunk_ssd_fwd_kernel_h(
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_g = i_h // (H // G)
-    bos, T, NT, boh = _sequence_bounds(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
+    boh = first_chunk(chunk_offsets, i_n, T, BT, IS_VARLEN)
+    bos, T = sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
+    NT = tl.cdiv(T, BT)
     k += (bos * G + i_g) * N
     v += (bos * H + i_h) * P
     gc += bos * H + i_h
@@ -141,7 +90,7 @@ def chunk_ssd_fwd_kernel_o(
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // (H // G)
-    i_t, bos, T, i_tg = _chunk_bounds(i_b, i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    _, i_t, bos, T, i_tg = chunk_span(cu_seqlens, chunk_indices, i_b, i_t, T, BT, IS_VARLEN)
     q += (bos * G + i_g) * N
     k += (bos * G + i_g) * N
     v += (bos * H + i_h) * P
@@ -182,7 +131,9 @@ def chunk_ssd_bwd_kernel_dh(
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_g = i_h // (H // G)
-    bos, T, NT, boh = _sequence_bounds(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
+    boh = first_chunk(chunk_offsets, i_n, T, BT, IS_VARLEN)
+    bos, T = sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
+    NT = tl.cdiv(T, BT)
     q += (bos * G + i_g) * N
     do += (bos * H + i_h) * P
     gc += bos * H + i_h
@@ -217,7 +168,7 @@ def chunk_ssd_bwd_kernel_dv(
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // (H // G)
-    i_t, bos, T, i_tg = _chunk_bounds(i_b, i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    _, i_t, bos, T, i_tg = chunk_span(cu_seqlens, chunk_indices, i_b, i_t, T, BT, IS_VARLEN)
     q += (bos * G + i_g) * N
     k += (bos * G + i_g) * N
     do += (bos * H + i_h) * P
@@ -257,7 +208,7 @@ def chunk_ssd_bwd_kernel_dqkg(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // (H // G)
-    i_t, bos, T, i_tg = _chunk_bounds(i_b, i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    _, i_t, bos, T, i_tg = chunk_span(cu_seqlens, chunk_indices, i_b, i_t, T, BT, IS_VARLEN)
     q += (bos * G + i_g) * N
     k += (bos * G + i_g) * N
     v += (bos * H + i_h) * P
@@ -325,15 +276,15 @@ def chunk_ssd_bwd_kernel_dqkg(
     tl.store(p_dg, b_dg, boundary_check=(0,))
 
 
-def chunk_local_cumsum(g: torch.Tensor, chunks: _Chunks) -> torch.Tensor:
+def chunk_local_cumsum(g: torch.Tensor, chunks: ChunkLayout) -> torch.Tensor:
     """fp32 cumulative sum of g within each chunk: [B, T, H] -> [B, T, H]."""
     B, T, H = g.shape
     gc = torch.empty(B, T, H, dtype=torch.float32, device=g.device)
     BH = min(triton.next_power_of_2(H), 64)
-    grid = (chunks.grid_chunks, triton.cdiv(H, BH), B)
+    grid = (chunks.NT, triton.cdiv(H, BH), B)
     chunk_ssd_cumsum_kernel[grid](
         g, gc, chunks.cu_seqlens, chunks.chunk_indices, T,
-        H=H, BT=chunks.size, BH=BH, IS_VARLEN=chunks.cu_seqlens is not None,
+        H=H, BT=chunks.BT, BH=BH, IS_VARLEN=chunks.varlen,
     )
     return gc
 
@@ -344,36 +295,36 @@ def chunk_fwd_h(
     gc: torch.Tensor,
     initial_state: Optional[torch.Tensor],
     output_final_state: bool,
-    chunks: _Chunks,
+    chunks: ChunkLayout,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """States entering every chunk, h [total_chunks, H, N, P] in k's dtype, and the final state (fp32)."""
     B, T, G, N = k.shape
     H, P = v.shape[2], v.shape[3]
     BK, BV = _block(N, _MAX_BK), _block(P, _MAX_BV)
-    h = torch.empty(chunks.total_chunks, H, N, P, dtype=k.dtype, device=k.device)
-    ht = torch.empty(chunks.num_seqs, H, N, P, dtype=torch.float32, device=k.device) if output_final_state else None
-    grid = (triton.cdiv(N, BK), triton.cdiv(P, BV), chunks.num_seqs * H)
+    h = torch.empty(chunks.NC, H, N, P, dtype=k.dtype, device=k.device)
+    ht = torch.empty(chunks.N, H, N, P, dtype=torch.float32, device=k.device) if output_final_state else None
+    grid = (triton.cdiv(N, BK), triton.cdiv(P, BV), chunks.N * H)
     chunk_ssd_fwd_kernel_h[grid](
         k, v, gc, h, initial_state, ht, chunks.cu_seqlens, chunks.chunk_offsets, T,
-        H=H, G=G, N=N, P=P, BT=chunks.size, BK=BK, BV=BV,
+        H=H, G=G, N=N, P=P, BT=chunks.BT, BK=BK, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=chunks.cu_seqlens is not None,
+        IS_VARLEN=chunks.varlen,
     )
     return h, ht
 
 
 def chunk_fwd_o(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, h: torch.Tensor, scale: float, chunks: _Chunks
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, h: torch.Tensor, scale: float, chunks: ChunkLayout
 ) -> torch.Tensor:
     """o = scale * (exp(b) * (q h) + ((q k^T) * decay mask) v) per chunk: [B, T, H, P] in v's dtype."""
     B, T, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
     BK, BV = _block(N, _MAX_BK), _block(P, _MAX_BV)
     o = torch.empty_like(v)
-    grid = (triton.cdiv(P, BV), chunks.grid_chunks, B * H)
+    grid = (triton.cdiv(P, BV), chunks.NT, B * H)
     chunk_ssd_fwd_kernel_o[grid](
         q, k, v, gc, h, o, chunks.cu_seqlens, chunks.chunk_indices, scale, T,
-        H=H, G=G, N=N, P=P, BT=chunks.size, BK=BK, BV=BV, IS_VARLEN=chunks.cu_seqlens is not None,
+        H=H, G=G, N=N, P=P, BT=chunks.BT, BK=BK, BV=BV, IS_VARLEN=chunks.varlen,
     )
     return o
 
@@ -385,20 +336,20 @@ def chunk_bwd_dh(
     dht: Optional[torch.Tensor],
     scale: float,
     want_dh0: bool,
-    chunks: _Chunks,
+    chunks: ChunkLayout,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of the states leaving every chunk, dh [total_chunks, H, N, P] in q's dtype, and dh0 (fp32)."""
     B, T, G, N = q.shape
     H, P = do.shape[2], do.shape[3]
     BK, BV = _block(N, _MAX_BK), _block(P, _MAX_BV)
-    dh = torch.empty(chunks.total_chunks, H, N, P, dtype=q.dtype, device=q.device)
-    dh0 = torch.empty(chunks.num_seqs, H, N, P, dtype=torch.float32, device=q.device) if want_dh0 else None
-    grid = (triton.cdiv(N, BK), triton.cdiv(P, BV), chunks.num_seqs * H)
+    dh = torch.empty(chunks.NC, H, N, P, dtype=q.dtype, device=q.device)
+    dh0 = torch.empty(chunks.N, H, N, P, dtype=torch.float32, device=q.device) if want_dh0 else None
+    grid = (triton.cdiv(N, BK), triton.cdiv(P, BV), chunks.N * H)
     chunk_ssd_bwd_kernel_dh[grid](
         q, gc, do, dh, dht, dh0, chunks.cu_seqlens, chunks.chunk_offsets, scale, T,
-        H=H, G=G, N=N, P=P, BT=chunks.size, BK=BK, BV=BV,
+        H=H, G=G, N=N, P=P, BT=chunks.BT, BK=BK, BV=BV,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=want_dh0,
-        IS_VARLEN=chunks.cu_seqlens is not None,
+        IS_VARLEN=chunks.varlen,
     )
     return dh, dh0
 
@@ -410,17 +361,17 @@ def chunk_bwd_dv(
     do: torch.Tensor,
     dh: torch.Tensor,
     scale: float,
-    chunks: _Chunks,
+    chunks: ChunkLayout,
 ) -> torch.Tensor:
     """dv = ((k q^T) * decay mask) do + exp(b_last - b) * (k dh): [B, T, H, P] in do's dtype."""
     B, T, G, N = q.shape
     H, P = do.shape[2], do.shape[3]
     BK, BV = _block(N, _MAX_BK), _block(P, _MAX_BV)
     dv = torch.empty_like(do)
-    grid = (triton.cdiv(P, BV), chunks.grid_chunks, B * H)
+    grid = (triton.cdiv(P, BV), chunks.NT, B * H)
     chunk_ssd_bwd_kernel_dv[grid](
         q, k, gc, do, dh, dv, chunks.cu_seqlens, chunks.chunk_indices, scale, T,
-        H=H, G=G, N=N, P=P, BT=chunks.size, BK=BK, BV=BV, IS_VARLEN=chunks.cu_seqlens is not None,
+        H=H, G=G, N=N, P=P, BT=chunks.BT, BK=BK, BV=BV, IS_VARLEN=chunks.varlen,
     )
     return dv
 
@@ -434,7 +385,7 @@ def chunk_bwd_dqkg(
     do: torch.Tensor,
     dh: torch.Tensor,
     scale: float,
-    chunks: _Chunks,
+    chunks: ChunkLayout,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk [B, T, G, N] (summed over each group's heads) and dg [B, T, H] fp32."""
     B, T, G, N = q.shape
@@ -445,10 +396,10 @@ def chunk_bwd_dqkg(
     dq = torch.empty(B, T, H, N, dtype=head_dtype, device=q.device)
     dk = torch.empty(B, T, H, N, dtype=head_dtype, device=q.device)
     dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
-    grid = (chunks.grid_chunks, B * H)
+    grid = (chunks.NT, B * H)
     chunk_ssd_bwd_kernel_dqkg[grid](
         q, k, v, gc, h, do, dh, dq, dk, dg, chunks.cu_seqlens, chunks.chunk_indices, scale, T,
-        H=H, G=G, N=N, P=P, BT=chunks.size, BK=BK, BV=BV, IS_VARLEN=chunks.cu_seqlens is not None,
+        H=H, G=G, N=N, P=P, BT=chunks.BT, BK=BK, BV=BV, IS_VARLEN=chunks.varlen,
     )
     if G != H:
         dq = dq.view(B, T, G, H // G, N).sum(3).to(q.dtype)
@@ -527,10 +478,10 @@ def chunk_ssd(
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs batch size 1, got {B}")
-    chunks = _chunk_layout(B, T, chunk_size, cu_seqlens)
+    chunks = chunk_layout(B, T, chunk_size, cu_seqlens, q.device)
     if initial_state is not None:
-        if initial_state.shape != (chunks.num_seqs, H, N, P):
-            raise ValueError(f"initial_state {tuple(initial_state.shape)} != {(chunks.num_seqs, H, N, P)}")
+        if initial_state.shape != (chunks.N, H, N, P):
+            raise ValueError(f"initial_state {tuple(initial_state.shape)} != {(chunks.N, H, N, P)}")
         initial_state = initial_state.contiguous()
     scale = N**-0.5 if scale is None else scale
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
