@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from .convert.io import convert_to_folder
+from .convert.pipeline import convert_to_folder
 from .evaluate import bench, quality
 from .teacher import DEFAULT_TEACHER, load_teacher
 

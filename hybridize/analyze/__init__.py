@@ -1,6 +1,6 @@
 """`hybridize analyze`: per-layer sensitivity scores (measured and attention-map proxies) and a plan under a budget."""
 
-from .io import AnalyzeSettings, analyze_to_folder
+from .pipeline import AnalyzeSettings, analyze_to_folder
 from .scores import FitSettings
 from .select import Constraints
 

@@ -3,7 +3,7 @@
 import argparse
 
 from ..errors import UserError
-from .io import DTYPES, SEQ_LEN_WINDOWS, AnalyzeSettings, analyze_to_folder
+from .pipeline import DTYPES, SEQ_LEN_WINDOWS, AnalyzeSettings, analyze_to_folder
 from .reselect import read_scores, reselect_to_folder
 from .proxies import FAST_RANKINGS
 from .scores import FitSettings

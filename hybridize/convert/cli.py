@@ -7,7 +7,7 @@ from ..device import pick_device
 from ..dtypes import DTYPES, parse_dtype
 from ..errors import UserError
 from .init import InitOptions
-from .io import CONVERT_DEFAULTS, convert_to_folder
+from .pipeline import CONVERT_DEFAULTS, convert_to_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

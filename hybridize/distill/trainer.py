@@ -247,7 +247,7 @@ class Trainer:
         """With a plan, the teacher converted once (by the main process) into out/init, the first stage's start."""
         target = self.out / "init"
         if self.recipe.plan is not None and self.main and not (target / "config.json").exists():
-            from ..convert.io import convert_to_folder
+            from ..convert.pipeline import convert_to_folder
 
             self.log(f"converting {self.recipe.teacher} with plan {self.recipe.plan!r} into {target}")
             convert_to_folder(self.recipe.teacher, self.recipe.plan, target, seed=self.recipe.seed,

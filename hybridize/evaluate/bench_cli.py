@@ -10,7 +10,7 @@ import dataclasses
 from ..errors import UserError
 from .bench import AT_LEAST, AT_MOST, PATHS, BenchSettings, parse_target, path_flag, path_names
 from .common import add_common_arguments, comma_joined, int_list
-from .io import bench_to_folder
+from .pipeline import bench_to_folder
 
 
 def add_arguments(parser) -> None:

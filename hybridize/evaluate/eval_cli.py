@@ -7,7 +7,7 @@ OUT defaults to HYBRID/eval, which `hybridize push` puts on the model card.
 import dataclasses
 
 from .common import add_common_arguments, comma_joined, float_list, int_list
-from .io import EvalSettings, evaluate_to_folder
+from .pipeline import EvalSettings, evaluate_to_folder
 from .quality import QualitySettings
 from .recall import RecallSettings
 

@@ -1,12 +1,12 @@
 """`hybridize push HYBRID REPO_ID`: write the model card and loadable code, then upload the folder with huggingface_hub.
 
-`--dry-run DIR` writes the same folder to DIR and uploads nothing. The work is publish/io.py's `push` and
+`--dry-run DIR` writes the same folder to DIR and uploads nothing. The work is publish/pipeline.py's `push` and
 `publish_to_folder`: the Hub is checked before any work, and a failed upload leaves no model copy behind.
 """
 
 from pathlib import Path
 
-from .io import publish_to_folder, push
+from .pipeline import publish_to_folder, push
 
 
 def add_arguments(parser) -> None:

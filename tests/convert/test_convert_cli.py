@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-import hybridize.convert.io as convert_io
+import hybridize.convert.pipeline as convert_io
 from hybridize.cli import main
 from hybridize.evaluate.common import recorded_teacher
 from hybridize.teacher import teacher_folder

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hybridize.convert.io import convert_to_folder
+from hybridize.convert.pipeline import convert_to_folder
 from hybridize.evaluate.common import load_pair
 from hybridize.teacher import teacher_folder
 

@@ -8,7 +8,7 @@ import pytest
 from hybridize.cli import main
 from hybridize.errors import UserError
 from hybridize.evaluate.bench import BenchSettings
-from hybridize.evaluate.io import EvalSettings, bench_to_folder, evaluate_to_folder
+from hybridize.evaluate.pipeline import EvalSettings, bench_to_folder, evaluate_to_folder
 from hybridize.evaluate.quality import QualitySettings
 from hybridize.evaluate.recall import RecallSettings
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hybridize.convert.io import convert_to_folder
+from hybridize.convert.pipeline import convert_to_folder
 from hybridize.teacher import teacher_folder
 
 

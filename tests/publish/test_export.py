@@ -21,7 +21,7 @@ from hybridize.cli import main
 from hybridize.evaluate.common import load_hybrid
 from hybridize.atomic import OUTPUT_RECORD
 from hybridize.model import HybridForCausalLM
-from hybridize.publish.io import publish_to_folder
+from hybridize.publish.pipeline import publish_to_folder
 from hybridize.publish.remote_code import AUTO_MAP
 
 CODE = ["attention.py", "cache.py", "configuration_hybrid.py", "context.py", "gated_deltanet.py", "mamba2.py",
