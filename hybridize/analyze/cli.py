@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink-tokens", type=int, default=0, metavar="S",
                         help="score sliding windows that also keep the first S tokens, as `hybridize convert "
                              "--sink-tokens S` builds them (default 0, plain windows)")
+    parser.add_argument("--heads", type=int, default=None, metavar="K",
+                        help="every replaced layer becomes a head-wise layer (headwise_gated_deltanet) that keeps its "
+                             "K KV heads (with their query heads) whose removal costs its attention output most as "
+                             "attention; the other heads become Gated DeltaNet heads")
     parser.add_argument("--seq-len", type=int, default=None,
                         help=f"tokens per calibration block (default: {SEQ_LEN_WINDOWS} times the sliding window, "
                              f"capped at the teacher's context: {SEQ_LEN_WINDOWS * 512} for a 512-token window)")
@@ -78,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         ranking=args.ranking,
         swa_threshold=args.swa_threshold,
         sink_tokens=args.sink_tokens,
+        heads=args.heads,
         seq_len=args.seq_len,
         eval_blocks=args.eval_blocks,
         fit=FitSettings(steps=args.fit_steps, batch_blocks=args.fit_batch, lr=args.lr),
@@ -87,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.scores is None:
         analyze_to_folder(args.model, settings, args.out, overwrite=args.overwrite)
+    elif args.heads is not None:
+        raise UserError("--heads scores each layer's KV heads on the teacher: it needs a new analysis, not --scores")
     elif args.model is not None or args.fast:
         raise UserError("--scores takes the teacher and the mode from its file: drop MODEL and --fast")
     else:

@@ -24,6 +24,7 @@ from ..dtypes import DTYPES as ALL_DTYPES
 from ..errors import UserError
 from ..model.configuration_hybrid import WINDOW_MEMORY_TYPES
 from ..teacher import load_teacher, teacher_identity
+from .heads import check_heads, choose_kv_heads, kv_head_scores
 from .proxies import (
     FAST_RANKINGS, PROXY_NAMES, WINDOW_STATISTICS, attention_proxies, proxy_sensitivity, repeated_random_tokens,
     spearman,
@@ -39,6 +40,7 @@ DTYPES = {name: dtype for name, dtype in ALL_DTYPES.items() if name != "float16"
 INDUCTION_BLOCKS = 2
 SEQ_LEN_WINDOWS = 4  # default calibration block: this many sliding windows (capped at the teacher's context)
 WINDOWED_TYPES = ("sliding_attention", *WINDOW_MEMORY_TYPES)
+HEADWISE = "headwise_gated_deltanet"  # what a replaced layer becomes with --heads
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class AnalyzeSettings:
     ranking: str = "combined"
     swa_threshold: float = 0.05
     sink_tokens: int = 0  # windows are scored as windows that keep the first sink_tokens tokens
+    heads: int | None = None  # replaced layers become head-wise layers keeping this many KV heads (analyze/heads.py)
     seq_len: int | None = None
     eval_blocks: int = 2
     fit: FitSettings = field(default_factory=FitSettings)
@@ -95,6 +98,8 @@ def analyze_to_folder(
     budget = parse_budget(settings.budget, num_layers)
     constraints = settings.constraints
     constraints.check_budget(budget, num_layers)
+    if settings.heads is not None:
+        check_heads(settings.heads, teacher.config.num_key_value_heads)
     window = hybrid_config_from_teacher(teacher.config, ["full_attention"] * num_layers).sliding_window
     # At 2 x window, sliding windows won all 22 replaced layers of SmolLM2 and then lost long-context recall after
     # distillation (docs/results.md): the block must be long enough for the window's loss to show.
@@ -111,6 +116,7 @@ def analyze_to_folder(
     calibration = (f"{held_ids.numel()} held-out tokens ({len(held_ids)} blocks x {seq_len}) for the proxies"
                    f"{'' if settings.fast else ' and KL'}, induction probe {len(probe_ids)} x {2 * (seq_len // 2)} "
                    "random tokens")
+    head_scores = kv_head_scores(teacher, held_ids, list(range(num_layers))) if settings.heads else None
     extra: dict = {}
     kl = None
     if not settings.fast:
@@ -122,6 +128,10 @@ def analyze_to_folder(
                                           settings.sink_tokens)
     if not settings.fast:
         extra = _full_mode_record(scored, plan, budget, best, sensitivity, proxies, constraints, dtype)
+    if head_scores is not None:
+        plan = [kind if kind == "full_attention" else HEADWISE for kind in plan]
+        extra["headwise_kv_heads"] = choose_kv_heads(
+            {i: head_scores[i] for i, kind in enumerate(plan) if kind == HEADWISE}, settings.heads)
 
     resolved = {**dataclasses.asdict(settings), "seq_len": seq_len, "device": str(device), "window": window}
     resolved.update(resolved.pop("constraints"))
@@ -131,6 +141,8 @@ def analyze_to_folder(
         row = {"layer": i, "choice": plan[i], "sensitivity": sensitivity[i],
                "proxies": {name: proxies[name][i] for name in PROXY_NAMES},
                **{name: proxies[name][i] for name in WINDOW_STATISTICS}}
+        if head_scores is not None:
+            row["kv_head_scores"] = head_scores[i]
         if not settings.fast:
             for name in ("kl", "ppl_ratio", "rel_error", "fit_mse"):
                 row[name] = {kind: values[name][i] for kind, values in scored["scores"].items()}

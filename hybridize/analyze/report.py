@@ -10,7 +10,7 @@ from ..convert.plan import SHORT_NAMES, describe
 from .proxies import PROXY_NAMES, distant_content
 
 COLORS = {"mamba2": "tab:orange", "gated_deltanet": "tab:green", "sliding_attention": "tab:purple",
-          "window_gated_deltanet": "tab:olive", "window_mamba2": "tab:cyan"}
+          "window_gated_deltanet": "tab:olive", "window_mamba2": "tab:cyan", "headwise_gated_deltanet": "tab:green"}
 PROXY_COLORS = {"entropy": "tab:gray", "distance": "tab:brown", "outside_window": "tab:pink", "induction": "tab:red"}
 # A planned window that drops more than this share of its layer's attention on distant content (not the first-token
 # sink) gets a warning: on SmolLM2 the layers above it (3-9, 0.35-0.5) were the ones whose windows cost the passkey
@@ -69,6 +69,11 @@ def markdown_report(record: dict) -> str:
     lines += ["", "outside_window is the attention mass a window cannot see; \"of which first token\" is the part of "
               "it on token 0, an attention sink, so the rest is distant content that a window discards.", ""]
     lines += distant_content_warning(layers)
+    if "headwise_kv_heads" in record:
+        kept = ", ".join(f"{layer}: {heads}" for layer, heads in record["headwise_kv_heads"].items())
+        lines += [f"--heads {settings['heads']}: the replaced layers are head-wise; each keeps as attention the KV "
+                  f"heads whose removal costs its attention output most (layer: KV heads) {kept}. The mixer and "
+                  "sensitivity columns were scored for whole layers, before the head split.", ""]
     if record["mode"] == "full":
         lines.append("Sensitivity = the lowest KL(teacher||model) in nats/token over the allowed mixers, with only that "
                      "layer replaced and fitted layer-locally.")

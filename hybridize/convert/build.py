@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..errors import UserError
-from ..model import HybridConfig, HybridForCausalLM
+from ..model import HybridConfig, HybridConfigError, HybridForCausalLM
 from ..model.configuration_hybrid import STATEFUL_TYPES
 from ..model.modeling_hybrid import FP32_PARAMETERS
 from .init import INITIALIZERS, InitOptions
@@ -70,7 +70,10 @@ def hybrid_config_from_teacher(teacher_config: PretrainedConfig, layer_types: li
         )
     }
     dtype = dtype or teacher_config.dtype or torch.float32
-    return HybridConfig(layer_types=list(layer_types), dtype=dtype, **shared, **mixer_options)
+    try:
+        return HybridConfig(layer_types=list(layer_types), dtype=dtype, **shared, **mixer_options)
+    except HybridConfigError as err:  # the plan's or the options' values, for this teacher
+        raise UserError(f"the hybrid's config cannot be built: {err}") from err
 
 
 def convert_state(
@@ -97,7 +100,8 @@ def convert_state(
         attention = {k[len(prefix):]: read(k).float() for k in attention_keys}  # one layer at a time
         if kind in STATEFUL_TYPES and any(k.endswith(".bias") for k in attention):
             raise UserError(f"layer {i}: attention biases have no place in a {kind} layer; keep it as attention")
-        for name, tensor in INITIALIZERS[kind](attention, config, options, generator, statistics.get(i)).items():
+        for name, tensor in INITIALIZERS[kind](attention, config, options, generator, statistics.get(i),
+                                               layer_idx=i).items():
             key = f"model.layers.{i}.mixer.{name}"
             state[key] = tensor.to(torch.float32 if _KEEP_FP32.search(key) else dtype)
         consumed.update(attention_keys)

@@ -2,7 +2,8 @@
 
 The memory branch of a window + memory layer is fitted the same way to what its window leaves over (the teacher's
 attention output less the window's): the part of attention it exists to supply. Its memory_scale stays zero, so the
-converted layer is still exactly its window; the fit decides where the branch starts once training opens it.
+converted layer is still exactly its window; the fit decides where the branch starts once training opens it. The
+recurrent heads of a head-wise layer are fitted alike, to what its attention heads leave over.
 
 Two steps, both on a layer alone and teacher-forced (each mixer reads the teacher's captured attention input):
 - output scale (gate "teacher"): the per-head factors s minimizing ||sum_h s_h f_h - y||^2, where f_h is head h's
@@ -18,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from ..model.configuration_hybrid import RECURRENT_TYPES, WINDOW_MEMORY_TYPES
+from ..model.configuration_hybrid import BRANCH_TYPES, RECURRENT_TYPES
 from ..teacher_forcing import capture_mixer_io, teacher_forced_context
 from .init import InitOptions
 from .statistics import HeadStatistics, layer_statistics
@@ -82,20 +83,20 @@ def align(mixer: nn.Module, hidden: torch.Tensor, target: torch.Tensor, context,
 
 def calibrate_student(student: nn.Module, captured: dict[int, tuple[torch.Tensor, torch.Tensor]],
                       options: InitOptions) -> None:
-    """Fits every Mamba2 / GDN mixer of `student` (and every window + memory layer's memory branch, to the residual
-    its window leaves) to the teacher's attention {layer: (input, output)}, in place."""
+    """Fits every Mamba2 / GDN mixer of `student` (and every window + memory or head-wise layer's recurrent branch, to
+    the residual its attention branch leaves) to the teacher's attention {layer: (input, output)}, in place."""
     if options.gate != "teacher" and options.align_steps == 0:
         return
     for i, (hidden, target) in sorted(captured.items()):
         kind = student.config.layer_types[i]
-        if kind not in RECURRENT_TYPES and kind not in WINDOW_MEMORY_TYPES:
+        if kind not in RECURRENT_TYPES and kind not in BRANCH_TYPES:
             continue
         layer_mixer = student.model.layers[i].mixer
-        original = layer_mixer.memory if kind in WINDOW_MEMORY_TYPES else layer_mixer
+        original = layer_mixer.memory if kind in BRANCH_TYPES else layer_mixer
         mixer = copy.deepcopy(original).float()
         hidden, target = hidden.float(), target.float()
         context = teacher_forced_context(student, hidden)
-        if kind in WINDOW_MEMORY_TYPES:
+        if kind in BRANCH_TYPES:
             with torch.no_grad():
                 target = target - copy.deepcopy(layer_mixer.window).float()(hidden, context)
         if options.gate == "teacher":

@@ -1,8 +1,9 @@
 """Initializers: one pure function per mapping from a teacher attention layer to a hybrid mixer.
 
 Each takes the teacher layer's attention tensors {"q_proj", "k_proj", "v_proj", "o_proj"} (weights, [out, in]),
-the HybridConfig, the InitOptions and, for the teacher-calibrated options, the layer's HeadStatistics
-(convert/statistics.py), and returns the mixer's full state dict. Parameters attention has
+the HybridConfig, the InitOptions, for the teacher-calibrated options the layer's HeadStatistics
+(convert/statistics.py), and the layer's index (a head-wise layer's head split is in the config by layer), and
+returns the mixer's full state dict. Parameters attention has
 no counterpart for are set by the options; docs/conversion.md records how each choice was measured.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import UserError
+from ..model.configuration_hybrid import headwise_split
 
 ATTENTION_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -132,14 +134,16 @@ def _check_heads(config, mixer: str, heads: int, groups: int, dims: tuple[int, .
 
 
 def attention_to_attention(attention: dict[str, torch.Tensor], config, options: InitOptions,
-                           generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
+                           generator: torch.Generator, statistics=None,
+                           layer_idx: int | None = None) -> dict[str, torch.Tensor]:
     """Full or sliding-window attention: the same weights (the window is in the config)."""
     return {f"{name}.{kind}": t.clone() for name in ATTENTION_KEYS for kind in ("weight", "bias")
             if (t := attention.get(f"{name}.{kind}")) is not None}
 
 
 def attention_to_mamba2(attention: dict[str, torch.Tensor], config, options: InitOptions,
-                        generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
+                        generator: torch.Generator, statistics=None,
+                        layer_idx: int | None = None) -> dict[str, torch.Tensor]:
     """C <- W_q, B <- W_k, x <- W_v (KV heads repeated to every query head), out <- W_o; D = 0 like attention."""
     heads, dim, group = config.mamba_num_heads, config.mamba_head_dim, config.num_attention_heads // config.num_key_value_heads
     _check_heads(config, "mamba2", heads, config.mamba_num_groups, (dim, config.mamba_state_size))
@@ -164,12 +168,21 @@ def attention_to_mamba2(attention: dict[str, torch.Tensor], config, options: Ini
 
 
 def attention_to_gated_deltanet(attention: dict[str, torch.Tensor], config, options: InitOptions,
-                                generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
+                                generator: torch.Generator, statistics=None,
+                                layer_idx: int | None = None) -> dict[str, torch.Tensor]:
     """q <- W_q, k <- W_k, v <- W_v (KV heads repeated to every query head), o <- W_o; beta starts at 1/2 or at
     the teacher head's value (b_proj zero either way: beta does not depend on the token yet)."""
-    heads, group = config.gdn_num_heads, config.num_attention_heads // config.num_key_value_heads
-    _check_heads(config, "gated_deltanet", heads, config.gdn_num_k_heads, (config.gdn_head_k_dim, config.gdn_head_v_dim))
-    dim, kv_heads, hidden = config.head_dim, config.num_key_value_heads, config.hidden_size
+    _check_heads(config, "gated_deltanet", config.gdn_num_heads, config.gdn_num_k_heads,
+                 (config.gdn_head_k_dim, config.gdn_head_v_dim))
+    return _gated_deltanet_from_heads(attention, config.num_key_value_heads, config, options, generator, statistics)
+
+
+def _gated_deltanet_from_heads(attention: dict[str, torch.Tensor], kv_heads: int, config, options: InitOptions,
+                               generator: torch.Generator, statistics) -> dict[str, torch.Tensor]:
+    """attention_to_gated_deltanet's mapping for attention tensors of `kv_heads` KV heads and their query heads (all
+    of a layer's, or a head-wise layer's recurrent share), one GDN head per query head."""
+    group = config.num_attention_heads // config.num_key_value_heads
+    heads, dim, hidden = kv_heads * group, config.head_dim, config.hidden_size
     a_log, dt_bias = _decay(heads, options, generator, statistics)
     value = repeat_heads(attention["v_proj.weight"], kv_heads, dim, group)
     beta_bias = beta_bias_from_entropy(_needed(statistics).entropy) if options.beta == "teacher" else torch.zeros(heads)
@@ -189,31 +202,80 @@ def attention_to_gated_deltanet(attention: dict[str, torch.Tensor], config, opti
     }
 
 
-def _attention_to_window_memory(memory: str, attention: dict[str, torch.Tensor], config, options: InitOptions,
-                                generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
-    """window.* <- the attention weights unchanged; memory.* <- the `memory` mixer's own mapping; memory_scale = 0,
-    so the layer starts as exactly its sliding window.
+def memory_options(options: InitOptions) -> InitOptions:
+    """The init options of a memory branch held at zero by its memory_scale. Its gate never starts at zero (gate
+    "zero" gives it the teacher gate, W_v): a zero gate as well would give both zero gradients, so neither could
+    ever open."""
+    return replace(options, gate="teacher") if options.gate == "zero" else options
 
-    The memory's gate never starts at zero (gate "zero" gives it the teacher gate, W_v): its output is already held
-    at zero by memory_scale, and a zero gate as well would give both zero gradients, so neither could ever open."""
-    memory_options = replace(options, gate="teacher") if options.gate == "zero" else options
-    window = attention_to_attention(attention, config, options, generator)
-    recurrent = INITIALIZERS[memory](attention, config, memory_options, generator, statistics)
+
+def _branches(window: dict[str, torch.Tensor], memory: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """A two-branch mixer's state: window.*, memory.*, and memory_scale = 0 (the layer starts as its window)."""
     return {**{f"window.{name}": t for name, t in window.items()},
-            **{f"memory.{name}": t for name, t in recurrent.items()},
+            **{f"memory.{name}": t for name, t in memory.items()},
             "memory_scale": torch.zeros(config.hidden_size)}
 
 
+def _attention_to_window_memory(memory: str, attention: dict[str, torch.Tensor], config, options: InitOptions,
+                                generator: torch.Generator, statistics=None,
+                                layer_idx: int | None = None) -> dict[str, torch.Tensor]:
+    """window.* <- the attention weights unchanged; memory.* <- the `memory` mixer's own mapping; memory_scale = 0,
+    so the layer starts as exactly its sliding window."""
+    window = attention_to_attention(attention, config, options, generator)
+    recurrent = INITIALIZERS[memory](attention, config, memory_options(options), generator, statistics, layer_idx)
+    return _branches(window, recurrent, config)
+
+
 def attention_to_window_gated_deltanet(attention: dict[str, torch.Tensor], config, options: InitOptions,
-                                       generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
+                                       generator: torch.Generator, statistics=None,
+                                       layer_idx: int | None = None) -> dict[str, torch.Tensor]:
     """A sliding window copied from attention plus a Gated DeltaNet memory initialized as a gated_deltanet layer."""
-    return _attention_to_window_memory("gated_deltanet", attention, config, options, generator, statistics)
+    return _attention_to_window_memory("gated_deltanet", attention, config, options, generator, statistics, layer_idx)
 
 
 def attention_to_window_mamba2(attention: dict[str, torch.Tensor], config, options: InitOptions,
-                               generator: torch.Generator, statistics=None) -> dict[str, torch.Tensor]:
+                               generator: torch.Generator, statistics=None,
+                               layer_idx: int | None = None) -> dict[str, torch.Tensor]:
     """A sliding window copied from attention plus a Mamba2 memory initialized as a mamba2 layer."""
-    return _attention_to_window_memory("mamba2", attention, config, options, generator, statistics)
+    return _attention_to_window_memory("mamba2", attention, config, options, generator, statistics, layer_idx)
+
+
+def select_heads(weight: torch.Tensor, heads: list[int], head_dim: int) -> torch.Tensor:
+    """The rows of `heads` of a per-head projection [H * head_dim, C] -> [len(heads) * head_dim, C], in that order."""
+    return weight.view(-1, head_dim, weight.shape[-1])[heads].reshape(-1, weight.shape[-1])
+
+
+def attention_heads(attention: dict[str, torch.Tensor], config, kv_heads: list[int]) -> dict[str, torch.Tensor]:
+    """The attention tensors of KV heads `kv_heads` and their query heads: q/k/v rows and o_proj columns."""
+    group, dim = config.num_attention_heads // config.num_key_value_heads, config.head_dim
+    query_heads = [h * group + j for h in kv_heads for j in range(group)]
+    return {"q_proj.weight": select_heads(attention["q_proj.weight"], query_heads, dim),
+            "k_proj.weight": select_heads(attention["k_proj.weight"], kv_heads, dim),
+            "v_proj.weight": select_heads(attention["v_proj.weight"], kv_heads, dim),
+            "o_proj.weight": select_heads(attention["o_proj.weight"].T, query_heads, dim).T.contiguous()}
+
+
+def statistics_of_heads(statistics, config, kv_heads: list[int]):
+    """HeadStatistics restricted to the query heads of KV heads `kv_heads` (None stays None)."""
+    if statistics is None:
+        return None
+    group = config.num_attention_heads // config.num_key_value_heads
+    query_heads = [h * group + j for h in kv_heads for j in range(group)]
+    return type(statistics)(mean_distance=statistics.mean_distance[query_heads],
+                            entropy=statistics.entropy[query_heads])
+
+
+def attention_to_headwise_gated_deltanet(attention: dict[str, torch.Tensor], config, options: InitOptions,
+                                         generator: torch.Generator, statistics=None,
+                                         layer_idx: int | None = None) -> dict[str, torch.Tensor]:
+    """window.* <- the kept KV heads' attention weights, exactly; memory.* <- the other KV heads' weights through
+    attention_to_gated_deltanet's mapping; memory_scale = 0, so the layer starts as the teacher's attention with
+    the recurrent heads' outputs removed (its kept heads' o_proj columns)."""
+    kept, recurrent = headwise_split(config, layer_idx)
+    memory = _gated_deltanet_from_heads(attention_heads(attention, config, recurrent), len(recurrent), config,
+                                        memory_options(options), generator,
+                                        statistics_of_heads(statistics, config, recurrent))
+    return _branches(attention_heads(attention, config, kept), memory, config)
 
 
 INITIALIZERS = {
@@ -223,4 +285,5 @@ INITIALIZERS = {
     "gated_deltanet": attention_to_gated_deltanet,
     "window_gated_deltanet": attention_to_window_gated_deltanet,
     "window_mamba2": attention_to_window_mamba2,
+    "headwise_gated_deltanet": attention_to_headwise_gated_deltanet,
 }

@@ -28,7 +28,7 @@ from ..model.configuration_hybrid import STATEFUL_TYPES
 from .build import check_teacher, convert_state, hybrid_config_from_teacher, model_from_state
 from .calibrate import calibrate_student, teacher_calibration
 from .init import TEACHER_CALIBRATED, InitOptions
-from .plan import describe, resolve_plan
+from .plan import describe, plan_headwise_kv_heads, resolve_plan
 from .report import conversion_report, format_report, next_token_stats
 
 
@@ -91,7 +91,8 @@ def convert_to_folder(
     check_teacher(teacher.config)
     plan = resolve_plan(plan_spec, teacher.config.num_hidden_layers)
     log("plan:\n" + describe(plan))
-    config = hybrid_config_from_teacher(teacher.config, plan, dtype=dtype, sliding_window_sinks=sink_tokens)
+    config = hybrid_config_from_teacher(teacher.config, plan, dtype=dtype, sliding_window_sinks=sink_tokens,
+                                        headwise_kv_heads=plan_headwise_kv_heads(plan_spec))
     generation_config = teacher.generation_config
 
     input_ids = calibration_batch(tokenizer, seq_len=calibration_seq_len, blocks_per_domain=1).to(device)
@@ -124,6 +125,7 @@ def convert_to_folder(
         "hybridize_version": __version__,
         "teacher": teacher_identity(teacher_name, record_folder=out_dir),
         "layer_types": plan,
+        "headwise_kv_heads": config.headwise_kv_heads,
         "plan_spec": plan_spec if isinstance(plan_spec, str) else "list",
         "seed": seed,
         "init_options": vars(options),

@@ -10,18 +10,21 @@ Accepted forms of a plan spec (resolved against the teacher's layer count):
   the ordering "Gated Delta Networks: Improving Mamba2 with Delta Rule" (arXiv:2412.06464, Table S.1) found best
   when training from scratch;
 - "all:MIXER": every layer MIXER ("all:full_attention" reproduces the teacher).
+
+Head-wise layers (headwise_gated_deltanet) keep the first half of their KV heads as attention unless a plan file
+says which: its "headwise_kv_heads" ({layer: [KV heads]}, what `hybridize analyze --heads K` writes).
 """
 
 import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..model.configuration_hybrid import LAYER_TYPES, RECURRENT_TYPES, WINDOW_MEMORY_TYPES
+from ..model.configuration_hybrid import BRANCH_TYPES, LAYER_TYPES, RECURRENT_TYPES
 
 H2_CYCLE = ("mamba2", "gated_deltanet", "sliding_attention")
 # One letter per layer type, for one-line plan summaries.
 SHORT_NAMES = {"full_attention": "A", "sliding_attention": "S", "mamba2": "M", "gated_deltanet": "G",
-               "window_gated_deltanet": "g", "window_mamba2": "m"}
+               "window_gated_deltanet": "g", "window_mamba2": "m", "headwise_gated_deltanet": "h"}
 
 
 def uniform_positions(num_layers: int, budget: int) -> list[int]:
@@ -52,7 +55,7 @@ def _pattern(name: str, args: list[str], num_layers: int) -> list[str]:
     budget = check_budget(args[0], num_layers)
     kept = set(uniform_positions(num_layers, budget)) if budget else set()
     if name == "uniform":
-        replacements = RECURRENT_TYPES + ("sliding_attention",) + tuple(WINDOW_MEMORY_TYPES)
+        replacements = RECURRENT_TYPES + ("sliding_attention",) + tuple(BRANCH_TYPES)
         mixer = _check_type(args[1], replacements) if len(args) > 1 else "gated_deltanet"
         return ["full_attention" if i in kept else mixer for i in range(num_layers)]
     replaced = [i for i in range(num_layers) if i not in kept]
@@ -83,6 +86,20 @@ def _compact(spec: str, num_layers: int) -> list[str]:
     return [kind if kind is not None else rest for kind in plan]
 
 
+def plan_headwise_kv_heads(spec: str | list[str]) -> dict[str, list[int]] | None:
+    """A plan file's "headwise_kv_heads" (None for other specs, or a file without one)."""
+    if not (isinstance(spec, str) and spec.endswith(".json")):
+        return None
+    try:
+        heads = json.loads(Path(spec).read_text()).get("headwise_kv_heads")
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"plan file {spec}: cannot read it ({err})") from err
+    if heads is not None and not (isinstance(heads, dict) and all(
+            isinstance(kept, list) and all(isinstance(h, int) for h in kept) for kept in heads.values())):
+        raise UserError(f"plan file {spec}: headwise_kv_heads must map layer indices to lists of KV heads")
+    return heads
+
+
 def resolve_plan(spec: str | list[str], num_layers: int) -> list[str]:
     """The layer types of a plan spec (see the module docstring), checked against `num_layers`."""
     if isinstance(spec, str) and spec.endswith(".json"):
@@ -104,7 +121,7 @@ def resolve_plan(spec: str | list[str], num_layers: int) -> list[str]:
 def describe(plan: list[str]) -> str:
     """One line per mixer type with its layer indices, for printing the resolved plan."""
     lines = ["".join(SHORT_NAMES[k] for k in plan) + "   (A attention, S sliding window, M Mamba2, G Gated DeltaNet, "
-             "g window + Gated DeltaNet, m window + Mamba2)"]
+             "g window + Gated DeltaNet, m window + Mamba2, h head-wise attention + Gated DeltaNet)"]
     for kind in LAYER_TYPES:
         layers = [i for i, k in enumerate(plan) if k == kind]
         if layers:

@@ -5,7 +5,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from ..model.configuration_hybrid import WINDOW_MEMORY_TYPES
+from ..model.configuration_hybrid import HEADWISE_TYPES, WINDOW_MEMORY_TYPES
 from ..teacher_forcing import relative_error, student_mixer_outputs
 
 
@@ -73,6 +73,9 @@ RECURRENT_NOTE = ("  Mamba2 / Gated DeltaNet layers read 1.0000 when their outpu
 WINDOW_MEMORY_NOTE = ("  window + memory layers (window_gated_deltanet, window_mamba2) start as exactly their sliding "
                       "window: the\n  memory branch's output scale is 0 until distillation opens it, so they read "
                       "what sliding_attention would.")
+HEADWISE_NOTE = ("  head-wise layers (headwise_gated_deltanet) start as the teacher's attention without their Gated "
+                 "DeltaNet heads:\n  those heads' output scale is 0 until distillation opens it, so they read the "
+                 "error of dropping\n  the replaced heads' share of the output.")
 
 
 def format_report(report: dict) -> str:
@@ -86,6 +89,8 @@ def format_report(report: dict) -> str:
         lines.append(RECURRENT_NOTE)
     if any(row["type"] in WINDOW_MEMORY_TYPES for row in report["layers"]):
         lines.append(WINDOW_MEMORY_NOTE)
+    if any(row["type"] in HEADWISE_TYPES for row in report["layers"]):
+        lines.append(HEADWISE_NOTE)
     lines.append(
         f"KL(teacher||hybrid) {report['kl_teacher_hybrid']:.4f} nats/token   ppl {report['hybrid_ppl']:.2f} vs teacher "
         f"{report['teacher_ppl']:.2f} (ratio {report['ppl_ratio']:.3f}) on {report['calibration_tokens']} held-out tokens"

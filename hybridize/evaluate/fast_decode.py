@@ -6,7 +6,8 @@ overhead, not the GPU, sets the decode speed. StaticDecoder removes it:
   longest sequence for full attention, the window for sliding attention, used as a ring, plus one slot per
   sink token that a sink window keeps after the token has left the ring), and the
   Mamba2 / GDN conv windows and fp32 recurrent states, updated in place by the decode-step kernels (a window +
-  memory layer has both: its window's slots and its memory's state);
+  memory layer has both: its window's slots and its memory's state; a head-wise layer too: its attention heads'
+  slots and its recurrent heads' state);
 - the step reads its position, token and write slot from device tensors, so it has no Python-side
   state and is captured once as a CUDA graph; decoding N tokens is N graph replays;
 - the step is compiled with torch.compile first (on a GPU, by default), so the dozens of small
@@ -27,7 +28,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from ..kernels.decode_attention import decode_attention
 from ..model.cache import RecurrentLayerCache, SinkWindowLayer
 from ..model.compiling import allow_recompiles
-from ..model.configuration_hybrid import ATTENTION_TYPES, WINDOW_MEMORY_TYPES
+from ..model.configuration_hybrid import ATTENTION_TYPES, BRANCH_TYPES
 from ..model.context import SequenceContext, real_token_rank
 from .sampling import Sampling, choose_tokens
 
@@ -52,7 +53,8 @@ NO_TOKEN = 2**62  # a sink_index that never leaves the ring: the row has not had
 
 @dataclass
 class WindowMemorySlots:
-    """A window + memory layer's static cache: its window's slots and its memory branch's conv window and state."""
+    """A window + memory (or head-wise) layer's static cache: its attention branch's slots and its recurrent branch's
+    conv window and state."""
 
     window: AttentionSlots
     memory: RecurrentLayerCache
@@ -93,9 +95,9 @@ class StaticDecoder:
         for i, kind in enumerate(self.config.layer_types):
             mixer = self.model.model.layers[i].mixer
             if kind in ATTENTION_TYPES:
-                self.layer_caches.append(self._attention_slots(mixer, kind == "full_attention"))
-            elif kind in WINDOW_MEMORY_TYPES:
-                self.layer_caches.append(WindowMemorySlots(self._attention_slots(mixer.window, False),
+                self.layer_caches.append(self._attention_slots(mixer))
+            elif kind in BRANCH_TYPES:
+                self.layer_caches.append(WindowMemorySlots(self._attention_slots(mixer.window),
                                                            self._recurrent_state(mixer.memory)))
             else:
                 self.layer_caches.append(self._recurrent_state(mixer))
@@ -106,12 +108,12 @@ class StaticDecoder:
         self._index = torch.zeros((), dtype=torch.long, device=device)  # its stream index (same for every row)
         self._recurrent_context = SequenceContext(position_embeddings=None, attention_mask=None, past_tokens=0)
 
-    def _attention_slots(self, attention, full: bool) -> AttentionSlots:
-        config, batch, device = self.config, self.batch_size, self.device
-        ring = self.max_length if full else min(config.sliding_window, self.max_length)
+    def _attention_slots(self, attention) -> AttentionSlots:
+        batch, device = self.batch_size, self.device
+        ring = self.max_length if attention.window is None else min(attention.window, self.max_length)
         sinks = attention.sinks if ring < self.max_length else 0  # no token leaves a ring this long
         slots = -(-(ring + sinks) // _SLOT_ALIGN) * _SLOT_ALIGN
-        shape = (batch, config.num_key_value_heads, slots, config.head_dim)
+        shape = (batch, attention.num_kv_heads, slots, attention.head_dim)
         return AttentionSlots(
             keys=torch.zeros(shape, dtype=self.dtype, device=device),
             values=torch.zeros(shape, dtype=self.dtype, device=device),

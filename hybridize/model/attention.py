@@ -100,15 +100,17 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads; `window` set makes it sliding-window attention, and `sinks` lets
-    such a window also see the first `sinks` real tokens."""
+    such a window also see the first `sinks` real tokens. `kv_heads` (default: the config's) sets how many KV heads
+    it has, each with the config's number of query heads per KV head: a head-wise layer's attention part."""
 
-    def __init__(self, config, layer_idx: int, window: int | None, sinks: int = 0):
+    def __init__(self, config, layer_idx: int, window: int | None, sinks: int = 0, kv_heads: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.window = window
         self.sinks = sinks if window is not None else 0
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        group = config.num_attention_heads // config.num_key_value_heads
+        self.num_kv_heads = kv_heads or config.num_key_value_heads
+        self.num_heads = self.num_kv_heads * group
         self.head_dim = config.head_dim
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)

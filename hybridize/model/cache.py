@@ -1,10 +1,10 @@
 """HybridCache: KV caches for attention layers, conv + recurrent states for Mamba2 / GDN layers, and both for
-window + memory layers, for `generate()`."""
+window + memory and head-wise layers, for `generate()`."""
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from .configuration_hybrid import WINDOW_MEMORY_TYPES
+from .configuration_hybrid import HEADWISE_TYPES, WINDOW_MEMORY_TYPES
 
 
 class RecurrentLayerCache:
@@ -121,15 +121,16 @@ class SinkWindowLayer(DynamicLayer):
 class WindowMemoryLayerCache:
     """A window + memory layer's cache: its window's keys (`window`, as a sliding_attention layer keeps them) and its
     memory branch's conv window and state (`memory`). Both are bounded, so the layer's cache does not grow with the
-    sequence."""
+    sequence. A head-wise layer's cache is the same pair: its attention heads' keys (a DynamicLayer when they see
+    the whole sequence, which then grows) and its recurrent heads' state."""
 
     is_compileable = False
     supports_early_init = False
-    is_sliding = True
     is_croppable = False
 
     def __init__(self, window, memory: RecurrentLayerCache):
         self.window, self.memory = window, memory
+        self.is_sliding = window.is_sliding
 
     def tensors(self) -> list[torch.Tensor]:
         keys = [t for t in (self.window.keys, self.window.values) if t is not None] if self.window.is_initialized else []
@@ -181,6 +182,9 @@ def _layer_cache(config, kind: str):
         return _window_cache(config)
     if kind in WINDOW_MEMORY_TYPES:
         return WindowMemoryLayerCache(_window_cache(config), RecurrentLayerCache())
+    if kind in HEADWISE_TYPES:
+        attention = _window_cache(config) if config.headwise_window else DynamicLayer()
+        return WindowMemoryLayerCache(attention, RecurrentLayerCache())
     return RecurrentLayerCache()
 
 

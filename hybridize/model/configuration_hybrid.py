@@ -1,20 +1,25 @@
-"""HybridConfig: a Llama decoder whose per-layer token mixer is attention, sliding-window attention, Mamba2, GDN, or a
-sliding window plus a Mamba2 / GDN memory."""
+"""HybridConfig: a Llama decoder whose per-layer token mixer is attention, sliding-window attention, Mamba2, GDN, a
+sliding window plus a Mamba2 / GDN memory, or a head-wise split of attention heads and GDN heads."""
 
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
 LAYER_TYPES = ("full_attention", "sliding_attention", "mamba2", "gated_deltanet", "window_gated_deltanet",
-               "window_mamba2")
+               "window_mamba2", "headwise_gated_deltanet")
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
 RECURRENT_TYPES = ("mamba2", "gated_deltanet")
 # Intra-layer hybrids: a sliding window plus a recurrent memory in one mixer (model/window_memory.py), by the
 # recurrent mixer their memory branch is.
 WINDOW_MEMORY_TYPES = {"window_gated_deltanet": "gated_deltanet", "window_mamba2": "mamba2"}
+# Head-wise hybrids: some of the teacher's KV groups stay attention, the other heads become recurrent heads
+# (model/headwise.py), by the recurrent mixer those heads form.
+HEADWISE_TYPES = {"headwise_gated_deltanet": "gated_deltanet"}
+# Layers made of an attention branch and a recurrent branch summed (both kinds above), by the recurrent branch's mixer.
+BRANCH_TYPES = {**WINDOW_MEMORY_TYPES, **HEADWISE_TYPES}
 # Layers that hold a recurrent state (their own or their memory branch's).
-STATEFUL_TYPES = RECURRENT_TYPES + tuple(WINDOW_MEMORY_TYPES)
+STATEFUL_TYPES = RECURRENT_TYPES + tuple(BRANCH_TYPES)
 # Layers that attend with RoPE (all or part of their output).
-ROPE_TYPES = ATTENTION_TYPES + tuple(WINDOW_MEMORY_TYPES)
+ROPE_TYPES = ATTENTION_TYPES + tuple(BRANCH_TYPES)
 
 
 class HybridConfigError(ValueError):
@@ -58,6 +63,10 @@ class HybridConfig(PretrainedConfig):
     sliding_window_sinks: int = 0  # sliding layers also see each row's first this-many real tokens ("sinks")
     # window_* layers: the memory branch reads only tokens that have left the window (False: every token so far)
     memory_outside_window: bool = False
+    # headwise_* layers: the KV heads (each with its query heads) that stay attention, by layer index ("3": [0, 2]);
+    # a headwise layer left out keeps its first half (at least one). Filled in, so a saved config is explicit.
+    headwise_kv_heads: dict[str, list[int]] | None = None
+    headwise_window: bool = False  # headwise_* layers' attention heads see a sliding window (with sinks), not all
     conv_kernel_size: int = 4
     mamba_num_heads: int | None = None
     mamba_head_dim: int | None = None
@@ -88,6 +97,10 @@ class HybridConfig(PretrainedConfig):
         self.gdn_num_k_heads = self.gdn_num_k_heads or self.gdn_num_heads
         self.gdn_head_k_dim = self.gdn_head_k_dim or dim
         self.gdn_head_v_dim = self.gdn_head_v_dim or dim
+        default_kept = list(range(max(1, self.num_key_value_heads // 2)))
+        given = self.headwise_kv_heads or {}
+        filled = {str(i): default_kept for i, kind in enumerate(self.layer_types) if kind in HEADWISE_TYPES}
+        self.headwise_kv_heads = {layer: sorted(kept) for layer, kept in {**filled, **given}.items()}
         super().__post_init__(**kwargs)
         self.check()
 
@@ -111,6 +124,14 @@ class HybridConfig(PretrainedConfig):
         _require(self.sliding_window_sinks >= 0, "sliding_window_sinks",
                  f"must be >= 0, got {self.sliding_window_sinks}")
         _require(self.hidden_act == "silu", "hidden_act", f"allowed values: silu; got {self.hidden_act!r}")
+        for layer, kept in self.headwise_kv_heads.items():
+            _require(layer.isdigit() and int(layer) < len(self.layer_types)
+                     and self.layer_types[int(layer)] in HEADWISE_TYPES, "headwise_kv_heads",
+                     f"names layer {layer!r}, which is not a headwise layer")
+            _require(0 < len(kept) < self.num_key_value_heads and len(set(kept)) == len(kept)
+                     and all(0 <= h < self.num_key_value_heads for h in kept), "headwise_kv_heads",
+                     f"of layer {layer} must be distinct KV heads in 0..{self.num_key_value_heads - 1}, at least one "
+                     f"and not all {self.num_key_value_heads} (got {kept})")
         for name in ("mamba_chunk_size", "gdn_chunk_size"):
             value = getattr(self, name)
             _require(value in (16, 32, 64, 128), name, f"allowed values: 16, 32, 64, 128; got {value}")
@@ -118,6 +139,12 @@ class HybridConfig(PretrainedConfig):
     def validate_layer_type(self) -> None:
         """Replaces transformers' check, whose list of layer types does not know ours."""
         self.check()
+
+
+def headwise_split(config, layer_idx: int) -> tuple[list[int], list[int]]:
+    """(KV heads kept as attention, KV heads whose query heads become recurrent heads) of a headwise layer."""
+    kept = config.headwise_kv_heads[str(layer_idx)]
+    return kept, [h for h in range(config.num_key_value_heads) if h not in kept]
 
 
 def _require(ok: bool, field: str, message: str) -> None:

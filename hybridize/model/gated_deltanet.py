@@ -22,14 +22,15 @@ class GatedDeltaNetMixer(nn.Module):
     a_t = exp(-exp(A_log) * softplus(W_a x_t + dt_bias)) and b_t = sigmoid(W_b x_t + b_bias), one of each per head.
     With config.gdn_fused_inputs the kernels form a_t, b_t and the q/k norms from the raw projections themselves.
     b_bias holds a per-head write strength that does not depend on the input (conversion sets it from the teacher;
-    zero gives GDN's own b_t = sigmoid(W_b x_t)).
+    zero gives GDN's own b_t = sigmoid(W_b x_t)). `heads` (default: the config's gdn_num_heads and gdn_num_k_heads)
+    gives it that many heads, each with its own q and k: a head-wise layer's recurrent part.
     """
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, heads: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.gdn_num_heads
-        self.num_k_heads = config.gdn_num_k_heads
+        self.num_heads = heads or config.gdn_num_heads
+        self.num_k_heads = heads or config.gdn_num_k_heads
         self.head_k_dim = config.gdn_head_k_dim
         self.head_v_dim = config.gdn_head_v_dim
         self.chunk_size = config.gdn_chunk_size

@@ -15,6 +15,7 @@ from .cache import HybridCache
 from .configuration_hybrid import ROPE_TYPES, HybridConfig
 from .context import SequenceContext, real_token_rank
 from .gated_deltanet import GatedDeltaNetMixer
+from .headwise import HeadwiseMixer
 from .mamba2 import Mamba2Mixer
 from .mlp import GatedMLP
 from .window_memory import WindowMemoryMixer
@@ -22,7 +23,7 @@ from .window_memory import WindowMemoryMixer
 # Parameters that set a recurrence's time scales stay fp32 in every dtype: in bf16, A_log and dt_bias (magnitudes
 # 1-5) have steps of about 0.02, so the small updates distillation makes to them would round away, and the decay
 # exp(-exp(A_log) * softplus(.)) would move by whole percents per step of rounding. The same holds for the memory
-# branch of a window + memory layer.
+# branch of a window + memory layer and the recurrent heads of a head-wise one.
 FP32_PARAMETERS = r"mixer\.(?:memory\.)?(?:A_log|dt_bias|D)$"
 
 MIXERS = {
@@ -33,6 +34,7 @@ MIXERS = {
     "gated_deltanet": GatedDeltaNetMixer,
     "window_gated_deltanet": lambda config, layer_idx: WindowMemoryMixer(config, layer_idx, "gated_deltanet"),
     "window_mamba2": lambda config, layer_idx: WindowMemoryMixer(config, layer_idx, "mamba2"),
+    "headwise_gated_deltanet": lambda config, layer_idx: HeadwiseMixer(config, layer_idx, "gated_deltanet"),
 }
 
 

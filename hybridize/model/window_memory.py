@@ -15,7 +15,6 @@ from .gated_deltanet import GatedDeltaNetMixer
 from .mamba2 import Mamba2Mixer
 
 
-
 def delayed_writes(writes: list[torch.Tensor], delay: int, layer_cache) -> list[torch.Tensor]:
     """The recurrence inputs [B, T, ...] each, moved `delay` tokens later: position t gets token t - delay's, and zeros
     before the first token (k = v = 0, beta = 0 and log decay 0 leave a state unchanged).
@@ -92,10 +91,14 @@ class WindowMemoryMixer(nn.Module):
     def __init__(self, config, layer_idx: int, memory_type: str):
         super().__init__()
         self.layer_idx = layer_idx
-        self.window = Attention(config, layer_idx, window=config.sliding_window, sinks=config.sliding_window_sinks)
-        mixers = OUTSIDE_WINDOW_MIXERS if config.memory_outside_window else MEMORY_MIXERS
-        self.memory = mixers[memory_type](config, layer_idx)
+        self.window, self.memory = self.branches(config, layer_idx, memory_type)
         self.memory_scale = nn.Parameter(torch.empty(config.hidden_size))
+
+    def branches(self, config, layer_idx: int, memory_type: str) -> tuple[Attention, nn.Module]:
+        """(window, memory): the two branches this layer sums."""
+        mixers = OUTSIDE_WINDOW_MIXERS if config.memory_outside_window else MEMORY_MIXERS
+        window = Attention(config, layer_idx, window=config.sliding_window, sinks=config.sliding_window_sinks)
+        return window, mixers[memory_type](config, layer_idx)
 
     @torch.no_grad()
     def new_parameter_values(self) -> dict[str, torch.Tensor]:

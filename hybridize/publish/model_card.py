@@ -10,14 +10,15 @@ from ..evaluate.fast_decode import state_shape
 from ..evaluate.lm_eval_tasks import lm_eval_table
 from ..evaluate.quality import quality_table
 from ..evaluate.recall import recall_table
-from ..model.configuration_hybrid import WINDOW_MEMORY_TYPES
+from ..model.configuration_hybrid import BRANCH_TYPES, HEADWISE_TYPES, WINDOW_MEMORY_TYPES
 from ..teacher import ALIASES
 
 WINDOW_NAME = "sliding-window attention"
 MIXER_NAMES = {"full_attention": "full attention", "sliding_attention": WINDOW_NAME,
                "mamba2": "Mamba2", "gated_deltanet": "Gated DeltaNet",
                "window_gated_deltanet": "sliding-window attention + Gated DeltaNet memory",
-               "window_mamba2": "sliding-window attention + Mamba2 memory"}
+               "window_mamba2": "sliding-window attention + Mamba2 memory",
+               "headwise_gated_deltanet": "head-wise: some KV heads' attention + Gated DeltaNet heads"}
 STATE_BYTES = 4  # recurrent states are kept in fp32
 EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF (Q4_1) was quantized from
 
@@ -25,21 +26,28 @@ EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded
 def cache_footprint(model, kv_bytes: int = 2) -> dict:
     """Decode-time memory per sequence, with K/V and conv windows in a `kv_bytes` dtype (2: bf16).
 
-    per_token: bytes each new token adds (full-attention K/V); sliding_max: what the sliding-window
-    layers hold once their windows (and sink tokens) are full; recurrent: the fixed conv windows and states;
+    per_token: bytes each new token adds (full-attention K/V, head-wise layers' kept heads included); sliding_max:
+    what the sliding-window layers hold once their windows (and sink tokens) are full; recurrent: the fixed conv windows and states;
     teacher_per_token: the all-attention teacher's K/V per token.
     """
     config = model.config
     kv = 2 * config.num_key_value_heads * config.head_dim * kv_bytes
     per_token = sliding = recurrent = 0
+    window = config.sliding_window + config.sliding_window_sinks
     for layer, kind in zip(model.model.layers, config.layer_types):
         if kind == "full_attention":
             per_token += kv
             continue
         if kind in ("sliding_attention", *WINDOW_MEMORY_TYPES):
-            sliding += kv * (config.sliding_window + config.sliding_window_sinks)
+            sliding += kv * window
+        if kind in HEADWISE_TYPES:  # the kept KV heads' share of a full layer's K/V
+            kept = kv * layer.mixer.window.num_kv_heads // config.num_key_value_heads
+            if config.headwise_window:
+                sliding += kept * window
+            else:
+                per_token += kept
         if kind != "sliding_attention":
-            mixer = layer.mixer.memory if kind in WINDOW_MEMORY_TYPES else layer.mixer
+            mixer = layer.mixer.memory if kind in BRANCH_TYPES else layer.mixer
             heads, rows, cols = state_shape(mixer)
             recurrent += heads * rows * cols * STATE_BYTES
             recurrent += sum(mixer.conv_channels) * (config.conv_kernel_size - 1) * kv_bytes

@@ -10,15 +10,16 @@ from hybridize.evaluate.fast_decode import StaticDecoder, state_shape
 from hybridize.model import HybridConfig, HybridForCausalLM
 
 LAYERS = ["mamba2", "full_attention", "gated_deltanet", "sliding_attention", "window_gated_deltanet", "mamba2",
-          "window_mamba2", "full_attention"]
+          "window_mamba2", "full_attention", "headwise_gated_deltanet"]
 
 
-def _model(layer_types=LAYERS, window=8, dtype=torch.float32, device="cpu", sinks=0, memory_outside_window=False):
+def _model(layer_types=LAYERS, window=8, dtype=torch.float32, device="cpu", sinks=0, memory_outside_window=False,
+           **options):
     torch.manual_seed(0)
     config = HybridConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
                           num_attention_heads=4, num_key_value_heads=2, layer_types=layer_types, sliding_window=window,
                           sliding_window_sinks=sinks, max_position_embeddings=256, conv_kernel_size=4,
-                          memory_outside_window=memory_outside_window)
+                          memory_outside_window=memory_outside_window, **options)
     return HybridForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
@@ -55,6 +56,36 @@ def test_memories_that_read_outside_the_window_decode_as_generate(padded):
         mask[1, :6] = 0
     decoder = StaticDecoder(model, batch_size=2, max_length=40)
     assert torch.equal(decoder.generate(ids, 24, attention_mask=mask), _reference(model, ids, 24, mask))
+
+
+@pytest.mark.parametrize("headwise_window", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_headwise_layers_decode_as_generate(padded, headwise_window):
+    """Head-wise layers (one KV head's attention, the other's query heads as GDN heads): their attention heads' slots
+    (the whole sequence, or an 8-token window with 2 sinks wrapping its ring) and their recurrent heads' state give
+    generate()'s tokens."""
+    model = _model(["headwise_gated_deltanet", "full_attention", "headwise_gated_deltanet"], sinks=2,
+                   headwise_window=headwise_window, headwise_kv_heads={"2": [1]})
+    ids = torch.randint(1, 128, (2, 13), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :6] = 0
+    decoder = StaticDecoder(model, batch_size=2, max_length=40)
+    assert torch.equal(decoder.generate(ids, 24, attention_mask=mask), _reference(model, ids, 24, mask))
+
+
+def test_headwise_layers_cache_only_their_attention_heads_keys():
+    """A head-wise layer keeping 1 of 2 KV heads holds half the K/V slots a full-attention layer holds, plus its
+    recurrent heads' state (2 GDN heads: the other KV head's query heads)."""
+    model = _model(["full_attention", "headwise_gated_deltanet"])
+    decoder = StaticDecoder(model, 2, 40)
+    config, slots = model.config, 40
+    kv = 2 * 2 * config.head_dim * 4 * slots  # K and V of one KV head, batch 2, fp32
+    gdn = model.model.layers[1].mixer.memory
+    assert gdn.num_heads == 2
+    state = 2 * (math.prod(state_shape(gdn)) * 4 + sum(gdn.conv_channels) * 3 * 4)
+    valid = 2 * slots
+    assert decoder.cache_nbytes() == (2 * kv + valid) + (kv + valid + state)
 
 
 def test_decoder_is_reusable():

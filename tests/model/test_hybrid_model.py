@@ -15,9 +15,13 @@ PLANS = {
     "window_gated_deltanet": ["window_gated_deltanet"] * 2,
     "window_mamba2": ["window_mamba2"] * 2,
     "window_outside": ["window_gated_deltanet", "window_mamba2"],  # memories that read what has left the window
+    "headwise_gated_deltanet": ["headwise_gated_deltanet"] * 2,
+    "headwise_window": ["headwise_gated_deltanet", "full_attention", "headwise_gated_deltanet"],
     "mixed": MIXED,
 }
-PLAN_OPTIONS = {"window_outside": dict(memory_outside_window=True)}
+PLAN_OPTIONS = {"window_outside": dict(memory_outside_window=True),
+                # attention heads in windows with sinks; the last layer keeps its second KV head, not the first
+                "headwise_window": dict(headwise_window=True, sliding_window_sinks=2, headwise_kv_heads={"2": [1]})}
 
 
 # The model runs in fp64, but recurrent states are kept in fp32 by design (what the kernels do), so cached
@@ -92,7 +96,7 @@ def test_left_padded_batch_equals_each_sequence_alone(plan):
         torch.testing.assert_close(batched[row, width - len(seq):], alone[0], **CLOSE)
 
 
-@pytest.mark.parametrize("plan", ["mixed", "mamba2", "window_gated_deltanet"])
+@pytest.mark.parametrize("plan", ["mixed", "mamba2", "window_gated_deltanet", "headwise_window"])
 def test_generate_greedy_with_cache_equals_without_and_handles_padding(plan):
     model = tiny_hybrid(PLANS[plan], **PLAN_OPTIONS.get(plan, {}))
     prompt = torch.randint(3, 97, (1, 21))
@@ -142,6 +146,13 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
         (dict(mamba_num_groups=3), "mamba_num_groups must divide mamba_num_heads"),
         (dict(conv_kernel_size=7), "conv_kernel_size must be in 2..4"),
         (dict(gdn_chunk_size=48), "gdn_chunk_size allowed values: 16, 32, 64, 128"),
+        (dict(layer_types=["headwise_gated_deltanet"] * 2, headwise_kv_heads={"0": [0, 1]}),
+         "headwise_kv_heads of layer 0 must be distinct KV heads in 0..1, at least one and not all 2"),
+        (dict(layer_types=["headwise_gated_deltanet"] * 2, headwise_kv_heads={"1": [2]}),
+         "headwise_kv_heads of layer 1 must be distinct KV heads in 0..1"),
+        (dict(headwise_kv_heads={"1": [0]}), "headwise_kv_heads names layer '1', which is not a headwise layer"),
+        (dict(layer_types=["headwise_gated_deltanet"] * 2, num_key_value_heads=1),
+         "at least one and not all 1 (got [0])"),
     ],
 )
 def test_malformed_config_names_the_field(fields, message):

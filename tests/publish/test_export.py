@@ -24,8 +24,8 @@ from hybridize.model import HybridForCausalLM
 from hybridize.publish.pipeline import publish_to_folder
 from hybridize.publish.remote_code import AUTO_MAP
 
-CODE = ["attention.py", "cache.py", "configuration_hybrid.py", "context.py", "gated_deltanet.py", "mamba2.py",
-        "modeling_hybrid.py", "ops.py", "ref_conv1d.py", "ref_gated_delta.py", "ref_norm.py", "ref_ssd.py",
+CODE = ["attention.py", "cache.py", "configuration_hybrid.py", "context.py", "gated_deltanet.py", "headwise.py",
+        "mamba2.py", "modeling_hybrid.py", "ops.py", "ref_conv1d.py", "ref_gated_delta.py", "ref_norm.py", "ref_ssd.py",
         "window_memory.py"]
 # torch, transformers and what installing transformers brings (huggingface_hub), plus the standard library.
 PLAIN_IMPORTS = {"math", "torch", "transformers", "huggingface_hub", "typing", "dataclasses", "collections", "ast",
@@ -84,9 +84,11 @@ def test_card_describes_the_model(dry_run, hybrid_dir):
     assert f"{params:,} parameters" in card
     for row in ("| 0 | Mamba2 |", "| 1 | Gated DeltaNet |", "| 2 | full attention |",
                 "| 3 | sliding-window attention (512 tokens) |",
-                "| 4 | sliding-window attention (512 tokens) + Gated DeltaNet memory |"):
+                "| 4 | sliding-window attention (512 tokens) + Gated DeltaNet memory |",
+                "| 5 | head-wise: some KV heads' attention + Gated DeltaNet heads |"):
         assert row in card
-    assert "full-attention K/V, per token | 128 B (teacher: 640 B)" in card  # K and V x 2 heads x 16 x bf16
+    # K and V x 2 heads x 16 x bf16 for layer 2, and half that for the head-wise layer 5 (it keeps 1 of 2 KV heads)
+    assert "full-attention K/V, per token | 192 B (teacher: 768 B)" in card
     assert "Not distilled" in card and "sha256" in card
 
 
