@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bench.kernel_profile import print_kernel_table
 
-from hybridize.distill.losses import KDOptions, kd_loss, next_token_labels
+from hybridize.losses import KDOptions, kd_loss, next_token_labels
 from hybridize.distill.recipe import apply_override, parse_recipe, read_recipe
 from hybridize.distill.trainer import Trainer
 

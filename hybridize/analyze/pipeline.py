@@ -19,7 +19,7 @@ from ..convert.build import check_teacher, convert_model, hybrid_config_from_tea
 from ..convert.plan import H2_CYCLE, resolve_plan, uniform_positions
 from ..corpus import calibration_batch
 from ..device import pick_device
-from ..distill.tracking import progress_bar
+from ..progress import progress_bar
 from ..dtypes import DTYPES as ALL_DTYPES
 from ..errors import UserError
 from ..model.configuration_hybrid import WINDOW_MEMORY_TYPES

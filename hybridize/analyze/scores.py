@@ -17,7 +17,7 @@ from torch import nn
 
 from ..convert.build import convert_model
 from ..corpus import DOMAINS, token_blocks
-from ..distill.losses import attention_output_loss, kd_loss, next_token_labels
+from ..losses import attention_output_loss, kd_loss, next_token_labels
 from ..teacher_forcing import capture_mixer_io, relative_error, teacher_forced_context
 
 

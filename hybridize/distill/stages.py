@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..teacher_forcing import capture_mixer_io, student_mixer_outputs
-from .losses import KDOptions, attention_output_loss, kd_loss, next_token_labels
+from ..losses import KDOptions, attention_output_loss, kd_loss, next_token_labels
 from .on_policy import ContinuationSampler
 from .recipe import AttentionOutputStage, EndToEndStage, LoraConfig, OnPolicyStage, Stage
 

@@ -3,11 +3,9 @@
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 from accelerate.utils import is_tensorboard_available, is_wandb_available
-from tqdm.auto import tqdm
 
 from ..atomic import write_text_atomic
 from ..errors import UserError
@@ -83,12 +81,6 @@ class MetricsLog:
         """Forget rows a killed run wrote after the checkpoint it is resumed from (they will be redone)."""
         keep = [r for r in self.rows() if (r["stage_index"], r["step"]) <= (stage_index, step)]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def progress_bar(total: int, initial: int, description: str, enabled: bool):
-    """tqdm shows steps done, the rate and the ETA; the trainer adds loss and tokens/s as a postfix."""
-    return tqdm(total=total, initial=initial, desc=description, unit="step", disable=not enabled,
-                dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
 
 
 def plot_loss_curve(rows: list[dict], path: Path) -> None:

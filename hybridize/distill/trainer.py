@@ -36,6 +36,7 @@ from ..atomic import write_json_atomic
 from ..convert.build import check_teacher
 from ..convert.plan import resolve_plan
 from ..model.compiling import compile_decoder_layers
+from ..progress import progress_bar
 from ..teacher import load_teacher, teacher_identity
 from . import checkpoints
 from .data import StageData, load_documents, stage_data
@@ -46,9 +47,7 @@ from .on_policy import OnPolicyFeed
 from .recipe import EndToEndStage, OnPolicyStage, Recipe, Stage, recipe_to_dict
 from .run_lock import RunLock, holds_run_files, remove_stale_partials
 from .stages import build_distiller, parameter_groups, prepare_student
-from .tracking import (
-    MetricsLog, flat_config, held_out_gap, missing_tracker_warning, plot_loss_curve, progress_bar, usable_trackers,
-)
+from .tracking import MetricsLog, flat_config, held_out_gap, missing_tracker_warning, plot_loss_curve, usable_trackers
 
 # What a resumed run may change: where and how it reports, and (say after a NaN) its learning-rate schedule.
 RESUMABLE_SECTIONS = ("output_dir", "checkpoint", "logging", "compile")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridize.distill.losses import IGNORE, KDOptions, attention_output_loss, kd_loss, next_token_labels
+from hybridize.losses import IGNORE, KDOptions, attention_output_loss, kd_loss, next_token_labels
 
 
 def test_attention_output_mse_by_hand():

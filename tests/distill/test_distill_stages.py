@@ -6,7 +6,7 @@ from distill_support import TINY_LAYER_TYPES
 from transformers import AutoModelForCausalLM
 
 from hybridize.distill.export import load_student
-from hybridize.distill.losses import KDOptions
+from hybridize.losses import KDOptions
 from hybridize.distill.recipe import AttentionOutputStage, KDStage, LoraConfig
 from hybridize.distill.stages import (
     AttentionOutputDistiller, KDDistiller, add_lora, lora_target_modules, merge_lora, parameter_groups,

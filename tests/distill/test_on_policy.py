@@ -15,7 +15,7 @@ from helpers import requires_cuda
 from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, wait_for, write_recipe
 
 from hybridize.distill.export import load_student
-from hybridize.distill.losses import KDOptions, kd_loss
+from hybridize.losses import KDOptions, kd_loss
 from hybridize.distill.on_policy import (
     ContinuationSampler, generated_loss_mask, sampling_uniforms, step_generates,
 )
