@@ -11,7 +11,7 @@ import argparse
 import torch
 from bench.kernel_profile import print_kernel_table
 
-from hybridize.evaluate.fast_decode import StaticDecoder
+from hybridize.model.fast_decode import StaticDecoder
 from hybridize.model import HybridForCausalLM
 
 

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..evaluate.fast_decode import StaticDecoder
-from ..evaluate.sampling import Sampling, choose_tokens
+from ..model.fast_decode import StaticDecoder
+from ..model.sampling import Sampling, choose_tokens
 from .data import StageData
 from .recipe import OnPolicyStage
 

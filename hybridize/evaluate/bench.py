@@ -24,7 +24,7 @@ from ..dtypes import dtype_name
 from ..errors import UserError
 from ..model.compiling import allow_recompiles
 from .common import format_table
-from .fast_decode import StaticDecoder
+from ..model.fast_decode import StaticDecoder
 from .recall import default_lengths
 
 PATHS = ("hybrid generate", "hybrid fast", "teacher generate", "teacher static")

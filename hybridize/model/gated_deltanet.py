@@ -56,6 +56,11 @@ class GatedDeltaNetMixer(nn.Module):
         key_dim = self.num_k_heads * self.head_k_dim
         return key_dim, key_dim, self.num_heads * self.head_v_dim
 
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """[H, K, V] of the recurrent state."""
+        return self.num_heads, self.head_k_dim, self.head_v_dim
+
     @torch.no_grad()
     def new_parameter_values(self) -> dict[str, torch.Tensor]:
         """Values for the parameters attention has no counterpart of (GDN's own initialization)."""

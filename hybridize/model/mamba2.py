@@ -43,6 +43,11 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(inner, hidden, bias=False)
 
     @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """[H, N, P] of the recurrent state."""
+        return self.num_heads, self.state_size, self.head_dim
+
+    @property
     def conv_channels(self) -> tuple[int, int, int]:
         inner, bc = self.num_heads * self.head_dim, self.num_groups * self.state_size
         return inner, bc, bc

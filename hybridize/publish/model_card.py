@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..evaluate.bench import bench_tables
-from ..evaluate.fast_decode import state_shape
+
 from ..evaluate.lm_eval_tasks import lm_eval_table
 from ..evaluate.quality import quality_table
 from ..evaluate.recall import recall_table
@@ -48,7 +48,7 @@ def cache_footprint(model, kv_bytes: int = 2) -> dict:
                 per_token += kept
         if kind != "sliding_attention":
             mixer = layer.mixer.memory if kind in BRANCH_TYPES else layer.mixer
-            heads, rows, cols = state_shape(mixer)
+            heads, rows, cols = mixer.state_shape
             recurrent += heads * rows * cols * STATE_BYTES
             recurrent += sum(mixer.conv_channels) * (config.conv_kernel_size - 1) * kv_bytes
     return {"per_token": per_token, "sliding_max": sliding, "recurrent": recurrent,

@@ -23,8 +23,8 @@ from hybridize.distill.recipe import OnPolicyStage, load_recipe, parse_recipe
 from hybridize.distill.stages import OnPolicyDistiller
 from hybridize.distill.trainer import Trainer
 from hybridize.errors import UserError
-from hybridize.evaluate.fast_decode import StaticDecoder
-from hybridize.evaluate.sampling import Sampling, choose_tokens
+from hybridize.model.fast_decode import StaticDecoder
+from hybridize.model.sampling import Sampling, choose_tokens
 from hybridize.teacher import load_teacher
 
 ON_POLICY = {"name": "onpolicy", "kind": "on_policy", "tokens": 4 * 64, "seq_len": 24, "prompt_tokens": 12,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import requires_cuda
 
-from hybridize.evaluate.fast_decode import StaticDecoder, state_shape
+from hybridize.model.fast_decode import StaticDecoder
 from hybridize.model import HybridConfig, HybridForCausalLM
 
 LAYERS = ["mamba2", "full_attention", "gated_deltanet", "sliding_attention", "window_gated_deltanet", "mamba2",
@@ -83,7 +83,7 @@ def test_headwise_layers_cache_only_their_attention_heads_keys():
     kv = 2 * 2 * config.head_dim * 4 * slots  # K and V of one KV head, batch 2, fp32
     gdn = model.model.layers[1].mixer.memory
     assert gdn.num_heads == 2
-    state = 2 * (math.prod(state_shape(gdn)) * 4 + sum(gdn.conv_channels) * 3 * 4)
+    state = 2 * (math.prod(gdn.state_shape) * 4 + sum(gdn.conv_channels) * 3 * 4)
     valid = 2 * slots
     assert decoder.cache_nbytes() == (2 * kv + valid) + (kv + valid + state)
 
@@ -122,7 +122,7 @@ def test_window_memory_layers_hold_a_cache_that_does_not_grow_with_the_length():
     memory = 0
     for layer in model.model.layers:
         mixer = layer.mixer.memory
-        memory += 2 * (math.prod(state_shape(mixer)) * 4 + sum(mixer.conv_channels) * 3 * 4)
+        memory += 2 * (math.prod(mixer.state_shape) * 4 + sum(mixer.conv_channels) * 3 * 4)
     assert small.cache_nbytes() == 2 * window + memory
 
 

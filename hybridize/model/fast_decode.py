@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..kernels.decode_attention import decode_attention
-from ..model.cache import RecurrentLayerCache, SinkWindowLayer
-from ..model.compiling import allow_recompiles
-from ..model.configuration_hybrid import ATTENTION_TYPES, BRANCH_TYPES
-from ..model.context import SequenceContext, real_token_rank
+from . import ops
+from .cache import RecurrentLayerCache, SinkWindowLayer
+from .compiling import allow_recompiles
+from .configuration_hybrid import ATTENTION_TYPES, BRANCH_TYPES
+from .context import SequenceContext, real_token_rank
 from .sampling import Sampling, choose_tokens
 
 _SLOT_ALIGN = 8  # attention kernels prefer key lengths that are a multiple of 8; extra slots stay masked
@@ -127,7 +127,7 @@ class StaticDecoder:
         cache = RecurrentLayerCache()
         cache.conv_state = torch.zeros(self.batch_size, sum(mixer.conv_channels), self.config.conv_kernel_size - 1,
                                        dtype=self.dtype, device=self.device)
-        cache.recurrent_state = torch.zeros(self.batch_size, *state_shape(mixer), dtype=torch.float32,
+        cache.recurrent_state = torch.zeros(self.batch_size, *mixer.state_shape, dtype=torch.float32,
                                             device=self.device)
         if hasattr(mixer, "new_pending"):  # a memory that reads only what has left its window
             cache.pending = mixer.new_pending(self.batch_size, self.dtype, self.device)
@@ -263,13 +263,6 @@ class StaticDecoder:
         return self.tokens[:, : length + max_new_tokens].clone()
 
 
-def state_shape(mixer) -> tuple[int, int, int]:
-    """[H, K, V] of a Mamba2 ([H, N, P]) or GDN ([H, K, V]) recurrent state."""
-    if hasattr(mixer, "state_size"):
-        return mixer.num_heads, mixer.state_size, mixer.head_dim
-    return mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim
-
-
 def _fill_slots_from(slots: AttentionSlots, layer, mask: torch.Tensor) -> None:
     """Copy an attention layer cache's prefill K/V into the slots; mask [B, T] is the prompt's (0 at left padding)."""
     length = mask.shape[1]
@@ -346,5 +339,5 @@ def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots,
         _keep_sink(slots, k, v, index, position)
         _update_sink_validity(slots, index)
     grouped_q = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, Hkv, G, D]
-    out = decode_attention(grouped_q, slots.keys, slots.values, slots.valid)  # [B, Hkv, G, D]
+    out = ops.decode_attention(grouped_q, slots.keys, slots.values, slots.valid)  # [B, Hkv, G, D]
     return attention.o_proj(out.reshape(batch, 1, heads * dim))  # [B, 1, C]
