@@ -1,4 +1,7 @@
-"""What a run reports: metrics.jsonl (every step), the trackers (tensorboard, wandb), a progress bar, and a loss-curve PNG."""
+"""What a run reports: metrics.jsonl (every step), the trackers (tensorboard, wandb) and a loss-curve PNG.
+
+The progress bar lives in hybridize/progress.py, shared with the analyzer.
+"""
 
 import json
 import math
