@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-beta", default=defaults.beta, choices=("half", "teacher"),
                         help="write strength of GDN layers: teacher sets each head's from its attention entropy "
                              "(0.7 for a sharp head down to 0.3 for a uniform one); half is 1/2 everywhere")
+    parser.add_argument("--init-long-heads", type=float, default=defaults.long_memory_heads, metavar="SHARE",
+                        help="with --init-decay teacher: the share of each layer's heads, those with the longest "
+                             "mean attention distance, that get a 4096-token half-life instead (default 0: none)")
     parser.add_argument("--align-steps", type=int, default=defaults.align_steps, metavar="N",
                         help="after the init, N full-batch Adam steps of each Mamba2 / GDN mixer alone against the "
                              "teacher's attention output on calibration text (0: none)")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.align_steps < 0:
         raise UserError(f"--align-steps must be >= 0, got {args.align_steps}")
     options = InitOptions(conv=args.init_conv, gate=args.init_gate, decay=args.init_decay, beta=args.init_beta,
-                          align_steps=args.align_steps)
+                          align_steps=args.align_steps, long_memory_heads=args.init_long_heads)
     if args.sink_tokens < 0:
         raise UserError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
     convert_to_folder(args.model, args.plan, args.out, seed=args.seed, overwrite=args.overwrite, options=options,

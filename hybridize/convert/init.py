@@ -31,6 +31,9 @@ class InitOptions:
     from its attention entropy, between BETA_RANGE's ends (sharp heads write hard, averaging heads softly).
     align_steps: Adam steps of each converted Mamba2 / GDN mixer alone against the teacher's attention output
     on the calibration text (0: none).
+    long_memory_heads: with decay "teacher", the share of each layer's heads (those with the longest mean attention
+    distance; at least one when the share is above 0) whose half-life is LONG_MEMORY_HALF_LIFE tokens instead, so
+    that the layer keeps what a mean-distance half-life forgets within a few hundred tokens (docs/results.md).
     """
 
     conv: str = "identity"
@@ -38,6 +41,7 @@ class InitOptions:
     decay: str = "slow"
     beta: str = "half"
     align_steps: int = 0
+    long_memory_heads: float = 0.0
 
     def __post_init__(self):
         for field, allowed in (("conv", ("identity", "random")), ("gate", ("zero", "random", "teacher")),
@@ -46,6 +50,10 @@ class InitOptions:
                 raise UserError(f"init option {field}={getattr(self, field)!r}; allowed: {', '.join(allowed)}")
         if self.align_steps < 0:
             raise UserError(f"init option align_steps={self.align_steps}; must be >= 0")
+        if not 0.0 <= self.long_memory_heads <= 1.0:
+            raise UserError(f"init option long_memory_heads={self.long_memory_heads}; must be in [0, 1]")
+        if self.long_memory_heads and self.decay != "teacher":
+            raise UserError("init option long_memory_heads applies to decay='teacher' (--init-decay teacher)")
 
     @property
     def uses_teacher(self) -> bool:
@@ -60,6 +68,9 @@ TEACHER_CALIBRATED = InitOptions(gate="teacher", decay="teacher", beta="teacher"
 BETA_RANGE = (0.7, 0.3)
 # A head whose attention stays on the current token gets half-life one token (a = 1/2), not a zero-memory state.
 MIN_HALF_LIFE = 1.0
+# The half-life of long-memory heads: a number written 4K tokens back keeps half its trace, one 8K back (SmolLM2's
+# whole context) a quarter.
+LONG_MEMORY_HALF_LIFE = 4096.0
 
 
 def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +82,18 @@ def decay_from_distance(mean_distance: torch.Tensor) -> tuple[torch.Tensor, torc
     tokens: a^d = 1/2 <=> softplus(dt_bias) = ln 2 / d, with A_log = 0 (A = 1)."""
     dt = math.log(2) / mean_distance.float().clamp_min(MIN_HALF_LIFE)
     return torch.zeros_like(dt), inverse_softplus(dt)
+
+
+def with_long_memory(mean_distance: torch.Tensor, share: float) -> torch.Tensor:
+    """The half-lives [H]: each head's mean distance, except the ceil(share * H) heads with the longest, which get
+    LONG_MEMORY_HALF_LIFE (ties broken by head index, so the choice is deterministic)."""
+    count = math.ceil(share * mean_distance.numel() - 1e-9)  # 0.1 * 30 is 3.0000000000000004 in floats
+    if count == 0:
+        return mean_distance
+    order = sorted(range(mean_distance.numel()), key=lambda h: (-float(mean_distance[h]), h))
+    half_lives = mean_distance.clone()
+    half_lives[order[:count]] = LONG_MEMORY_HALF_LIFE
+    return half_lives
 
 
 def beta_bias_from_entropy(entropy: torch.Tensor) -> torch.Tensor:
@@ -97,7 +120,7 @@ def _decay(num_heads: int, options: InitOptions, generator: torch.Generator,
            statistics) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_log, dt_bias) with a = exp(-exp(A_log) * softplus(dt_bias)) when the dt/alpha projection is zero."""
     if options.decay == "teacher":
-        return decay_from_distance(_needed(statistics).mean_distance)
+        return decay_from_distance(with_long_memory(_needed(statistics).mean_distance, options.long_memory_heads))
     if options.decay == "slow":
         dt = torch.full((num_heads,), 0.01)
         a = torch.ones(num_heads)

@@ -3,6 +3,7 @@
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hybridize.convert.build import convert_state, hybrid_config_from_teacher, model_from_state
 from hybridize.convert.calibrate import calibrate_student, least_squares_head_scales, teacher_calibration
 from hybridize.convert.init import (
-    BETA_RANGE, MIN_HALF_LIFE, TEACHER_CALIBRATED, InitOptions, attention_to_gated_deltanet, beta_bias_from_entropy,
-    decay_from_distance,
+    BETA_RANGE, LONG_MEMORY_HALF_LIFE, MIN_HALF_LIFE, TEACHER_CALIBRATED, InitOptions, attention_to_gated_deltanet,
+    beta_bias_from_entropy, decay_from_distance, with_long_memory,
 )
 from hybridize.convert.statistics import SINK_TOKENS, head_statistics
 from hybridize.errors import UserError
@@ -92,6 +93,30 @@ def test_local_teacher_heads_map_to_their_decay_and_beta():
     assert torch.equal(out["g_proj.weight"], out["v_proj.weight"]) and not out["b_proj.weight"].any()
     with pytest.raises(ValueError, match="HeadStatistics"):
         attention_to_gated_deltanet(attention, config, TEACHER_CALIBRATED, g, None)
+
+
+def test_long_memory_heads_get_the_long_half_life_and_the_rest_keep_theirs():
+    """The share's longest-distance heads (rounded up, ties by index) get LONG_MEMORY_HALF_LIFE, through the GDN
+    initializer; the others keep their mean distance."""
+    teacher = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    stats = head_statistics(local_attention(128, [8, 1, 4, 2]))  # mean distances 8, 1, 4, 2
+    g = torch.Generator().manual_seed(0)
+    attention = {f"{n}.weight": torch.randn(r, 32, generator=g) for n, r in
+                 (("q_proj", 32), ("k_proj", 16), ("v_proj", 16), ("o_proj", 32))}
+    config = hybrid_config_from_teacher(teacher, ["gated_deltanet"])
+    for share, long_heads in ((0.0, []), (0.25, [0]), (0.3, [0, 2]), (0.5, [0, 2]), (1.0, [0, 1, 2, 3])):
+        options = replace(TEACHER_CALIBRATED, long_memory_heads=share)
+        out = attention_to_gated_deltanet(attention, config, options, g, stats)
+        half_life = math.log(0.5) / torch.log(decay_per_token(out["A_log"], out["dt_bias"]).double())
+        want = stats.mean_distance.double().clone()
+        want[long_heads] = LONG_MEMORY_HALF_LIFE
+        torch.testing.assert_close(half_life, want, rtol=1e-4, atol=0)
+    assert with_long_memory(torch.ones(30), 0.1).eq(LONG_MEMORY_HALF_LIFE).sum() == 3  # not 4 from 0.1 * 30 > 3
+    with pytest.raises(UserError, match="long_memory_heads"):
+        InitOptions(decay="slow", long_memory_heads=0.25)
+    with pytest.raises(UserError, match="long_memory_heads"):
+        replace(TEACHER_CALIBRATED, long_memory_heads=1.5)
 
 
 def test_least_squares_scales_recover_known_factors():

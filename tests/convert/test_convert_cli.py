@@ -104,6 +104,7 @@ def corrupt_copy(tiny_llama, tmp_path):
         ("hub_offline", "not in the Hugging Face cache, and the Hub cannot be reached"),
         ("negative_sinks", "--sink-tokens must be >= 0, got -1"),
         ("negative_align", "--align-steps must be >= 0, got -1"),
+        ("long_heads_without_teacher_decay", "long_memory_heads applies to decay='teacher'"),
     ],
 )
 def test_bad_input_gets_one_line_exit_2_and_no_output(case, message, tiny_llama, tmp_path, capsys):
@@ -122,7 +123,8 @@ def test_bad_input_gets_one_line_exit_2_and_no_output(case, message, tiny_llama,
         teacher = corrupt_copy(tiny_llama, tmp_path)
     elif case == "hub_offline":
         teacher = "no-such-org/no-such-model"
-    extra = {"negative_sinks": ["--sink-tokens", -1], "negative_align": ["--align-steps", -1]}.get(case, [])
+    extra = {"negative_sinks": ["--sink-tokens", -1], "negative_align": ["--align-steps", -1],
+             "long_heads_without_teacher_decay": ["--init-long-heads", 0.25, "--init-decay", "slow"]}.get(case, [])
     code, captured = convert(capsys, teacher, "--plan", plan, "--out", out, *extra)
     assert code == 2
     lines = captured.err.strip().splitlines()
@@ -150,7 +152,7 @@ def test_default_init_is_teacher_calibrated_and_the_report_shows_the_zero_gate_i
     assert code == 0
     record = json.loads((tmp_path / "a" / "conversion.json").read_text())
     assert record["init_options"] == {"conv": "identity", "gate": "teacher", "decay": "teacher", "beta": "teacher",
-                                      "align_steps": 0}
+                                      "align_steps": 0, "long_memory_heads": 0.0}
     baseline = record["report"]["zero_gate_init"]
     assert f"zero-gate init (Mamba2 / GDN layers skipped): KL {baseline['kl_teacher_hybrid']:.4f}" in out.out
     # the calibrated layers are no longer skips (the zero gate reads exactly 1.0000)
