@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from ..errors import UserError
+
 BACKENDS = ("auto", "triton", "reference")
 ENVIRONMENT_VARIABLE = "HYBRIDIZE_KERNELS"
 
@@ -26,5 +28,5 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 def _preferred() -> str:
     preferred = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
     if preferred not in ("auto", "reference"):
-        raise ValueError(f"{ENVIRONMENT_VARIABLE} must be 'auto' or 'reference', got {preferred!r}")
+        raise UserError(f"{ENVIRONMENT_VARIABLE} must be 'auto' or 'reference', got {preferred!r}")
     return preferred

@@ -16,6 +16,15 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
 
 
+def gate_and_beta(a: torch.Tensor, b: torch.Tensor, gate_params) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's log decay g = -exp(A_log) softplus(a + dt_bias) and write strength beta = sigmoid(b + b_bias),
+    [B, T, H] fp32 each, from the raw a, b and the per-head GateParams (what the kernels form themselves when
+    gdn_fused_inputs is on)."""
+    A_log, dt_bias, b_bias = gate_params
+    g = -torch.exp(A_log.float()) * F.softplus(a.float() + dt_bias)
+    return g, torch.sigmoid(b.float() + b_bias.float())
+
+
 class GatedDeltaNetMixer(nn.Module):
     """S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,  o_t = S_t^T q_t / sqrt(d_k),  out = W_o RMSNorm(o) * silu(W_g x).
 
@@ -57,6 +66,10 @@ class GatedDeltaNetMixer(nn.Module):
         return key_dim, key_dim, self.num_heads * self.head_v_dim
 
     @property
+    def gate_params(self):
+        return ops.GateParams(self.A_log, self.dt_bias, self.b_bias)
+
+    @property
     def state_shape(self) -> tuple[int, int, int]:
         """[H, K, V] of the recurrent state."""
         return self.num_heads, self.head_k_dim, self.head_v_dim
@@ -94,8 +107,7 @@ class GatedDeltaNetMixer(nn.Module):
             g, beta = a, b  # raw: the kernels normalize q, k and form the gate and beta themselves
         else:
             q, k = l2_normalize(q), l2_normalize(k)
-            beta = torch.sigmoid(b.float() + self.b_bias.float())  # [B, T, H]
-            g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias)  # [B, T, H]
+            g, beta = gate_and_beta(a, b, self.gate_params)  # [B, T, H] each
         o = self.recurrence(q, k, v, g, beta, layer_cache, decoding)  # [B, T, H, V]
         if conv_state is not None:
             layer_cache.conv_state = conv_state
@@ -107,7 +119,7 @@ class GatedDeltaNetMixer(nn.Module):
         """o [B, T, H, V] of the gated delta rule over this forward's tokens, continuing layer_cache's state (if any)
         and leaving the new one there. With `fused_inputs`, q, k are un-normalized and g, beta are the raw a, b."""
         scale = self.head_k_dim**-0.5
-        fused = {"gate_params": ops.GateParams(self.A_log, self.dt_bias, self.b_bias) if self.fused_inputs else None,
+        fused = {"gate_params": self.gate_params if self.fused_inputs else None,
                  "qk_l2norm": self.fused_inputs}
         if decoding:
             return ops.gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], layer_cache.recurrent_state,

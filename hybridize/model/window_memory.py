@@ -17,7 +17,8 @@ from .mamba2 import Mamba2Mixer
 
 def delayed_writes(writes: list[torch.Tensor], delay: int, layer_cache) -> list[torch.Tensor]:
     """The recurrence inputs [B, T, ...] each, moved `delay` tokens later: position t gets token t - delay's, and zeros
-    before the first token (k = v = 0, beta = 0 and log decay 0 leave a state unchanged).
+    before the first token. A zero k (raw or normalized) writes nothing, and the state before the first token is
+    zero, so whatever decay a zero gate input gives (log decay 0, or a raw a = 0 with gdn_fused_inputs) keeps it zero.
 
     layer_cache.pending carries the last `delay` tokens' inputs from one forward to the next. Once it exists it is
     updated in place, so the static decoder's captured step keeps reading the same buffers.

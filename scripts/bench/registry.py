@@ -26,7 +26,7 @@ from hybridize.kernels.gated_delta import GateParams, chunk_gated_delta_rule, ga
 from hybridize.kernels.norm import gated_rms_norm
 from hybridize.kernels.ssd import chunk_ssd, ssd_step
 from hybridize.model.attention import attention_mask_for, sliding_window_attention
-from hybridize.model.gated_deltanet import l2_normalize
+from hybridize.model.gated_deltanet import gate_and_beta, l2_normalize
 
 FP32 = 4  # bytes: gates, decays and recurrent states stay fp32 whatever the activation dtype
 FLA = "fla-core"
@@ -157,7 +157,7 @@ def _fla_gated_delta_raw() -> dict[str, Variant]:
 
     def op(x):
         q, k, v, a, b = _raw_views(x)
-        g, beta = _gate_and_beta(x, a, b)
+        g, beta = gate_and_beta(a, b, _gate_params(x))
         return fla_chunk(q, k, v, g=g, beta=beta, scale=q.shape[-1] ** -0.5, use_qk_l2norm_in_kernel=True)[0]
 
     return {"fwd": fwd(op), "fwd+bwd": fwd_bwd(op)}
@@ -292,21 +292,18 @@ def _raw_views(x: dict) -> tuple[torch.Tensor, ...]:
     return (q, k, v, *x["ab"].split([H, H], -1))
 
 
-def _gate_and_beta(x: dict, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's formulas in PyTorch (model/gated_deltanet.py): g, beta [B, T, H] fp32."""
-    g = -torch.exp(x["A_log"]) * F.softplus(a.float() + x["dt_bias"])
-    return g, torch.sigmoid(b.float() + x["b_bias"])
+def _gate_params(x: dict) -> GateParams:
+    return GateParams(x["A_log"], x["dt_bias"], x["b_bias"])
 
 
 def _gated_delta_raw_in_op(x: dict) -> torch.Tensor:
     q, k, v, a, b = _raw_views(x)
-    gate = GateParams(x["A_log"], x["dt_bias"], x["b_bias"])
-    return chunk_gated_delta_rule(q, k, v, a, b, gate_params=gate, qk_l2norm=True)[0]
+    return chunk_gated_delta_rule(q, k, v, a, b, gate_params=_gate_params(x), qk_l2norm=True)[0]
 
 
 def _gated_delta_raw_glue(x: dict) -> torch.Tensor:
     q, k, v, a, b = _raw_views(x)
-    g, beta = _gate_and_beta(x, a, b)
+    g, beta = gate_and_beta(a, b, _gate_params(x))
     return chunk_gated_delta_rule(l2_normalize(q), l2_normalize(k), v, g, beta)[0]
 
 

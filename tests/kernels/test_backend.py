@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hybridize.errors import UserError
 from hybridize.kernels.backend import ENVIRONMENT_VARIABLE, resolve_backend
 from hybridize.kernels.gated_delta import chunk_gated_delta_rule, reference
 
@@ -18,7 +19,7 @@ def test_explicit_backend_beats_the_environment(monkeypatch):
 
 def test_unknown_environment_value_raises(monkeypatch):
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "fla")
-    with pytest.raises(ValueError, match=ENVIRONMENT_VARIABLE):
+    with pytest.raises(UserError, match=ENVIRONMENT_VARIABLE):
         resolve_backend("auto", torch.zeros(1))
 
 
