@@ -40,7 +40,7 @@ from ..progress import progress_bar
 from ..teacher import load_teacher, teacher_identity
 from . import checkpoints
 from .data import StageData, load_documents, stage_data
-from .disk_full import free_space, is_disk_full
+from .disk_space import SMALL_FILES, StageWrites, check_disk_room, folder_bytes, free_space, is_disk_full
 from .export import check_student_folder, export_student, load_student
 from .provenance import portable_data_record, portable_path, portable_recipe
 from .on_policy import OnPolicyFeed
@@ -352,6 +352,7 @@ class StageRun:
         groups = parameter_groups(student, stage)
         self.peak_lrs = [group["peak_lr"] for group in groups]
         trained = sum(p.numel() for g in groups for p in g["params"])
+        check_disk_room(trainer.out, stage.name, self._writes(student))
         distiller = build_distiller(stage, student, trainer.teacher, sharded=accelerator.is_fsdp2)
         self.feed = (OnPolicyFeed(stage, self.index, trainer.recipe.seed, trainer.tokenizer.eos_token_id,
                                   accelerator.num_processes) if isinstance(stage, OnPolicyStage) else None)
@@ -371,6 +372,20 @@ class StageRun:
         self._check_result()
         self._finish()
 
+    def _writes(self, student: nn.Module) -> StageWrites:
+        """What this stage will write: checkpoints hold the trained weights with AdamW's two moments (all weights
+        under FSDP, whose sharded state keeps them), and the model folder is the size of the one it started from."""
+        sharded = self.accelerator.distributed_type == DistributedType.FSDP
+        saved = [p for p in student.parameters() if p.requires_grad or sharded]
+        trained = [p for p in student.parameters() if p.requires_grad]
+        checkpoint = (sum(p.numel() * p.element_size() for p in saved)
+                      + 2 * sum(p.numel() * p.element_size() for p in trained) + SMALL_FILES)
+        every, latest = self.trainer.recipe.checkpoint.every_steps, checkpoints.latest_checkpoint(self.checkpoints)
+        start = checkpoints.checkpoint_step(latest) if latest and self.trainer.resume else 0
+        saves = (self.stop - 1) // every - start // every
+        return StageWrites(checkpoint=checkpoint, saves=saves, held=max(self.trainer.recipe.checkpoint.keep_last, 2),
+                           model=folder_bytes(self.source) + SMALL_FILES, existing=folder_bytes(self.checkpoints))
+
     def _restore(self) -> None:
         progress, accelerator = self.trainer.progress, self.accelerator
         latest = checkpoints.latest_checkpoint(self.checkpoints) if self.trainer.resume else None
@@ -379,7 +394,7 @@ class StageRun:
             if self.trainer.main:
                 self.trainer.metrics.truncate_after(self.index, -1)
         else:
-            for key, value in checkpoints.load_checkpoint(accelerator, latest).items():
+            for key, value in checkpoints.load_checkpoint(accelerator, latest, self.model).items():
                 setattr(progress, key, value)
             # Loading restores the saved groups' settings; the schedule follows the recipe as given now.
             for group, peak_lr in zip(self.optimizer.param_groups, self.peak_lrs):

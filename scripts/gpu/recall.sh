@@ -7,6 +7,8 @@
 # Runs on any CUDA machine with hybridize installed.
 # Usage: bash scripts/gpu/recall.sh RECIPE [DISTILL ARGS...]   (OUT: logs and results; default runs/gpu/recall)
 # EVAL_ARGS: extra `hybridize eval` arguments for step 2 (default: the full suite).
+# Re-entrant: run again after an interruption, it resumes the distillation from its last checkpoint and skips the
+# steps whose results exist.
 set -uo pipefail
 export OUT=${OUT:-runs/gpu/recall} TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 source scripts/gpu/versions.sh
@@ -14,13 +16,19 @@ recipe=${1:?usage: recall.sh RECIPE [DISTILL ARGS...]}; shift
 run=$OUT/run
 quiet() { tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|Warn"; }
 started=$SECONDS
-python3 -m hybridize distill "$recipe" --out "$run" "$@" 2>&1 | quiet | tee "$OUT/distill.log" | tail -25
-echo "distill wall $((SECONDS - started)) s"
+if [ ! -f "$run/final/config.json" ]; then
+  resume=(); [ -f "$run/run.json" ] && resume=(--resume)
+  python3 -m hybridize distill "$recipe" --out "$run" "${resume[@]}" "$@" 2>&1 | quiet | tee -a "$OUT/distill.log" \
+    | tail -25
+  echo "distill wall $((SECONDS - started)) s"
+fi
 for model in init final; do
-  python3 -m hybridize eval "$run/$model" --out "$OUT/eval-$model" ${EVAL_ARGS:-} 2>&1 | quiet | tail -22
+  [ -f "$OUT/eval-$model/eval.json" ] || python3 -m hybridize eval "$run/$model" --out "$OUT/eval-$model" \
+    ${EVAL_ARGS:-} 2>&1 | quiet | tail -22
 done
 # Recall only, on the references: one short block of one domain stands in for the quality part.
-HYBRIDIZE_KERNELS=reference python3 -m hybridize eval "$run/final" --out "$OUT/eval-final-reference" \
-  --domains code --blocks 1 --greedy-prompts 1 ${EVAL_ARGS:-} 2>&1 | quiet | tail -12
-python3 scripts/needle_trace.py "$run/final" --out "$OUT/trace.json" 2>&1 | quiet
-HYBRIDIZE_KERNELS=reference python3 scripts/needle_trace.py "$run/final" --out "$OUT/trace-reference.json" 2>&1 | quiet
+[ -f "$OUT/eval-final-reference/eval.json" ] || HYBRIDIZE_KERNELS=reference python3 -m hybridize eval "$run/final" \
+  --out "$OUT/eval-final-reference" --domains code --blocks 1 --greedy-prompts 1 ${EVAL_ARGS:-} 2>&1 | quiet | tail -12
+[ -f "$OUT/trace.json" ] || python3 scripts/needle_trace.py "$run/final" --out "$OUT/trace.json" 2>&1 | quiet
+[ -f "$OUT/trace-reference.json" ] || HYBRIDIZE_KERNELS=reference python3 scripts/needle_trace.py "$run/final" \
+  --out "$OUT/trace-reference.json" 2>&1 | quiet

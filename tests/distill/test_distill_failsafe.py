@@ -3,6 +3,9 @@ folder, a full disk, torn metrics and killed writers are handled; bad input leav
 
 import errno
 import json
+import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,9 +13,11 @@ import sys
 import pytest
 import torch
 from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, wait_for, write_recipe
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from hybridize.distill import checkpoints
 from hybridize.distill.__main__ import main as distill_main
+from hybridize.distill.disk_space import StageWrites, folder_bytes
 from hybridize.distill.recipe import parse_recipe, recipe_to_dict
 from hybridize.distill.run_lock import RunLock
 from hybridize.distill.trainer import Trainer
@@ -128,25 +133,38 @@ def test_partials_left_by_killed_writers_are_removed_on_resume(tmp_path, tiny_mo
     assert not list(out.rglob("*.partial-*")) and (out / "final" / "config.json").exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 20 MB file system (tmpfs), where the tiny KD stage's first checkpoint fits and its second does not.
-
-    Mounting needs root; elsewhere test_a_simulated_full_disk_is_one_line covers the same path with an injected
-    ENOSPC."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True)
+def mount_small_disk(folder, size: str):
+    """A real file system of `size` (tmpfs). Mounting needs root; elsewhere the test is skipped, and
+    test_a_simulated_full_disk_is_one_line covers the full-disk path with an injected ENOSPC."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # the in-process run may still hold a file there
+    return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MB file system: the tiny KD stage's two checkpoints (about 2 MB each: its trained weights with AdamW's
+    moments) and its 17 MB model fit."""
+    yield mount_small_disk(tmp_path / "disk", "24m")
+    subprocess.run(["umount", "--lazy", str(tmp_path / "disk")], check=True)  # the in-process run may hold a file
 
 
 def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_resumable(tmp_path, tiny_models, text_file,
-                                                                        small_disk, capsys):
+                                                                        small_disk, monkeypatch, capsys):
+    """Another writer fills the disk after the first checkpoint: the second one's save fails on the real file system."""
     out = small_disk / "run"
     recipe = write_recipe(tmp_path / "r.yaml", one_stage(tiny_models, text_file, out, steps=4))
+    save_checkpoint = checkpoints.save_checkpoint
+
+    def save_on_a_filling_disk(accelerator, folder, step, *args):
+        if step == 2:
+            with open(small_disk / "ballast", "wb") as ballast:
+                os.posix_fallocate(ballast.fileno(), 0, shutil.disk_usage(small_disk).free)
+        return save_checkpoint(accelerator, folder, step, *args)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_on_a_filling_disk)
     assert distill_main([str(recipe)]) == 2
     [line] = error_lines(capsys.readouterr().err)
     first = out / "checkpoints" / "0-kd" / "step-00000001"
@@ -154,15 +172,71 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_resumable(tmp_pat
     assert line.endswith(f"training stopped, the last good checkpoint is {first} (--resume continues from it)")
     assert sorted(p.name for p in first.parent.iterdir()) == ["step-00000001"]  # the failed save left nothing
     # torch.save's own message on a full disk (no errno in it) is recognized too.
-    from hybridize.distill.disk_full import is_disk_full
+    from hybridize.distill.disk_space import is_disk_full
 
     with pytest.raises(RuntimeError) as caught:
         torch.save(torch.zeros(4_000_000), small_disk / "big.pt")
     assert is_disk_full(caught.value), caught.value
     (small_disk / "big.pt").unlink(missing_ok=True)
-    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
+    (small_disk / "ballast").unlink()
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_checkpoint)
     assert distill_main([str(recipe), "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out and (out / "final" / "config.json").exists()
+
+
+def test_a_stage_whose_writes_cannot_fit_is_refused_before_it_trains(tmp_path, tiny_models, text_file, capsys):
+    """8 MB free cannot take the stage's 17 MB model: one line with the sizes, before the first step."""
+    disk = mount_small_disk(tmp_path / "disk", "8m")
+    try:
+        out = disk / "run"
+        recipe = write_recipe(tmp_path / "r.yaml", one_stage(tiny_models, text_file, out, steps=4))
+        assert distill_main([str(recipe)]) == 2
+        [line] = error_lines(capsys.readouterr().err)
+        sizes = re.fullmatch(r"hybridize distill: error: stage 'kd' needs about ([\d.]+) MB of disk under (\S+) "
+                             r"\(2 checkpoint\(s\) of ([\d.]+) MB while it trains, then its ([\d.]+) MB model\) and "
+                             r"([\d.]+) MB are free; free some space or choose another --out", line)
+        assert sizes and sizes[2] == str(out), line
+        needed, checkpoint, model, free = (float(sizes[i]) for i in (1, 3, 4, 5))
+        assert abs(model - folder_bytes(tiny_models / "init") / 1e6) < 0.3  # the starting folder, plus small files
+        assert 2.0 < checkpoint < 2.4  # 0.17M trained fp32 weights and two AdamW moments, plus small files
+        assert abs(needed - (2 * checkpoint + model)) < 0.2 and free <= round(8 * 2**20 / 1e6, 1)  # 8 MiB
+        assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+        # With room (another --out), the same recipe trains.
+        assert distill_main([str(recipe), "--out", str(tmp_path / "roomy")]) == 0
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("saves, existing, expected", [
+    (0, 0, 10),  # no checkpoint: only the model
+    (1, 0, 1 + 10),  # one checkpoint, kept while the model is written
+    (5, 0, 2 * 1 + 10),  # two held, the model larger than the one written before the oldest goes
+    (5, 2, 2 * 1 + 10 - 2),  # resumed: the two held are on disk already
+])
+def test_a_stages_disk_peak_counts_held_checkpoints_and_the_model(saves, existing, expected):
+    writes = StageWrites(checkpoint=1, saves=saves, held=2, model=10, existing=existing)
+    assert writes.peak() == expected
+    # A checkpoint larger than the model: the next one is written before the oldest is removed.
+    assert StageWrites(checkpoint=10, saves=3, held=2, model=1, existing=0).peak() == 30
+
+
+def test_a_checkpoint_without_a_trained_weight_is_refused(tmp_path, tiny_models, text_file):
+    out, recipe = tmp_path / "run", tmp_path / "r.yaml"
+    write_recipe(recipe, one_stage(tiny_models, text_file, out, steps=8))
+    process = subprocess.Popen(distill_command(recipe, "--out", out), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(out / "checkpoints" / "0-kd" / "step-00000002", process)
+    finally:
+        kill(process)
+    latest = sorted((out / "checkpoints" / "0-kd").glob("step-*"))[-1]
+    weights = load_file(latest / "model.safetensors")
+    dropped = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, latest / "model.safetensors")
+    result = run_distill(recipe, "--out", out, "--resume")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_lines(result.stderr) == [f"hybridize distill: error: checkpoint {latest} lacks 1 trained weight(s) of "
+                                          f"this stage, e.g. {dropped!r}; it was not written by this run"]
 
 
 def test_a_simulated_full_disk_is_one_line(tmp_path, tiny_models, text_file, monkeypatch, capsys):

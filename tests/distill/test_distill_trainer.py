@@ -13,6 +13,7 @@ import torch.distributed as dist
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from helpers import requires_cuda
+from safetensors.torch import load_file
 from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, wait_for, write_recipe
 
 from hybridize.cli import COMMANDS
@@ -138,6 +139,10 @@ def test_kill_and_resume_continues_exactly(tmp_path, tiny_models, text_file):
         process.send_signal(signal.SIGKILL)  # no cleanup, no final save: as if the machine went away
         process.wait()
     assert not (killed / "final").exists()
+    # The checkpoint holds the trained weights (the decoder layers), not the frozen embedding: resuming reads that
+    # from the stage's starting folder again.
+    saved = load_file(killed / "checkpoints" / "0-kd" / "step-00000004" / "model.safetensors")
+    assert saved and all(name.startswith("student.model.layers.") for name in saved), sorted(saved)[:3]
     resumed = run_distill(recipe, "--output-dir", killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     start = int(resumed.stdout.split("resumed from ")[1].split("step-")[1][:8])
