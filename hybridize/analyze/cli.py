@@ -45,9 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score sliding windows that also keep the first S tokens, as `hybridize convert "
                              "--sink-tokens S` builds them (default 0, plain windows)")
     parser.add_argument("--heads", type=int, default=None, metavar="K",
-                        help="every replaced layer becomes a head-wise layer (headwise_gated_deltanet) that keeps its "
-                             "K KV heads (with their query heads) whose removal costs its attention output most as "
-                             "attention; the other heads become Gated DeltaNet heads")
+                        help="every replaced layer becomes a head-wise layer that keeps its K KV heads (with their "
+                             "query heads) whose removal costs its attention output most as attention; the other "
+                             "heads become heads of the layer's chosen recurrent mixer: Mamba2 (headwise_mamba2) for "
+                             "mamba2 and window_mamba2, Gated DeltaNet (headwise_gated_deltanet) for the GDN types, "
+                             "and for a sliding window Gated DeltaNet unless --mixers allows only Mamba2 "
+                             "(e.g. --mixers mamba2 --heads 1: all Mamba2)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help=f"tokens per calibration block (default: {SEQ_LEN_WINDOWS} times the sliding window, "
                              f"capped at the teacher's context: {SEQ_LEN_WINDOWS * 512} for a 512-token window)")

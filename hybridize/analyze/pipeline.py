@@ -22,9 +22,9 @@ from ..device import pick_device
 from ..progress import progress_bar
 from ..dtypes import DTYPES as ALL_DTYPES
 from ..errors import UserError
-from ..model.configuration_hybrid import WINDOW_MEMORY_TYPES
+from ..model.configuration_hybrid import HEADWISE_TYPES, WINDOW_MEMORY_TYPES
 from ..teacher import load_teacher, teacher_identity
-from .heads import check_heads, choose_kv_heads, kv_head_scores
+from .heads import check_heads, choose_kv_heads, headwise_plan, kv_head_scores
 from .proxies import (
     FAST_RANKINGS, PROXY_NAMES, WINDOW_STATISTICS, attention_proxies, proxy_sensitivity, repeated_random_tokens,
     spearman,
@@ -40,7 +40,6 @@ DTYPES = {name: dtype for name, dtype in ALL_DTYPES.items() if name != "float16"
 INDUCTION_BLOCKS = 2
 SEQ_LEN_WINDOWS = 4  # default calibration block: this many sliding windows (capped at the teacher's context)
 WINDOWED_TYPES = ("sliding_attention", *WINDOW_MEMORY_TYPES)
-HEADWISE = "headwise_gated_deltanet"  # what a replaced layer becomes with --heads
 
 
 @dataclass(frozen=True)
@@ -129,9 +128,9 @@ def analyze_to_folder(
     if not settings.fast:
         extra = _full_mode_record(scored, plan, budget, best, sensitivity, proxies, constraints, dtype)
     if head_scores is not None:
-        plan = [kind if kind == "full_attention" else HEADWISE for kind in plan]
+        plan = headwise_plan(plan, constraints.mixers)
         extra["headwise_kv_heads"] = choose_kv_heads(
-            {i: head_scores[i] for i, kind in enumerate(plan) if kind == HEADWISE}, settings.heads)
+            {i: head_scores[i] for i, kind in enumerate(plan) if kind in HEADWISE_TYPES}, settings.heads)
 
     resolved = {**dataclasses.asdict(settings), "seq_len": seq_len, "device": str(device), "window": window}
     resolved.update(resolved.pop("constraints"))

@@ -7,10 +7,12 @@ from pathlib import Path
 
 from ..atomic import staged_folder
 from ..convert.plan import SHORT_NAMES, describe
+from ..model.configuration_hybrid import HEADWISE_TYPES
 from .proxies import PROXY_NAMES, distant_content
 
 COLORS = {"mamba2": "tab:orange", "gated_deltanet": "tab:green", "sliding_attention": "tab:purple",
-          "window_gated_deltanet": "tab:olive", "window_mamba2": "tab:cyan", "headwise_gated_deltanet": "tab:green"}
+          "window_gated_deltanet": "tab:olive", "window_mamba2": "tab:cyan"}
+COLORS.update({kind: COLORS[memory] for kind, memory in HEADWISE_TYPES.items()})  # the color of their recurrent heads
 PROXY_COLORS = {"entropy": "tab:gray", "distance": "tab:brown", "outside_window": "tab:pink", "induction": "tab:red"}
 # A planned window that drops more than this share of its layer's attention on distant content (not the first-token
 # sink) gets a warning: on SmolLM2 the layers above it (3-9, 0.35-0.5) were the ones whose windows cost the passkey

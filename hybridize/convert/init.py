@@ -168,11 +168,18 @@ def attention_to_mamba2(attention: dict[str, torch.Tensor], config, options: Ini
                         generator: torch.Generator, statistics=None,
                         layer_idx: int | None = None) -> dict[str, torch.Tensor]:
     """C <- W_q, B <- W_k, x <- W_v (KV heads repeated to every query head), out <- W_o; D = 0 like attention."""
-    heads, dim, group = config.mamba_num_heads, config.mamba_head_dim, config.num_attention_heads // config.num_key_value_heads
-    _check_heads(config, "mamba2", heads, config.mamba_num_groups, (dim, config.mamba_state_size))
-    kv_heads, hidden = config.num_key_value_heads, config.hidden_size
+    _check_heads(config, "mamba2", config.mamba_num_heads, config.mamba_num_groups,
+                 (config.mamba_head_dim, config.mamba_state_size))
+    return _mamba2_from_heads(attention, config.num_key_value_heads, config, options, generator, statistics)
+
+
+def _mamba2_from_heads(attention: dict[str, torch.Tensor], kv_heads: int, config, options: InitOptions,
+                       generator: torch.Generator, statistics) -> dict[str, torch.Tensor]:
+    """attention_to_mamba2's mapping for attention tensors of `kv_heads` KV heads and their query heads (all of a
+    layer's, or a head-wise layer's recurrent share), one Mamba2 head (with its own B and C) per query head."""
+    group = config.num_attention_heads // config.num_key_value_heads
+    heads, dim, hidden = kv_heads * group, config.head_dim, config.hidden_size
     a_log, dt_bias = _decay(heads, options, generator, statistics)
-    channels = heads * dim + 2 * config.mamba_num_groups * config.mamba_state_size
     value = repeat_heads(attention["v_proj.weight"], kv_heads, dim, group)
     return {
         "z_proj.weight": _gate(heads * dim, hidden, options, config.initializer_range, generator, value),
@@ -180,8 +187,8 @@ def attention_to_mamba2(attention: dict[str, torch.Tensor], config, options: Ini
         "B_proj.weight": repeat_heads(attention["k_proj.weight"], kv_heads, dim, group),
         "C_proj.weight": attention["q_proj.weight"].clone(),
         "dt_proj.weight": torch.zeros(heads, hidden),
-        "conv_weight": _conv_weight(channels, config.conv_kernel_size, options, generator),
-        "conv_bias": torch.zeros(channels),
+        "conv_weight": _conv_weight(3 * heads * dim, config.conv_kernel_size, options, generator),  # x, B, C
+        "conv_bias": torch.zeros(3 * heads * dim),
         "A_log": a_log,
         "dt_bias": dt_bias,
         "D": torch.zeros(heads),
@@ -288,17 +295,35 @@ def statistics_of_heads(statistics, config, kv_heads: list[int]):
                             entropy=statistics.entropy[query_heads])
 
 
+# The recurrent mapping a head-wise layer applies to its converted heads, by the recurrent mixer they form.
+HEAD_MAPPINGS = {"gated_deltanet": _gated_deltanet_from_heads, "mamba2": _mamba2_from_heads}
+
+
+def _attention_to_headwise(memory: str, attention: dict[str, torch.Tensor], config, options: InitOptions,
+                           generator: torch.Generator, statistics=None,
+                           layer_idx: int | None = None) -> dict[str, torch.Tensor]:
+    """window.* <- the kept KV heads' attention weights, exactly; memory.* <- the other KV heads' weights through
+    the `memory` mixer's own mapping; memory_scale = 0, so the layer starts as the teacher's attention with the
+    recurrent heads' outputs removed (its kept heads' o_proj columns)."""
+    kept, recurrent = headwise_split(config, layer_idx)
+    heads = HEAD_MAPPINGS[memory](attention_heads(attention, config, recurrent), len(recurrent), config,
+                                  memory_options(options), generator,
+                                  statistics_of_heads(statistics, config, recurrent))
+    return _branches(attention_heads(attention, config, kept), heads, config)
+
+
 def attention_to_headwise_gated_deltanet(attention: dict[str, torch.Tensor], config, options: InitOptions,
                                          generator: torch.Generator, statistics=None,
                                          layer_idx: int | None = None) -> dict[str, torch.Tensor]:
-    """window.* <- the kept KV heads' attention weights, exactly; memory.* <- the other KV heads' weights through
-    attention_to_gated_deltanet's mapping; memory_scale = 0, so the layer starts as the teacher's attention with
-    the recurrent heads' outputs removed (its kept heads' o_proj columns)."""
-    kept, recurrent = headwise_split(config, layer_idx)
-    memory = _gated_deltanet_from_heads(attention_heads(attention, config, recurrent), len(recurrent), config,
-                                        memory_options(options), generator,
-                                        statistics_of_heads(statistics, config, recurrent))
-    return _branches(attention_heads(attention, config, kept), memory, config)
+    """The kept KV heads' attention plus Gated DeltaNet heads initialized as a gated_deltanet layer's."""
+    return _attention_to_headwise("gated_deltanet", attention, config, options, generator, statistics, layer_idx)
+
+
+def attention_to_headwise_mamba2(attention: dict[str, torch.Tensor], config, options: InitOptions,
+                                 generator: torch.Generator, statistics=None,
+                                 layer_idx: int | None = None) -> dict[str, torch.Tensor]:
+    """The kept KV heads' attention plus Mamba2 heads initialized as a mamba2 layer's."""
+    return _attention_to_headwise("mamba2", attention, config, options, generator, statistics, layer_idx)
 
 
 INITIALIZERS = {
@@ -309,4 +334,5 @@ INITIALIZERS = {
     "window_gated_deltanet": attention_to_window_gated_deltanet,
     "window_mamba2": attention_to_window_mamba2,
     "headwise_gated_deltanet": attention_to_headwise_gated_deltanet,
+    "headwise_mamba2": attention_to_headwise_mamba2,
 }

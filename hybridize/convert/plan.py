@@ -11,8 +11,8 @@ Accepted forms of a plan spec (resolved against the teacher's layer count):
   when training from scratch;
 - "all:MIXER": every layer MIXER ("all:full_attention" reproduces the teacher).
 
-Head-wise layers (headwise_gated_deltanet) keep the first half of their KV heads as attention unless a plan file
-says which: its "headwise_kv_heads" ({layer: [KV heads]}, what `hybridize analyze --heads K` writes).
+Head-wise layers (headwise_gated_deltanet, headwise_mamba2) keep the first half of their KV heads as attention unless
+a plan file says which: its "headwise_kv_heads" ({layer: [KV heads]}, what `hybridize analyze --heads K` writes).
 """
 
 import json
@@ -24,7 +24,8 @@ from ..model.configuration_hybrid import BRANCH_TYPES, LAYER_TYPES, RECURRENT_TY
 H2_CYCLE = ("mamba2", "gated_deltanet", "sliding_attention")
 # One letter per layer type, for one-line plan summaries.
 SHORT_NAMES = {"full_attention": "A", "sliding_attention": "S", "mamba2": "M", "gated_deltanet": "G",
-               "window_gated_deltanet": "g", "window_mamba2": "m", "headwise_gated_deltanet": "h"}
+               "window_gated_deltanet": "g", "window_mamba2": "m", "headwise_gated_deltanet": "h",
+               "headwise_mamba2": "k"}
 
 
 def uniform_positions(num_layers: int, budget: int) -> list[int]:
@@ -121,7 +122,8 @@ def resolve_plan(spec: str | list[str], num_layers: int) -> list[str]:
 def describe(plan: list[str]) -> str:
     """One line per mixer type with its layer indices, for printing the resolved plan."""
     lines = ["".join(SHORT_NAMES[k] for k in plan) + "   (A attention, S sliding window, M Mamba2, G Gated DeltaNet, "
-             "g window + Gated DeltaNet, m window + Mamba2, h head-wise attention + Gated DeltaNet)"]
+             "g window + Gated DeltaNet, m window + Mamba2, h head-wise attention + Gated DeltaNet, k head-wise "
+             "attention + Mamba2)"]
     for kind in LAYER_TYPES:
         layers = [i for i, k in enumerate(plan) if k == kind]
         if layers:

@@ -73,9 +73,9 @@ RECURRENT_NOTE = ("  Mamba2 / Gated DeltaNet layers read 1.0000 when their outpu
 WINDOW_MEMORY_NOTE = ("  window + memory layers (window_gated_deltanet, window_mamba2) start as exactly their sliding "
                       "window: the\n  memory branch's output scale is 0 until distillation opens it, so they read "
                       "what sliding_attention would.")
-HEADWISE_NOTE = ("  head-wise layers (headwise_gated_deltanet) start as the teacher's attention without their Gated "
-                 "DeltaNet heads:\n  those heads' output scale is 0 until distillation opens it, so they read the "
-                 "error of dropping\n  the replaced heads' share of the output.")
+HEADWISE_NOTE = (f"  head-wise layers ({', '.join(HEADWISE_TYPES)}) start as the teacher's attention without "
+                 "their\n  recurrent heads: those heads' output scale is 0 until distillation opens it, so they read "
+                 "the error of\n  dropping the replaced heads' share of the output.")
 
 
 def format_report(report: dict) -> str:

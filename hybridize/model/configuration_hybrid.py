@@ -1,11 +1,9 @@
 """HybridConfig: a Llama decoder whose per-layer token mixer is attention, sliding-window attention, Mamba2, GDN, a
-sliding window plus a Mamba2 / GDN memory, or a head-wise split of attention heads and GDN heads."""
+sliding window plus a Mamba2 / GDN memory, or a head-wise split of attention heads and GDN or Mamba2 heads."""
 
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
-LAYER_TYPES = ("full_attention", "sliding_attention", "mamba2", "gated_deltanet", "window_gated_deltanet",
-               "window_mamba2", "headwise_gated_deltanet")
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
 RECURRENT_TYPES = ("mamba2", "gated_deltanet")
 # Intra-layer hybrids: a sliding window plus a recurrent memory in one mixer (model/window_memory.py), by the
@@ -13,7 +11,8 @@ RECURRENT_TYPES = ("mamba2", "gated_deltanet")
 WINDOW_MEMORY_TYPES = {"window_gated_deltanet": "gated_deltanet", "window_mamba2": "mamba2"}
 # Head-wise hybrids: some of the teacher's KV groups stay attention, the other heads become recurrent heads
 # (model/headwise.py), by the recurrent mixer those heads form.
-HEADWISE_TYPES = {"headwise_gated_deltanet": "gated_deltanet"}
+HEADWISE_TYPES = {"headwise_gated_deltanet": "gated_deltanet", "headwise_mamba2": "mamba2"}
+LAYER_TYPES = ATTENTION_TYPES + RECURRENT_TYPES + tuple(WINDOW_MEMORY_TYPES) + tuple(HEADWISE_TYPES)
 # Layers made of an attention branch and a recurrent branch summed (both kinds above), by the recurrent branch's mixer.
 BRANCH_TYPES = {**WINDOW_MEMORY_TYPES, **HEADWISE_TYPES}
 # Layers that hold a recurrent state (their own or their memory branch's).

@@ -16,16 +16,17 @@ class Mamba2Mixer(nn.Module):
     """S_t = a_t S_{t-1} + B_t (x_t dt_t)^T,  y_t = scale * S_t^T C_t + D x_t,  out = W_out RMSNorm(y) * silu(z).
 
     Projections are separate modules named after what they make (z, x, B, C, dt), so conversion from
-    attention reads as `C <- W_q, B <- W_k, x <- W_v, out <- W_o`.
+    attention reads as `C <- W_q, B <- W_k, x <- W_v, out <- W_o`. `heads` (default: the config's mamba_num_heads
+    and mamba_num_groups) gives it that many heads, each with its own B and C: a head-wise layer's recurrent part.
     """
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, heads: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.mamba_num_heads
+        self.num_heads = heads or config.mamba_num_heads
         self.head_dim = config.mamba_head_dim
         self.state_size = config.mamba_state_size
-        self.num_groups = config.mamba_num_groups
+        self.num_groups = heads or config.mamba_num_groups
         self.chunk_size = config.mamba_chunk_size
         self.norm_eps = config.rms_norm_eps
         hidden, inner, bc = config.hidden_size, self.num_heads * self.head_dim, self.num_groups * self.state_size

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from .attention import Attention
 from .cache import HybridCache
-from .configuration_hybrid import ROPE_TYPES, HybridConfig
+from .configuration_hybrid import HEADWISE_TYPES, ROPE_TYPES, WINDOW_MEMORY_TYPES, HybridConfig
 from .context import SequenceContext, real_token_rank
 from .gated_deltanet import GatedDeltaNetMixer
 from .headwise import HeadwiseMixer
@@ -26,15 +26,20 @@ from .window_memory import WindowMemoryMixer
 # branch of a window + memory layer and the recurrent heads of a head-wise one.
 FP32_PARAMETERS = r"mixer\.(?:memory\.)?(?:A_log|dt_bias|D)$"
 
+
+def _branch_mixer(mixer_class, memory_type: str):
+    """The constructor (config, layer_idx) of a two-branch layer type whose recurrent branch is `memory_type`."""
+    return lambda config, layer_idx: mixer_class(config, layer_idx, memory_type)
+
+
 MIXERS = {
     "full_attention": lambda config, layer_idx: Attention(config, layer_idx, window=None),
     "sliding_attention": lambda config, layer_idx: Attention(config, layer_idx, window=config.sliding_window,
                                                              sinks=config.sliding_window_sinks),
     "mamba2": Mamba2Mixer,
     "gated_deltanet": GatedDeltaNetMixer,
-    "window_gated_deltanet": lambda config, layer_idx: WindowMemoryMixer(config, layer_idx, "gated_deltanet"),
-    "window_mamba2": lambda config, layer_idx: WindowMemoryMixer(config, layer_idx, "mamba2"),
-    "headwise_gated_deltanet": lambda config, layer_idx: HeadwiseMixer(config, layer_idx, "gated_deltanet"),
+    **{kind: _branch_mixer(WindowMemoryMixer, memory) for kind, memory in WINDOW_MEMORY_TYPES.items()},
+    **{kind: _branch_mixer(HeadwiseMixer, memory) for kind, memory in HEADWISE_TYPES.items()},
 }
 
 

@@ -17,8 +17,9 @@ WINDOW_NAME = "sliding-window attention"
 MIXER_NAMES = {"full_attention": "full attention", "sliding_attention": WINDOW_NAME,
                "mamba2": "Mamba2", "gated_deltanet": "Gated DeltaNet",
                "window_gated_deltanet": "sliding-window attention + Gated DeltaNet memory",
-               "window_mamba2": "sliding-window attention + Mamba2 memory",
-               "headwise_gated_deltanet": "head-wise: some KV heads' attention + Gated DeltaNet heads"}
+               "window_mamba2": "sliding-window attention + Mamba2 memory"}
+MIXER_NAMES.update({kind: f"head-wise: some KV heads' attention + {MIXER_NAMES[memory]} heads"
+                    for kind, memory in HEADWISE_TYPES.items()})
 STATE_BYTES = 4  # recurrent states are kept in fp32
 EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF (Q4_1) was quantized from
 

@@ -3,9 +3,10 @@ heads a head-wise layer keeps; `analyze --heads K` writes them into a plan that 
 
 import json
 
+import pytest
 import torch
 
-from hybridize.analyze.heads import choose_kv_heads, kv_head_scores
+from hybridize.analyze.heads import choose_kv_heads, headwise_plan, kv_head_scores
 from hybridize.cli import main
 
 HEAD_DIM, GROUP = 16, 2  # tiny_config: 4 query heads of dim 16 over 2 KV heads
@@ -61,13 +62,16 @@ def test_a_score_is_the_error_of_the_attention_output_without_those_heads(tiny_t
     assert abs(kv_head_scores(tiny_teacher, ids, [2])[2][0] - expected) < 1e-5  # fp32 sums over 48 x 64 values
 
 
-def test_analyze_heads_writes_a_headwise_plan_that_convert_takes(tiny_llama, tmp_path, capsys):
+@pytest.mark.parametrize("mixer, headwise", [("gated_deltanet", "headwise_gated_deltanet"),
+                                             ("mamba2", "headwise_mamba2")])
+def test_analyze_heads_writes_a_headwise_plan_that_convert_takes(mixer, headwise, tiny_llama, tmp_path, capsys):
+    """--mixers names the recurrent mixer; with --heads every replaced layer becomes that mixer's head-wise type."""
     out = tmp_path / "plan"
     assert main(["analyze", str(tiny_llama), "--device", "cpu", "--fast", "--budget", "1", "--heads", "1",
-                 "--seq-len", "64", "--mixers", "gated_deltanet", "--out", str(out)]) == 0
+                 "--seq-len", "64", "--mixers", mixer, "--out", str(out)]) == 0
     record = json.loads((out / "plan.json").read_text())
     replaced = [i for i, kind in enumerate(record["layer_types"]) if kind != "full_attention"]
-    assert len(replaced) == 3 and {record["layer_types"][i] for i in replaced} == {"headwise_gated_deltanet"}
+    assert len(replaced) == 3 and {record["layer_types"][i] for i in replaced} == {headwise}
     kept = record["headwise_kv_heads"]
     assert set(kept) == {str(i) for i in replaced}
     for i in replaced:
@@ -77,6 +81,22 @@ def test_analyze_heads_writes_a_headwise_plan_that_convert_takes(tiny_llama, tmp
     assert main(["convert", str(tiny_llama), "--plan", str(out / "plan.json"), "--out", str(tmp_path / "h")]) == 0
     config = json.loads((tmp_path / "h" / "config.json").read_text())
     assert config["headwise_kv_heads"] == kept and config["layer_types"] == record["layer_types"]
+
+
+def test_headwise_layers_take_the_recurrent_mixer_chosen_for_the_layer():
+    """Each replaced layer's recurrent heads follow its chosen type (a memory branch counts); a sliding window takes
+    Gated DeltaNet unless the allowed mixers hold only Mamba2."""
+    chosen = ["full_attention", "mamba2", "gated_deltanet", "window_mamba2", "window_gated_deltanet",
+              "sliding_attention"]
+    every = ("mamba2", "gated_deltanet", "sliding_attention", "window_gated_deltanet", "window_mamba2")
+    assert headwise_plan(chosen, every) == [
+        "full_attention", "headwise_mamba2", "headwise_gated_deltanet", "headwise_mamba2", "headwise_gated_deltanet",
+        "headwise_gated_deltanet"]
+    windows = ["full_attention", "sliding_attention"]
+    assert headwise_plan(windows, ("window_mamba2", "sliding_attention"))[1] == "headwise_mamba2"
+    mixed = ("mamba2", "window_gated_deltanet", "sliding_attention")
+    assert headwise_plan(windows, mixed)[1] == "headwise_gated_deltanet"
+    assert headwise_plan(windows, ("sliding_attention",))[1] == "headwise_gated_deltanet"
 
 
 def test_heads_must_keep_some_but_not_all(tiny_llama, tmp_path, capsys):

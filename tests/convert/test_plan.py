@@ -4,7 +4,10 @@ import json
 
 import pytest
 
-from hybridize.convert.plan import H2_CYCLE, describe, resolve_plan, uniform_positions
+from hybridize.convert.plan import (
+    H2_CYCLE, SHORT_NAMES, describe, plan_headwise_kv_heads, resolve_plan, uniform_positions,
+)
+from hybridize.model import LAYER_TYPES
 from hybridize.errors import UserError
 
 
@@ -28,6 +31,25 @@ def test_window_memory_layers_are_plannable_in_every_form(tmp_path):
     path.write_text(json.dumps({"layer_types": constant}))
     assert resolve_plan(str(path), 30) == constant
     assert describe(["full_attention", "window_gated_deltanet", "window_mamba2"]).startswith("Agm ")
+
+
+@pytest.mark.parametrize("kind", ["headwise_gated_deltanet", "headwise_mamba2"])
+def test_headwise_layers_are_plannable_in_every_form(kind, tmp_path):
+    plan = resolve_plan(f"uniform:8:{kind}", 30)
+    assert [i for i, k in enumerate(plan) if k == "full_attention"] == [1, 5, 9, 13, 16, 20, 24, 28]
+    assert set(plan) == {"full_attention", kind}
+    assert resolve_plan(f"all:{kind}", 2) == resolve_plan([kind, kind], 2) == [kind, kind]
+    assert resolve_plan(f"full_attention:1 {kind}:rest", 3) == [kind, "full_attention", kind]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"layer_types": [kind, "full_attention"], "headwise_kv_heads": {"0": [1]}}))
+    assert resolve_plan(str(path), 2) == [kind, "full_attention"]
+    assert plan_headwise_kv_heads(str(path)) == {"0": [1]}
+    assert plan_headwise_kv_heads(f"all:{kind}") is None  # not a file: conversion keeps the first half
+
+
+def test_every_layer_type_has_its_own_letter():
+    assert set(SHORT_NAMES) == set(LAYER_TYPES) and len(set(SHORT_NAMES.values())) == len(SHORT_NAMES)
+    assert describe(["full_attention", "headwise_gated_deltanet", "headwise_mamba2"]).startswith("Ahk ")
 
 
 def test_h2_cycles_mamba2_gdn_swa_over_replaced_layers():

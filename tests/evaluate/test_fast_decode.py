@@ -10,7 +10,7 @@ from hybridize.model.fast_decode import StaticDecoder
 from hybridize.model import HybridConfig, HybridForCausalLM
 
 LAYERS = ["mamba2", "full_attention", "gated_deltanet", "sliding_attention", "window_gated_deltanet", "mamba2",
-          "window_mamba2", "full_attention", "headwise_gated_deltanet"]
+          "window_mamba2", "full_attention", "headwise_gated_deltanet", "headwise_mamba2"]
 
 
 def _model(layer_types=LAYERS, window=8, dtype=torch.float32, device="cpu", sinks=0, memory_outside_window=False,
@@ -58,14 +58,15 @@ def test_memories_that_read_outside_the_window_decode_as_generate(padded):
     assert torch.equal(decoder.generate(ids, 24, attention_mask=mask), _reference(model, ids, 24, mask))
 
 
+@pytest.mark.parametrize("kind", ["headwise_gated_deltanet", "headwise_mamba2"])
 @pytest.mark.parametrize("headwise_window", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_headwise_layers_decode_as_generate(padded, headwise_window):
-    """Head-wise layers (one KV head's attention, the other's query heads as GDN heads): their attention heads' slots
-    (the whole sequence, or an 8-token window with 2 sinks wrapping its ring) and their recurrent heads' state give
-    generate()'s tokens."""
-    model = _model(["headwise_gated_deltanet", "full_attention", "headwise_gated_deltanet"], sinks=2,
-                   headwise_window=headwise_window, headwise_kv_heads={"2": [1]})
+def test_headwise_layers_decode_as_generate(padded, headwise_window, kind):
+    """Head-wise layers (one KV head's attention, the other's query heads as GDN or Mamba2 heads): their attention
+    heads' slots (the whole sequence, or an 8-token window with 2 sinks wrapping its ring) and their recurrent heads'
+    state give generate()'s tokens."""
+    model = _model([kind, "full_attention", kind], sinks=2, headwise_window=headwise_window,
+                   headwise_kv_heads={"2": [1]})
     ids = torch.randint(1, 128, (2, 13), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     if padded:
@@ -74,16 +75,18 @@ def test_headwise_layers_decode_as_generate(padded, headwise_window):
     assert torch.equal(decoder.generate(ids, 24, attention_mask=mask), _reference(model, ids, 24, mask))
 
 
-def test_headwise_layers_cache_only_their_attention_heads_keys():
+@pytest.mark.parametrize("kind", ["headwise_gated_deltanet", "headwise_mamba2"])
+def test_headwise_layers_cache_only_their_attention_heads_keys(kind):
     """A head-wise layer keeping 1 of 2 KV heads holds half the K/V slots a full-attention layer holds, plus its
-    recurrent heads' state (2 GDN heads: the other KV head's query heads)."""
-    model = _model(["full_attention", "headwise_gated_deltanet"])
+    recurrent heads' state (2 GDN or Mamba2 heads of head dim 16: the other KV head's query heads)."""
+    model = _model(["full_attention", kind])
     decoder = StaticDecoder(model, 2, 40)
     config, slots = model.config, 40
     kv = 2 * 2 * config.head_dim * 4 * slots  # K and V of one KV head, batch 2, fp32
-    gdn = model.model.layers[1].mixer.memory
-    assert gdn.num_heads == 2
-    state = 2 * (math.prod(gdn.state_shape) * 4 + sum(gdn.conv_channels) * 3 * 4)
+    recurrent = model.model.layers[1].mixer.memory
+    assert recurrent.state_shape == (2, 16, 16)
+    assert sum(recurrent.conv_channels) == 3 * 2 * 16  # q, k, v (x, B, C) of 2 heads
+    state = 2 * (math.prod(recurrent.state_shape) * 4 + sum(recurrent.conv_channels) * 3 * 4)
     valid = 2 * slots
     assert decoder.cache_nbytes() == (2 * kv + valid) + (kv + valid + state)
 

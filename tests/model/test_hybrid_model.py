@@ -17,11 +17,14 @@ PLANS = {
     "window_outside": ["window_gated_deltanet", "window_mamba2"],  # memories that read what has left the window
     "headwise_gated_deltanet": ["headwise_gated_deltanet"] * 2,
     "headwise_window": ["headwise_gated_deltanet", "full_attention", "headwise_gated_deltanet"],
+    "headwise_mamba2": ["headwise_mamba2"] * 2,
+    "headwise_mamba2_window": ["headwise_mamba2", "full_attention", "headwise_mamba2"],
     "mixed": MIXED,
 }
-PLAN_OPTIONS = {"window_outside": dict(memory_outside_window=True),
-                # attention heads in windows with sinks; the last layer keeps its second KV head, not the first
-                "headwise_window": dict(headwise_window=True, sliding_window_sinks=2, headwise_kv_heads={"2": [1]})}
+# attention heads in windows with sinks; the last layer keeps its second KV head, not the first
+HEADWISE_WINDOW = dict(headwise_window=True, sliding_window_sinks=2, headwise_kv_heads={"2": [1]})
+PLAN_OPTIONS = {"window_outside": dict(memory_outside_window=True), "headwise_window": HEADWISE_WINDOW,
+                "headwise_mamba2_window": HEADWISE_WINDOW}
 
 
 # The model runs in fp64, but recurrent states are kept in fp32 by design (what the kernels do), so cached
@@ -96,7 +99,8 @@ def test_left_padded_batch_equals_each_sequence_alone(plan):
         torch.testing.assert_close(batched[row, width - len(seq):], alone[0], **CLOSE)
 
 
-@pytest.mark.parametrize("plan", ["mixed", "mamba2", "window_gated_deltanet", "headwise_window"])
+@pytest.mark.parametrize("plan", ["mixed", "mamba2", "window_gated_deltanet", "headwise_window",
+                                  "headwise_mamba2_window"])
 def test_generate_greedy_with_cache_equals_without_and_handles_padding(plan):
     model = tiny_hybrid(PLANS[plan], **PLAN_OPTIONS.get(plan, {}))
     prompt = torch.randint(3, 97, (1, 21))

@@ -85,10 +85,11 @@ def test_card_describes_the_model(dry_run, hybrid_dir):
     for row in ("| 0 | Mamba2 |", "| 1 | Gated DeltaNet |", "| 2 | full attention |",
                 "| 3 | sliding-window attention (512 tokens) |",
                 "| 4 | sliding-window attention (512 tokens) + Gated DeltaNet memory |",
-                "| 5 | head-wise: some KV heads' attention + Gated DeltaNet heads |"):
+                "| 5 | head-wise: some KV heads' attention + Gated DeltaNet heads |",
+                "| 6 | head-wise: some KV heads' attention + Mamba2 heads |"):
         assert row in card
-    # K and V x 2 heads x 16 x bf16 for layer 2, and half that for the head-wise layer 5 (it keeps 1 of 2 KV heads)
-    assert "full-attention K/V, per token | 192 B (teacher: 768 B)" in card
+    # K and V x 2 heads x 16 x bf16 for layer 2, and half that for each head-wise layer 5, 6 (1 of 2 KV heads kept)
+    assert "full-attention K/V, per token | 256 B (teacher: 896 B)" in card
     assert "Not distilled" in card and "sha256" in card
 
 
