@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from helpers import INTRA_LAYER_TYPES, intra_layer_options, open_memory_branches
+from helpers import intra_layer_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybridize.convert.build import convert_model
-from hybridize.model import HybridConfig, HybridForCausalLM, ops
+from hybridize.model import ops
 from hybridize.model.compiling import compile_decoder_layers
 
 LAYER_TYPES = ["full_attention", "gated_deltanet", "sliding_attention", "mamba2", "gated_deltanet", "full_attention"]
@@ -22,19 +22,6 @@ def teacher():
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=len(LAYER_TYPES),
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
     return LlamaForCausalLM(config)
-
-
-def intra_layer_model(windowed: bool) -> HybridForCausalLM:
-    """Every intra-layer type, GQA 4:2, an 8-token window with 2 sinks, 16-token chunks, open memory branches."""
-    torch.manual_seed(0)
-    config = HybridConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=len(INTRA_LAYER_TYPES), num_attention_heads=4, num_key_value_heads=2,
-                          head_dim=16, layer_types=INTRA_LAYER_TYPES, sliding_window=8, sliding_window_sinks=2,
-                          mamba_chunk_size=16, gdn_chunk_size=16, max_position_embeddings=256,
-                          **intra_layer_options(INTRA_LAYER_TYPES, windowed, kv_heads=2))
-    model = HybridForCausalLM(config)
-    open_memory_branches(model)
-    return model
 
 
 def eager_model(kind: str, teacher):

@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import (INTRA_LAYER_TYPES, assert_rel_rmse, intra_layer_options, open_memory_branches, rel_rmse,
-                     requires_cuda)
+from helpers import INTRA_LAYER_TYPES, assert_rel_rmse, intra_layer_model, rel_rmse, requires_cuda
 
 from hybridize.kernels import conv1d, gated_delta, norm, ssd
 from hybridize.model import HybridCache, HybridConfig, HybridForCausalLM
@@ -93,19 +92,6 @@ def kernels_of(layer_types: list[str], decoding: bool) -> set[str]:
     chunked = {"causal_conv1d", "gated_rms_norm"} | {RECURRENCE_KERNELS[mixer][0] for mixer in recurrent}
     steps = {"causal_conv1d_step"} | {RECURRENCE_KERNELS[mixer][1] for mixer in recurrent}
     return chunked | steps if decoding else chunked
-
-
-def intra_layer_model(windowed: bool) -> HybridForCausalLM:
-    """Every intra-layer type in fp32, GQA 4:2, an 8-token window with 2 sinks, 16-token chunks, open memories."""
-    torch.manual_seed(0)
-    config = HybridConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=len(INTRA_LAYER_TYPES), num_attention_heads=4, num_key_value_heads=2,
-                          head_dim=16, layer_types=INTRA_LAYER_TYPES, sliding_window=8, sliding_window_sinks=2,
-                          mamba_chunk_size=16, gdn_chunk_size=16, max_position_embeddings=256,
-                          **intra_layer_options(INTRA_LAYER_TYPES, windowed, kv_heads=2))
-    model = HybridForCausalLM(config)
-    open_memory_branches(model)
-    return model
 
 
 def assert_as_exact_as_the_reference(actual: torch.Tensor, reference: torch.Tensor, exact: torch.Tensor,
