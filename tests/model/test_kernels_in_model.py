@@ -98,11 +98,11 @@ def assert_as_exact_as_the_reference(actual: torch.Tensor, reference: torch.Tens
                                      name: str) -> None:
     """`actual` (fp32 Triton) is about as far from `exact` (the fp64 reference) as `reference` (the fp32 one) is.
 
-    Both evaluate the same math in fp32 in different summation orders, so each errs by the unit roundoff times the
-    quantity's conditioning, which the reference's own error measures: about u for the logits, hundreds of u for
-    a per-head scalar like Mamba2's D, whose gradient sums every token's products with much cancellation. Two
-    evaluations of one conditioning differ by a small factor (4); the floor (32 u) covers a reference error that
-    is small by luck. A kernel that reads or writes a wrong element misses by orders of magnitude more.
+    Both evaluate the same math in fp32 in different summation orders, so each errs by the unit roundoff u times
+    the quantity's conditioning, which the reference's own error measures: a few u for the logits, up to thousands
+    of u for a per-head scalar (A_log, dt_bias, D) whose gradient sums every token's terms with much cancellation.
+    Two evaluations of one conditioning differ by a small factor (4); the floor (32 u) covers a reference error
+    that is small by luck. A kernel that reads or writes a wrong element misses by orders of magnitude more.
     """
     allowed = 4 * rel_rmse(reference, exact) + 32 * FP32_UNIT
     assert_rel_rmse(actual, exact, allowed, name)
