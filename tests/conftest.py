@@ -26,6 +26,24 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _nan_filled(_torch_empty_like(*a, **kw)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def interpreter_loops_over_runtime_bounds():
+    """Triton 3.6's interpreter holds scalars as 1-element numpy arrays and turns them into ints with int(),
+    which numpy 2.4 refuses, so `for i_t in range(NT)` over a runtime NT (the SSD kernels' chunk loops) fails.
+    Index the element instead. Every test that runs a model on the interpreted kernels needs it, not only the
+    kernel tests; it changes nothing on a GPU."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter, "_patch_lang_tensor", patched)
+        yield
+
 
 @pytest.fixture(scope="session")
 def smollm2():

@@ -1,7 +1,13 @@
 """Test utilities shared by every test module (imported as `helpers`; pytest puts tests/ on sys.path)."""
 
+import math
+
 import pytest
 import torch
+
+from hybridize.model import HybridConfig, HybridForCausalLM
+from hybridize.model.configuration_hybrid import BRANCH_TYPES, HEADWISE_TYPES
+from hybridize.model.mamba2 import Mamba2Mixer
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -17,3 +23,54 @@ def assert_rel_rmse(actual: torch.Tensor, expected: torch.Tensor, tol: float, na
     assert torch.isfinite(actual).all(), f"{name}: NaN/inf (unwritten or overflowed output)"
     err = rel_rmse(actual, expected)
     assert err <= tol, f"{name}: relative RMSE {err:.2e} > {tol:.0e}"
+
+
+# The intra-layer types: an attention branch and a recurrent branch summed in one mixer (window + memory, head-wise).
+# Read from the config's table, so a type added there is tested wherever these are.
+INTRA_LAYER_TYPES = list(BRANCH_TYPES)
+
+
+def intra_layer_options(layer_types: list[str], windowed: bool, kv_heads: int) -> dict:
+    """HybridConfig options for the intra-layer layers of `layer_types`. windowed=False: memories over every token,
+    head-wise attention heads over the whole sequence (keeping the default first KV head); True: memories over the
+    tokens that have left the window, head-wise attention heads in the window with its sinks, keeping the last of
+    the `kv_heads` KV heads instead."""
+    kept = {str(i): [kv_heads - 1] for i, kind in enumerate(layer_types) if kind in HEADWISE_TYPES}
+    return dict(memory_outside_window=windowed, headwise_window=windowed, headwise_kv_heads=kept if windowed else None)
+
+
+@torch.no_grad()
+def open_memory_branches(model, seed: int = 0) -> None:
+    """Make every intra-layer layer's memory branch, and the state it carries, reach the output.
+
+    memory_scale [C] gets random values: conversion starts it at zero, which hides the branch and all its gradients,
+    and a config at one, which hides what the scale does per channel. A Mamba2 memory gets dt near 1, decays whose
+    half-lives span 1.4 to 14 tokens and B, C projections 8x their init: at init its writes x dt (dt ~ 0.01) and
+    reads C.S are so small that the state carries about 1e-5 of the branch's output (the D skip carries the rest),
+    so a frozen or misplaced state would change no token.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        if layer.layer_type not in BRANCH_TYPES:
+            continue
+        scale = layer.mixer.memory_scale
+        scale.copy_(torch.randn(scale.shape, generator=generator))
+        memory = layer.mixer.memory
+        if isinstance(memory, Mamba2Mixer):
+            memory.dt_bias.fill_(math.log(math.e - 1))  # softplus(dt_bias) = 1
+            memory.A_log.copy_(torch.linspace(math.log(0.05), math.log(0.5), memory.num_heads))  # ln 2 / A tokens
+            memory.B_proj.weight.mul_(8)
+            memory.C_proj.weight.mul_(8)
+
+def intra_layer_model(windowed: bool) -> HybridForCausalLM:
+    """A tiny fp32 model of every intra-layer type (intra_layer_options' `windowed`), GQA 4:2, an 8-token window with
+    2 sinks, 16-token chunks, open memory branches."""
+    torch.manual_seed(0)
+    config = HybridConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=len(INTRA_LAYER_TYPES), num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, layer_types=INTRA_LAYER_TYPES, sliding_window=8, sliding_window_sinks=2,
+                          mamba_chunk_size=16, gdn_chunk_size=16, max_position_embeddings=256,
+                          **intra_layer_options(INTRA_LAYER_TYPES, windowed, kv_heads=2))
+    model = HybridForCausalLM(config)
+    open_memory_branches(model)
+    return model

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import requires_cuda
+from helpers import INTRA_LAYER_TYPES, intra_layer_options, open_memory_branches, requires_cuda
 
 from hybridize.model.fast_decode import StaticDecoder
 from hybridize.model import HybridConfig, HybridForCausalLM
@@ -146,12 +146,17 @@ def test_compiled_step_gives_the_same_tokens():
     assert torch.equal(decoder.generate(ids, 16), _reference(model, ids, 16))
 
 
-def _assert_near_greedy(model, tokens: torch.Tensor, prompt: int, tolerance: float) -> None:
+def _assert_near_greedy(model, tokens: torch.Tensor, prompt: int, tolerance: float,
+                        prompt_mask: torch.Tensor | None = None) -> None:
     """Each generated token is the argmax, up to `tolerance` x the logits' spread, of one uncached forward over the
-    same tokens. Greedy trajectories cannot be compared once rounding flips a near-tie (the rows then go different
-    ways), but every single choice can: a wrong cache slot or state picks tokens far below the top."""
+    same tokens (prompt_mask [B, prompt]: 0 at left padding). Greedy trajectories cannot be compared once rounding
+    flips a near-tie (the rows then go different ways), but every single choice can: a wrong cache slot or state
+    picks tokens far below the top."""
+    mask = None
+    if prompt_mask is not None:
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(tokens.shape[0], tokens.shape[1] - prompt)], 1)
     with torch.no_grad():
-        logits = model(input_ids=tokens, use_cache=False).logits[:, prompt - 1 : -1].float()  # [B, new, V]
+        logits = model(input_ids=tokens, attention_mask=mask, use_cache=False).logits[:, prompt - 1 : -1].float()
     chosen = logits.gather(-1, tokens[:, prompt:, None])[..., 0]  # [B, new]
     top, spread = logits.amax(-1), logits.amax(-1) - logits.amin(-1)
     shortfall = ((top - chosen) / spread).max().item()
@@ -176,6 +181,37 @@ def test_cuda_graph_matches_eager(dtype, compile_step, sinks):
         assert torch.equal(tokens, eager)
     if dtype == torch.float32:
         assert (tokens == _reference(model, ids, 48)).float().mean() > 0.9
+
+
+@requires_cuda
+@pytest.mark.parametrize("compile_step", [False, True])
+@pytest.mark.parametrize("windowed", [False, True], ids=["memory_all_tokens", "windowed"])
+@pytest.mark.parametrize("kind", INTRA_LAYER_TYPES)
+def test_cuda_graph_decodes_intra_layer_types_as_generate_in_bf16(kind, windowed, compile_step):
+    """4 left-padded rows in bf16, 31 new tokens past an 8-token window with 2 sinks (row 1's second sink arrives
+    while decoding), memory states that reach the output: the captured step, with its ring slots, sink slots,
+    memory state and (windowed) pending memory writes, replays exactly what the eager step computes; compiled, it
+    has no graph break. It and generate() choose every token within bf16 rounding of the argmax of one uncached
+    forward, so their greedy tokens can part only at a near-tie."""
+    layer_types = [kind, "full_attention", kind]
+    model = _model(layer_types, device="cuda", dtype=torch.bfloat16, sinks=2,
+                   **intra_layer_options(layer_types, windowed, kv_heads=2))
+    open_memory_branches(model)
+    ids = torch.randint(1, 128, (4, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :16] = 0
+    mask[2, :1] = 0
+    mask[3, :7] = 0
+    torch._dynamo.utils.counters.clear()
+    graphed = StaticDecoder(model, 4, 48, compile_step=compile_step, log=pytest.fail)
+    assert graphed.use_cuda_graph and graphed.compiled == compile_step
+    assert not torch._dynamo.utils.counters["graph_break"]
+    tokens = graphed.generate(ids, 31, attention_mask=mask)
+    if not compile_step:  # the same kernels, launched by a replay instead of Python
+        eager = StaticDecoder(model, 4, 48, use_cuda_graph=False, compile_step=False)
+        assert torch.equal(tokens, eager.generate(ids, 31, attention_mask=mask))
+    _assert_near_greedy(model, _reference(model, ids, 31, mask), 17, 0.03, mask)  # the check holds for generate()
+    _assert_near_greedy(model, tokens, 17, 0.03, mask)
 
 
 def test_near_greedy_check_accepts_greedy_tokens_and_catches_others():

@@ -15,24 +15,6 @@ from hybridize.kernels.ssd import chunk_ssd, recurrent_ssd, reference, ssd_step
 GRADS = ("dq", "dk", "dv", "dg", "dh0")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def interpreter_loops_over_runtime_bounds():
-    """Triton 3.6's interpreter holds scalars as 1-element numpy arrays and turns them into ints with int(),
-    which numpy 2.4 refuses, so `for i_t in range(NT)` over a runtime NT fails. Index the element instead.
-    (This belongs in tests/conftest.py; it changes nothing on a GPU.)"""
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_patch_lang_tensor", patched)
-        yield
-
-
 def make_inputs(B, T, G, H, N, P, *, nseq=None, dtype=torch.float32, device="cpu", decay=1.0, seed=0):
     """q, k [B, T, G, N], v [B, T, H, P], g [B, T, H] (Mamba2-like, mostly weak decays), h0 [nseq, H, N, P]."""
     gen = torch.Generator().manual_seed(seed)

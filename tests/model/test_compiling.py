@@ -4,12 +4,16 @@ import copy
 
 import pytest
 import torch
+from helpers import intra_layer_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybridize.convert.build import convert_model
+from hybridize.model import ops
 from hybridize.model.compiling import compile_decoder_layers
 
 LAYER_TYPES = ["full_attention", "gated_deltanet", "sliding_attention", "mamba2", "gated_deltanet", "full_attention"]
+# The chunked ops are graph breaks by design (model/ops.py); a break anywhere else splits a layer's graph further.
+CHUNKED_OPS = [ops.causal_conv1d, ops.chunk_gated_delta_rule, ops.chunk_ssd]  # as dynamo names them: the wrappers
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +24,18 @@ def teacher():
     return LlamaForCausalLM(config)
 
 
+def eager_model(kind: str, teacher):
+    if kind == "llama":
+        return copy.deepcopy(teacher)
+    if kind == "hybrid":
+        model = convert_model(teacher, LAYER_TYPES, sink_tokens=2)
+        window = model.model.layers[2].mixer
+        assert window.sinks == 2
+        window.window = 16  # shorter than the sequence, so the window masks something
+        return model
+    return intra_layer_model(windowed=kind == "intra_layer_windowed")
+
+
 def loss_and_grads(model, input_ids):
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=input_ids, use_cache=False).logits.float().pow(2).mean()
@@ -27,19 +43,23 @@ def loss_and_grads(model, input_ids):
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("kind", ["hybrid", "llama"])
+def graph_breaks_outside_chunked_ops() -> list[str]:
+    reasons = torch._dynamo.utils.counters["graph_break"]
+    return [reason for reason in reasons if not any(repr(op) in reason for op in CHUNKED_OPS)]
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "llama", "intra_layer", "intra_layer_windowed"])
 def test_compiled_layers_match_eager(teacher, kind):
-    eager = convert_model(teacher, LAYER_TYPES, sink_tokens=2) if kind == "hybrid" else copy.deepcopy(teacher)
-    if kind == "hybrid":
-        window = eager.model.layers[2].mixer
-        assert window.sinks == 2
-        window.window = 16  # shorter than the sequence, so the window masks something
+    """intra_layer: window + memory layers whose memories read every token, head-wise layers whose attention heads
+    see the whole sequence; intra_layer_windowed: memories that read only what has left the window, head-wise
+    attention heads in the window. 37 tokens: odd, three 16-token chunks, past the 8-token window and its sinks."""
+    eager = eager_model(kind, teacher)
     eager.train()
     compiled = copy.deepcopy(eager)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compile_decoder_layers(compiled, backend="aot_eager")
-    input_ids = torch.randint(0, 128, (2, 48))
+    input_ids = torch.randint(0, 128, (2, 37))
     expected_loss, expected = loss_and_grads(eager, input_ids)
     for _ in range(2):  # the second pass reuses the graphs
         loss, grads = loss_and_grads(compiled, input_ids)
@@ -48,3 +68,5 @@ def test_compiled_layers_match_eager(teacher, kind):
             assert grads[name] is not None, f"{name}: no gradient through the compiled layer"
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    unexpected = graph_breaks_outside_chunked_ops()
+    assert not unexpected, "\n\n".join(unexpected)
