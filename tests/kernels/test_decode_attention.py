@@ -1,15 +1,15 @@
-"""Split-KV decode attention: Triton (interpreted on CPU) vs the fp32 reference and SDPA, edge rows, the custom op."""
+"""Split-KV decode attention: Triton (interpreted on CPU) vs the fp64 reference and SDPA on the same values, within a
+bound derived from the kernel's rounding (`_tolerance`); edge rows, the custom op."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_rel_rmse, requires_cuda
+from helpers import assert_rel_rmse, rel_rmse, requires_cuda
+from rounding import DIV, EXP2, cast_roundoff, rounding_tolerances
 
 import hybridize.kernels.decode_attention.split_kv as split_kv
 from hybridize.kernels.decode_attention import decode_attention
 from hybridize.kernels.tuning import pinned
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # bf16: operands, P and the output are rounded to bf16
 
 
 def _make(B, Hkv, G, S, D, *, dtype=torch.float32, device="cpu", seed=0):
@@ -37,19 +37,51 @@ def _make(B, Hkv, G, S, D, *, dtype=torch.float32, device="cpu", seed=0):
     return q, keys, values, valid.to(device)
 
 
+def _tolerance(q, keys, values, valid, expected, *, scale=None, rows=None) -> float:
+    """`rounding_tolerances` of the split-KV kernel against `expected`, the fp64 reference on the same values (only
+    the batch rows `rows`, if given).
+
+    For a query row, o = sum_j p_j v_j / l with l = sum_j p_j, p_j = exp(s_j - m), s_j = c q . k_j, over the valid
+    slots j. The kernel computes in fp32 (scores in log2 units), rounds p to the value dtype before p v (bf16: one
+    cast of the numerator's terms) and rounds o once (`cast_roundoff`). A shift common to a row cancels between
+    numerator and denominator; what each p_j brings is its exponent's own absolute error, in u: the dot of D rounded
+    products, (sqrt(D) + 1) c S_qk with S_qk^2 = sum_i q_i^2 k_ji^2; the scale (log2 e folded in), rounded and
+    applied, 2 |s_j|; the shift, |s_j - m| <= 2 max|s|; exp2; and the rescales of the running sums by exp2 of the
+    running max's increments, which add up to at most 2 max|s|, plus exp2's own error once per key tile, per split
+    and for the merge, independent errors that add up like a chain's. Two products more: p v and the merge's
+    weight. Sums: over the S keys and the rescales. The numerator's terms are p_j v_j / l; the denominator's are
+    positive, so it is one term, o. Then the division."""
+    D, S = q.shape[-1], keys.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    slots = valid[:, None, :, None]  # [B, 1, S, 1]
+    q, k, v = q.double(), keys.double().masked_fill(~slots, 0.0), values.double().masked_fill(~slots, 0.0)
+    mask = valid[:, None, None, :]  # [B, 1, 1, S]
+    logits = (scale * q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))  # [B, Hkv, G, S]
+    weights = torch.softmax(logits, -1).nan_to_num()  # a row with no valid slot: 0
+    s2 = weights.square() @ v.square() + expected.double().square()  # [B, Hkv, G, D]
+    dot_error = (q.square() @ k.square().transpose(-1, -2)).sqrt()[mask.expand_as(logits)].max().item() * scale
+    max_logit = logits.abs()[mask.expand_as(logits)].max().item()
+    min_tile = min(c.kwargs["BS"] for c in split_kv.SPLIT_CONFIGS)
+    rescales = -(-S // min_tile) + -(-S // split_kv.SPLIT_KEYS) + 1
+    term_error = (D**0.5 + 1) * dot_error + 6 * max_logit + EXP2 * (1 + rescales**0.5) + 2
+    if rows is not None:
+        expected, s2 = expected[rows], s2[rows]
+    return rounding_tolerances({"out": expected}, {"out": s2}, u_in=cast_roundoff(values.dtype), casts=1,
+                               chain=S + rescales, term_error=term_error, result_casts=1, result_error=DIV)["out"]
+
+
 def _check(q, keys, values, valid, *, scale=None):
-    """Triton against the reference (fp32 inputs) and against SDPA on the rows with a valid slot."""
-    tol = TOL[q.dtype]
+    """Triton against the fp64 reference on the same values, and against SDPA on the rows with a valid slot."""
     out = decode_attention(q, keys, values, valid, scale=scale, backend="triton")
     assert out.dtype == q.dtype
-    fp32 = [t.float() for t in (q, keys, values)]
-    ref = decode_attention(*fp32, valid, scale=scale, backend="reference")
-    assert_rel_rmse(out, ref, tol, "out vs reference")
+    fp64 = [t.double() for t in (q, keys, values)]
+    ref = decode_attention(*fp64, valid, scale=scale, backend="reference")
+    assert_rel_rmse(out, ref, _tolerance(q, keys, values, valid, ref, scale=scale), "out vs reference")
     rows = valid.any(-1)
     assert (out[~rows] == 0).all(), "a row with no valid slot must be 0"
-    sdpa = F.scaled_dot_product_attention(*(t[rows] for t in fp32), attn_mask=valid[rows][:, None, None, :],
+    sdpa = F.scaled_dot_product_attention(*(t[rows] for t in fp64), attn_mask=valid[rows][:, None, None, :],
                                           scale=scale)
-    assert_rel_rmse(out[rows], sdpa, tol, "out vs SDPA")
+    assert_rel_rmse(out[rows], sdpa, _tolerance(q, keys, values, valid, ref, scale=scale, rows=rows), "out vs SDPA")
     return out
 
 
@@ -60,6 +92,27 @@ def _check(q, keys, values, valid, *, scale=None):
 @pytest.mark.parametrize("B, Hkv", [(3, 1), (4, 2)])
 def test_matches_reference_and_sdpa(B, Hkv, S, D, G, dtype):
     _check(*_make(B, Hkv, G, S, D, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tolerance_rejects_slot_defects(dtype):
+    """The bound passes the kernel and rejects what a wrong mask would give, rounded to the dtype as the kernel
+    rounds: each row's last valid slot dropped, or its first invalid slot attended. Rows 3 on, whose masks are
+    random, so that the edge rows' large errors do not decide it."""
+    q, keys, values, valid = _make(6, 2, 3, 75, 16, dtype=dtype)
+    out = _check(q, keys, values, valid)
+    fp64 = [t.double() for t in (q, keys, values)]
+    expected = decode_attention(*fp64, valid, backend="reference")
+    rows = torch.arange(6) >= 3
+    tol = _tolerance(q, keys, values, valid, expected, rows=rows)
+    assert_rel_rmse(out[rows], expected[rows], tol, "out, random rows")
+    slot = torch.arange(75)
+    last_valid = torch.where(valid, slot, -1).amax(-1, keepdim=True)
+    first_invalid = torch.where(valid, 75, slot).amin(-1, keepdim=True)
+    for defect, wrong_valid in [("dropped slot", valid & (slot != last_valid)),
+                                ("unmasked slot", valid | (slot == first_invalid))]:
+        wrong = decode_attention(*fp64, wrong_valid, backend="reference").to(dtype)
+        assert rel_rmse(wrong[rows], expected[rows]) > tol, f"{defect} passes"
 
 
 def test_many_splits_with_empty_ones(monkeypatch):
@@ -89,8 +142,9 @@ def test_invalid_slots_are_ignored_even_if_not_finite():
     keys.masked_fill_(~valid[:, None, :, None], float("nan"))
     values.masked_fill_(~valid[:, None, :, None], float("inf"))
     out = decode_attention(q, keys, values, valid, backend="triton")
-    clean = [t.masked_fill(~valid[:, None, :, None], 0.0) for t in (keys, values)]
-    assert_rel_rmse(out, decode_attention(q, *clean, valid, backend="reference"), TOL[q.dtype], "out")
+    clean = [t.double().masked_fill(~valid[:, None, :, None], 0.0) for t in (keys, values)]
+    expected = decode_attention(q.double(), *clean, valid, backend="reference")
+    assert_rel_rmse(out, expected, _tolerance(q, keys, values, valid, expected), "out")
 
 
 def test_non_contiguous_slots():
@@ -127,15 +181,16 @@ def test_custom_op_under_torch_compile():
     """Compiled, the launch is the opaque hybridize::decode_attention node: same output as eager, no graph break."""
     q, keys, values, valid = _make(3, 2, 3, 75, 64)
 
+    # doubling is exact, so the bound of the op on q * 2 holds for the step
     def step(q, keys, values, valid):
-        return decode_attention(q * 2.0, keys, values, valid, backend="triton") + 1.0
+        return decode_attention(q * 2.0, keys, values, valid, backend="triton") * 2.0
 
     with torch.inference_mode():  # as in StaticDecoder
         got = torch.compile(step, fullgraph=True, dynamic=False)(q, keys, values, valid)
         eager = step(q, keys, values, valid)
-    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
-    ref = decode_attention(q * 2.0, keys, values, valid, backend="reference") + 1.0
-    assert_rel_rmse(got, ref, TOL[q.dtype], "compiled")
+    assert torch.equal(got, eager), "the same kernel on the same values"
+    ref = decode_attention(q.double() * 2.0, keys.double(), values.double(), valid, backend="reference")
+    assert_rel_rmse(got, ref * 2.0, _tolerance(q * 2.0, keys, values, valid, ref), "compiled")
     assert "!" not in str(torch.ops.hybridize.decode_attention.default._schema)  # it writes no input
 
 
@@ -160,5 +215,5 @@ def test_cuda_graph_replays_the_op():
         buffer.copy_(new)
     graph.replay()
     torch.testing.assert_close(out, decode_attention(*second), rtol=0, atol=0)
-    assert_rel_rmse(out, decode_attention(*(t.float() for t in second[:3]), second[3], backend="reference"),
-                    TOL[torch.bfloat16], "replay")
+    expected = decode_attention(*(t.double() for t in second[:3]), second[3], backend="reference")
+    assert_rel_rmse(out, expected, _tolerance(*second, expected), "replay")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_rel_rmse, rel_rmse, requires_cuda
+from rounding import TF32, U, rounding_tolerances
 
 from hybridize.kernels.ssd import chunk_ssd, recurrent_ssd, reference, ssd_step
 
@@ -59,11 +60,7 @@ def assert_all_close(actual, expected, tols):
             assert_rel_rmse(actual[name], expected[name], tol, name)
 
 
-# ---- Tolerances, from rounding ----
-# Unit roundoff u: half the spacing of the numbers near 1. tf32 (what tl.dot makes of fp32 operands on the GPU) keeps
-# fp16's 10 mantissa bits.
-U = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-TF32 = 2.0**-11
+# ---- Tolerances, from rounding (`rounding.rounding_tolerances`) ----
 # Casts to the input dtype on the path of any one output or gradient: the stored h or dh, the decayed k, v or q that
 # enters tl.dot, the chunk's attention tile (A or dA) and the output itself.
 CASTS = 4
@@ -104,33 +101,18 @@ def max_chunk_log_decay(g, chunk_size, cu_seqlens=None) -> float:
                                                                                          cu_seqlens))
 
 
-def rounding_tolerances(expected, s2, *, casts, u_in, u_acc, chain, log_decay) -> dict:
-    """Relative-RMSE bound per name of `expected`:
-
-        (casts * u_in + (sqrt(chain) + log_decay) * u_acc) * rms(S) / rms(expected),  S = sqrt(s2).
-
-    Rounding errors are taken as independent and zero-mean, each at most u times the value rounded. A sum rounded
-    along a chain of n additions (fp32 accumulators, u_acc) is then off by about u sqrt(n) S, S the root of the sum
-    of its terms' squares (`squared_terms`); a cast to the input dtype (u_in) of an operand that all terms pass
-    through adds u S, and the casts of one path add up linearly. The decays exp(G_i - G_j) come from an fp32 cumsum
-    G, off by u max|G| absolutely, which is the decay's relative error (`max_chunk_log_decay`). rms(S) / rms(expected)
-    is the output's conditioning: about 1 for a sum of terms of random sign, larger for dg, a difference."""
-    per_unit = casts * u_in + (chain**0.5 + log_decay) * u_acc
-    return {name: per_unit * (s2[name].mean() / expected[name].double().pow(2).mean()).sqrt().item()
-            for name in expected}
-
-
 def kernel_tolerances(q, k, v, g, h0, expected, *, chunk_size=64, cu_seqlens=None, scale=None, casts=CASTS,
                       u_in=None, loss_on=("o", "ht")):
     """`rounding_tolerances` of the Triton op with these inputs, against the fp64 reference on the same values: the
-    chain is a dot along N or P, a chunk, and the state's chunk-to-chunk recursion."""
+    chain is a dot along N or P, a chunk, and the state's chunk-to-chunk recursion. The decays exp(G_i - G_j) come
+    from an fp32 cumsum G, off by u max|G| absolutely, which is each term's relative error (`max_chunk_log_decay`)."""
     B, T, G, N = q.shape
     longest = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     s2 = squared_terms(q, k, v, g, h0, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size, loss_on=loss_on)
     return rounding_tolerances(
         expected, s2, casts=casts, u_in=U[q.dtype] if u_in is None else u_in, u_acc=U[torch.float32],
         chain=N + v.shape[3] + chunk_size + -(-longest // chunk_size),
-        log_decay=max_chunk_log_decay(g, chunk_size, cu_seqlens),
+        term_error=max_chunk_log_decay(g, chunk_size, cu_seqlens),
     )
 
 
@@ -145,7 +127,7 @@ def _fp64_tolerances(inputs, expected, chunk_size, cu_seqlens=None):
     s2 = squared_terms(*inputs, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     chain = 2 * q.shape[1] + q.shape[3] + v.shape[3] + chunk_size
     return rounding_tolerances(expected, s2, casts=0, u_in=0.0, u_acc=U[torch.float64], chain=chain,
-                               log_decay=max_chunk_log_decay(g, chunk_size, cu_seqlens))
+                               term_error=max_chunk_log_decay(g, chunk_size, cu_seqlens))
 
 
 @pytest.mark.parametrize("T", [1, 63, 75, 200])
@@ -294,7 +276,7 @@ def test_mamba2_mapping_matches_minimal_discrete_ssd(T):
     s2 = squared_terms(C, B, x * dt[..., None], A * dt, None, scale=1.0)
     s2 = {"y": s2["o"] + (D[:, None] * x).double().square(), "state": s2["ht"]}
     expected = {"y": y_ref, "state": state_ref}
-    bound = dict(s2=s2, u_acc=U[torch.float32], chain=2 * T + N + P + 64, log_decay=max_chunk_log_decay(A * dt, T))
+    bound = dict(s2=s2, u_acc=U[torch.float32], chain=2 * T + N + P + 64, term_error=max_chunk_log_decay(A * dt, T))
     tols = rounding_tolerances(expected, casts=0, u_in=0.0, **bound)
     assert_rel_rmse(y_loop + D[:, None] * x, y_ref, tols["y"], "minimal form vs loop")
     assert_rel_rmse(state_loop, state_ref, tols["state"], "minimal form vs loop, state")
@@ -319,7 +301,7 @@ def step_tolerances(q, k, v, g, state, expected, *, scale=None, u_in):
     o2 = reference.ssd_step(*(x.double().square() for x in (q, k, v)), 2 * g.double(), s2_state, scale=scale**2)
     s2 = {"o": o2, "state": s2_state}
     return rounding_tolerances(expected, s2, casts=1, u_in=u_in, u_acc=U[torch.float32], chain=2 + N,
-                               log_decay=g.abs().max().item())
+                               term_error=g.abs().max().item())
 
 
 @pytest.mark.parametrize("G, H, N, P", [(2, 4, 20, 40), (1, 3, 16, 128)])
@@ -344,7 +326,7 @@ def test_step_loop_matches_recurrent(backend):
     s2 = squared_terms(q, k, v, g, h0)
     tols = rounding_tolerances(dict(o=o_ref, state=ht_ref), dict(o=s2["o"], state=s2["ht"]), casts=1,
                                u_in=U[v.dtype], u_acc=U[torch.float32], chain=2 * 20 + 16,
-                               log_decay=max_chunk_log_decay(g, 20))
+                               term_error=max_chunk_log_decay(g, 20))
     assert_rel_rmse(o, o_ref, tols["o"], "o")
     assert_rel_rmse(state, ht_ref, tols["state"], "state")
 
