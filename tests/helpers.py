@@ -40,27 +40,34 @@ def intra_layer_options(layer_types: list[str], windowed: bool, kv_heads: int) -
 
 
 @torch.no_grad()
-def open_memory_branches(model, seed: int = 0) -> None:
-    """Make every intra-layer layer's memory branch, and the state it carries, reach the output.
-
-    memory_scale [C] gets random values: conversion starts it at zero, which hides the branch and all its gradients,
-    and a config at one, which hides what the scale does per channel. A Mamba2 memory gets dt near 1, decays whose
-    half-lives span 1.4 to 14 tokens and B, C projections 8x their init: at init its writes x dt (dt ~ 0.01) and
-    reads C.S are so small that the state carries about 1e-5 of the branch's output (the D skip carries the rest),
-    so a frozen or misplaced state would change no token.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    for layer in model.model.layers:
-        if layer.layer_type not in BRANCH_TYPES:
-            continue
-        scale = layer.mixer.memory_scale
-        scale.copy_(torch.randn(scale.shape, generator=generator))
-        memory = layer.mixer.memory
+def open_mamba2_states(model) -> None:
+    """Make every Mamba2 mixer's state reach its output: dt near 1, decays whose half-lives span 1.4 to 14 tokens, and
+    B, C projections 8x their init. At a random init its writes x dt (dt ~ 0.01) and reads C.S are so small that the
+    state carries about 1e-5 of the mixer's output (the D skip carries the rest), so a frozen or misplaced state
+    would change no token and pass any test of the cache paths."""
+    for memory in model.modules():
         if isinstance(memory, Mamba2Mixer):
             memory.dt_bias.fill_(math.log(math.e - 1))  # softplus(dt_bias) = 1
             memory.A_log.copy_(torch.linspace(math.log(0.05), math.log(0.5), memory.num_heads))  # ln 2 / A tokens
             memory.B_proj.weight.mul_(8)
             memory.C_proj.weight.mul_(8)
+
+
+@torch.no_grad()
+def open_memory_branches(model, seed: int = 0) -> None:
+    """Make every intra-layer layer's memory branch, and the state it carries, reach the output.
+
+    memory_scale [C] gets random values: conversion starts it at zero, which hides the branch and all its gradients,
+    and a config at one, which hides what the scale does per channel. Mamba2 memories get open states
+    (open_mamba2_states).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        if layer.layer_type in BRANCH_TYPES:
+            scale = layer.mixer.memory_scale
+            scale.copy_(torch.randn(scale.shape, generator=generator))
+    open_mamba2_states(model)
+
 
 def intra_layer_model(windowed: bool) -> HybridForCausalLM:
     """A tiny fp32 model of every intra-layer type (intra_layer_options' `windowed`), GQA 4:2, an 8-token window with

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import INTRA_LAYER_TYPES, intra_layer_options, open_memory_branches, requires_cuda
+from helpers import INTRA_LAYER_TYPES, intra_layer_options, open_mamba2_states, open_memory_branches, requires_cuda
 
 from hybridize.model.fast_decode import StaticDecoder
 from hybridize.model import HybridConfig, HybridForCausalLM
@@ -20,7 +20,9 @@ def _model(layer_types=LAYERS, window=8, dtype=torch.float32, device="cpu", sink
                           num_attention_heads=4, num_key_value_heads=2, layer_types=layer_types, sliding_window=window,
                           sliding_window_sinks=sinks, max_position_embeddings=256, conv_kernel_size=4,
                           memory_outside_window=memory_outside_window, **options)
-    return HybridForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model = HybridForCausalLM(config)
+    open_mamba2_states(model)  # so that the decoder's in-place Mamba2 states decide the tokens
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _reference(model, ids, new_tokens, attention_mask=None):

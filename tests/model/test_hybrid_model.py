@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import open_mamba2_states
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hybridize.model import HybridCache, HybridConfig, HybridConfigError, HybridForCausalLM
@@ -39,7 +40,9 @@ def tiny_hybrid(layer_types, seed: int = 0, **options) -> HybridForCausalLM:
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, layer_types=layer_types,
         sliding_window=16, mamba_chunk_size=16, gdn_chunk_size=16, max_position_embeddings=512, **options,
     )
-    return HybridForCausalLM(config).double().eval()
+    model = HybridForCausalLM(config)
+    open_mamba2_states(model)  # so that the cache paths' Mamba2 states decide the logits
+    return model.double().eval()
 
 
 def full_logits(model, input_ids, attention_mask=None):
