@@ -1,6 +1,7 @@
 """Helpers for the distillation tests: recipes over the tiny models, running the CLI, reading metrics."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -64,3 +65,14 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
+
+
+def kill_after(path: Path, *args: str) -> None:
+    """Run `hybridize distill ARGS` until `path` (a checkpoint) exists, then SIGKILL it: no cleanup, no final save,
+    as if the machine went away."""
+    process = subprocess.Popen(distill_command(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(path, process)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 import torch
-from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, wait_for, write_recipe
+from distill_support import (REPO, distill_command, kill_after, metrics, run_distill, tiny_recipe, wait_for,
+                             write_recipe)
 from safetensors.torch import load_file, save_file
 
 from hybridize.distill import checkpoints
@@ -56,12 +57,7 @@ def test_the_checkpoint_named_after_a_divergence_is_good(tmp_path, tiny_models, 
     """lr 1e30 without clipping from step 3 on: the checkpoint holding the diverged weights is not the one named."""
     out, recipe = tmp_path / "run", tmp_path / "r.yaml"
     write_recipe(recipe, one_stage(tiny_models, text_file, out, steps=8, stage=0))
-    process = subprocess.Popen(distill_command(recipe, "--out", out), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(out / "checkpoints" / "0-attention" / "step-00000002", process)
-    finally:
-        kill(process)
+    kill_after(out / "checkpoints" / "0-attention" / "step-00000002", recipe, "--out", out)
     diverging = ["--resume", "--set", "stages.0.lr=1e30", "--set", "stages.0.max_grad_norm=null"]
     result = run_distill(recipe, "--out", out, *diverging)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -223,12 +219,7 @@ def test_a_stages_disk_peak_counts_held_checkpoints_and_the_model(saves, existin
 def test_a_checkpoint_without_a_trained_weight_is_refused(tmp_path, tiny_models, text_file):
     out, recipe = tmp_path / "run", tmp_path / "r.yaml"
     write_recipe(recipe, one_stage(tiny_models, text_file, out, steps=8))
-    process = subprocess.Popen(distill_command(recipe, "--out", out), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(out / "checkpoints" / "0-kd" / "step-00000002", process)
-    finally:
-        kill(process)
+    kill_after(out / "checkpoints" / "0-kd" / "step-00000002", recipe, "--out", out)
     latest = sorted((out / "checkpoints" / "0-kd").glob("step-*"))[-1]
     weights = load_file(latest / "model.safetensors")
     dropped = sorted(weights)[0]

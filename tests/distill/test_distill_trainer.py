@@ -3,7 +3,6 @@ are one line; FSDP2's bf16 policy reduces gradients in fp32."""
 
 import json
 import os
-import signal
 import subprocess
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from helpers import requires_cuda
 from safetensors.torch import load_file
-from distill_support import REPO, distill_command, metrics, run_distill, tiny_recipe, wait_for, write_recipe
+from distill_support import REPO, kill_after, metrics, run_distill, tiny_recipe, write_recipe
 
 from hybridize.cli import COMMANDS
 from hybridize.cli import main as hybridize_main
@@ -131,13 +130,7 @@ def test_kill_and_resume_continues_exactly(tmp_path, tiny_models, text_file):
     raw["stages"] = [raw["stages"][1] | {"tokens": 10 * 256}]  # one KD stage of 10 steps, a checkpoint every 2
     recipe = write_recipe(tmp_path / "recipe.yaml", raw)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    process = subprocess.Popen(distill_command(recipe, "--output-dir", killed), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(killed / "checkpoints" / "0-kd" / "step-00000004", process)
-    finally:
-        process.send_signal(signal.SIGKILL)  # no cleanup, no final save: as if the machine went away
-        process.wait()
+    kill_after(killed / "checkpoints" / "0-kd" / "step-00000004", recipe, "--output-dir", killed)
     assert not (killed / "final").exists()
     # The checkpoint holds the trained weights (the decoder layers), not the frozen embedding: resuming reads that
     # from the stage's starting folder again.
