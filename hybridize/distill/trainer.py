@@ -246,10 +246,11 @@ class Trainer:
         """With a plan, the teacher converted once (by the main process) into out/init, the first stage's start."""
         target = self.out / "init"
         if self.recipe.plan is not None and self.main and not (target / "config.json").exists():
-            from ..convert.pipeline import convert_to_folder
+            from ..convert.pipeline import CONVERT_DEFAULTS, convert_to_folder
 
             self.log(f"converting {self.recipe.teacher} with plan {self.recipe.plan!r} into {target}")
-            convert_to_folder(self.recipe.teacher, self.recipe.plan, target, seed=self.recipe.seed,
+            options = dataclasses.replace(CONVERT_DEFAULTS, long_memory_heads=self.recipe.init_long_heads)
+            convert_to_folder(self.recipe.teacher, self.recipe.plan, target, seed=self.recipe.seed, options=options,
                               sink_tokens=self.recipe.sink_tokens, device=self.accelerator.device, log=self.log)
         self.accelerator.wait_for_everyone()
 

@@ -168,6 +168,9 @@ def test_invalid_top_level_values_are_named():
     del plan["init"]
     assert error_for({**plan, "sink_tokens": -1}).startswith("recipe: sink_tokens: must be >= 0")
     assert parse_recipe({**plan, "sink_tokens": 4}).sink_tokens == 4
+    assert error_for(minimal(init_long_heads=0.25)).startswith("recipe: init_long_heads: applies when converting a")
+    assert error_for({**plan, "init_long_heads": 1.5}).startswith("recipe: init_long_heads: must be in [0, 1]")
+    assert parse_recipe({**plan, "init_long_heads": 0.25}).init_long_heads == 0.25
     raw = minimal()
     raw["stages"][1]["name"] = "a"
     assert error_for(raw).startswith("recipe: stages[1].name: 'a' is used by an earlier stage")

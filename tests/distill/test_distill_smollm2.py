@@ -1,10 +1,15 @@
 """The embedded SmolLM2 teacher: stage 1 lowers every replaced layer's error, and the shipped recipe runs end to end."""
 
 import json
+import math
 
 import pytest
+import torch
+import torch.nn.functional as F
 from distill_support import REPO, metrics, run_distill
+from safetensors.torch import load_file
 
+from hybridize.convert.init import LONG_MEMORY_HALF_LIFE
 from hybridize.distill.recipe import parse_recipe
 from hybridize.distill.trainer import Trainer
 
@@ -14,7 +19,7 @@ PLAN = "gated_deltanet:3,11 mamba2:7 full_attention:rest"
 @pytest.mark.slow
 def test_stage1_lowers_each_replaced_layers_error_on_the_embedded_teacher(tmp_path, text_file):
     raw = {
-        "teacher": "smollm2-135m", "plan": PLAN, "output_dir": str(tmp_path / "run"),
+        "teacher": "smollm2-135m", "plan": PLAN, "output_dir": str(tmp_path / "run"), "init_long_heads": 0.3,
         "data": {"source": str(text_file), "held_out_fraction": 0.1},
         "stages": [{"name": "attention", "kind": "attention_output", "tokens": 6 * 256, "seq_len": 64,
                     "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3}],
@@ -29,6 +34,14 @@ def test_stage1_lowers_each_replaced_layers_error_on_the_embedded_teacher(tmp_pa
     assert after["loss"] < 0.97 * before["loss"]  # measured: 1.736 -> 1.638
     conversion = json.loads((tmp_path / "run" / "final" / "conversion.json").read_text())
     assert conversion["layer_types"][3] == "gated_deltanet"  # the plan was converted first, and recorded
+    assert conversion["init_options"]["long_memory_heads"] == 0.3
+    # ceil(0.3 x 9) = 3 heads of each recurrent layer start with the long half-life: a = exp(-exp(A_log) softplus(dt))
+    init = load_file(tmp_path / "run" / "init" / "model.safetensors")
+    for layer in (3, 7, 11):
+        prefix = f"model.layers.{layer}.mixer."
+        rate = init[prefix + "A_log"].float().exp() * F.softplus(init[prefix + "dt_bias"].float())
+        half_lives = math.log(2) / rate
+        assert torch.isclose(half_lives, torch.tensor(LONG_MEMORY_HALF_LIFE), rtol=1e-3).sum() == 3, half_lives
 
 
 @pytest.mark.slow
