@@ -383,7 +383,7 @@ class StageRun:
                       + 2 * sum(p.numel() * p.element_size() for p in trained) + SMALL_FILES)
         every, latest = self.trainer.recipe.checkpoint.every_steps, checkpoints.latest_checkpoint(self.checkpoints)
         start = checkpoints.checkpoint_step(latest) if latest and self.trainer.resume else 0
-        saves = (self.stop - 1) // every - start // every
+        saves = max(0, (self.stop - 1) // every - start // every)  # none at the last step: the model is written
         return StageWrites(checkpoint=checkpoint, saves=saves, held=max(self.trainer.recipe.checkpoint.keep_last, 2),
                            model=folder_bytes(self.source) + SMALL_FILES, existing=folder_bytes(self.checkpoints))
 
