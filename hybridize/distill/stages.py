@@ -15,8 +15,9 @@ from peft import LoraModel
 from torch import nn
 
 from ..errors import UserError
-from ..teacher_forcing import capture_mixer_io, student_mixer_outputs
 from ..losses import KDOptions, attention_output_loss, kd_loss, next_token_labels
+from ..model.modeling_hybrid import HALF_LIFE_PARAMETERS
+from ..teacher_forcing import capture_mixer_io, student_mixer_outputs
 from .on_policy import ContinuationSampler
 from .recipe import AttentionOutputStage, EndToEndStage, LoraConfig, OnPolicyStage, Stage
 
@@ -99,8 +100,11 @@ def prepare_student(student: nn.Module, stage: Stage) -> LoraModel | None:
 
 
 def parameter_groups(student: nn.Module, stage: Stage) -> list[dict]:
-    """AdamW groups: lr by the layer type a parameter sits in (LoRA's own lr if set); decay on matrices only."""
+    """AdamW groups: lr by the layer type a parameter sits in (LoRA's own lr if set); the recurrent heads'
+    half-life parameters in groups of their own (`half_life_lr`, else their layer's lr), so that the groups are the
+    same whatever lrs a resumed run is given; decay on matrices only."""
     layer_types = student.config.layer_types
+    half_life = re.compile(HALF_LIFE_PARAMETERS)
     groups: dict[tuple, dict] = {}
     for name, param in student.named_parameters():
         if not param.requires_grad:
@@ -108,10 +112,13 @@ def parameter_groups(student: nn.Module, stage: Stage) -> list[dict]:
         kind = layer_type_of(name, layer_types)
         lr = stage.lr_by_layer_type.get(kind, stage.lr)
         is_lora = ".lora_" in name
+        label = "lora" if is_lora else (kind or "other")
         if is_lora and stage.lora.lr is not None:
             lr = stage.lora.lr
+        elif half_life.search(name):
+            label = f"{label} half-life"
+            lr = lr if stage.half_life_lr is None else stage.half_life_lr
         decay = stage.weight_decay if param.ndim >= 2 else 0.0
-        label = f"{'lora' if is_lora else (kind or 'other')}"
         group = groups.setdefault((label, lr, decay), {"params": [], "lr": lr, "peak_lr": lr, "weight_decay": decay,
                                                        "label": label})
         group["params"].append(param)

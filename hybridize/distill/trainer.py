@@ -51,7 +51,7 @@ from .tracking import MetricsLog, flat_config, held_out_gap, missing_tracker_war
 
 # What a resumed run may change: where and how it reports, and (say after a NaN) its learning-rate schedule.
 RESUMABLE_SECTIONS = ("output_dir", "checkpoint", "logging", "compile")
-RESUMABLE_STAGE_KEYS = ("lr", "lr_by_layer_type", "warmup_steps", "min_lr_ratio", "max_grad_norm")
+RESUMABLE_STAGE_KEYS = ("lr", "lr_by_layer_type", "half_life_lr", "warmup_steps", "min_lr_ratio", "max_grad_norm")
 
 
 @dataclasses.dataclass

@@ -25,6 +25,8 @@ from .window_memory import WindowMemoryMixer
 # exp(-exp(A_log) * softplus(.)) would move by whole percents per step of rounding. The same holds for the memory
 # branch of a window + memory layer and the recurrent heads of a head-wise one.
 FP32_PARAMETERS = r"mixer\.(?:memory\.)?(?:A_log|dt_bias|D)$"
+# The parameters that set each recurrent head's half-life at a zero gate input (distill's `half_life_lr`).
+HALF_LIFE_PARAMETERS = r"mixer\.(?:memory\.)?(?:A_log|dt_bias)$"
 
 
 def _branch_mixer(mixer_class, memory_type: str):

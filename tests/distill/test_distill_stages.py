@@ -71,6 +71,34 @@ def test_prepare_student_freezes_the_rest_and_groups_lrs_by_layer_type(student):
     assert all(g["peak_lr"] == g["lr"] for g in groups)
 
 
+def test_half_life_parameters_get_half_life_lr_and_move_by_it_in_the_first_adamw_step(student):
+    """Adam's first step moves every parameter by lr * g / (|g| + eps), i.e. by its lr where |g| >> eps: the
+    half-life parameters (A_log, dt_bias of GDN and Mamba2 layers) by half_life_lr, the rest by their layer's lr."""
+    prepare_student(student, stage2(trainable=["model.layers.*"]))
+    params = dict(student.named_parameters())
+    half_life = [f"model.layers.{i}.mixer.{p}" for i in (0, 2) for p in ("A_log", "dt_bias")]
+    plain_groups = parameter_groups(student, stage2(lr_by_layer_type={"mamba2": 2e-4}))
+    groups = parameter_groups(student, stage2(lr_by_layer_type={"mamba2": 2e-4}, half_life_lr=1e-2))
+    lr_of = lambda gs: {n: g["lr"] for g in gs for p in g["params"] for n in params if params[n] is p}
+    assert [lr_of(plain_groups)[n] for n in half_life] == [1e-4, 1e-4, 2e-4, 2e-4]  # null: the layer's lr
+    assert [lr_of(groups)[n] for n in half_life] == [1e-2] * 4
+    # The same groups of the same parameters either way: a resumed run may change half_life_lr.
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in g["params"]] for g in plain_groups]
+    with torch.no_grad():  # the conversion holds new outputs at zero, so that gradients reach A_log and dt_bias
+        for param in params.values():
+            if not param.any():
+                param.normal_(0, 0.1)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.AdamW(groups, eps=1e-30)
+    student(torch.randint(0, student.config.vocab_size, (2, 40)), labels=torch.randint(0, 100, (2, 40))).loss.backward()
+    optimizer.step()
+    for name in half_life + ["model.layers.2.mixer.D", "model.layers.0.mixer.b_bias"]:
+        moved = (params[name] - before[name]).abs()
+        assert (params[name].grad != 0).any(), name
+        expected = lr_of(groups)[name]
+        assert torch.allclose(moved[params[name].grad != 0], torch.tensor(expected), rtol=1e-3), (name, moved)
+
+
 def test_lora_targets_kept_attention_and_mlps_not_trained_in_full():
     lora = LoraConfig()
     targets = lora_target_modules(TINY_LAYER_TYPES, lora, trained={"model.layers.3.mlp.up_proj.weight"})
