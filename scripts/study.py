@@ -1,6 +1,6 @@
 """The design study (docs/results.md, "What each design choice buys").
 
-Which layers, which mixers, how much attention, which stages.
+Which layers, which mixers, how much attention, which stages, and what keeps a recurrent hybrid's recall.
 
 Every run is the shipped commands, as a user types them: `hybridize analyze`, then per run
 `hybridize distill recipes/smollm2-135m/study/<stages>.yaml --set plan=<plan> --out <dir>` and
@@ -39,7 +39,8 @@ CYCLES = {"MGS": ("mamba2", "gated_deltanet", "sliding_attention"),
 QUESTIONS = {"layers": "which layers (8 kept, GDN elsewhere)", "mixers": "which mixers (analyzer's 8 kept)",
              "attention": "how much attention (K of 30 kept)", "stages": "which stages (3M tokens in all)",
              "analyzer": "analyzer vs other plans (stage 1 only)",
-             "sinks": "windows that keep the first 4 tokens (sinks)"}
+             "sinks": "windows that keep the first 4 tokens (sinks)",
+             "recall": "what keeps a passkey (the GDN recipe, 80M tokens)"}
 # The Pareto plot's speed axis: the hybrid's fast decode path at 8K context, batch 16.
 BENCH_POINT = {"path": "hybrid fast", "context": 8192, "batch": 16}
 
@@ -48,10 +49,11 @@ BENCH_POINT = {"path": "hybrid fast", "context": 8192, "batch": 16}
 class Run:
     name: str
     question: str  # keys of QUESTIONS, joined by "/"
-    stages: str  # a recipe in RECIPES: both, stage1_only, stage2_only
-    plan: str  # anything `hybridize convert --plan` takes
+    stages: str  # a recipe in RECIPES: both, stage1_only, stage2_only, or ../NAME for a shipped SmolLM2 recipe
+    plan: str | None  # anything `hybridize convert --plan` takes; None: the recipe's own
     kept: int = BUDGET
     sinks: int = 0  # the recipe's sink_tokens: sliding windows also keep each sequence's first `sinks` tokens
+    overrides: tuple[str, ...] = ()  # more `--set KEY=VALUE` for `hybridize distill`
 
 
 def analyzer_plan(budget: int) -> Path:
@@ -69,6 +71,14 @@ ANALYZE_SINKS_DIR = Path(f"{ANALYZE_DIR}-s{SINKS}")
 # The headline budget chosen for Gated DeltaNet alone: the kept layers a GDN hybrid needs differ from those that
 # suit windows elsewhere (docs/results.md, "Which layers keep attention").
 ANALYZE_GDN_DIR = Path(f"{ANALYZE_DIR}-gdn")
+
+
+# What might keep a passkey in the Gated DeltaNet recipe, at its own 80M tokens: the quarter of each layer's heads
+# with the longest mean attention distance starting at a 4096-token half-life (convert --init-long-heads), and
+# half-life parameters that train fast enough to move (half_life_lr; docs/distill.md, "Half-life lr").
+HALF_LIFE_LR = ("stages.0.half_life_lr=1e-2", "stages.1.half_life_lr=3e-3")
+RECALL_LEVERS = {"": (), "-long-heads": ("init_long_heads=0.25",), "-half-life-lr": HALF_LIFE_LR,
+                 "-long-heads-half-life-lr": ("init_long_heads=0.25", *HALF_LIFE_LR)}
 
 
 def kept_layers(plan_file: Path) -> list[int]:
@@ -107,6 +117,8 @@ def runs() -> list[Run]:
         Run("attention-k0", "attention", "both", str(analyzer_plan(0) / "plan.json"), kept=0),
         Run("analyzer-vs-uniform-stage1", "analyzer", "stage1_only", f"uniform:{BUDGET}:gated_deltanet"),
         Run("analyzer-vs-h2-stage1", "analyzer", "stage1_only", f"h2:{BUDGET}"),
+        *[Run(f"recall-gdn{suffix}", "recall", "../gdn", None, overrides=overrides)
+          for suffix, overrides in RECALL_LEVERS.items()],
     ]
 
 
@@ -141,6 +153,12 @@ def analyze(budgets: list[int]) -> None:
                      str(ANALYZE_DIR / "plan.json"), "--out", str(ANALYZE_GDN_DIR)), log)
 
 
+def distill_settings(run: Run) -> list[str]:
+    """The run's `--set` values for `hybridize distill` on its recipe."""
+    return ([f"plan={run.plan}"] * (run.plan is not None) + [f"sink_tokens={run.sinks}"] * (run.sinks > 0)
+            + list(run.overrides))
+
+
 def run_one(run: Run, root: Path) -> None:
     out = root / run.name
     root.mkdir(parents=True, exist_ok=True)
@@ -148,10 +166,10 @@ def run_one(run: Run, root: Path) -> None:
     started = time.time()
     if not (out / "final" / "config.json").exists():
         resume = ["--resume"] if (out / "checkpoints").exists() else []
-        sinks = ["--set", f"sink_tokens={run.sinks}"] if run.sinks else []
-        sh(hybridize("distill", str(RECIPES / f"{run.stages}.yaml"), "--set", f"plan={run.plan}", *sinks,
-                     "--out", str(out), *resume), log)
-    extra = [] if run.name == "headline" or run.question == "sinks" else ABLATION_EVAL  # headline candidates
+        settings = [a for setting in distill_settings(run) for a in ("--set", setting)]
+        sh(hybridize("distill", str(RECIPES / f"{run.stages}.yaml"), *settings, "--out", str(out), *resume), log)
+    # The headline candidates and the recall levers get the full recall suite.
+    extra = [] if run.name == "headline" or run.question in ("sinks", "recall") else ABLATION_EVAL
     # --overwrite: a resumed study writes again over its own earlier results.
     sh(hybridize("eval", str(out / "final"), "--out", str(out / "eval"), "--overwrite", *extra), log)
     if run.name == "headline":

@@ -64,3 +64,22 @@ def test_pareto_front_keeps_only_unbeaten_points_by_speed():
     points = [(10.0, 0.1), (5.0, 0.2), (20.0, 0.3), (20.0, 0.4), (20.0, 0.3), (30.0, 0.9)]
     assert front(points) == [0, 2, 4, 5]
     assert front([(1.0, 1.0)]) == [0]
+
+
+def test_the_recall_runs_are_the_gdn_recipe_with_one_lever_each():
+    """Each recall run's settings bind to the shipped recipe (a renamed key would fail here, not on the GPU)."""
+    from hybridize.distill.recipe import parse_recipe, read_recipe
+
+    study = load_study()
+    recall = [run for run in study.runs() if run.question == "recall"]
+    assert len({run.name for run in study.runs()}) == len(study.runs())
+    recipes = {run.name: parse_recipe(read_recipe(REPO / study.RECIPES / f"{run.stages}.yaml",
+                                                  study.distill_settings(run))) for run in recall}
+    base = recipes["recall-gdn"]
+    assert base.plan == "full_attention:0,1,2,8,18,20,23,24 gated_deltanet:rest" and base.init_long_heads == 0
+    assert [s.half_life_lr for s in base.stages] == [None, None]
+    assert recipes["recall-gdn-long-heads"].init_long_heads == 0.25
+    assert [s.half_life_lr for s in recipes["recall-gdn-half-life-lr"].stages] == [1e-2, 3e-3]
+    both = recipes["recall-gdn-long-heads-half-life-lr"]
+    assert both.init_long_heads == 0.25 and [s.half_life_lr for s in both.stages] == [1e-2, 3e-3]
+    assert {sum(s.tokens for s in r.stages) for r in recipes.values()} == {80_000_000}  # equal tokens
