@@ -6,14 +6,21 @@ model's own cache (the path `generate()` prefills with). After each chunk, per l
 - in the recurrent state of a Mamba2 or Gated DeltaNet layer: the relative difference between the two states.
 Before the needle both are exactly 0 (causality). A recurrent layer whose state footprint falls towards 0 between the
 needle and the question has forgotten the number; the teacher's residual footprints show what its layers carry.
+Why a recurrent layer forgets, per layer: each head's half-life at a zero gate input (from its weights alone), and
+how much of what was written at the needle's last token its decays alone keep by each chunk's end (the product of
+the head's a_t over the first prompt's tokens since then; the delta rule's erasing and new writes are not counted).
 """
 
+import math
 import random
+from contextlib import contextmanager
 
 import torch
 
 from ..model import HybridForCausalLM
 from ..model.cache import HybridCache, RecurrentLayerCache
+from ..model.gated_deltanet import GatedDeltaNetMixer
+from ..model.mamba2 import Mamba2Mixer
 from .recall import Haystack, passkey_prompt
 
 NUMBERS = ("1234567", "7654321")  # same digit count: the two prompts tokenize to the same length
@@ -29,23 +36,59 @@ def _cache_for(model):
     return HybridCache(model.config) if isinstance(model, HybridForCausalLM) else None
 
 
+def _decaying_mixers(model) -> dict[int, torch.nn.Module]:
+    """Layer index -> the module whose state decays: a Mamba2 / GDN mixer, or the recurrent branch of a two-branch
+    layer; none in a teacher."""
+    return {m.layer_idx: m for m in model.modules() if isinstance(m, (GatedDeltaNetMixer, Mamba2Mixer))}
+
+
+def _half_lives(mixer: torch.nn.Module, zero_input: torch.Tensor) -> list[float]:
+    """Each head's half-life in tokens at a zero gate input [1, 1, C]: ln 2 / -log a."""
+    log_a = mixer.log_decay(zero_input)[0, 0]  # [H]
+    return [math.log(2) / max(-value, 1e-30) for value in log_a.tolist()]
+
+
+@contextmanager
+def _recorded_log_decays(mixers: dict[int, torch.nn.Module]):
+    """{layer: [1, chunk, H] log a_t of the first prompt} for the latest forward, while the block runs."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(layer: int):
+        return lambda module, args: seen.__setitem__(layer, module.log_decay(args[0][:1]))
+
+    hooks = [mixer.register_forward_pre_hook(record(layer)) for layer, mixer in mixers.items()]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.no_grad()
 def needle_trace(model, tokenizer, length: int = 1024, depth: float = 0.25, chunk: int = 128, seed: int = 0) -> dict:
     """{"needle": [start, end), "layer_types", "rows": one per chunk end with per-layer footprints}.
 
     rows[i]: {"tokens": tokens seen, "residual": [per layer], "state": [per layer, None where no recurrent state],
-    "state_norm": [per layer, the first prompt's state norm, or None]}.
+    "state_norm": [per layer, the first prompt's state norm, or None], "decay_kept": [per layer, log10 of the most
+    any head's decays keep of the needle's last write, 0 before it; None where nothing decays]}.
+    "half_life": [per layer, each head's half-life at a zero gate input, or None].
     """
     haystack = Haystack(tokenizer, length)
     prompts = [passkey_prompt(tokenizer, haystack, length, depth, random.Random(seed), number=n)[0] for n in NUMBERS]
     ids = torch.tensor(prompts, device=next(model.parameters()).device)  # [2, L]
     differs = (ids[0] != ids[1]).nonzero().flatten().tolist()
     cache = _cache_for(model)
+    mixers = _decaying_mixers(model)
+    kept = {layer: 0.0 for layer in mixers}  # per layer: [H] sums of log a_t since the needle's last token
     rows = []
     for start in range(0, length, chunk):
-        out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
-                    output_hidden_states=True)
+        with _recorded_log_decays(mixers) as log_decays:
+            out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
+                        output_hidden_states=True)
         cache = out.past_key_values
+        since = max(0, differs[-1] + 1 - start)  # the chunk's first token after the needle
+        for layer, log_a in log_decays.items():
+            kept[layer] = kept[layer] + log_a[0, since:].sum(0)  # [H]
         layers = out.hidden_states[1:]  # each [2, chunk, C]; the last is after the final norm
         row = {"tokens": min(start + chunk, length), "residual": [_relative_difference(h[0, -1], h[1, -1]) for h in layers],
                "state": [], "state_norm": []}
@@ -53,8 +96,12 @@ def needle_trace(model, tokenizer, length: int = 1024, depth: float = 0.25, chun
             state = layer.recurrent_state if isinstance(layer, RecurrentLayerCache) else None
             row["state"].append(None if state is None else _relative_difference(state[0], state[1]))
             row["state_norm"].append(None if state is None else float(state[0].norm()))
+        row["decay_kept"] = [float(kept[i].max()) / math.log(10) if i in kept else None
+                             for i in range(len(cache.layers))]
         rows.append(row)
     layer_types = list(getattr(model.config, "layer_types", None) or ["attention"] * len(rows[0]["residual"]))
+    zero_input = torch.zeros(1, 1, model.config.hidden_size, device=ids.device, dtype=model.dtype)
+    half_life = [_half_lives(mixers[i], zero_input) if i in mixers else None for i in range(len(layer_types))]
     return {"length": length, "depth": depth, "needle": [differs[0], differs[-1] + 1],
-            "layer_types": layer_types, "rows": rows}
+            "layer_types": layer_types, "rows": rows, "half_life": half_life}
 

@@ -115,6 +115,10 @@ class GatedDeltaNetMixer(nn.Module):
         o = ops.gated_rms_norm(o, gate, self.norm_weight, eps=self.norm_eps)
         return self.o_proj(o.reshape(batch, length, -1))
 
+    def log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] fp32 log a_t of each head at these mixer inputs [B, T, C]."""
+        return gate_and_beta(self.a_proj(hidden_states), self.b_proj(hidden_states), self.gate_params)[0]
+
     def recurrence(self, q, k, v, g, beta, layer_cache, decoding: bool) -> torch.Tensor:
         """o [B, T, H, V] of the gated delta rule over this forward's tokens, continuing layer_cache's state (if any)
         and leaving the new one there. With `fused_inputs`, q, k are un-normalized and g, beta are the raw a, b."""

@@ -80,8 +80,7 @@ class Mamba2Mixer(nn.Module):
         x = x.view(batch, length, self.num_heads, self.head_dim)  # [B, T, H, P]
         b = b.view(batch, length, self.num_groups, self.state_size)  # [B, T, G, N]
         c = c.view(batch, length, self.num_groups, self.state_size)  # [B, T, G, N]
-        dt = F.softplus(dt.float() + self.dt_bias)  # [B, T, H]
-        g = -torch.exp(self.A_log.float()) * dt  # [B, T, H] log decay
+        dt, g = self.steps_and_log_decay(dt)  # [B, T, H] each
         v = x * dt[..., None].to(x.dtype)
         y = self.recurrence(c, b, v, g, layer_cache, decoding)  # [B, T, H, P]
         if conv_state is not None:
@@ -90,6 +89,15 @@ class Mamba2Mixer(nn.Module):
         z = z.view(batch, length, self.num_heads, self.head_dim)
         y = ops.gated_rms_norm(y, z, self.norm_weight, eps=self.norm_eps)
         return self.out_proj(y.reshape(batch, length, -1))
+
+    def steps_and_log_decay(self, dt_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dt, log decay g = -exp(A_log) dt), [B, T, H] fp32 each, from the raw dt projection [B, T, H]."""
+        dt = F.softplus(dt_raw.float() + self.dt_bias)
+        return dt, -torch.exp(self.A_log.float()) * dt
+
+    def log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] fp32 log a_t of each head at these mixer inputs [B, T, C]."""
+        return self.steps_and_log_decay(self.dt_proj(hidden_states))[1]
 
     def recurrence(self, c, b, v, g, layer_cache, decoding: bool) -> torch.Tensor:
         """y [B, T, H, P] of the SSD recurrence over this forward's tokens (before the D skip), continuing

@@ -1,13 +1,15 @@
 """The needle trace: footprints are causal, an all-attention hybrid traces like its teacher, a fast-forgetting
-recurrent layer loses the number."""
+recurrent layer loses the number, half-lives and the decay kept since the needle are what the weights give."""
 
 import copy
+import math
 
 import pytest
 import torch
 
 from hybridize.evaluate.common import load_pair
-from hybridize.evaluate.needle_trace import needle_trace
+from hybridize.evaluate.needle_trace import _decaying_mixers, needle_trace
+from helpers import intra_layer_model
 
 SETTINGS = {"length": 200, "depth": 0.5, "chunk": 40}
 
@@ -52,3 +54,37 @@ def test_a_fast_forgetting_layer_loses_the_number(pair):
         mixer.dt_bias.fill_(5.0)
     lost = needle_trace(forgetful, tokenizer, **SETTINGS)["rows"][-1]["state"][layer]
     assert kept > 1e-4 and lost < 1e-6 * kept
+
+
+def test_half_lives_and_decay_kept_follow_the_weights(pair):
+    """With the gate projections zeroed every head decays by its constant a = exp(-exp(A_log) softplus(dt_bias)):
+    each half-life is ln 2 / -log a, and the decay kept at a chunk's end is a^(tokens since the needle's end)
+    for the best head; an off-by-one in where the count starts or a head mix-up fails it."""
+    student, teacher, tokenizer = pair
+    model = copy.deepcopy(student)
+    recurrent = {i: layer.mixer for i, layer in enumerate(model.model.layers)
+                 if model.config.layer_types[i] in ("mamba2", "gated_deltanet")}
+    log_a = {}
+    with torch.no_grad():
+        for i, mixer in recurrent.items():
+            (mixer.a_proj if hasattr(mixer, "a_proj") else mixer.dt_proj).weight.zero_()
+            mixer.A_log.copy_(torch.linspace(-4.0, -1.0, mixer.A_log.numel()))
+            log_a[i] = -torch.exp(mixer.A_log) * torch.nn.functional.softplus(mixer.dt_bias)  # [H]
+    trace = needle_trace(model, tokenizer, **SETTINGS)
+    end = trace["needle"][1]
+    for i, kind in enumerate(model.config.layer_types):
+        if i not in recurrent:
+            assert trace["half_life"][i] is None and all(row["decay_kept"][i] is None for row in trace["rows"])
+            continue
+        assert trace["half_life"][i] == pytest.approx([math.log(2) / -v for v in log_a[i].tolist()], rel=1e-5)
+        for row in trace["rows"]:
+            expected = max(0, row["tokens"] - end) * float(log_a[i].max()) / math.log(10)
+            assert row["decay_kept"][i] == pytest.approx(expected, rel=1e-4, abs=1e-6), (i, row["tokens"])
+    assert all(value is None for value in needle_trace(teacher, tokenizer, **SETTINGS)["half_life"])
+
+
+def test_the_recurrent_branches_of_intra_layer_types_are_traced():
+    model = intra_layer_model(windowed=False)
+    mixers = _decaying_mixers(model)
+    assert sorted(mixers) == list(range(len(model.config.layer_types)))
+    assert all(mixer is model.model.layers[i].mixer.memory for i, mixer in mixers.items())
