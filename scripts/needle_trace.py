@@ -5,8 +5,8 @@
 
 Prints one row per layer: its type, the recurrent state's footprint just after the needle and at the question, the
 longest half-life of its heads at a zero gate input, the most its decays keep of the needle's last write by the
-question (log10), and the residual stream's footprint at the question for the hybrid and its teacher
-(hybridize/evaluate/needle_trace.py).
+question (log10), the most attention a head puts on the number from the last token, and the residual stream's
+footprint at the question, the last two for the hybrid and its teacher (hybridize/evaluate/needle_trace.py).
 """
 
 import argparse
@@ -37,13 +37,16 @@ def main() -> int:
               for name, model in (("hybrid", student), ("teacher", teacher))}
     hybrid, rows = traces["hybrid"], traces["hybrid"]["rows"]
     after = next(row for row in rows if row["tokens"] >= hybrid["needle"][1])
+    teacher = traces["teacher"]
     table = [[i, kind, after["state"][i], rows[-1]["state"][i],
               None if hybrid["half_life"][i] is None else max(hybrid["half_life"][i]), rows[-1]["decay_kept"][i],
-              rows[-1]["residual"][i], traces["teacher"]["rows"][-1]["residual"][i]]
+              hybrid["needle_attention"][i], teacher["needle_attention"][i],
+              rows[-1]["residual"][i], teacher["rows"][-1]["residual"][i]]
              for i, kind in enumerate(hybrid["layer_types"])]
-    print(f"needle at tokens {hybrid['needle']}, question at the end of {args.length}")
+    print(f"number at tokens {hybrid['needle']}, question at the end of {args.length}")
     print(format_table(["layer", "type", f"state @{after['tokens']}", "state @end", "longest half-life",
-                        "log10 decay kept @end", "residual @end", "teacher residual @end"], table))
+                        "log10 decay kept @end", "attention on number", "teacher's", "residual @end",
+                        "teacher residual @end"], table))
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(traces, handle)

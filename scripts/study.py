@@ -74,11 +74,15 @@ ANALYZE_GDN_DIR = Path(f"{ANALYZE_DIR}-gdn")
 
 
 # What might keep a passkey in the Gated DeltaNet recipe, at its own 80M tokens: the quarter of each layer's heads
-# with the longest mean attention distance starting at a 4096-token half-life (convert --init-long-heads), and
-# half-life parameters that train fast enough to move (half_life_lr; docs/distill.md, "Half-life lr").
+# with the longest mean attention distance starting at a 4096-token half-life (convert --init-long-heads),
+# half-life parameters that train fast enough to move (half_life_lr; docs/distill.md, "Half-life lr"), and attention
+# kept in the layers the teacher's readout of a passkey needs (0-2 for the start, 3, 5, 7 for long range, 20 and 23
+# to read out; docs/runs/needle-readout_cpu_2026-12-05.md).
 HALF_LIFE_LR = ("stages.0.half_life_lr=1e-2", "stages.1.half_life_lr=3e-3")
+READOUT_LAYERS = "plan=full_attention:0,1,2,3,5,7,20,23 gated_deltanet:rest"
 RECALL_LEVERS = {"": (), "-long-heads": ("init_long_heads=0.25",), "-half-life-lr": HALF_LIFE_LR,
-                 "-long-heads-half-life-lr": ("init_long_heads=0.25", *HALF_LIFE_LR)}
+                 "-long-heads-half-life-lr": ("init_long_heads=0.25", *HALF_LIFE_LR),
+                 "-readout-layers": (READOUT_LAYERS,)}
 
 
 def kept_layers(plan_file: Path) -> list[int]:

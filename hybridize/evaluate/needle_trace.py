@@ -6,7 +6,9 @@ model's own cache (the path `generate()` prefills with). After each chunk, per l
 - in the recurrent state of a Mamba2 or Gated DeltaNet layer: the relative difference between the two states.
 Before the needle both are exactly 0 (causality). A recurrent layer whose state footprint falls towards 0 between the
 needle and the question has forgotten the number; the teacher's residual footprints show what its layers carry.
-Why a recurrent layer forgets, per layer: each head's half-life at a zero gate input (from its weights alone), and
+Whether the attention that is kept looks at the number: per full-attention layer, the most attention any head puts
+on the number's tokens from the prompt's last token, where the answer is read out. Why a recurrent layer forgets,
+per layer: each head's half-life at a zero gate input (from its weights alone), and
 how much of what was written at the needle's last token its decays alone keep by each chunk's end (the product of
 the head's a_t over the first prompt's tokens since then; the delta rule's erasing and new writes are not counted).
 """
@@ -16,6 +18,7 @@ import random
 from contextlib import contextmanager
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..model import HybridForCausalLM
 from ..model.cache import HybridCache, RecurrentLayerCache
@@ -64,6 +67,43 @@ def _recorded_log_decays(mixers: dict[int, torch.nn.Module]):
             hook.remove()
 
 
+def _attention_modules(model) -> dict[int, torch.nn.Module]:
+    """Layer index -> its full-attention module: every layer of a teacher, the full_attention layers of a hybrid."""
+    if isinstance(model, HybridForCausalLM):
+        return {i: layer.mixer for i, layer in enumerate(model.model.layers)
+                if model.config.layer_types[i] == "full_attention"}
+    return {i: layer.self_attn for i, layer in enumerate(model.model.layers)}
+
+
+@contextmanager
+def _recorded_inputs(modules: dict[int, torch.nn.Module]):
+    """{layer: the module's hidden_states input [2, chunk, C]} for the latest forward, while the block runs."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(layer: int):
+        return lambda module, args, kwargs: seen.__setitem__(layer, args[0] if args else kwargs["hidden_states"])
+
+    hooks = [m.register_forward_pre_hook(record(layer), with_kwargs=True) for layer, m in modules.items()]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _attention_on(model, attention: torch.nn.Module, hidden: torch.Tensor, keys: torch.Tensor,
+                  span: tuple[int, int]) -> float:
+    """The most attention any head puts on key positions [span) from the query of `hidden` [1, C], the last of the
+    `keys` [1, Hkv, L, D] (after RoPE, as cached)."""
+    length, head_dim = keys.shape[2], keys.shape[3]
+    q = attention.q_proj(hidden).view(1, -1, 1, head_dim)  # [1, H, 1, D]
+    cos, sin = model.model.rotary_emb(q, torch.tensor([[length - 1]], device=q.device))
+    q = apply_rotary_pos_emb(q, q, cos, sin)[0]
+    keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)  # [1, H, L, D]
+    weights = torch.softmax((q.float() @ keys.float().transpose(-1, -2)) * head_dim**-0.5, dim=-1)  # [1, H, 1, L]
+    return float(weights[0, :, 0, span[0]:span[1]].sum(-1).max())
+
+
 @torch.no_grad()
 def needle_trace(model, tokenizer, length: int = 1024, depth: float = 0.25, chunk: int = 128, seed: int = 0) -> dict:
     """{"needle": [start, end), "layer_types", "rows": one per chunk end with per-layer footprints}.
@@ -72,6 +112,7 @@ def needle_trace(model, tokenizer, length: int = 1024, depth: float = 0.25, chun
     "state_norm": [per layer, the first prompt's state norm, or None], "decay_kept": [per layer, log10 of the most
     any head's decays keep of the needle's last write, 0 before it; None where nothing decays]}.
     "half_life": [per layer, each head's half-life at a zero gate input, or None].
+    "needle_attention": [per layer, the most attention a head puts on the number from the last token, or None].
     """
     haystack = Haystack(tokenizer, length)
     prompts = [passkey_prompt(tokenizer, haystack, length, depth, random.Random(seed), number=n)[0] for n in NUMBERS]
@@ -81,8 +122,9 @@ def needle_trace(model, tokenizer, length: int = 1024, depth: float = 0.25, chun
     mixers = _decaying_mixers(model)
     kept = {layer: 0.0 for layer in mixers}  # per layer: [H] sums of log a_t since the needle's last token
     rows = []
+    attentions = _attention_modules(model)
     for start in range(0, length, chunk):
-        with _recorded_log_decays(mixers) as log_decays:
+        with _recorded_log_decays(mixers) as log_decays, _recorded_inputs(attentions) as attention_inputs:
             out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
                         output_hidden_states=True)
         cache = out.past_key_values
@@ -102,6 +144,11 @@ def needle_trace(model, tokenizer, length: int = 1024, depth: float = 0.25, chun
     layer_types = list(getattr(model.config, "layer_types", None) or ["attention"] * len(rows[0]["residual"]))
     zero_input = torch.zeros(1, 1, model.config.hidden_size, device=ids.device, dtype=model.dtype)
     half_life = [_half_lives(mixers[i], zero_input) if i in mixers else None for i in range(len(layer_types))]
-    return {"length": length, "depth": depth, "needle": [differs[0], differs[-1] + 1],
-            "layer_types": layer_types, "rows": rows, "half_life": half_life}
+    number = (differs[0], differs[-1] + 1)
+    needle_attention = [None] * len(layer_types)
+    for i, attention in attentions.items():
+        needle_attention[i] = _attention_on(model, attention, attention_inputs[i][:1, -1],
+                                            cache.layers[i].keys[:1], number)
+    return {"length": length, "depth": depth, "needle": list(number), "layer_types": layer_types, "rows": rows,
+            "half_life": half_life, "needle_attention": needle_attention}
 

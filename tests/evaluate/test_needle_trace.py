@@ -1,14 +1,17 @@
 """The needle trace: footprints are causal, an all-attention hybrid traces like its teacher, a fast-forgetting
-recurrent layer loses the number, half-lives and the decay kept since the needle are what the weights give."""
+recurrent layer loses the number, half-lives and the decay kept since the needle are what the weights give, the
+attention on the number is what the model's own attention weights give."""
 
 import copy
 import math
+import random
 
 import pytest
 import torch
 
 from hybridize.evaluate.common import load_pair
-from hybridize.evaluate.needle_trace import _decaying_mixers, needle_trace
+from hybridize.evaluate.needle_trace import NUMBERS, _decaying_mixers, needle_trace
+from hybridize.evaluate.recall import Haystack, passkey_prompt
 from helpers import intra_layer_model
 
 SETTINGS = {"length": 200, "depth": 0.5, "chunk": 40}
@@ -88,3 +91,24 @@ def test_the_recurrent_branches_of_intra_layer_types_are_traced():
     mixers = _decaying_mixers(model)
     assert sorted(mixers) == list(range(len(model.config.layer_types)))
     assert all(mixer is model.model.layers[i].mixer.memory for i, mixer in mixers.items())
+
+
+def test_attention_on_the_number_is_the_full_forwards_attention_weights(pair, identity_dir):
+    """The trace rebuilds the last query from the cache path; the teacher's eager attention over the whole prompt at
+    once gives the same weights (a wrong RoPE position, head order or GQA repeat would not)."""
+    student, teacher, tokenizer = pair
+    trace = needle_trace(teacher, tokenizer, **SETTINGS)
+    start, end = trace["needle"]
+    teacher.set_attn_implementation("eager")
+    ids = passkey_prompt(tokenizer, Haystack(tokenizer, SETTINGS["length"]), SETTINGS["length"], SETTINGS["depth"],
+                         random.Random(0), number=NUMBERS[0])[0]  # the trace's first prompt
+    with torch.no_grad():
+        attentions = teacher(torch.tensor([ids]), output_attentions=True).attentions  # per layer [1, H, L, L]
+    expected = [float(a[0, :, -1, start:end].sum(-1).max()) for a in attentions]
+    assert trace["needle_attention"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert 0 < min(expected) and max(expected) < 1
+    hybrid = needle_trace(student, tokenizer, **SETTINGS)["needle_attention"]
+    kept = [i for i, kind in enumerate(student.config.layer_types) if kind == "full_attention"]
+    assert [value is not None for value in hybrid] == [i in kept for i in range(len(hybrid))]
+    identity, _, _, _ = load_pair(identity_dir, None, dtype=torch.float32, device=torch.device("cpu"))
+    assert needle_trace(identity, tokenizer, **SETTINGS)["needle_attention"] == pytest.approx(expected, rel=1e-4)
