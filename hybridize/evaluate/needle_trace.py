@@ -8,9 +8,9 @@ Before the needle both are exactly 0 (causality). A recurrent layer whose state 
 needle and the question has forgotten the number; the teacher's residual footprints show what its layers carry.
 Whether the attention that is kept looks at the number: per full-attention layer, the most attention any head puts
 on the number's tokens from the prompt's last token, where the answer is read out. Why a recurrent layer forgets,
-per layer: each head's half-life at a zero gate input (from its weights alone), and
-how much of what was written at the needle's last token its decays alone keep by each chunk's end (the product of
-the head's a_t over the first prompt's tokens since then; the delta rule's erasing and new writes are not counted).
+per layer: each head's half-life at a zero gate input (from its weights alone), and how much of what was written at
+the needle's last token its decays alone keep by each chunk's end (the product of the head's a_t over the first
+prompt's tokens since then; the delta rule's erasing and new writes are not counted).
 """
 
 import math
@@ -51,22 +51,6 @@ def _half_lives(mixer: torch.nn.Module, zero_input: torch.Tensor) -> list[float]
     return [math.log(2) / max(-value, 1e-30) for value in log_a.tolist()]
 
 
-@contextmanager
-def _recorded_log_decays(mixers: dict[int, torch.nn.Module]):
-    """{layer: [1, chunk, H] log a_t of the first prompt} for the latest forward, while the block runs."""
-    seen: dict[int, torch.Tensor] = {}
-
-    def record(layer: int):
-        return lambda module, args: seen.__setitem__(layer, module.log_decay(args[0][:1]))
-
-    hooks = [mixer.register_forward_pre_hook(record(layer)) for layer, mixer in mixers.items()]
-    try:
-        yield seen
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
 def _attention_modules(model) -> dict[int, torch.nn.Module]:
     """Layer index -> its full-attention module: every layer of a teacher, the full_attention layers of a hybrid."""
     if isinstance(model, HybridForCausalLM):
@@ -76,12 +60,14 @@ def _attention_modules(model) -> dict[int, torch.nn.Module]:
 
 
 @contextmanager
-def _recorded_inputs(modules: dict[int, torch.nn.Module]):
-    """{layer: the module's hidden_states input [2, chunk, C]} for the latest forward, while the block runs."""
+def _recorded(modules: dict[int, torch.nn.Module], read):
+    """{layer: read(module, its hidden_states input [2, chunk, C])} for the latest forward, while the block runs."""
     seen: dict[int, torch.Tensor] = {}
 
     def record(layer: int):
-        return lambda module, args, kwargs: seen.__setitem__(layer, args[0] if args else kwargs["hidden_states"])
+        def hook(module, args, kwargs):
+            seen[layer] = read(module, args[0] if args else kwargs["hidden_states"])
+        return hook
 
     hooks = [m.register_forward_pre_hook(record(layer), with_kwargs=True) for layer, m in modules.items()]
     try:
@@ -124,7 +110,8 @@ def needle_trace(model, tokenizer, length: int = 1024, depth: float = 0.25, chun
     rows = []
     attentions = _attention_modules(model)
     for start in range(0, length, chunk):
-        with _recorded_log_decays(mixers) as log_decays, _recorded_inputs(attentions) as attention_inputs:
+        with (_recorded(mixers, lambda mixer, hidden: mixer.log_decay(hidden[:1])) as log_decays,  # [1, chunk, H]
+              _recorded(attentions, lambda attention, hidden: hidden) as attention_inputs):
             out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
                         output_hidden_states=True)
         cache = out.past_key_values
