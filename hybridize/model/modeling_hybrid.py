@@ -24,9 +24,16 @@ from .window_memory import WindowMemoryMixer
 # 1-5) have steps of about 0.02, so the small updates distillation makes to them would round away, and the decay
 # exp(-exp(A_log) * softplus(.)) would move by whole percents per step of rounding. The same holds for the memory
 # branch of a window + memory layer and the recurrent heads of a head-wise one.
-FP32_PARAMETERS = r"mixer\.(?:memory\.)?(?:A_log|dt_bias|D)$"
-# The parameters that set each recurrent head's half-life at a zero gate input (distill's `half_life_lr`).
-HALF_LIFE_PARAMETERS = r"mixer\.(?:memory\.)?(?:A_log|dt_bias)$"
+_HALF_LIFE_NAMES = ("A_log", "dt_bias")  # what sets each recurrent head's half-life at a zero gate input
+
+
+def _recurrent_parameters(*names: str) -> str:
+    """A pattern for the parameters `names` of a layer's recurrent mixer or its memory branch."""
+    return rf"mixer\.(?:memory\.)?(?:{'|'.join(names)})$"
+
+
+FP32_PARAMETERS = _recurrent_parameters(*_HALF_LIFE_NAMES, "D")
+HALF_LIFE_PARAMETERS = _recurrent_parameters(*_HALF_LIFE_NAMES)  # distill's `half_life_lr`
 
 
 def _branch_mixer(mixer_class, memory_type: str):

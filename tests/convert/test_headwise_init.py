@@ -19,6 +19,13 @@ def plan(kind):
     return [kind, "full_attention", kind, "full_attention"]
 
 
+def assert_kept_heads_copied(out, q, k, v, o):
+    """KV head 1 (query heads 2, 3: rows 16-31 of q, 8-15 of k and v, o_proj columns 16-31) is the kept attention."""
+    assert torch.equal(out["window.q_proj.weight"], q[16:])
+    assert torch.equal(out["window.k_proj.weight"], k[8:]) and torch.equal(out["window.v_proj.weight"], v[8:])
+    assert torch.equal(out["window.o_proj.weight"], o[:, 16:])
+
+
 def test_headwise_mapping_copies_the_kept_heads_and_maps_the_others_to_gdn_heads():
     """TEACHER: 4 query heads of dim 8 over 2 KV heads. Layer 0 keeps KV head 1 (query heads 2, 3) as attention;
     query heads 0, 1 (KV head 0) become GDN heads."""
@@ -27,9 +34,7 @@ def test_headwise_mapping_copies_the_kept_heads_and_maps_the_others_to_gdn_heads
     out = attention_to_headwise_gated_deltanet(attn, config, InitOptions(), torch.Generator().manual_seed(0),
                                                layer_idx=0)
     q, k, v, o = (attn[f"{name}.weight"] for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    assert torch.equal(out["window.q_proj.weight"], q[16:])
-    assert torch.equal(out["window.k_proj.weight"], k[8:]) and torch.equal(out["window.v_proj.weight"], v[8:])
-    assert torch.equal(out["window.o_proj.weight"], o[:, 16:])
+    assert_kept_heads_copied(out, q, k, v, o)
     assert torch.equal(out["memory.q_proj.weight"], q[:16])
     assert torch.equal(out["memory.k_proj.weight"], repeat_heads(k[:8], 1, 8, 2))
     assert torch.equal(out["memory.v_proj.weight"], repeat_heads(v[:8], 1, 8, 2))
@@ -46,9 +51,7 @@ def test_headwise_mapping_copies_the_kept_heads_and_maps_the_others_to_mamba2_he
     config = hybrid_config_from_teacher(TEACHER, plan("headwise_mamba2"), headwise_kv_heads=KEPT)
     out = attention_to_headwise_mamba2(attn, config, InitOptions(), torch.Generator().manual_seed(0), layer_idx=0)
     q, k, v, o = (attn[f"{name}.weight"] for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    assert torch.equal(out["window.q_proj.weight"], q[16:])
-    assert torch.equal(out["window.k_proj.weight"], k[8:]) and torch.equal(out["window.v_proj.weight"], v[8:])
-    assert torch.equal(out["window.o_proj.weight"], o[:, 16:])
+    assert_kept_heads_copied(out, q, k, v, o)
     assert torch.equal(out["memory.C_proj.weight"], q[:16])
     assert torch.equal(out["memory.B_proj.weight"], repeat_heads(k[:8], 1, 8, 2))
     assert torch.equal(out["memory.x_proj.weight"], repeat_heads(v[:8], 1, 8, 2))
