@@ -20,8 +20,12 @@ from hybridize.corpus import documents
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
-# The published config.json of each model, less the token ids (taken from the tokenizer used).
+# The published config.json of each model, less the token ids (taken from the tokenizer used); vocabulary and
+# context are Llama 3's unless a shape names its own.
 SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, tie_word_embeddings=True, vocab_size=49152,
+                         max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
                         rope_parameters={**LLAMA3_ROPE, "factor": 32.0}),
@@ -36,9 +40,9 @@ SHAPES = {
 
 def save_teacher(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         **SHAPES[args.shape])
+    config = LlamaConfig(**{"vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                            "hidden_act": "silu", "bos_token_id": tokenizer.bos_token_id,
+                            "eos_token_id": tokenizer.eos_token_id, **SHAPES[args.shape]})
     started = time.perf_counter()
     torch.manual_seed(0)
     # Initialized on the GPU when there is one: an 8B init on the CPU takes minutes.

@@ -3,6 +3,7 @@
 # Hub's): build the teacher, `hybridize convert` it (peak RSS and wall), and per stage name:
 #   pipeline SHAPE RECIPE  the shipped recipe, shortened: convert -> stage 1 -> stage 2 -> eval -> bench -> push --dry-run
 #   kd SHAPE PLAN MB CKPT  KD-stage tokens/s and peak GPU memory at micro batch MB, gradient checkpointing CKPT (true/false)
+#   profile SHAPE PLAN MB CKPT  where the GPU time of those KD steps goes, kernel by kernel
 #   convert SHAPE PLAN NAME  conversion alone
 # Usage: bash scripts/gpu/real_shapes.sh STAGE ARGS...   (several stages: separate them with `--`)
 # Runs on any CUDA machine with hybridize installed (pip install -e .). Disk: the 8B shape needs about 80 GB.
@@ -61,19 +62,32 @@ PY
     | tee -a "$summary"
 }
 
+kd_bench() {  # kd_bench COMMAND SHAPE PLAN MICRO_BATCH CHECKPOINTING ARGS...: scripts/bench_distill.py COMMAND on the 1B
+  # gdn recipe's stage 2 at seq 2048, the teacher and converted hybrid of SHAPE and PLAN (built by `convert`)
+  local command=$1 name=$2-$(echo "$3" | tr ':,' '--')
+  python3 scripts/bench_distill.py "$command" --recipe recipes/llama3.2-1b/gdn.yaml --seq-len 2048 --micro-batch "$4" \
+    --global-batch $(($4 * 4)) --set "teacher=$root/$2" --set "init=$root/$name" --set plan=null \
+    --set "data.source=$root/docs.jsonl" --set data.subset=null --set data.max_documents=null \
+    --set "stages.0.gradient_checkpointing=$5" "${@:6}"
+}
+
 kd() {  # kd SHAPE PLAN MICRO_BATCH CHECKPOINTING: 8 KD steps of the 1B gdn recipe's stage 2 at seq 2048
   local name=$1-$(echo "$2" | tr ':,' '--')
   convert "$1" "$2" "$name"
   local out=$root/kd-$name-mb$3-ckpt$4
   rm -rf "$out"
-  python3 scripts/bench_distill.py throughput --recipe recipes/llama3.2-1b/gdn.yaml --out "$out" --steps 8 --warmup 3 \
-    --seq-len 2048 --micro-batch "$3" --global-batch $(($3 * 4)) --set "teacher=$root/$1" --set "init=$root/$name" \
-    --set plan=null --set "data.source=$root/docs.jsonl" --set data.subset=null --set data.max_documents=null \
-    --set "stages.0.gradient_checkpointing=$4" 2>&1 | quiet | tail -22 > "$root/kd.log"
+  kd_bench throughput "$@" --out "$out" --steps 8 --warmup 3 2>&1 | quiet | tail -22 > "$root/kd.log"
   cat "$root/kd.log" >> "$OUT/kd.log"
   sed -n '/^{/,/^}/p' "$root/kd.log" | python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'kd': '$name',
     'micro_batch': $3, 'checkpointing': '$4', 'tokens_per_s': round(r['tokens_per_s_median']),
     'peak_memory_gib': r['peak_memory_gib_rank0']}))" | tee -a "$summary" || tail -5 "$root/kd.log"
+}
+
+profile() {  # profile SHAPE PLAN MICRO_BATCH CHECKPOINTING: the kernel table of 2 such KD steps, after a warm-up run
+  local name=$1-$(echo "$2" | tr ':,' '--')
+  convert "$1" "$2" "$name"
+  rm -rf "$root/profile-$name"
+  kd_bench profile "$@" --out "$root/profile-$name" 2>&1 | quiet | tail -50 | tee -a "$OUT/profile.log"
 }
 
 stage=()
