@@ -110,11 +110,7 @@ def convert_to_folder(
     del teacher
 
     log("building the hybrid from the teacher's weights" + (", then fitting output scales" if fitting else ""))
-    reader = _SafetensorsReader(folder)
-    state, dropped = convert_state(reader.keys(), reader.read, config, options, seed, statistics)
-    student = model_from_state(config, state).to(device)
-    del state
-    calibrate_student(student, fitting, options)
+    student, dropped = build_hybrid(folder, config, options, seed, statistics, fitting, device)
     del fitting
     student.generation_config = generation_config
     log("measuring the hybrid against the teacher")
@@ -138,6 +134,19 @@ def convert_to_folder(
     # Measured, not recorded: conversion.json is byte-reproducible for a given teacher, plan, seed and options.
     log(f"wrote {out_dir} ({dtype_name(dtype)}; peak RSS {_peak_rss_gib():.2f} GiB)")
     return out_dir
+
+
+def build_hybrid(folder: Path, config, options: InitOptions, seed: int, statistics: dict, fitting: dict,
+                 device: str | torch.device = "cpu"):
+    """The hybrid of `config` from the teacher's weights in `folder`, its recurrent mixers initialized from the
+    teacher's attention `statistics` and fitted to `fitting` (teacher_calibration's two results; a layer missing from
+    `fitting` is not fitted), and the teacher tensors it dropped."""
+    reader = _SafetensorsReader(folder)
+    state, dropped = convert_state(reader.keys(), reader.read, config, options, seed, statistics)
+    student = model_from_state(config, state).to(device)
+    del state
+    calibrate_student(student, fitting, options)
+    return student, dropped
 
 
 def _write_atomically(out_dir: Path, student, tokenizer, record: dict, overwrite: bool) -> None:

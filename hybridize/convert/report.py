@@ -17,7 +17,7 @@ def next_token_stats(logits: torch.Tensor, input_ids: torch.LongTensor) -> tuple
     return logprobs, nll
 
 
-def _model_stats(student, input_ids: torch.LongTensor, teacher_logprobs: torch.Tensor, teacher_nll: float) -> dict:
+def model_stats(student, input_ids: torch.LongTensor, teacher_logprobs: torch.Tensor, teacher_nll: float) -> dict:
     logprobs, nll = next_token_stats(student(input_ids=input_ids, use_cache=False).logits, input_ids)
     kl = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(-1).mean().item()
     return {
@@ -55,11 +55,11 @@ def conversion_report(
         "calibration_tokens": input_ids.numel(),
         "layers": layers,
         "teacher_ppl": float(torch.tensor(teacher_nll).exp()),
-        **_model_stats(student, input_ids, teacher_logprobs, teacher_nll),
+        **model_stats(student, input_ids, teacher_logprobs, teacher_nll),
     }
     if compare_zero_gate and any(row["type"] in RECURRENT for row in layers):
         with recurrent_mixers_skipped(student):
-            report["zero_gate_init"] = _model_stats(student, input_ids, teacher_logprobs, teacher_nll)
+            report["zero_gate_init"] = model_stats(student, input_ids, teacher_logprobs, teacher_nll)
     return report
 
 
