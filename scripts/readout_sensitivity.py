@@ -92,7 +92,8 @@ def main() -> int:
     rows = layers(converter, args.mixer) if args.command == "layers" else plans(converter, args.plans)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"readout_layers": converter.readout_layers, "rows": rows}, f, indent=1)
+            json.dump({"readout_layers": converter.readout_layers, "rows": rows,
+                       "teacher": {i: converter.teacher_readout[i] for i in converter.readout_layers}}, f, indent=1)
     return 0
 
 

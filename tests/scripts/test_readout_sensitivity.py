@@ -1,0 +1,59 @@
+"""scripts/readout_sensitivity.py on a tiny teacher: an all-attention plan keeps the whole readout at KL 0, a replaced
+readout layer adds nothing, and replacing one layer leaves the layers below it exactly the teacher's."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hybridize.teacher import teacher_folder
+
+REPO = Path(__file__).resolve().parents[2]
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(teacher_folder(None))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("teacher") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run(teacher_dir, out: Path, *args: str) -> dict:
+    # threshold 0: every layer of the random teacher counts as a readout layer
+    done = subprocess.run([sys.executable, "scripts/readout_sensitivity.py", *args, "--teacher", str(teacher_dir),
+                           "--length", "200", "--threshold", "0", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_plans_all_attention_keeps_everything_and_a_replaced_readout_layer_adds_nothing(teacher_dir, tmp_path):
+    record = run(teacher_dir, tmp_path / "plans.json", "plans", "all:full_attention",
+                 "full_attention:0,1 gated_deltanet:2")
+    assert record["readout_layers"] == list(range(LAYERS))
+    same, replaced = record["rows"]["all:full_attention"], record["rows"]["full_attention:0,1 gated_deltanet:2"]
+    assert same["kl_teacher_hybrid"] == pytest.approx(0, abs=1e-6)
+    assert same["readout_share"] == pytest.approx(1, abs=1e-3)  # rounded to 4 places
+    assert replaced["by_layer"]["2"] == 0
+    assert replaced["kl_teacher_hybrid"] > 1e-4
+
+
+def test_layers_leave_the_layers_below_the_replaced_one_as_the_teachers(teacher_dir, tmp_path):
+    record = run(teacher_dir, tmp_path / "layers.json", "layers", "--mixer", "mamba2")
+    teacher = record["teacher"]
+    assert sorted(record["rows"], key=int) == [str(i) for i in range(LAYERS)]
+    for i, row in record["rows"].items():
+        assert row["by_layer"][i] == 0
+        for below in range(int(i)):  # depth is causal: a layer's replacement cannot change what comes before it
+            assert row["by_layer"][str(below)] == pytest.approx(teacher[str(below)], abs=1e-4)
