@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybridize.model import HybridConfig, HybridForCausalLM
 from hybridize.model.configuration_hybrid import BRANCH_TYPES, HEADWISE_TYPES
@@ -81,3 +82,15 @@ def intra_layer_model(windowed: bool) -> HybridForCausalLM:
     model = HybridForCausalLM(config)
     open_memory_branches(model)
     return model
+
+
+def save_tiny_teacher(folder, tokenizer, layers: int, max_positions: int):
+    """A Llama of `layers` layers (hidden 64, GQA 4:2) over the real tokenizer's vocabulary, saved like any HF model
+    with its tokenizer beside it; random weights from seed 0."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

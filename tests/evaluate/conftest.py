@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from hybridize.convert.pipeline import convert_to_folder
 from hybridize.evaluate.common import load_pair
 from hybridize.teacher import teacher_folder
+from helpers import save_tiny_teacher
 
 
 @pytest.fixture(scope="session")
@@ -17,14 +18,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, tokenizer):
     """A 4-layer Llama (hidden 64, GQA 4:2) over the real 49152-token vocabulary, saved like any HF model."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("teacher") / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-llama", tokenizer, layers=4, max_positions=1024)
 
 
 def _convert(tmp_path_factory, teacher_dir, plan: str):

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from hybridize.teacher import teacher_folder
+from helpers import save_tiny_teacher
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = 3
@@ -19,14 +19,7 @@ LAYERS = 3
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(teacher_folder(None))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("teacher") / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-llama", tokenizer, LAYERS, max_positions=512)
 
 
 def run(teacher_dir, out: Path, *args: str) -> dict:
