@@ -99,11 +99,15 @@ def test_attention_on_the_number_is_the_full_forwards_attention_weights(pair, id
     student, teacher, tokenizer = pair
     trace = needle_trace(teacher, tokenizer, **SETTINGS)
     start, end = trace["needle"]
-    teacher.set_attn_implementation("eager")
     ids = passkey_prompt(tokenizer, Haystack(tokenizer, SETTINGS["length"]), SETTINGS["length"], SETTINGS["depth"],
                          random.Random(0), number=NUMBERS[0])[0]  # the trace's first prompt
-    with torch.no_grad():
-        attentions = teacher(torch.tensor([ids]), output_attentions=True).attentions  # per layer [1, H, L, L]
+    shared = teacher.config._attn_implementation  # the fixture's teacher is shared: put back what it had
+    teacher.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = teacher(torch.tensor([ids]), output_attentions=True).attentions  # per layer [1, H, L, L]
+    finally:
+        teacher.set_attn_implementation(shared)
     expected = [float(a[0, :, -1, start:end].sum(-1).max()) for a in attentions]
     assert trace["needle_attention"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
     assert 0 < min(expected) and max(expected) < 1
