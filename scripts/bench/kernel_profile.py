@@ -1,13 +1,32 @@
 """Where GPU time goes: the CUDA kernels of a callable, by total device time (run.py --profile, profile_decode.py)."""
 
+import time
+
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+
+def host_and_wall_ms(fn, repeats: int) -> tuple[float, float]:
+    """(host, wall) ms per call of fn over `repeats` back-to-back calls, L2 left warm.
+
+    host: the time to return from the calls, before waiting for the GPU; wall: until the GPU has finished them. Host
+    close to wall means the GPU waits on the host (launch and Python overhead), not the other way round.
+    """
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    queued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return (queued - start) * 1e3 / repeats, (done - start) * 1e3 / repeats
 
 
 def print_kernel_table(title: str, fn, *, repeats: int = 3, rows: int = 25, warm_up: bool = True) -> None:
     """Run fn once to warm up (autotuning, compilation) unless told not to, then `repeats` times under the profiler.
 
-    Prints each kernel's device ms per call, its share, and its launches per call.
+    Prints each kernel's device ms per call, its share, and its launches per call; with a warm-up, also the host and
+    wall ms per call of `repeats` unprofiled calls (`host_and_wall_ms`), which the kernel total is a part of.
     """
     if warm_up:
         fn()
@@ -19,7 +38,11 @@ def print_kernel_table(title: str, fn, *, repeats: int = 3, rows: int = 25, warm
     kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
     kernels.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in kernels)  # us over all repeats
-    print(f"== {title}: {total / repeats / 1e3:.3f} ms of kernels per call")
+    launches = sum(e.count for e in kernels) // repeats
+    print(f"== {title}: {total / repeats / 1e3:.3f} ms of kernels per call, {launches} launches")
+    if warm_up:
+        host, wall = host_and_wall_ms(fn, repeats)
+        print(f"   unprofiled: {host:.3f} ms host, {wall:.3f} ms wall per call")
     for e in kernels[:rows]:
         print(f"  {e.device_time_total / repeats / 1e3:8.3f} ms  {e.device_time_total / total:6.1%}  "
               f"x{e.count // repeats:<4d} {e.key[:90]}")

@@ -143,7 +143,8 @@ def profile(cases: list[Case], set_name: str, device, dtype) -> None:
                 if chosen is not None:
                     torch.manual_seed(0)
                     inputs = case.build(shapes[0], device, dtype, chosen.backward)
-                    print_kernel_table(f"{impl}: {case.name} {shape_label(shapes[0])} {name}", chosen.bind(inputs))
+                    print_kernel_table(f"{impl}: {case.name} {shape_label(shapes[0])} {name}", chosen.bind(inputs),
+                                       repeats=10)
                     del inputs
                     torch.cuda.empty_cache()
 

@@ -180,7 +180,7 @@ def _check_strong(B, T, HK, H, K, V, cu, dtype, device, place=torch.clone):
 
 def test_fused_chunk_reads_strided_views():
     """q, k, v and a, b as the layer has them, views into one projection whose token rows are longer than each view's
-    row (the kernels read q, k, a, b at that stride): bit for bit what contiguous copies give, gradients included."""
+    row (the kernels read q, k, v, a, b at that stride): bit for bit what contiguous copies give, gradients included."""
     raw, h0 = make_raw_inputs(2, 45, 2, 4, 16, 16)
     expected = run_with_grads(fused("triton"), raw, h0)
     actual = run_with_grads(fused("triton"), raw, h0, place=_as_strided_view)

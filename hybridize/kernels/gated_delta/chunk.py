@@ -106,7 +106,7 @@ def _solve_unit_lower(b_A, BT: tl.constexpr):
 @autotune(WY_FWD_CONFIGS, KEY, prune=wy_fwd_safe_configs)
 @triton.jit
 def _wy_fwd_kernel(
-    k, v, g, s_g, beta, s_b, A_log, dt_bias, b_bias, gc, Ai, w, u, cu_seqlens, chunk_indices, T,
+    k, v, s_v, g, s_g, beta, s_b, A_log, dt_bias, b_bias, gc, Ai, w, u, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_AI: tl.constexpr,
     RAW_GATES: tl.constexpr,
@@ -142,7 +142,7 @@ def _wy_fwd_kernel(
     p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (T, K), (H * K, 1), (i_t * BT, 0), (BT, BK), (1, 0))
     tl.store(p_w, tl.dot(b_Ai, b_kb).to(p_w.dtype.element_ty), boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_v = tl.make_block_ptr(v + bos * s_v + i_h * V, (T, V), (s_v, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
         b_vb = (b_v * b_b[:, None]).to(b_v.dtype)
@@ -376,7 +376,7 @@ def _dqkw_kernel(
 @autotune(BWD_CONFIGS, KEY)
 @triton.jit
 def _wy_bwd_kernel(
-    k, v, g, s_g, beta, s_b, A_log, dt_bias, b_bias, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, dparams,
+    k, v, s_v, g, s_g, beta, s_b, A_log, dt_bias, b_bias, gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, dparams,
     cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -399,7 +399,7 @@ def _wy_bwd_kernel(
     b_db = tl.zeros([BT], dtype=tl.float32)
     b_dAi = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_v = tl.make_block_ptr(v + bos * s_v + i_h * V, (T, V), (s_v, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         p_du = tl.make_block_ptr(du + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (T, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
         b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
@@ -508,20 +508,28 @@ def _gates(g: torch.Tensor, beta: torch.Tensor, params: GateParams | None) -> _G
     return _Gates(g, s_g, beta, s_b, params)
 
 
-def _wy_fwd(k, v, gates: _Gates, lay: ChunkLayout, store_Ai: bool):
+def _token_strided(v: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """v [B, T, H, V] with every token's H * V values contiguous and one token stride, and that stride: v itself where
+    it is laid out so (the split view of a fused projection is), else a contiguous copy."""
+    rows, s_v = token_rows(v)
+    return rows.view(v.shape), s_v
+
+
+def _wy_fwd(k, v, s_v: int, gates: _Gates, lay: ChunkLayout, store_Ai: bool):
     """Chunk-local cumsum of g, Ai = (I + A)^{-1}, and the WY factors w = Ai (beta exp(gc) k), u = Ai (beta v).
 
-    Ai is only written (and returned) when store_Ai: the backward needs it, a forward without gradients does not.
+    v is read at its token stride s_v. Ai is only written (and returned) when store_Ai: the backward needs it, a
+    forward without gradients does not.
     """
     HK, K = k.shape[2], k.shape[3]
     H, V = v.shape[2], v.shape[3]
     gc = torch.empty(v.shape[:3], dtype=torch.float32, device=v.device)  # [B, T, H]
     Ai = torch.empty(*v.shape[:3], lay.BT, dtype=torch.float32, device=v.device) if store_Ai else None  # [B, T, H, BT]
     w = torch.empty(*v.shape[:3], K, dtype=k.dtype, device=k.device)  # [B, T, H, K]
-    u = torch.empty_like(v)  # [B, T, H, V]
+    u = torch.empty(v.shape, dtype=v.dtype, device=v.device)  # [B, T, H, V]
     _launch_per_chunk(
-        _wy_fwd_kernel, lay, k, v, *gates.args(), gc, Ai, w, u, H=H, HK=HK, K=K, V=V, BK=_bk(K), STORE_AI=store_Ai,
-        RAW_GATES=gates.params is not None,
+        _wy_fwd_kernel, lay, k, v, s_v, *gates.args(), gc, Ai, w, u, H=H, HK=HK, K=K, V=V, BK=_bk(K),
+        STORE_AI=store_Ai, RAW_GATES=gates.params is not None,
     )
     return gc, Ai, w, u
 
@@ -597,7 +605,7 @@ def _dqkw(q, k, v_new, h, dh, do, dv, gc, scale, lay: ChunkLayout):
     return dq, dk, dw, dg
 
 
-def _wy_bwd(k, v, gates: _Gates, gc, Ai, dw, du, dk_in, dg_in, lay: ChunkLayout):
+def _wy_bwd(k, v, s_v: int, gates: _Gates, gc, Ai, dw, du, dk_in, dg_in, lay: ChunkLayout):
     """Back through w and u: the full dk (per value head), dv, dbeta, and dg (its WY part scanned, plus dg_in).
 
     dk_in, dg_in: the non-WY parts from `_dqkw`. dv is in v's dtype, dk in `_per_head_grad_dtype`, dg and dbeta
@@ -607,14 +615,14 @@ def _wy_bwd(k, v, gates: _Gates, gc, Ai, dw, du, dk_in, dg_in, lay: ChunkLayout)
     HK, K = k.shape[2], k.shape[3]
     H, V = v.shape[2], v.shape[3]
     dk = torch.empty(dk_in.shape, dtype=_per_head_grad_dtype(k, H), device=k.device)
-    dv = torch.empty_like(v)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dbeta = torch.empty(v.shape[:3], dtype=gates.beta.dtype, device=v.device)
     dg = torch.empty(v.shape[:3], dtype=gates.g.dtype, device=v.device)
     raw = gates.params is not None
     dparams = torch.empty(3, lay.NC, H, dtype=torch.float32, device=v.device) if raw else None
     # K is walked in slices of 64 (twice: the dA pass, then dk), to keep the [BT, BK] tiles in registers.
     _launch_per_chunk(
-        _wy_bwd_kernel, lay, k, v, *gates.args(), gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, dparams,
+        _wy_bwd_kernel, lay, k, v, s_v, *gates.args(), gc, Ai, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, dparams,
         H=H, HK=HK, K=K, V=V, BK=min(_bk(K), 64), NK=dg_in.shape[-1], RAW_GATES=raw,
     )
     return dk, dv, dbeta, dg, dparams
@@ -632,31 +640,35 @@ def _sum_groups(x: torch.Tensor, HK: int) -> torch.Tensor:
     return x if H == HK else x.view(B, T, HK, H // HK, K).sum(3)
 
 
-def _fwd(q, k, v, gates: _Gates, scale, initial_state, output_final_state, lay: ChunkLayout, store_Ai: bool):
-    """cumsum -> WY (w, u) -> states h -> output o."""
-    gc, Ai, w, u = _wy_fwd(k, v, gates, lay, store_Ai)
+def _fwd(q, k, v, s_v, gates: _Gates, scale, initial_state, output_final_state, lay: ChunkLayout, store_Ai: bool):
+    """cumsum -> WY (w, u) -> states h -> output o. Returns o, the final states, and what the backward reads."""
+    gc, Ai, w, u = _wy_fwd(k, v, s_v, gates, lay, store_Ai)
     h, v_new, ht = _state_fwd(k, w, u, gc, initial_state, lay, output_final_state)
     o = _output_fwd(q, k, v_new, h, gc, scale, lay)
-    return o, ht, gc, Ai, w, u
+    return o, ht, gc, Ai, w, h, v_new
 
 
-def _bwd(q, k, v, gates: _Gates, gc, Ai, w, u, scale, initial_state, do, dht, lay: ChunkLayout):
-    """states h again -> dv_new within chunks -> dh backwards -> dq, dk, dw -> back through WY (dk, dv, dbeta, dg).
+def _bwd(q, k, v, s_v, gates: _Gates, gc, Ai, w, h, v_new, scale, need_dh0, do, dht, lay: ChunkLayout):
+    """dv_new within chunks -> dh backwards -> dq, dk, dw -> back through WY (dk, dv, dbeta, dg).
 
-    dq, dk are per value head ([B, T, H, K]); dparams as in `_wy_bwd`.
+    h, v_new: the forward's per-chunk states and what each chunk wrote. dq, dk are per value head ([B, T, H, K]);
+    dparams as in `_wy_bwd`.
     """
-    # The per-chunk states are recomputed rather than kept from the forward, to save memory.
-    h, v_new, _ = _state_fwd(k, w, u, gc, initial_state, lay, output_final_state=False)
     dv_local = _dv_local(q, k, gc, do, scale, lay)
-    dh, dv_new, dh0 = _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay, initial_state is not None)
+    dh, dv_new, dh0 = _state_bwd(q, k, w, gc, do, dv_local, dht, scale, lay, need_dh0)
     dq, dk, dw, dgc = _dqkw(q, k, v_new, h, dh, do, dv_new, gc, scale, lay)
-    dk, dv, dbeta, dg, dparams = _wy_bwd(k, v, gates, gc, Ai, dw, dv_new, dk, dgc, lay)
+    dk, dv, dbeta, dg, dparams = _wy_bwd(k, v, s_v, gates, gc, Ai, dw, dv_new, dk, dgc, lay)
     return dq, dk, dv, dg, dbeta, dparams, dh0
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
-    """Saves the WY factors and gates of the forward (with qk_l2norm, the normalized q, k and their rstd instead of
-    q, k); the backward recomputes the per-chunk states. With gate params, g and beta are the raw a and b."""
+    """Saves the gates, w and Ai of the WY form, the per-chunk states h and v_new (with qk_l2norm also the normalized
+    q, k and their rstd instead of q, k). With gate params, g and beta are the raw a and b.
+
+    Keeping h and v_new, where the backward could recompute them from w and u by one more sequential pass over the
+    chunks, costs H K V / BT values a token more (v_new takes u's place): one v more at K = V = BT = 64, two at
+    K = V = 128.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, b_bias, scale, initial_state, output_final_state, cu_seqlens,
@@ -667,21 +679,23 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         rstd = (None, None)
         if qk_l2norm:
             q, k, *rstd = l2norm_fwd(q, k)
-        o, ht, gc, Ai, w, u = _fwd(
-            q, k, v, gates, scale, initial_state, output_final_state, lay, store_Ai=any(ctx.needs_input_grad)
+        v, s_v = _token_strided(v)
+        o, ht, gc, Ai, w, h, v_new = _fwd(
+            q, k, v, s_v, gates, scale, initial_state, output_final_state, lay, store_Ai=any(ctx.needs_input_grad)
         )
-        ctx.save_for_backward(q, k, v, gates.g, gates.beta, A_log, dt_bias, b_bias, gc, Ai, w, u,
-                              initial_state, *rstd)
-        ctx.lay, ctx.scale, ctx.qk_l2norm, ctx.strides = lay, scale, qk_l2norm, (gates.s_g, gates.s_b)
+        ctx.save_for_backward(q, k, v, gates.g, gates.beta, A_log, dt_bias, b_bias, gc, Ai, w, h, v_new, *rstd)
+        ctx.lay, ctx.scale, ctx.qk_l2norm, ctx.strides = lay, scale, qk_l2norm, (s_v, gates.s_g, gates.s_b)
+        ctx.need_dh0 = initial_state is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, A_log, dt_bias, b_bias, gc, Ai, w, u, initial_state, rstd_q, rstd_k = ctx.saved_tensors
+        q, k, v, g, beta, A_log, dt_bias, b_bias, gc, Ai, w, h, v_new, rstd_q, rstd_k = ctx.saved_tensors
         params = None if A_log is None else GateParams(A_log, dt_bias, b_bias)
-        gates = _Gates(g, ctx.strides[0], beta, ctx.strides[1], params)
+        s_v, s_g, s_b = ctx.strides
+        gates = _Gates(g, s_g, beta, s_b, params)
         dq, dk, dv, dg, dbeta, dparams, dh0 = _bwd(
-            q, k, v, gates, gc, Ai, w, u, ctx.scale, initial_state, do.contiguous(),
+            q, k, v, s_v, gates, gc, Ai, w, h, v_new, ctx.scale, ctx.need_dh0, do.contiguous(),
             None if dht is None else dht.contiguous(), ctx.lay,
         )
         if ctx.qk_l2norm:
@@ -743,11 +757,11 @@ def chunk_gated_delta_rule(
             raise ValueError(f"initial_state must be {(N, H, K, v.shape[3])}, got {tuple(initial_state.shape)}")
         initial_state = initial_state.float().contiguous()
     scale = K**-0.5 if scale is None else scale
-    # raw q, k are read at their token stride by the norm's prologue; g and beta by the WY kernels
+    # raw q, k are read at their token stride by the norm's prologue; v, g and beta by the WY kernels
     if not qk_l2norm:
         q, k = q.contiguous(), k.contiguous()
     params = (None, None, None) if gate_params is None else (p.contiguous() for p in gate_params)
     return ChunkGatedDeltaRuleFunction.apply(
-        q, k, v.contiguous(), g, beta, *params, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+        q, k, v, g, beta, *params, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
         qk_l2norm,
     )
