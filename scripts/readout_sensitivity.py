@@ -9,6 +9,7 @@ attention over those layers, as a share of the teacher's (a replaced read-out la
 `layers`: each layer alone replaced by --mixer, the rest the teacher's, and the read-out left.
 `plans`: each plan's step-0 KL on the calibration text's held-out blocks and its read-out.
 Every hybrid gets the teacher-calibrated init (the convert default), fitted in memory; nothing is written but --out.
+--recurrent-rope builds them as `hybridize convert --recurrent-rope` does.
 """
 
 import argparse
@@ -29,8 +30,9 @@ from hybridize.teacher import load_teacher, teacher_folder
 class Converter:
     """The teacher, its attention statistics for every layer (computed once), and hybrids of any plan built from them."""
 
-    def __init__(self, teacher_name, length: int, threshold: float):
+    def __init__(self, teacher_name, length: int, threshold: float, recurrent_rope: bool = False):
         self.teacher, self.tokenizer = load_teacher(teacher_name)
+        self.recurrent_rope = recurrent_rope
         self.folder, self.length = teacher_folder(teacher_name), length
         self.layers = self.teacher.config.num_hidden_layers
         self.fitting, self.statistics = teacher_calibration(self.teacher, fitting_batch(self.tokenizer, 256),
@@ -43,7 +45,8 @@ class Converter:
                                                                        self.ids)
 
     def hybrid(self, plan: list[str]):
-        config = hybrid_config_from_teacher(self.teacher.config, plan, dtype=self.teacher.dtype)
+        config = hybrid_config_from_teacher(self.teacher.config, plan, dtype=self.teacher.dtype,
+                                            recurrent_rope=self.recurrent_rope)
         fitting = {i: self.fitting[i] for i, kind in enumerate(plan) if kind != "full_attention"}
         return build_hybrid(self.folder, config, CONVERT_DEFAULTS, 0, self.statistics, fitting)[0].eval()
 
@@ -84,9 +87,10 @@ def main() -> int:
     parser.add_argument("--mixer", default="gated_deltanet", help="the layer type each layer becomes (layers)")
     parser.add_argument("--length", type=int, default=1024, help="passkey prompt length")
     parser.add_argument("--threshold", type=float, default=0.1)
+    parser.add_argument("--recurrent-rope", action="store_true", help="recurrent mixers rotate by RoPE")
     parser.add_argument("--out", help="write the rows here as JSON")
     args = parser.parse_args()
-    converter = Converter(args.teacher, args.length, args.threshold)
+    converter = Converter(args.teacher, args.length, args.threshold, args.recurrent_rope)
     print(f"read-out layers {converter.readout_layers}: teacher attention on the number "
           f"{[round(converter.teacher_readout[i], 3) for i in converter.readout_layers]}", flush=True)
     rows = layers(converter, args.mixer) if args.command == "layers" else plans(converter, args.plans)

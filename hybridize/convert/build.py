@@ -130,11 +130,12 @@ def model_from_state(config: HybridConfig, state: dict[str, torch.Tensor]) -> Hy
 
 
 def convert_model(teacher, layer_types: list[str], *, seed: int = 0, options: InitOptions = InitOptions(),
-                  sink_tokens: int = 0):
+                  sink_tokens: int = 0, recurrent_rope: bool = False):
     """In memory: a HybridForCausalLM initialized from `teacher` (a LlamaForCausalLM) for `layer_types`, in the
-    teacher's dtype, its sliding windows keeping the first `sink_tokens` tokens."""
+    teacher's dtype, its sliding windows keeping the first `sink_tokens` tokens, its recurrent mixers rotating by
+    RoPE with `recurrent_rope`."""
     config = hybrid_config_from_teacher(teacher.config, layer_types, dtype=teacher.dtype,
-                                        sliding_window_sinks=sink_tokens)
+                                        sliding_window_sinks=sink_tokens, recurrent_rope=recurrent_rope)
     teacher_state = teacher.state_dict()
     state, _ = convert_state(list(teacher_state), lambda k: teacher_state[k].detach().clone(), config, options, seed)
     return model_from_state(config, state)

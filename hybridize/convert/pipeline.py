@@ -75,8 +75,8 @@ def _peak_rss_gib() -> float:
 
 def convert_to_folder(
     teacher_name: str | None, plan_spec, out_dir: str | Path, *, seed: int = 0, overwrite: bool = False,
-    options: InitOptions = CONVERT_DEFAULTS, sink_tokens: int = 0, calibration_seq_len: int = 256,
-    dtype: torch.dtype | None = None, device: str | torch.device = "cpu", log=print,
+    options: InitOptions = CONVERT_DEFAULTS, sink_tokens: int = 0, recurrent_rope: bool = False,
+    calibration_seq_len: int = 256, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", log=print,
 ) -> Path:
     """Write the converted hybrid to `out_dir` and return it; the report is also in out_dir/conversion.json.
 
@@ -92,7 +92,8 @@ def convert_to_folder(
     plan = resolve_plan(plan_spec, teacher.config.num_hidden_layers)
     log("plan:\n" + describe(plan))
     config = hybrid_config_from_teacher(teacher.config, plan, dtype=dtype, sliding_window_sinks=sink_tokens,
-                                        headwise_kv_heads=plan_headwise_kv_heads(plan_spec))
+                                        headwise_kv_heads=plan_headwise_kv_heads(plan_spec),
+                                        recurrent_rope=recurrent_rope)
     generation_config = teacher.generation_config
 
     input_ids = calibration_batch(tokenizer, seq_len=calibration_seq_len, blocks_per_domain=1).to(device)
@@ -126,6 +127,7 @@ def convert_to_folder(
         "seed": seed,
         "init_options": vars(options),
         "sink_tokens": sink_tokens,
+        "recurrent_rope": recurrent_rope,
         "dtype": dtype_name(dtype),
         "dropped_teacher_tensors": dropped,
         "report": report,

@@ -283,6 +283,8 @@ class Recipe:
     sink_tokens: int = 0  # with a plan: sliding windows also keep each sequence's first this-many tokens
     # with a plan: the share of each recurrent layer's heads given a 4096-token half-life (convert --init-long-heads)
     init_long_heads: float = 0.0
+    # with a plan: Mamba2 / GDN layers rotate their C, B / q, k by RoPE (convert --recurrent-rope)
+    recurrent_rope: bool = False
     seed: int = 0
     mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16 applies on GPU; CPU runs stay fp32
     compile: bool = True  # KD stages on one GPU or DDP: torch.compile each decoder layer; CPU and FSDP2 stay eager
@@ -300,6 +302,8 @@ class Recipe:
         _require(0.0 <= self.init_long_heads <= 1.0, "init_long_heads", "must be in [0, 1]")
         _require(self.init_long_heads == 0 or self.plan is not None, "init_long_heads",
                  "applies when converting a `plan`; a converted `init` folder already fixes its decays")
+        _require(not self.recurrent_rope or self.plan is not None, "recurrent_rope",
+                 "applies when converting a `plan`; a converted `init` folder already fixes it in its config")
         _require(len(self.stages) > 0, "stages", "list at least one stage")
         names = [stage.name for stage in self.stages]
         for i, name in enumerate(names):

@@ -251,7 +251,8 @@ class Trainer:
             self.log(f"converting {self.recipe.teacher} with plan {self.recipe.plan!r} into {target}")
             options = dataclasses.replace(CONVERT_DEFAULTS, long_memory_heads=self.recipe.init_long_heads)
             convert_to_folder(self.recipe.teacher, self.recipe.plan, target, seed=self.recipe.seed, options=options,
-                              sink_tokens=self.recipe.sink_tokens, device=self.accelerator.device, log=self.log)
+                              sink_tokens=self.recipe.sink_tokens, recurrent_rope=self.recipe.recurrent_rope,
+                              device=self.accelerator.device, log=self.log)
         self.accelerator.wait_for_everyone()
 
     def record(self, final: Path, stages: list[dict]) -> dict:

@@ -78,6 +78,9 @@ class HybridConfig(PretrainedConfig):
     gdn_head_v_dim: int | None = None
     gdn_chunk_size: int = 64
     gdn_fused_inputs: bool = True  # the gate, beta and q/k L2 norms formed inside the GDN kernels
+    # GDN q, k and Mamba2 C, B (also in the recurrent branches of window_* and headwise_* layers) rotated by the
+    # model's RoPE before the recurrence, as attention rotates its q, k (docs/model.md)
+    recurrent_rope: bool = False
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -131,6 +134,11 @@ class HybridConfig(PretrainedConfig):
                      and all(0 <= h < self.num_key_value_heads for h in kept), "headwise_kv_heads",
                      f"of layer {layer} must be distinct KV heads in 0..{self.num_key_value_heads - 1}, at least one "
                      f"and not all {self.num_key_value_heads} (got {kept})")
+        if self.recurrent_rope:
+            recurrent = {WINDOW_MEMORY_TYPES.get(kind) or HEADWISE_TYPES.get(kind) or kind for kind in self.layer_types}
+            for mixer, name in (("gated_deltanet", "gdn_head_k_dim"), ("mamba2", "mamba_state_size")):
+                _require(mixer not in recurrent or getattr(self, name) == self.head_dim, name,
+                         f"must equal head_dim ({self.head_dim}) for recurrent_rope, got {getattr(self, name)}")
         for name in ("mamba_chunk_size", "gdn_chunk_size"):
             value = getattr(self, name)
             _require(value in (16, 32, 64, 128), name, f"allowed values: 16, 32, 64, 128; got {value}")

@@ -3,11 +3,13 @@
 from dataclasses import dataclass
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 @dataclass
 class SequenceContext:
-    """position_embeddings: RoPE (cos, sin) [B, T, D], used by attention only.
+    """position_embeddings: RoPE (cos, sin) [B, T, D], used by attention (and by recurrent mixers with
+    recurrent_rope); None when no layer rotates.
     attention_mask: [B, past_tokens + T] with 0 at left padding, or None when nothing is padded.
     past_tokens: tokens already in the cache before this forward.
     """
@@ -15,6 +17,11 @@ class SequenceContext:
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     attention_mask: torch.Tensor | None
     past_tokens: int
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k [B, T, H, D] (heads before dims, as the recurrent mixers hold them) rotated by this forward's RoPE."""
+        cos, sin = self.position_embeddings
+        return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 
     @property
     def new_tokens_mask(self) -> torch.Tensor | None:

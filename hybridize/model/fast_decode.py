@@ -106,7 +106,6 @@ class StaticDecoder:
         self._next_token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1] input of the next step
         self._position = torch.zeros(batch, dtype=torch.long, device=device)  # [B] RoPE position of that token
         self._index = torch.zeros((), dtype=torch.long, device=device)  # its stream index (same for every row)
-        self._recurrent_context = SequenceContext(position_embeddings=None, attention_mask=None, past_tokens=0)
 
     def _attention_slots(self, attention) -> AttentionSlots:
         batch, device = self.batch_size, self.device
@@ -163,15 +162,16 @@ class StaticDecoder:
         model = self.model.model
         hidden = model.embed_tokens(self._next_token)  # [B, 1, C]
         cos, sin = model.rotary_emb(hidden, self._position[:, None])  # [B, 1, D] each
+        recurrent_context = SequenceContext(position_embeddings=(cos, sin), attention_mask=None, past_tokens=0)
         for layer, cache in zip(model.layers, self.layer_caches):
             x = layer.input_layernorm(hidden)
             if isinstance(cache, AttentionSlots):
                 mixed = _attention_step(layer.mixer, x, cos, sin, cache, self._index, self._position)
             elif isinstance(cache, WindowMemorySlots):
                 window = _attention_step(layer.mixer.window, x, cos, sin, cache.window, self._index, self._position)
-                mixed = layer.mixer.combine(window, layer.mixer.memory(x, self._recurrent_context, cache.memory))
+                mixed = layer.mixer.combine(window, layer.mixer.memory(x, recurrent_context, cache.memory))
             else:
-                mixed = layer.mixer(x, self._recurrent_context, cache)
+                mixed = layer.mixer(x, recurrent_context, cache)
             hidden = hidden + mixed
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         logits = self.model.lm_head(model.norm(hidden))[:, -1]  # [B, V]

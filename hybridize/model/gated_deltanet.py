@@ -29,7 +29,8 @@ class GatedDeltaNetMixer(nn.Module):
     """S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,  o_t = S_t^T q_t / sqrt(d_k),  out = W_o RMSNorm(o) * silu(W_g x).
 
     a_t = exp(-exp(A_log) * softplus(W_a x_t + dt_bias)) and b_t = sigmoid(W_b x_t + b_bias), one of each per head.
-    With config.gdn_fused_inputs the kernels form a_t, b_t and the q/k norms from the raw projections themselves.
+    With config.gdn_fused_inputs the kernels form a_t, b_t and the q/k norms from the raw projections themselves;
+    with config.recurrent_rope, q_t and k_t are rotated by RoPE at position t first.
     b_bias holds a per-head write strength that does not depend on the input (conversion sets it from the teacher;
     zero gives GDN's own b_t = sigmoid(W_b x_t)). `heads` (default: the config's gdn_num_heads and gdn_num_k_heads)
     gives it that many heads, each with its own q and k: a head-wise layer's recurrent part.
@@ -44,6 +45,7 @@ class GatedDeltaNetMixer(nn.Module):
         self.head_v_dim = config.gdn_head_v_dim
         self.chunk_size = config.gdn_chunk_size
         self.fused_inputs = config.gdn_fused_inputs
+        self.rope = config.recurrent_rope
         self.norm_eps = config.rms_norm_eps
         hidden = config.hidden_size
         key_dim, value_dim = self.num_k_heads * self.head_k_dim, self.num_heads * self.head_v_dim
@@ -103,6 +105,8 @@ class GatedDeltaNetMixer(nn.Module):
         q = q.view(batch, length, self.num_k_heads, self.head_k_dim)  # [B, T, HK, K]
         k = k.view(batch, length, self.num_k_heads, self.head_k_dim)  # [B, T, HK, K]
         v = v.view(batch, length, self.num_heads, self.head_v_dim)  # [B, T, H, V]
+        if self.rope:  # a rotation: the L2 norms below (or in the kernels) are the same before or after it
+            q, k = context.rotate(q, k)
         if self.fused_inputs:
             g, beta = a, b  # raw: the kernels normalize q, k and form the gate and beta themselves
         else:

@@ -16,7 +16,8 @@ class Mamba2Mixer(nn.Module):
     """S_t = a_t S_{t-1} + B_t (x_t dt_t)^T,  y_t = scale * S_t^T C_t + D x_t,  out = W_out RMSNorm(y) * silu(z).
 
     Projections are separate modules named after what they make (z, x, B, C, dt), so conversion from
-    attention reads as `C <- W_q, B <- W_k, x <- W_v, out <- W_o`. `heads` (default: the config's mamba_num_heads
+    attention reads as `C <- W_q, B <- W_k, x <- W_v, out <- W_o`; with config.recurrent_rope, C_t and B_t are
+    rotated by RoPE at position t, as attention rotates q and k. `heads` (default: the config's mamba_num_heads
     and mamba_num_groups) gives it that many heads, each with its own B and C: a head-wise layer's recurrent part.
     """
 
@@ -29,6 +30,7 @@ class Mamba2Mixer(nn.Module):
         self.num_groups = heads or config.mamba_num_groups
         self.chunk_size = config.mamba_chunk_size
         self.norm_eps = config.rms_norm_eps
+        self.rope = config.recurrent_rope
         hidden, inner, bc = config.hidden_size, self.num_heads * self.head_dim, self.num_groups * self.state_size
         self.z_proj = nn.Linear(hidden, inner, bias=False)
         self.x_proj = nn.Linear(hidden, inner, bias=False)
@@ -80,6 +82,8 @@ class Mamba2Mixer(nn.Module):
         x = x.view(batch, length, self.num_heads, self.head_dim)  # [B, T, H, P]
         b = b.view(batch, length, self.num_groups, self.state_size)  # [B, T, G, N]
         c = c.view(batch, length, self.num_groups, self.state_size)  # [B, T, G, N]
+        if self.rope:
+            c, b = context.rotate(c, b)
         dt, g = self.steps_and_log_decay(dt)  # [B, T, H] each
         v = x * dt[..., None].to(x.dtype)
         y = self.recurrence(c, b, v, g, layer_cache, decoding)  # [B, T, H, P]

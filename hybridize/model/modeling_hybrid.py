@@ -139,9 +139,9 @@ class HybridModel(HybridPreTrainedModel):
             attention_mask = None  # nothing padded: the mixers take their unmasked fast paths
         if position_ids is None:
             position_ids = _position_ids(attention_mask, past_tokens, length, hidden_states.device)
-        has_attention = any(t in ROPE_TYPES for t in self.config.layer_types)
+        rotates = self.config.recurrent_rope or any(t in ROPE_TYPES for t in self.config.layer_types)
         context = SequenceContext(
-            position_embeddings=self.rotary_emb(hidden_states, position_ids) if has_attention else None,
+            position_embeddings=self.rotary_emb(hidden_states, position_ids) if rotates else None,
             attention_mask=attention_mask,
             past_tokens=past_tokens,
         )

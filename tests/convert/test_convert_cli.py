@@ -86,6 +86,21 @@ def test_sink_tokens_reach_the_saved_config_and_the_forward(tiny_llama, tmp_path
                 ).abs().max() > 1e-3
 
 
+def test_recurrent_rope_reaches_the_saved_config_and_the_forward(tiny_llama, tmp_path, capsys):
+    """--recurrent-rope: the saved hybrid's config and conversion.json say so, and its recurrent layers rotate (their
+    logits differ from the same conversion without the option from the second token on)."""
+    plan = "full_attention:0 gated_deltanet:1 mamba2:rest"
+    assert convert(capsys, tiny_llama, "--plan", plan, "--recurrent-rope", "--out", tmp_path / "r")[0] == 0
+    assert convert(capsys, tiny_llama, "--plan", plan, "--out", tmp_path / "p")[0] == 0
+    rotated, plain = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("r", "p"))
+    assert rotated.config.recurrent_rope and not plain.config.recurrent_rope
+    assert json.loads((tmp_path / "r" / "conversion.json").read_text())["recurrent_rope"] is True
+    ids = torch.randint(0, 49152, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rotated_logits, plain_logits = (m(ids, use_cache=False).logits[0] for m in (rotated, plain))
+    assert (rotated_logits[1:] - plain_logits[1:]).abs().max() > 1e-3
+
+
 def corrupt_copy(tiny_llama, tmp_path):
     folder = tmp_path / "corrupt"
     shutil.copytree(tiny_llama, folder)

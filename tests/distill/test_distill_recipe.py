@@ -172,6 +172,8 @@ def test_invalid_top_level_values_are_named():
     assert error_for(minimal(init_long_heads=0.25)).startswith("recipe: init_long_heads: applies when converting a")
     assert error_for({**plan, "init_long_heads": 1.5}).startswith("recipe: init_long_heads: must be in [0, 1]")
     assert parse_recipe({**plan, "init_long_heads": 0.25}).init_long_heads == 0.25
+    assert error_for(minimal(recurrent_rope=True)).startswith("recipe: recurrent_rope: applies when converting a")
+    assert parse_recipe({**plan, "recurrent_rope": True}).recurrent_rope is True
     raw = minimal()
     raw["stages"][1]["name"] = "a"
     assert error_for(raw).startswith("recipe: stages[1].name: 'a' is used by an earlier stage")

@@ -60,6 +60,18 @@ def test_memories_that_read_outside_the_window_decode_as_generate(padded):
     assert torch.equal(decoder.generate(ids, 24, attention_mask=mask), _reference(model, ids, 24, mask))
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_recurrent_rope_decodes_as_generate(padded):
+    """Every kind of recurrent mixer rotating by RoPE: the decoder hands each step's position to them too."""
+    model = _model(recurrent_rope=True)
+    ids = torch.randint(1, 128, (2, 13), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :5] = 0
+    decoder = StaticDecoder(model, batch_size=2, max_length=40)
+    assert torch.equal(decoder.generate(ids, 20, attention_mask=mask), _reference(model, ids, 20, mask))
+
+
 @pytest.mark.parametrize("kind", ["headwise_gated_deltanet", "headwise_mamba2"])
 @pytest.mark.parametrize("headwise_window", [False, True])
 @pytest.mark.parametrize("padded", [False, True])

@@ -21,11 +21,14 @@ PLANS = {
     "headwise_mamba2": ["headwise_mamba2"] * 2,
     "headwise_mamba2_window": ["headwise_mamba2", "full_attention", "headwise_mamba2"],
     "mixed": MIXED,
+    "recurrent_rope": ["gated_deltanet", "mamba2"],  # q, k and C, B rotated by RoPE
+    "recurrent_rope_branches": ["window_gated_deltanet", "headwise_mamba2"],
 }
 # attention heads in windows with sinks; the last layer keeps its second KV head, not the first
 HEADWISE_WINDOW = dict(headwise_window=True, sliding_window_sinks=2, headwise_kv_heads={"2": [1]})
 PLAN_OPTIONS = {"window_outside": dict(memory_outside_window=True), "headwise_window": HEADWISE_WINDOW,
-                "headwise_mamba2_window": HEADWISE_WINDOW}
+                "headwise_mamba2_window": HEADWISE_WINDOW, "recurrent_rope": dict(recurrent_rope=True),
+                "recurrent_rope_branches": dict(recurrent_rope=True, memory_outside_window=True)}
 
 
 # The model runs in fp64, but recurrent states are kept in fp32 by design (what the kernels do), so cached
@@ -103,7 +106,7 @@ def test_left_padded_batch_equals_each_sequence_alone(plan):
 
 
 @pytest.mark.parametrize("plan", ["mixed", "mamba2", "window_gated_deltanet", "headwise_window",
-                                  "headwise_mamba2_window"])
+                                  "headwise_mamba2_window", "recurrent_rope"])
 def test_generate_greedy_with_cache_equals_without_and_handles_padding(plan):
     model = tiny_hybrid(PLANS[plan], **PLAN_OPTIONS.get(plan, {}))
     prompt = torch.randint(3, 97, (1, 21))
@@ -116,6 +119,26 @@ def test_generate_greedy_with_cache_equals_without_and_handles_padding(plan):
     assert cached.shape == (1, 33)
     assert torch.equal(cached, uncached)
     assert torch.equal(padded[:, 5:], cached)
+
+
+@pytest.mark.parametrize("kind", ["gated_deltanet", "mamba2", "window_gated_deltanet", "headwise_mamba2"])
+def test_recurrent_rope_sees_only_distances_between_positions(kind):
+    """q and k (C and B) rotated at their own positions meet in dot products that depend on the distance between the
+    positions alone, and the delta rule's updates are rotated alike: shifting every position by 7 changes no logit.
+    The rotation is there all the same: the logits differ from those of the same weights without it, except at the
+    first token, which only meets itself."""
+    rotated = tiny_hybrid([kind] * 2, recurrent_rope=True)
+    plain = tiny_hybrid([kind] * 2)
+    plain.load_state_dict(rotated.state_dict())
+    input_ids = torch.randint(0, 97, (2, 40))
+    positions = torch.arange(40)[None].expand(2, -1)
+    with torch.no_grad():
+        logits = rotated(input_ids, position_ids=positions, use_cache=False).logits
+        shifted = rotated(input_ids, position_ids=positions + 7, use_cache=False).logits
+        unrotated = plain(input_ids, position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(shifted, logits, **CLOSE)
+    torch.testing.assert_close(unrotated[:, 0], logits[:, 0], **CLOSE)
+    assert (unrotated[:, 1:] - logits[:, 1:]).abs().max() > 1e-3
 
 
 def test_generate_sampling_is_seeded_and_in_vocab():
@@ -160,6 +183,9 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
         (dict(headwise_kv_heads={"1": [0]}), "headwise_kv_heads names layer '1', which is not a headwise layer"),
         (dict(layer_types=["headwise_gated_deltanet"] * 2, num_key_value_heads=1),
          "at least one and not all 1 (got [0])"),
+        (dict(layer_types=["window_gated_deltanet"] * 2, recurrent_rope=True, gdn_head_k_dim=8),
+         "gdn_head_k_dim must equal head_dim (16) for recurrent_rope, got 8"),
+        (dict(recurrent_rope=True, mamba_state_size=32), "mamba_state_size must equal head_dim (16) for recurrent_rope"),
     ],
 )
 def test_malformed_config_names_the_field(fields, message):

@@ -1,6 +1,7 @@
 """scripts/readout_sensitivity.py on a tiny teacher: an all-attention plan keeps the whole readout at KL 0, a replaced
 readout layer adds nothing, and replacing one layer leaves the layers below it exactly the teacher's."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -50,3 +51,14 @@ def test_layers_leave_the_layers_below_the_replaced_one_as_the_teachers(teacher_
         assert row["by_layer"][i] == 0
         for below in range(int(i)):  # depth is causal: a layer's replacement cannot change what comes before it
             assert row["by_layer"][str(below)] == pytest.approx(teacher[str(below)], abs=1e-4)
+
+
+def test_recurrent_rope_reaches_the_hybrids(teacher_dir):
+    spec = importlib.util.spec_from_file_location("readout_sensitivity", REPO / "scripts" / "readout_sensitivity.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    plan = ["full_attention", "gated_deltanet", "mamba2"]
+    for rope in (False, True):
+        hybrid = script.Converter(str(teacher_dir), 200, 0.0, recurrent_rope=rope).hybrid(plan)
+        assert hybrid.config.recurrent_rope is rope
+        assert all(layer.mixer.rope is rope for layer in hybrid.model.layers[1:])
