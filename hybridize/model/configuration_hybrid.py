@@ -135,7 +135,7 @@ class HybridConfig(PretrainedConfig):
                      f"of layer {layer} must be distinct KV heads in 0..{self.num_key_value_heads - 1}, at least one "
                      f"and not all {self.num_key_value_heads} (got {kept})")
         if self.recurrent_rope:
-            recurrent = {WINDOW_MEMORY_TYPES.get(kind) or HEADWISE_TYPES.get(kind) or kind for kind in self.layer_types}
+            recurrent = {BRANCH_TYPES.get(kind, kind) for kind in self.layer_types}  # the mixers that recur
             for mixer, name in (("gated_deltanet", "gdn_head_k_dim"), ("mamba2", "mamba_state_size")):
                 _require(mixer not in recurrent or getattr(self, name) == self.head_dim, name,
                          f"must equal head_dim ({self.head_dim}) for recurrent_rope, got {getattr(self, name)}")
