@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink-tokens", type=int, default=0, metavar="S",
                         help="score sliding windows that also keep the first S tokens, as `hybridize convert "
                              "--sink-tokens S` builds them (default 0, plain windows)")
+    parser.add_argument("--recurrent-rope", action="store_true",
+                        help="score Mamba2 / GDN candidates that rotate by RoPE, as `hybridize convert "
+                             "--recurrent-rope` builds them (default off)")
     parser.add_argument("--heads", type=int, default=None, metavar="K",
                         help="every replaced layer becomes a head-wise layer that keeps its K KV heads (with their "
                              "query heads) whose removal costs its attention output most as attention; the other "
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         ranking=args.ranking,
         swa_threshold=args.swa_threshold,
         sink_tokens=args.sink_tokens,
+        recurrent_rope=args.recurrent_rope,
         heads=args.heads,
         seq_len=args.seq_len,
         eval_blocks=args.eval_blocks,

@@ -57,6 +57,7 @@ class AnalyzeSettings:
     ranking: str = "combined"
     swa_threshold: float = 0.05
     sink_tokens: int = 0  # windows are scored as windows that keep the first sink_tokens tokens
+    recurrent_rope: bool = False  # Mamba2 / GDN candidates are scored rotating by RoPE (convert --recurrent-rope)
     heads: int | None = None  # replaced layers become head-wise layers keeping this many KV heads (analyze/heads.py)
     seq_len: int | None = None
     eval_blocks: int = 2
@@ -161,8 +162,9 @@ def analyze_to_folder(
     write_folder(out_dir, record, overwrite)
     log(markdown_report(record))
     sinks = ["--sink-tokens", str(settings.sink_tokens)] if settings.sink_tokens else []
+    rope = ["--recurrent-rope"] if settings.recurrent_rope else []
     convert = " ".join(["hybridize convert", *([teacher_name] if teacher_name else []), "--plan",
-                        str(out_dir / "plan.json"), *sinks, "--out", "DIR"])
+                        str(out_dir / "plan.json"), *sinks, *rope, "--out", "DIR"])
     log(f"wrote {out_dir}/plan.json, report.md, scores.png; analyzed in {record['wall_seconds']:.1f} s (wall)")
     log(f"next: {convert}")
     return record
@@ -174,7 +176,7 @@ def _measure(teacher, tokenizer, held_ids, seq_len: int, settings: AnalyzeSettin
     device = held_ids.device
     base = convert_model(teacher, ["full_attention"] * num_layers, seed=settings.seed).to(device)
     held_out = capture_held_out(teacher, held_ids)
-    candidates = {kind: candidate_mixers(teacher, kind, settings.seed, settings.sink_tokens)
+    candidates = {kind: candidate_mixers(teacher, kind, settings.seed, settings.sink_tokens, settings.recurrent_rope)
                   for kind in settings.constraints.mixers}
     fit = settings.fit
     blocks = training_blocks(tokenizer, seq_len, fit.steps * fit.batch_blocks)

@@ -90,6 +90,8 @@ def markdown_report(record: dict) -> str:
         for name, row in record["proxy_agreement"].items():
             lines.append(f"| {name} | " + " | ".join(_number(row[t]) for t in ["sensitivity", *kinds]) + " |")
         lines += ["", f"Check: the residual-stream replay reproduces the teacher to KL {record['reference_kl']:.2e}."]
+        if settings.get("recurrent_rope"):
+            lines.append("Mamba2 / GDN candidates were scored rotating by RoPE: convert with --recurrent-rope.")
         if "sliding_attention" in kinds:
             window, length = settings["window"], settings["seq_len"]
             if settings.get("sink_tokens"):

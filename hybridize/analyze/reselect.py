@@ -42,6 +42,11 @@ def reselect_to_folder(scores_path: Path, settings, out_dir: Path, *, overwrite:
     if record["mode"] == "full" and settings.sink_tokens != measured_sinks:
         raise UserError(f"--scores {scores_path} measured windows with {measured_sinks} sink tokens; "
                         f"--sink-tokens {settings.sink_tokens} needs a new analysis")
+    measured_rope = record["settings"].get("recurrent_rope", False)
+    if record["mode"] == "full" and settings.recurrent_rope != measured_rope:
+        raise UserError(f"--scores {scores_path} measured Mamba2 / GDN candidates "
+                        f"{'with' if measured_rope else 'without'} recurrent RoPE; "
+                        f"{'dropping' if measured_rope else 'adding'} --recurrent-rope needs a new analysis")
     kl = None
     if record["mode"] == "full":
         missing = [m for m in constraints.mixers if m not in layers[0]["kl"]]
@@ -57,7 +62,7 @@ def reselect_to_folder(scores_path: Path, settings, out_dir: Path, *, overwrite:
         "rescored_from": str(scores_path),
         "settings": {**record["settings"], **dataclasses.asdict(constraints), "budget": settings.budget,
                      "ranking": settings.ranking, "swa_threshold": settings.swa_threshold,
-                     "sink_tokens": settings.sink_tokens},
+                     "sink_tokens": settings.sink_tokens, "recurrent_rope": settings.recurrent_rope},
         "layers": [{**row, "choice": plan[i], "sensitivity": sensitivity[i]} for i, row in enumerate(layers)],
     }
     write_folder(out_dir, chosen, overwrite)

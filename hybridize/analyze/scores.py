@@ -65,10 +65,12 @@ def capture_held_out(teacher, input_ids: torch.LongTensor) -> HeldOut:
     return HeldOut(list(outputs.hidden_states[:num_layers]), final, labels, nll)
 
 
-def candidate_mixers(teacher, kind: str, seed: int, sink_tokens: int = 0) -> nn.ModuleList:
+def candidate_mixers(teacher, kind: str, seed: int, sink_tokens: int = 0, recurrent_rope: bool = False
+                     ) -> nn.ModuleList:
     """Every layer's mixer of type `kind`, initialized from its attention exactly as `hybridize convert --sink-tokens
-    sink_tokens` does; fp32."""
-    hybrid = convert_model(teacher, [kind] * teacher.config.num_hidden_layers, seed=seed, sink_tokens=sink_tokens)
+    sink_tokens [--recurrent-rope]` does; fp32."""
+    hybrid = convert_model(teacher, [kind] * teacher.config.num_hidden_layers, seed=seed, sink_tokens=sink_tokens,
+                           recurrent_rope=recurrent_rope)
     device = teacher.model.embed_tokens.weight.device
     return nn.ModuleList(layer.mixer for layer in hybrid.model.layers).to(device=device, dtype=torch.float32)
 

@@ -229,6 +229,7 @@ def test_scores_of_an_earlier_run_choose_for_another_budget(full_run, tiny_llama
     (["--scores", "PLAN", "--mixers", "gated_deltanet"], "has no scores for gated_deltanet"),
     (["--scores", "PLAN", "--fast"], "drop MODEL and --fast"),
     (["--scores", "PLAN", "--sink-tokens", "2"], "measured windows with 0 sink tokens"),
+    (["--scores", "PLAN", "--recurrent-rope"], "without recurrent RoPE; adding --recurrent-rope needs a new analysis"),
 ])
 def test_bad_scores_are_one_line(full_run, tmp_path, capsys, extra, message):
     _, first = full_run
@@ -238,6 +239,21 @@ def test_bad_scores_are_one_line(full_run, tmp_path, capsys, extra, message):
     lines = streams.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "k").exists()
+
+
+def test_recurrent_rope_scores_rotated_candidates(tiny_llama, tmp_path, capsys):
+    """--recurrent-rope: the Mamba2 candidates rotate by RoPE, so their scores differ from the plain candidates', the
+    record and report say so, and the printed convert command builds the same layers."""
+    records = {}
+    for name, extra in (("plain", []), ("rope", ["--recurrent-rope"])):
+        code, streams = analyze(capsys, tiny_llama, "--budget", "1", "--out", tmp_path / name, *CHEAP, *extra)
+        assert code == 0, streams.err
+        records[name] = json.loads((tmp_path / name / "plan.json").read_text())
+    plain, rope = records["plain"], records["rope"]
+    assert rope["settings"]["recurrent_rope"] and not plain["settings"]["recurrent_rope"]
+    assert [r["kl"]["mamba2"] for r in rope["layers"]] != [r["kl"]["mamba2"] for r in plain["layers"]]
+    assert "scored rotating by RoPE" in (tmp_path / "rope" / "report.md").read_text()
+    assert "--recurrent-rope --out DIR" in streams.out
 
 
 def test_seq_len_default_is_what_the_help_says(tiny_llama, tmp_path, capsys):
