@@ -18,6 +18,7 @@ from transformers.dynamic_module_utils import get_imports
 
 from hybridize import __hybridize_toolkit__, __version__
 from hybridize.cli import main
+from hybridize.convert.pipeline import convert_to_folder
 from hybridize.evaluate.common import load_hybrid
 from hybridize.atomic import OUTPUT_RECORD
 from hybridize.model import HybridForCausalLM
@@ -240,6 +241,18 @@ def test_converted_folder_loads_where_hybridize_is_not_importable(hybrid_dir, tm
     assert remote["hybridize"] is None
     assert {name.rsplit(".", 1)[1] for name in remote["kernels"]} == REFERENCE_KERNELS
     _assert_same_model(remote, hybrid_dir)
+
+
+def test_recurrent_rope_hybrid_loads_where_hybridize_is_not_importable(hybrid_dir, tmp_path):
+    """A hybrid converted with --recurrent-rope: the remote code rotates as the package does (same logits and greedy
+    tokens without hybridize importable)."""
+    folder = convert_to_folder(str(hybrid_dir.parent / "teacher"), "mamba2:0 gated_deltanet:1 full_attention:rest",
+                               tmp_path / "rope", recurrent_rope=True, log=lambda *_: None)
+    assert json.loads((folder / "config.json").read_text())["recurrent_rope"] is True
+    command, env = _without_hybridize(tmp_path)
+    remote = _load_remotely(Path(sys.executable), folder, tmp_path, command, env)
+    assert remote["hybridize"] is None
+    _assert_same_model(remote, folder)
 
 
 def test_the_cards_loading_snippet_runs_without_hybridize(dry_run, tmp_path):
