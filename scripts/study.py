@@ -83,7 +83,8 @@ HALF_LIFE_LR = ("stages.0.half_life_lr=1e-2", "stages.1.half_life_lr=3e-3")
 READOUT_LAYERS = "plan=full_attention:0,1,2,7,16,18,20,21 gated_deltanet:rest"
 RECALL_LEVERS = {"": (), "-long-heads": ("init_long_heads=0.25",), "-half-life-lr": HALF_LIFE_LR,
                  "-long-heads-half-life-lr": ("init_long_heads=0.25", *HALF_LIFE_LR),
-                 "-readout-layers": (READOUT_LAYERS,), "-rope": ("recurrent_rope=true",)}
+                 "-readout-layers": (READOUT_LAYERS,), "-rope": ("recurrent_rope=true",),
+                 "-rope-long-heads": ("recurrent_rope=true", "init_long_heads=0.25")}
 
 
 def kept_layers(plan_file: Path) -> list[int]:

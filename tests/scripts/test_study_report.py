@@ -84,4 +84,6 @@ def test_the_recall_runs_are_the_gdn_recipe_with_one_lever_each():
     assert both.init_long_heads == 0.25 and [s.half_life_lr for s in both.stages] == [1e-2, 3e-3]
     assert recipes["recall-gdn-readout-layers"].plan == "full_attention:0,1,2,7,16,18,20,21 gated_deltanet:rest"
     assert recipes["recall-gdn-rope"].recurrent_rope and not base.recurrent_rope
+    combined = recipes["recall-gdn-rope-long-heads"]
+    assert combined.recurrent_rope and combined.init_long_heads == 0.25
     assert {sum(s.tokens for s in r.stages) for r in recipes.values()} == {80_000_000}  # equal tokens
