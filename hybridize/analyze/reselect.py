@@ -44,9 +44,8 @@ def reselect_to_folder(scores_path: Path, settings, out_dir: Path, *, overwrite:
                         f"--sink-tokens {settings.sink_tokens} needs a new analysis")
     measured_rope = record["settings"].get("recurrent_rope", False)
     if record["mode"] == "full" and settings.recurrent_rope != measured_rope:
-        raise UserError(f"--scores {scores_path} measured Mamba2 / GDN candidates "
-                        f"{'with' if measured_rope else 'without'} recurrent RoPE; "
-                        f"{'dropping' if measured_rope else 'adding'} --recurrent-rope needs a new analysis")
+        raise UserError(f"--scores {scores_path} measured Mamba2 / GDN candidates with recurrent_rope="
+                        f"{measured_rope}; the other setting needs a new analysis")
     kl = None
     if record["mode"] == "full":
         missing = [m for m in constraints.mixers if m not in layers[0]["kl"]]

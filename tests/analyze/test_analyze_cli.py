@@ -229,7 +229,7 @@ def test_scores_of_an_earlier_run_choose_for_another_budget(full_run, tiny_llama
     (["--scores", "PLAN", "--mixers", "gated_deltanet"], "has no scores for gated_deltanet"),
     (["--scores", "PLAN", "--fast"], "drop MODEL and --fast"),
     (["--scores", "PLAN", "--sink-tokens", "2"], "measured windows with 0 sink tokens"),
-    (["--scores", "PLAN", "--recurrent-rope"], "without recurrent RoPE; adding --recurrent-rope needs a new analysis"),
+    (["--scores", "PLAN", "--recurrent-rope"], "with recurrent_rope=False; the other setting needs a new analysis"),
 ])
 def test_bad_scores_are_one_line(full_run, tmp_path, capsys, extra, message):
     _, first = full_run

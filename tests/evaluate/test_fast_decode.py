@@ -47,29 +47,27 @@ def test_same_tokens_as_generate(padded, sinks):
     assert torch.equal(decoder.generate(ids, 24, attention_mask=mask), _reference(model, ids, 24, mask))
 
 
+# Model options the decoder has to follow, each with the model that exercises it.
+DECODE_OPTIONS = {
+    # each memory's last `window` inputs kept in static buffers, the oldest written into the state at every step
+    "memory_outside_window": dict(layer_types=["window_gated_deltanet", "full_attention", "window_mamba2"],
+                                  memory_outside_window=True),
+    # every kind of recurrent mixer rotating by RoPE: each step's position handed to them too
+    "recurrent_rope": dict(recurrent_rope=True),
+}
+
+
+@pytest.mark.parametrize("option", sorted(DECODE_OPTIONS))
 @pytest.mark.parametrize("padded", [False, True])
-def test_memories_that_read_outside_the_window_decode_as_generate(padded):
-    """With memory_outside_window the decoder keeps each memory's last `window` inputs in static buffers and writes
-    the oldest into the state at every step: the same tokens as generate(), the window wrapping several times."""
-    model = _model(["window_gated_deltanet", "full_attention", "window_mamba2"], memory_outside_window=True)
+def test_model_options_decode_as_generate(padded, option):
+    """The same tokens as generate(), 24 new ones: the 8-token window wraps several times."""
+    model = _model(**DECODE_OPTIONS[option])
     ids = torch.randint(1, 128, (2, 13), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
     if padded:
         mask[1, :6] = 0
     decoder = StaticDecoder(model, batch_size=2, max_length=40)
     assert torch.equal(decoder.generate(ids, 24, attention_mask=mask), _reference(model, ids, 24, mask))
-
-
-@pytest.mark.parametrize("padded", [False, True])
-def test_recurrent_rope_decodes_as_generate(padded):
-    """Every kind of recurrent mixer rotating by RoPE: the decoder hands each step's position to them too."""
-    model = _model(recurrent_rope=True)
-    ids = torch.randint(1, 128, (2, 13), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, :5] = 0
-    decoder = StaticDecoder(model, batch_size=2, max_length=40)
-    assert torch.equal(decoder.generate(ids, 20, attention_mask=mask), _reference(model, ids, 20, mask))
 
 
 @pytest.mark.parametrize("kind", ["headwise_gated_deltanet", "headwise_mamba2"])
