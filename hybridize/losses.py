@@ -17,13 +17,16 @@ loss mask keeps) and D one of the divergences below:
                 m = beta p + (1 - beta) q
 
 The generalized JSD tends to beta * KL(p || q) as beta -> 0 and to (1 - beta) * KL(q || p) as beta -> 1.
+Per chunk, `kernels.kd_rows` takes the two logit matrices to the rows' divergences, CEs and logit gradient: on the
+GPU, for the forward KL, a Triton kernel that reads each logit twice and allocates nothing of the chunk's size.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .kernels.kd_rows import kd_rows
 
 IGNORE = -100
 
@@ -43,15 +46,13 @@ def next_token_labels(input_ids: torch.LongTensor) -> torch.LongTensor:
     return labels
 
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-
 
 @dataclass(frozen=True)
 class KDOptions:
     temperature: float = 1.0
     ce_weight: float = 0.0
     chunk_tokens: int = 2048
-    divergence: str = "forward_kl"  # one of DIVERGENCES
+    divergence: str = "forward_kl"  # one of kernels.kd_rows.DIVERGENCES
     jsd_beta: float = 0.5  # jsd only: the teacher's weight in the mixture m
 
 
@@ -134,32 +135,20 @@ def _kd_forward(student_hidden, student_head, teacher_hidden, teacher_head, labe
     d_hidden = torch.empty_like(student_hidden) if grad_hidden else None  # [N, C]
     d_head = torch.zeros(student_head.shape, dtype=exact, device=student_head.device) if grad_head else None
     wants_grad = grad_hidden or grad_head
+    # per-row gradient scales: tau / N on the rows the divergence is taken on; the CE weight per labelled row
+    grad_scale = (torch.full((total,), tau, dtype=exact, device=student_hidden.device) if weights is None
+                  else weights * tau) / rows_counted if wants_grad else None  # [N]
+    ce_grad_scale = (ce_per_label.expand(total) if wants_grad and options.ce_weight > 0 else None)  # [N]
     for start in range(0, total, options.chunk_tokens):
         rows = slice(start, start + options.chunk_tokens)
         h = student_hidden[rows].to(compute_dtype)  # [n, C]
-        y = labels[rows]  # [n]
-        logits = (h @ head_s.T).to(exact)  # [n, V]
-        log_ps = F.log_softmax(logits / tau if tau != 1 else logits, dim=-1)  # [n, V]
-        log_p1 = log_ps if tau == 1 else F.log_softmax(logits, dim=-1)  # [n, V]
-        del logits
-        valid = y != IGNORE  # [n]
-        target = y.clamp_min(0)[:, None]  # [n, 1]
-        ce_sum += -(log_p1.gather(1, target)[:, 0] * valid).sum()
-        teacher_logits = (teacher_hidden[rows].to(compute_dtype) @ head_t.T).to(exact)  # [n, V]
-        log_pt = F.log_softmax(teacher_logits / tau if tau != 1 else teacher_logits, dim=-1)  # [n, V]
-        del teacher_logits
-        per_row, d_logits = divergence_rows(log_pt, log_ps, options, wants_grad)  # [n], [n, V] or None
-        row_weights = None if weights is None else weights[rows]  # [n]
-        divergence_sum += per_row.sum() if row_weights is None else torch.dot(per_row, row_weights)
-        if not wants_grad:
-            continue
-        d_logits.mul_(tau / rows_counted if row_weights is None else (row_weights * (tau / rows_counted))[:, None])
-        if options.ce_weight > 0:
-            d_ce = log_p1.exp_()  # [n, V]: softmax(s), in place (the CE sum is already taken)
-            d_ce.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=exact, device=d_ce.device))
-            d_logits.add_(d_ce.mul_(valid[:, None].to(exact) * ce_per_label))  # rows without a label get 0
-            del d_ce
-        d_logits = d_logits.to(compute_dtype)
+        per_row, ce_rows, d_logits = kd_rows(
+            h @ head_s.T, teacher_hidden[rows].to(compute_dtype) @ head_t.T, labels[rows],  # [n, V] twice
+            temperature=tau, divergence=options.divergence, jsd_beta=options.jsd_beta,
+            grad_scale=None if grad_scale is None else grad_scale[rows],
+            ce_grad_scale=None if ce_grad_scale is None else ce_grad_scale[rows])
+        ce_sum += ce_rows.sum()
+        divergence_sum += per_row.sum() if weights is None else torch.dot(per_row.to(exact), weights[rows])
         if grad_hidden:
             d_hidden[rows] = (d_logits @ head_s).to(d_hidden.dtype)  # [n, C]
         if grad_head:
@@ -169,33 +158,3 @@ def _kd_forward(student_hidden, student_head, teacher_hidden, teacher_head, labe
     loss = tau**2 * divergence + (
         torch.where(labelled > 0, options.ce_weight * ce, 0.0) if options.ce_weight > 0 else 0.0)
     return loss, divergence.detach(), ce.detach(), d_hidden, (d_head.to(student_head.dtype) if grad_head else None)
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[n, V], [n, V] -> [n]: sum_v a * b per row, without an [n, V] product in memory."""
-    return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
-
-
-def divergence_rows(log_pt: torch.Tensor, log_ps: torch.Tensor, options: KDOptions,
-                    wants_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per row, D(teacher, student) from log-probabilities [n, V] at the temperature, and with wants_grad its gradient
-    g [n, V] with respect to the student's tempered logits (the module docstring's table). Overwrites log_pt."""
-    if options.divergence == "forward_kl":
-        pt = log_pt.exp()  # [n, V]
-        per_row = _row_dot(pt, log_pt.sub_(log_ps))  # [n]
-        return per_row, (log_ps.exp().sub_(pt) if wants_grad else None)
-    qs = log_ps.exp()  # [n, V]
-    if options.divergence == "reverse_kl":
-        log_ratio = log_pt.neg_().add_(log_ps)  # [n, V] log q - log p
-    else:  # jsd
-        beta = options.jsd_beta
-        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))  # [n, V]
-        teacher_part = _row_dot(log_pt.exp(), log_pt - log_m)  # [n] KL(p || m)
-        log_ratio = log_pt.copy_(log_ps).sub_(log_m)  # [n, V] log q - log m
-        del log_m
-    student_part = _row_dot(qs, log_ratio)  # [n] KL(q || log_ratio's reference)
-    per_row = student_part if options.divergence == "reverse_kl" else beta * teacher_part + (1 - beta) * student_part
-    if not wants_grad:
-        return per_row, None
-    grad = qs.mul_(log_ratio.sub_(student_part[:, None]))  # [n, V]
-    return per_row, (grad if options.divergence == "reverse_kl" else grad.mul_(1 - beta))

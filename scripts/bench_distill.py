@@ -15,6 +15,7 @@ Each prints one JSON object. The library does the work; this file only chooses s
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -89,7 +90,8 @@ def naive_kd(hidden, head, teacher_hidden, teacher_head, labels, options):
 
 
 def loss_memory(args) -> dict:
-    """Peak memory above the inputs, and time, of forward + backward of the KD loss: fused chunked vs naive."""
+    """Peak memory above the inputs, and median time, of forward + backward of the KD loss: fused chunked vs naive.
+    HYBRIDIZE_KERNELS=reference times the fused loss on its PyTorch per-row math instead of the Triton rows kernel."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
@@ -100,21 +102,24 @@ def loss_memory(args) -> dict:
     labels = next_token_labels(torch.randint(0, args.vocab, (1, args.tokens), device=device, generator=g)).flatten()
     options = KDOptions(chunk_tokens=args.chunk)
     result = {"bench": "loss-memory", "vocab": args.vocab, "hidden": args.hidden, "tokens": args.tokens,
-              "chunk_tokens": args.chunk, "dtype": str(dtype), "device": str(device)}
+              "chunk_tokens": args.chunk, "dtype": str(dtype), "device": str(device),
+              "kernels": os.environ.get("HYBRIDIZE_KERNELS", "auto")}
     variants = {"fused_chunked": lambda: kd_loss(hidden, head, teacher_hidden, teacher_head, labels, options).loss,
                 "naive_full_logits": lambda: naive_kd(hidden, head, teacher_hidden, teacher_head, labels, options)}
     for name, fn in variants.items():
-        hidden.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        started = time.perf_counter()
         try:
-            fn().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            result[name] = {"seconds": round(time.perf_counter() - started, 4)}
+            for _ in range(args.repeats + 1):  # the first call warms up (kernel compilation, allocator)
+                hidden.grad = None
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                started = time.perf_counter()
+                fn().backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                result.setdefault(name, {"seconds": []})["seconds"].append(round(time.perf_counter() - started, 4))
+            result[name]["seconds"] = statistics.median(result[name]["seconds"][1:])
             if device.type == "cuda":
                 result[name]["peak_gib_above_inputs"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
         except torch.OutOfMemoryError:
@@ -155,6 +160,7 @@ def main() -> int:
     memory.add_argument("--hidden", type=int, default=2048)
     memory.add_argument("--tokens", type=int, default=16384, help="tokens per micro batch (8 x 2048)")
     memory.add_argument("--chunk", type=int, default=2048)
+    memory.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up call (median)")
     diff = commands.add_parser("compare", help="train-loss differences between two runs")
     diff.add_argument("run_a")
     diff.add_argument("run_b")

@@ -20,7 +20,7 @@ from ..corpus import DOMAINS
 from ..errors import UserError
 from ..library import DEFAULT_ROOTS
 from ..model.configuration_hybrid import LAYER_TYPES
-from ..losses import DIVERGENCES
+from ..kernels.kd_rows import DIVERGENCES
 
 
 class RecipeError(Exception):
