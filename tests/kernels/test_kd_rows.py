@@ -72,13 +72,31 @@ def test_forward_kl_rows_match_the_reference(dtype, temperature, with_ce_grad):
     weight = grad_scale.double()[:, None] * (q + p)
     if with_ce_grad:
         weight = weight + (ce_scale.double() * (labels >= 0))[:, None] * torch.softmax(student.double(), -1)
-    bound = per_exponent * weight + out_rounding * ref_grad.abs() + subnormal_step
-    assert torch.isfinite(grad).all()
-    assert ((grad.double() - ref_grad).abs() <= bound).all()
+    _assert_within(grad, ref_grad, per_exponent * weight + out_rounding * ref_grad.abs() + subnormal_step, "grad")
     if with_ce_grad:  # the onehot reaches the label's column, including the last one
         assert grad[3, V - 1] < 0 and ref_grad[3, V - 1] < 0
     else:  # a zero grad_scale (a row the loss mask leaves out) and no CE term: nothing
         assert (grad[4] == 0).all()
+
+
+def _assert_within(actual, expected, bound, name):
+    """Elementwise |actual - expected| <= bound, naming the worst element against its bound when not."""
+    err = (actual.double() - expected).abs()
+    assert torch.isfinite(actual).all(), f"{name}: NaN/inf"
+    ratio = err / bound
+    worst = ratio.argmax()
+    assert ratio.max() <= 1, (f"{name}: element {worst.item()} off by {err.flatten()[worst].item():.3e} > bound "
+                              f"{bound.flatten()[worst].item():.3e}, expected {expected.flatten()[worst].item():.6e}")
+
+
+def test_a_broadcast_scale_vector_is_read_per_row():
+    student, teacher, labels, grad_scale, _ = _case(6, 700, torch.float32)
+    broadcast = torch.tensor(0.3).expand(6)  # stride 0, as the loss passes its CE weight per labelled row
+    _, _, expected = kd_rows(student.clone(), teacher, labels, grad_scale=grad_scale,
+                             ce_grad_scale=torch.full((6,), 0.3), backend="triton")
+    _, _, grad = kd_rows(student.clone(), teacher, labels, grad_scale=grad_scale, ce_grad_scale=broadcast,
+                         backend="triton")
+    assert torch.equal(grad, expected)
 
 
 def test_without_a_gradient_the_logits_are_left_alone():
@@ -117,11 +135,10 @@ def test_forward_kl_rows_cuda_at_the_llama3_vocabulary(dtype):
     ref = kd_rows(student.double(), teacher.double(), labels, temperature=2.0, grad_scale=grad_scale.double(),
                   ce_grad_scale=ce_grad_scale.double(), backend="reference")
     per_exponent, divergence_bound, out_rounding, subnormal_step = _bounds(student, teacher, 2.0, dtype, V)
-    assert ((kl.double() - ref[0]).abs() <= divergence_bound).all()
-    assert ((ce.double() - ref[1]).abs() <= 2 * per_exponent[:, 0]).all()
+    _assert_within(kl, ref[0], divergence_bound, "divergence")
+    _assert_within(ce, ref[1], 2 * per_exponent[:, 0], "ce")
     q = torch.softmax(student.double() / 2, -1)
     p = torch.softmax(teacher.double() / 2, -1)
     q1 = torch.softmax(student.double(), -1)
     weight = grad_scale.double()[:, None] * (q + p) + (ce_grad_scale.double() * (labels >= 0))[:, None] * q1
-    bound = per_exponent * weight + out_rounding * ref[2].abs() + subnormal_step
-    assert ((grad.double() - ref[2]).abs() <= bound).all()
+    _assert_within(grad, ref[2], per_exponent * weight + out_rounding * ref[2].abs() + subnormal_step, "grad")

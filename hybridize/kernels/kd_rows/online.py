@@ -86,6 +86,9 @@ def forward_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     kl = torch.empty(n, dtype=torch.float32, device=student_logits.device)
     ce = torch.empty(n, dtype=torch.float32, device=student_logits.device)
     wants_grad = grad_scale is not None
+    # the kernel indexes the scales by row: a broadcast (stride 0) vector must be made real
+    grad_scale = None if grad_scale is None else grad_scale.contiguous()
+    ce_grad_scale = None if ce_grad_scale is None else ce_grad_scale.contiguous()
     block = min(BLOCK_V, triton.next_power_of_2(V))
     forward_kl_rows_kernel[(n,)](
         student_logits, teacher_logits, labels, grad_scale, ce_grad_scale, kl, ce, V,
