@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
-from bench.kernel_profile import print_kernel_table
+from bench.kernel_profile import print_kernels, print_rows
 
 from hybridize.losses import KDOptions, kd_loss, next_token_labels
 from hybridize.distill.recipe import apply_override, parse_recipe, read_recipe
-from hybridize.distill.trainer import Trainer
+from hybridize.distill.trainer import StageRun, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,10 +75,26 @@ def throughput(args) -> dict:
 
 
 def profile_steps(args) -> dict:
-    """Kernel table of --steps KD steps, after a 2-step run in the same process has autotuned the Triton kernels."""
+    """Kernel table of --steps KD steps, after a 2-step run in the same process has autotuned the Triton kernels.
+
+    Only the trainer's step loop is profiled: loading the models onto the GPU and saving the result, which the
+    run also does, are host-device copies that would otherwise fill the table."""
     kd_trainer(args, Path(args.out) / "warm-up", 2).run()
     profiled = kd_trainer(args, Path(args.out) / "profiled", args.steps)
-    print_kernel_table(f"{args.steps} KD steps of {args.recipe}", profiled.run, repeats=1, rows=40, warm_up=False)
+    steps = StageRun._steps
+
+    def profiled_steps(stage_run, bar):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            steps(stage_run, bar)
+            torch.cuda.synchronize()
+        print_rows(print_kernels(f"{args.steps} KD steps of {args.recipe}", prof, args.steps), args.steps, 40)
+
+    StageRun._steps = profiled_steps
+    try:
+        profiled.run()
+    finally:
+        StageRun._steps = steps
     return {}
 
 

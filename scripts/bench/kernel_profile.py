@@ -35,14 +35,26 @@ def print_kernel_table(title: str, fn, *, repeats: int = 3, rows: int = 25, warm
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
+    kernels = print_kernels(title, prof, repeats)
+    if warm_up:
+        host, wall = host_and_wall_ms(fn, repeats)
+        print(f"   unprofiled: {host:.3f} ms host, {wall:.3f} ms wall per call")
+    print_rows(kernels, repeats, rows)
+
+
+def print_kernels(title: str, prof, repeats: int) -> list:
+    """The title line of a finished profile (kernel ms and launches per call); returns its kernels, longest first."""
     kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
     kernels.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in kernels)  # us over all repeats
     launches = sum(e.count for e in kernels) // repeats
     print(f"== {title}: {total / repeats / 1e3:.3f} ms of kernels per call, {launches} launches")
-    if warm_up:
-        host, wall = host_and_wall_ms(fn, repeats)
-        print(f"   unprofiled: {host:.3f} ms host, {wall:.3f} ms wall per call")
+    return kernels
+
+
+def print_rows(kernels: list, repeats: int, rows: int) -> None:
+    """The first `rows` kernels: device ms per call, share of all kernel time, launches per call, name."""
+    total = sum(e.device_time_total for e in kernels)
     for e in kernels[:rows]:
         print(f"  {e.device_time_total / repeats / 1e3:8.3f} ms  {e.device_time_total / total:6.1%}  "
               f"x{e.count // repeats:<4d} {e.key[:90]}")

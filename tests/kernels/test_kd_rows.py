@@ -37,7 +37,8 @@ def _bounds(student, teacher, temperature, dtype, V):
     rounded x / T and the rounded lse, the sum's rounding (relative, so absolute in the log), exp2's own error. A
     probability exp(x - lse) is then off by E relative. The divergence a / l - lse_t + lse_s carries the error of
     both lse and of a / l, a weighted mean of t' - s' whose terms are off by E |t' - s'|. The gradient element
-    grad_scale (q - p) + ce_grad_scale (q1 - onehot) is off by E (grad_scale (q + p) + ce_grad_scale q1), then by
+    grad_scale (q - p) + ce_grad_scale (q1 - onehot) is off by E (grad_scale (q + p) + ce_grad_scale q1), by the
+    fp32 arithmetic that combines the terms (two differences, two products, a sum: 5 u of the terms' sizes), then by
     one rounding to the logits' dtype (`cast_roundoff`), which near zero is at most one step between fp16's
     subnormals (2 u of its smallest normal number; negligible for bf16 and fp32)."""
     s = student.double() / temperature
@@ -47,6 +48,22 @@ def _bounds(student, teacher, temperature, dtype, V):
     per_exponent = U[torch.float32] * (largest + lse + V**0.5 + EXP2 + 2)[:, None]  # [n, 1]
     divergence = per_exponent[:, 0] * (3 + 2 * (t - s).abs().amax(-1))
     return per_exponent, divergence, cast_roundoff(dtype), 2 * U[dtype] * torch.finfo(dtype).smallest_normal
+
+
+def _grad_bound(student, teacher, labels, expected, grad_scale, ce_grad_scale, temperature, dtype, V):
+    """The gradient's elementwise bound (`_bounds`) against the fp64 reference gradient `expected`."""
+    per_exponent, _, out_rounding, subnormal_step = _bounds(student, teacher, temperature, dtype, V)
+    q = torch.softmax(student.double() / temperature, -1)
+    p = torch.softmax(teacher.double() / temperature, -1)
+    probabilities = grad_scale.double()[:, None] * (q + p)  # [n, V]
+    terms = probabilities.clone()
+    if ce_grad_scale is not None:
+        ce = (ce_grad_scale.double() * (labels >= 0))[:, None]  # [n, 1]
+        q1 = torch.softmax(student.double(), -1)
+        onehot = torch.zeros_like(q1).scatter_(1, labels.clamp_min(0)[:, None], 1.0)
+        probabilities += ce * q1
+        terms += ce * (q1 + onehot)
+    return per_exponent * probabilities + 5 * U[torch.float32] * terms + out_rounding * expected.abs() + subnormal_step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -61,18 +78,13 @@ def test_forward_kl_rows_match_the_reference(dtype, temperature, with_ce_grad):
     ref_kl, ref_ce, ref_grad = kd_rows(student.double(), teacher.double(), labels, temperature=temperature,
                                        grad_scale=grad_scale.double(), ce_grad_scale=None if ce_scale is None
                                        else ce_scale.double(), backend="reference")
-    per_exponent, divergence_bound, out_rounding, subnormal_step = _bounds(student, teacher, temperature, dtype, V)
+    per_exponent, divergence_bound, _, _ = _bounds(student, teacher, temperature, dtype, V)
     assert kl.dtype == ce.dtype == torch.float32 and grad.dtype == dtype
     assert ((kl.double() - ref_kl).abs() <= divergence_bound).all(), (kl, ref_kl)
     assert ((ce.double() - ref_ce).abs() <= 2 * per_exponent[:, 0]).all(), (ce, ref_ce)
     assert ce[2] == 0 and ref_ce[2] == 0  # the row without a label
-    # the reference's probabilities, to scale the gradient's bound
-    q = torch.softmax(student.double() / temperature, -1)
-    p = torch.softmax(teacher.double() / temperature, -1)
-    weight = grad_scale.double()[:, None] * (q + p)
-    if with_ce_grad:
-        weight = weight + (ce_scale.double() * (labels >= 0))[:, None] * torch.softmax(student.double(), -1)
-    _assert_within(grad, ref_grad, per_exponent * weight + out_rounding * ref_grad.abs() + subnormal_step, "grad")
+    bound = _grad_bound(student, teacher, labels, ref_grad, grad_scale, ce_scale, temperature, dtype, V)
+    _assert_within(grad, ref_grad, bound, "grad")
     if with_ce_grad:  # the onehot reaches the label's column, including the last one
         assert grad[3, V - 1] < 0 and ref_grad[3, V - 1] < 0
     else:  # a zero grad_scale (a row the loss mask leaves out) and no CE term: nothing
@@ -134,11 +146,8 @@ def test_forward_kl_rows_cuda_at_the_llama3_vocabulary(dtype):
                            ce_grad_scale=ce_grad_scale)
     ref = kd_rows(student.double(), teacher.double(), labels, temperature=2.0, grad_scale=grad_scale.double(),
                   ce_grad_scale=ce_grad_scale.double(), backend="reference")
-    per_exponent, divergence_bound, out_rounding, subnormal_step = _bounds(student, teacher, 2.0, dtype, V)
+    per_exponent, divergence_bound, _, _ = _bounds(student, teacher, 2.0, dtype, V)
     _assert_within(kl, ref[0], divergence_bound, "divergence")
     _assert_within(ce, ref[1], 2 * per_exponent[:, 0], "ce")
-    q = torch.softmax(student.double() / 2, -1)
-    p = torch.softmax(teacher.double() / 2, -1)
-    q1 = torch.softmax(student.double(), -1)
-    weight = grad_scale.double()[:, None] * (q + p) + (ce_grad_scale.double() * (labels >= 0))[:, None] * q1
-    _assert_within(grad, ref[2], per_exponent * weight + out_rounding * ref[2].abs() + subnormal_step, "grad")
+    bound = _grad_bound(student, teacher, labels, ref[2], grad_scale, ce_grad_scale, 2.0, dtype, V)
+    _assert_within(grad, ref[2], bound, "grad")
