@@ -18,7 +18,7 @@ loss mask keeps) and D one of the divergences below:
 
 The generalized JSD tends to beta * KL(p || q) as beta -> 0 and to (1 - beta) * KL(q || p) as beta -> 1.
 Per chunk, `kernels.kd_rows` takes the two logit matrices to the rows' divergences, CEs and logit gradient: on the
-GPU, for the forward KL, a Triton kernel that reads each logit twice and allocates nothing of the chunk's size.
+GPU a Triton kernel that reads each logit two or three times and allocates nothing of the chunk's size.
 """
 
 from dataclasses import dataclass

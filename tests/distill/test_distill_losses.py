@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from helpers import requires_cuda
 
+from hybridize import losses
+from hybridize.kernels.kd_rows import kd_rows
 from hybridize.losses import IGNORE, KDOptions, attention_output_loss, kd_loss, next_token_labels
 
 
@@ -145,27 +147,48 @@ def test_ce_weight_without_any_label_adds_nothing():
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=0, atol=0)
 
 
-@requires_cuda
-@pytest.mark.parametrize("temperature, ce_weight", [(1.0, 0.0), (1.7, 0.25)])
-def test_cuda_forward_kl_kernel_equals_full_logits(temperature, ce_weight):
-    """On CUDA the forward KL goes through the Triton rows kernel; with fp32 logits, against the fp64 full-logit
-    formula. Every value is an fp32 sum over at most V = 1000 terms of exponents below 30 in size, each off by
-    about u (30 + sqrt(V)) ~ 4e-6 relative: rtol 2e-5 leaves a factor of 5."""
+ROWS_KERNEL_CASES = [("forward_kl", 1.0, 0.0), ("forward_kl", 1.7, 0.25), ("reverse_kl", 1.3, 0.0), ("jsd", 1.0, 0.1)]
+
+
+def _check_rows_kernel_loss(device, divergence, temperature, ce_weight):
+    """The fused loss with its per-row work in the Triton rows kernel, fp32 logits and a loss mask, against the same
+    loss in fp64 on the CPU (PyTorch rows). Every value is an fp32 sum over at most V = 1000 terms of exponents below
+    30 in size, each off by about u (30 + sqrt(V)) ~ 4e-6 relative: rtol 2e-5 leaves a factor of 5."""
     g = torch.Generator().manual_seed(3)
     n, c, v = 300, 32, 1000
     make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    hidden, head, teacher_hidden, teacher_head = make(n, c), make(v, c) / 2, make(n, c), make(v, c) / 2
+    exact = [make(n, c), make(v, c) / 2, make(n, c), make(v, c) / 2]
     labels = torch.randint(0, v, (n,), generator=g)
     labels[::5] = IGNORE
-    options = KDOptions(temperature=temperature, ce_weight=ce_weight, chunk_tokens=128)
-    cuda = [t.float().cuda() for t in (hidden, head, teacher_hidden, teacher_head)]
-    cuda[0].requires_grad_()
-    out = kd_loss(*cuda, labels.cuda(), options)
+    mask = torch.rand(n, generator=g) < 0.7
+    options = KDOptions(temperature=temperature, ce_weight=ce_weight, chunk_tokens=128, divergence=divergence,
+                        jsd_beta=0.3)
+    low = [t.float().to(device) for t in exact]
+    for tensors in (exact, low):
+        tensors[0].requires_grad_()
+    out = kd_loss(*low, labels.to(device), options, mask.to(device))
     out.loss.backward()
-    hidden.requires_grad_()
-    loss, kl, ce = reference(hidden, head, teacher_hidden, teacher_head, labels, options)
-    loss.backward()
-    torch.testing.assert_close(out.loss.double().cpu(), loss.detach(), rtol=2e-5, atol=0)
-    torch.testing.assert_close(out.kl.double().cpu(), kl.detach(), rtol=2e-5, atol=0)
-    torch.testing.assert_close(out.ce.double().cpu(), ce.detach(), rtol=2e-5, atol=0)
-    torch.testing.assert_close(cuda[0].grad.double().cpu(), hidden.grad, rtol=2e-5, atol=2e-5 * hidden.grad.abs().max())
+    expected = kd_loss(*exact, labels, options, mask)
+    expected.loss.backward()
+    for name in ("loss", "kl", "ce"):
+        torch.testing.assert_close(getattr(out, name).double().cpu(), getattr(expected, name).detach(), rtol=2e-5,
+                                   atol=0)
+    torch.testing.assert_close(low[0].grad.double().cpu(), exact[0].grad, rtol=2e-5,
+                               atol=2e-5 * exact[0].grad.abs().max())
+
+
+@pytest.mark.parametrize("divergence, temperature, ce_weight", ROWS_KERNEL_CASES)
+def test_rows_kernel_interpreted_equals_the_fp64_loss(monkeypatch, divergence, temperature, ce_weight):
+    """On the CPU the loss takes the PyTorch rows; here fp32 rows go through the interpreted kernel instead."""
+    def kernel_for_fp32(student_logits, *args, **kwargs):
+        backend = "reference" if student_logits.dtype == torch.float64 else "triton"
+        return kd_rows(student_logits, *args, **{**kwargs, "backend": backend})
+
+    monkeypatch.setattr(losses, "kd_rows", kernel_for_fp32)
+    _check_rows_kernel_loss("cpu", divergence, temperature, ce_weight)
+
+
+@requires_cuda
+@pytest.mark.parametrize("divergence, temperature, ce_weight", ROWS_KERNEL_CASES)
+def test_cuda_rows_kernel_equals_the_fp64_loss(divergence, temperature, ce_weight):
+    _check_rows_kernel_loss("cuda", divergence, temperature, ce_weight)

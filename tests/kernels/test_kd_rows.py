@@ -1,5 +1,7 @@
-"""KD rows: the Triton forward-KL kernel (interpreted on CPU) against the fp64 reference on the same logits: the
+"""KD rows: the Triton kernel (interpreted on CPU), every divergence, against the fp64 reference on the same logits: the
 divergence, the CE and the logit gradient, each within a bound derived from the kernel's fp32 rounding."""
+
+import math
 
 import pytest
 import torch
@@ -29,62 +31,92 @@ def _case(n, V, dtype, *, scale=4.0, device="cpu", seed=0):
     return (to(student.to(dtype)), to(teacher.to(dtype)), to(labels), to(grad_scale), to(ce_grad_scale))
 
 
-def _bounds(student, teacher, temperature, dtype, V):
+class Bounds:
     """Absolute error bounds of the kernel against the fp64 reference on the same rounded logits.
 
     The kernel forms lse = m + log(sum of exp(x - m)) over V terms in fp32, summed along V / BV block steps of a
     tree reduction each, so each exponent x - lse is off by at most E = u (|x| + |lse| + sqrt(V) + EXP2 + 2): the
     rounded x / T and the rounded lse, the sum's rounding (relative, so absolute in the log), exp2's own error. A
-    probability exp(x - lse) is then off by E relative. The divergence a / l - lse_t + lse_s carries the error of
-    both lse and of a / l, a weighted mean of t' - s' whose terms are off by E |t' - s'|. The gradient element
-    grad_scale (q - p) + ce_grad_scale (q1 - onehot) is off by E (grad_scale (q + p) + ce_grad_scale q1), by the
-    fp32 arithmetic that combines the terms (two differences, two products, a sum: 5 u of the terms' sizes), then by
-    one rounding to the logits' dtype (`cast_roundoff`), which near zero is at most one step between fp16's
-    subnormals (2 u of its smallest normal number; negligible for bf16 and fp32)."""
-    s = student.double() / temperature
-    t = teacher.double() / temperature
-    lse = torch.stack([s.logsumexp(-1), t.logsumexp(-1), student.double().logsumexp(-1)]).abs().max(0).values  # [n]
-    largest = torch.maximum(s.abs().amax(-1), t.abs().amax(-1))  # [n]
-    per_exponent = U[torch.float32] * (largest + lse + V**0.5 + EXP2 + 2)[:, None]  # [n, 1]
-    divergence = per_exponent[:, 0] * (3 + 2 * (t - s).abs().amax(-1))
-    return per_exponent, divergence, cast_roundoff(dtype), 2 * U[dtype] * torch.finfo(dtype).smallest_normal
+    probability exp(x - lse) is then off by E relative, a log-probability by E absolute, and the JSD's log m, a log
+    of two such terms, by E and a few u.
 
+    Divergences. Forward KL a / l - lse_t + lse_s carries both lse errors and that of a / l, a weighted mean of
+    t' - s' whose terms are off by E |t' - s'|; the reverse KL likewise with s and t swapped. The JSD's sums of
+    p (log p - log m) and q (log q - log m) are off by E (|log p - log m| + 2) p per term (and the same for q).
 
-def _grad_bound(student, teacher, labels, expected, grad_scale, ce_grad_scale, temperature, dtype, V):
-    """The gradient's elementwise bound (`_bounds`) against the fp64 reference gradient `expected`."""
-    per_exponent, _, out_rounding, subnormal_step = _bounds(student, teacher, temperature, dtype, V)
-    q = torch.softmax(student.double() / temperature, -1)
-    p = torch.softmax(teacher.double() / temperature, -1)
-    probabilities = grad_scale.double()[:, None] * (q + p)  # [n, V]
-    terms = probabilities.clone()
-    if ce_grad_scale is not None:
-        ce = (ce_grad_scale.double() * (labels >= 0))[:, None]  # [n, 1]
-        q1 = torch.softmax(student.double(), -1)
-        onehot = torch.zeros_like(q1).scatter_(1, labels.clamp_min(0)[:, None], 1.0)
-        probabilities += ce * q1
-        terms += ce * (q1 + onehot)
-    return per_exponent * probabilities + 5 * U[torch.float32] * terms + out_rounding * expected.abs() + subnormal_step
+    Gradients, per element, with r the factor after q:
+        forward  grad_scale (q - p)                         E grad_scale (q + p)
+        reverse  grad_scale q r,  r = log q - log p - D     grad_scale q (E (|r| + 3) + err D)
+        jsd      grad_scale (1 - beta) q r,  r = log q - log m - KL(q || m), likewise, + 1 E for log m
+    plus ce_grad_scale (q1 - onehot): E ce_grad_scale q1; then the fp32 arithmetic that combines the terms (5 u of
+    their sizes, the one-hot's included), and one rounding to the logits' dtype (`cast_roundoff`), which near zero is
+    at most one step between fp16's subnormals (2 u of its smallest normal number; negligible for bf16 and fp32)."""
+
+    def __init__(self, student, teacher, labels, temperature, divergence, beta=0.5):
+        dtype, V = student.dtype, student.shape[1]
+        s, t = student.double() / temperature, teacher.double() / temperature
+        self.log_q, self.log_p = s.log_softmax(-1), t.log_softmax(-1)  # [n, V]
+        self.q, self.p = self.log_q.exp(), self.log_p.exp()
+        self.q1 = student.double().softmax(-1)
+        lse = torch.stack([s.logsumexp(-1), t.logsumexp(-1), student.double().logsumexp(-1)]).abs().max(0).values
+        largest = torch.maximum(s.abs().amax(-1), t.abs().amax(-1))  # [n]
+        self.E = U[torch.float32] * (largest + lse + V**0.5 + EXP2 + 2)[:, None]  # [n, 1]
+        self.labels, self.divergence, self.beta = labels, divergence, beta
+        if divergence == "jsd":
+            self.log_m = torch.logaddexp(self.log_p + math.log(beta), self.log_q + math.log1p(-beta))  # [n, V]
+            e_pm = (self.p * ((self.log_p - self.log_m).abs() + 2)).sum(-1)  # [n]
+            e_qm = (self.q * ((self.log_q - self.log_m).abs() + 2)).sum(-1)  # [n]
+            self.kl_qm = (self.q * (self.log_q - self.log_m)).sum(-1)  # [n]
+            self.err_qm = self.E[:, 0] * e_qm
+            self.per_row = self.E[:, 0] * (beta * e_pm + (1 - beta) * e_qm)
+        else:
+            self.per_row = self.E[:, 0] * (3 + 2 * (t - s).abs().amax(-1))
+        self.out_rounding = cast_roundoff(dtype)
+        self.subnormal_step = 2 * U[dtype] * torch.finfo(dtype).smallest_normal
+
+    def grad(self, expected, grad_scale, ce_grad_scale, d_row):
+        """The gradient's elementwise bound, from the reference gradient [n, V] and divergence per row [n]."""
+        scale = grad_scale.double()[:, None]  # [n, 1]
+        if self.divergence == "forward_kl":
+            kernel = self.E * scale * (self.q + self.p)
+            terms = scale * (self.q + self.p)
+        elif self.divergence == "reverse_kl":
+            r = self.log_q - self.log_p - d_row[:, None]
+            kernel = scale * self.q * (self.E * (r.abs() + 3) + self.per_row[:, None])
+            terms = scale * self.q * (r.abs() + 1)
+        else:
+            r = self.log_q - self.log_m - self.kl_qm[:, None]
+            kernel = scale * (1 - self.beta) * self.q * (self.E * (r.abs() + 4) + self.err_qm[:, None])
+            terms = scale * self.q * (r.abs() + 1)
+        if ce_grad_scale is not None:
+            ce = (ce_grad_scale.double() * (self.labels >= 0))[:, None]  # [n, 1]
+            onehot = torch.zeros_like(self.q1).scatter_(1, self.labels.clamp_min(0)[:, None], 1.0)
+            kernel = kernel + self.E * ce * self.q1
+            terms = terms + ce * (self.q1 + onehot)
+        return kernel + 5 * U[torch.float32] * terms + self.out_rounding * expected.abs() + self.subnormal_step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("with_ce_grad", [False, True])
-def test_forward_kl_rows_match_the_reference(dtype, temperature, with_ce_grad):
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_rows_match_the_reference(divergence, dtype, temperature, with_ce_grad):
     n, V = 6, 4096 + 907  # two blocks, the second partial
     student, teacher, labels, grad_scale, ce_grad_scale = _case(n, V, dtype)
     ce_scale = ce_grad_scale if with_ce_grad else None
-    kl, ce, grad = kd_rows(student.clone(), teacher, labels, temperature=temperature, grad_scale=grad_scale,
-                           ce_grad_scale=ce_scale, backend="triton")
-    ref_kl, ref_ce, ref_grad = kd_rows(student.double(), teacher.double(), labels, temperature=temperature,
-                                       grad_scale=grad_scale.double(), ce_grad_scale=None if ce_scale is None
-                                       else ce_scale.double(), backend="reference")
-    per_exponent, divergence_bound, _, _ = _bounds(student, teacher, temperature, dtype, V)
-    assert kl.dtype == ce.dtype == torch.float32 and grad.dtype == dtype
-    assert ((kl.double() - ref_kl).abs() <= divergence_bound).all(), (kl, ref_kl)
-    assert ((ce.double() - ref_ce).abs() <= 2 * per_exponent[:, 0]).all(), (ce, ref_ce)
+    beta = 0.3
+    d_row, ce, grad = kd_rows(student.clone(), teacher, labels, temperature=temperature, divergence=divergence,
+                              jsd_beta=beta, grad_scale=grad_scale, ce_grad_scale=ce_scale, backend="triton")
+    ref_d, ref_ce, ref_grad = kd_rows(student.double(), teacher.double(), labels, temperature=temperature,
+                                      divergence=divergence, jsd_beta=beta, grad_scale=grad_scale.double(),
+                                      ce_grad_scale=None if ce_scale is None else ce_scale.double(),
+                                      backend="reference")
+    bounds = Bounds(student, teacher, labels, temperature, divergence, beta)
+    assert d_row.dtype == ce.dtype == torch.float32 and grad.dtype == dtype
+    _assert_within(d_row, ref_d, bounds.per_row, "divergence")
+    _assert_within(ce, ref_ce, 2 * bounds.E[:, 0], "ce")
     assert ce[2] == 0 and ref_ce[2] == 0  # the row without a label
-    bound = _grad_bound(student, teacher, labels, ref_grad, grad_scale, ce_scale, temperature, dtype, V)
-    _assert_within(grad, ref_grad, bound, "grad")
+    _assert_within(grad, ref_grad, bounds.grad(ref_grad, grad_scale, ce_scale, ref_d), "grad")
     if with_ce_grad:  # the onehot reaches the label's column, including the last one
         assert grad[3, V - 1] < 0 and ref_grad[3, V - 1] < 0
     else:  # a zero grad_scale (a row the loss mask leaves out) and no CE term: nothing
@@ -117,37 +149,36 @@ def test_without_a_gradient_the_logits_are_left_alone():
     kl, ce, grad = kd_rows(student, teacher, labels, backend="triton")
     ref_kl, ref_ce, _ = kd_rows(student.double(), teacher.double(), labels, backend="reference")
     assert grad is None and torch.equal(student, kept)
-    _, divergence_bound, _, _ = _bounds(student, teacher, 1.0, torch.bfloat16, 1000)
-    assert ((kl.double() - ref_kl).abs() <= divergence_bound).all()
+    _assert_within(kl, ref_kl, Bounds(student, teacher, labels, 1.0, "forward_kl").per_row, "divergence")
 
 
 def test_identical_logits_give_zero_divergence_and_gradient():
     student, _, labels, grad_scale, _ = _case(6, 3000, torch.float32)
     kl, _, grad = kd_rows(student.clone(), student, labels, grad_scale=grad_scale, backend="triton")
-    per_exponent, _, _, _ = _bounds(student, student, 1.0, torch.float32, 3000)
-    assert (kl.abs() <= 3 * per_exponent[:, 0]).all()
-    assert (grad.abs() <= 2 * per_exponent * torch.softmax(student.double(), -1)).all()
+    E = Bounds(student, student, labels, 1.0, "forward_kl").E
+    assert (kl.abs() <= 3 * E[:, 0]).all()
+    assert (grad.abs() <= 2 * E * torch.softmax(student.double(), -1)).all()
 
 
-def test_the_kernel_refuses_what_it_does_not_cover():
+def test_the_kernel_refuses_fp64_and_an_unknown_divergence():
     student, teacher, labels, _, _ = _case(6, 100, torch.float32)
-    with pytest.raises(ValueError, match="forward KL"):
-        kd_rows(student, teacher, labels, divergence="jsd", backend="triton")
-    with pytest.raises(ValueError, match="forward KL"):
+    with pytest.raises(ValueError, match="fp32, fp16 and bf16"):
         kd_rows(student.double(), teacher.double(), labels, backend="triton")
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        kd_rows(student, teacher, labels, divergence="kl", backend="triton")
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_kl_rows_cuda_at_the_llama3_vocabulary(dtype):
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_rows_cuda_at_the_llama3_vocabulary(divergence, dtype):
     n, V = 64, 128256
     student, teacher, labels, grad_scale, ce_grad_scale = _case(n, V, dtype, device="cuda")
-    kl, ce, grad = kd_rows(student.clone(), teacher, labels, temperature=2.0, grad_scale=grad_scale,
-                           ce_grad_scale=ce_grad_scale)
-    ref = kd_rows(student.double(), teacher.double(), labels, temperature=2.0, grad_scale=grad_scale.double(),
-                  ce_grad_scale=ce_grad_scale.double(), backend="reference")
-    per_exponent, divergence_bound, _, _ = _bounds(student, teacher, 2.0, dtype, V)
-    _assert_within(kl, ref[0], divergence_bound, "divergence")
-    _assert_within(ce, ref[1], 2 * per_exponent[:, 0], "ce")
-    bound = _grad_bound(student, teacher, labels, ref[2], grad_scale, ce_grad_scale, 2.0, dtype, V)
-    _assert_within(grad, ref[2], bound, "grad")
+    d_row, ce, grad = kd_rows(student.clone(), teacher, labels, temperature=2.0, divergence=divergence,
+                              grad_scale=grad_scale, ce_grad_scale=ce_grad_scale)
+    ref = kd_rows(student.double(), teacher.double(), labels, temperature=2.0, divergence=divergence,
+                  grad_scale=grad_scale.double(), ce_grad_scale=ce_grad_scale.double(), backend="reference")
+    bounds = Bounds(student, teacher, labels, 2.0, divergence)
+    _assert_within(d_row, ref[0], bounds.per_row, "divergence")
+    _assert_within(ce, ref[1], 2 * bounds.E[:, 0], "ce")
+    _assert_within(grad, ref[2], bounds.grad(ref[2], grad_scale, ce_grad_scale, ref[0]), "grad")

@@ -1,7 +1,7 @@
 """Distillation terms per row of two logit matrices: the divergence, the student's CE, and their logit gradient.
 
-`backend="auto"` runs the Triton kernel on CUDA tensors for the forward KL (the default divergence), and the PyTorch
-reference otherwise: for CPU tensors, fp64 logits and the reverse KL and JSD; see kernels/backend.py.
+`backend="auto"` runs the Triton kernel on CUDA tensors, and the PyTorch reference otherwise (CPU tensors, fp64
+logits); see kernels/backend.py.
 """
 
 import torch
@@ -27,15 +27,14 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    kernel_ok = divergence == "forward_kl" and student_logits.dtype != torch.float64
     chosen = resolve_backend(backend, student_logits)
-    if chosen == "triton" and not kernel_ok:
+    if chosen == "triton" and student_logits.dtype == torch.float64:
         if backend == "triton":
-            raise ValueError("the Triton kd_rows kernel covers the forward KL on fp32, fp16 and bf16 logits only")
+            raise ValueError("the Triton kd_rows kernel takes fp32, fp16 and bf16 logits")
         chosen = "reference"
     if chosen == "triton":
-        return online.forward_kl_rows(student_logits, teacher_logits, labels, temperature=temperature,
-                                      grad_scale=grad_scale, ce_grad_scale=ce_grad_scale)
+        return online.kd_rows(student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence,
+                              jsd_beta=jsd_beta, grad_scale=grad_scale, ce_grad_scale=ce_grad_scale)
     return reference.kd_rows(student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence,
                              jsd_beta=jsd_beta, grad_scale=grad_scale, ce_grad_scale=ce_grad_scale)
 
