@@ -29,6 +29,15 @@ def _online(m, l, a, x, w):
 
 
 @triton.jit
+def _log_probabilities(s_row, t_row, o_v, V, inv_tau, lse_s, lse_t):
+    """Columns o_v [BV] of both rows once lse(s') and lse(t') are known: (mask, s, log q, log p), fp32."""
+    m_v = o_v < V
+    b_s = tl.load(s_row + o_v, mask=m_v, other=0.).to(tl.float32)
+    b_t = tl.load(t_row + o_v, mask=m_v, other=0.).to(tl.float32)
+    return m_v, b_s, b_s * inv_tau - lse_s, b_t * inv_tau - lse_t
+
+
+@triton.jit
 def _log_mixture(log_p, log_q, log_beta, log_1m_beta):
     """log(beta p + (1 - beta) q) from log p and log q [BV], without overflow."""
     a = log_p + log_beta
@@ -79,11 +88,7 @@ def kd_rows_kernel(
     else:  # JSD: pass 2, KL(p || m) and KL(q || m) once both normalisations are known
         kl_pm, kl_qm = zero, zero
         for v0 in range(0, V, BV):
-            m_v = v0 + o_v < V
-            b_s = tl.load(s_row + v0 + o_v, mask=m_v, other=0.).to(tl.float32)  # [BV]
-            b_t = tl.load(t_row + v0 + o_v, mask=m_v, other=0.).to(tl.float32)  # [BV]
-            log_q = b_s * inv_tau - lse_s
-            log_p = b_t * inv_tau - lse_t
+            m_v, _, log_q, log_p = _log_probabilities(s_row, t_row, v0 + o_v, V, inv_tau, lse_s, lse_t)
             log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
             kl_pm += tl.sum(tl.where(m_v, tl.exp(log_p) * (log_p - log_m), 0.), 0)
             kl_qm += tl.sum(tl.where(m_v, tl.exp(log_q) * (log_q - log_m), 0.), 0)
@@ -96,11 +101,7 @@ def kd_rows_kernel(
         if HAS_CE_GRAD:
             b_ce_scale = tl.where(b_y >= 0, tl.load(ce_grad_scale + i_n), 0.)
         for v0 in range(0, V, BV):
-            m_v = v0 + o_v < V
-            b_s = tl.load(s_row + v0 + o_v, mask=m_v, other=0.).to(tl.float32)  # [BV]
-            b_t = tl.load(t_row + v0 + o_v, mask=m_v, other=0.).to(tl.float32)  # [BV]
-            log_q = b_s * inv_tau - lse_s
-            log_p = b_t * inv_tau - lse_t
+            m_v, b_s, log_q, log_p = _log_probabilities(s_row, t_row, v0 + o_v, V, inv_tau, lse_s, lse_t)
             b_q = tl.exp(log_q)
             if DIVERGENCE == 0:  # q - p
                 b_g = b_scale * (b_q - tl.exp(log_p))
