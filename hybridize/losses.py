@@ -46,7 +46,6 @@ def next_token_labels(input_ids: torch.LongTensor) -> torch.LongTensor:
     return labels
 
 
-
 @dataclass(frozen=True)
 class KDOptions:
     temperature: float = 1.0
