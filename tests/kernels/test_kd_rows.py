@@ -2,13 +2,16 @@
 divergence, the CE and the logit gradient, each within a bound derived from the kernel's fp32 rounding."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from helpers import requires_cuda
 from rounding import EXP2, U, cast_roundoff
 
-from hybridize.kernels.kd_rows import kd_rows
+from hybridize.kernels.kd_rows import DIVERGENCES, kd_rows
 
 IGNORE = -100
 
@@ -166,6 +169,43 @@ def test_the_kernel_refuses_fp64_and_an_unknown_divergence():
         kd_rows(student.double(), teacher.double(), labels, backend="triton")
     with pytest.raises(ValueError, match="divergence must be one of"):
         kd_rows(student, teacher, labels, divergence="kl", backend="triton")
+
+
+HOPPER_COMPILE = """
+import itertools, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hybridize.kernels.kd_rows import DIVERGENCES
+from hybridize.kernels.kd_rows.online import BLOCK_V, NUM_WARPS, kd_rows_kernel
+
+names = kd_rows_kernel.arg_names
+for divergence, wants_grad in itertools.product(range(len(DIVERGENCES)), (False, True)):
+    pointer = "*fp32" if wants_grad else "constexpr"
+    signature = {"s": "*bf16", "t": "*bf16", "y": "*i64", "grad_scale": pointer, "ce_grad_scale": pointer,
+                 "divergence": "*fp32", "ce": "*fp32", "V": "i32", "stride_s": "i32", "stride_t": "i32",
+                 "inv_tau": "fp32", "jsd_beta": "fp32", "BV": "constexpr", "DIVERGENCE": "constexpr",
+                 "TAU_ONE": "constexpr", "WANTS_GRAD": "constexpr", "HAS_CE_GRAD": "constexpr"}
+    assert set(signature) == set(names), names
+    constants = {"BV": BLOCK_V, "DIVERGENCE": divergence, "TAU_ONE": False, "WANTS_GRAD": wants_grad,
+                 "HAS_CE_GRAD": wants_grad}
+    if not wants_grad:
+        constants.update(grad_scale=None, ce_grad_scale=None)
+    source = ASTSource(fn=kd_rows_kernel, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
+    print("compiled", DIVERGENCES[divergence], wants_grad)
+"""
+
+
+def test_the_kernel_compiles_for_hopper():
+    """The interpreter runs the kernel's Python, not its compiled form. Here Triton compiles it as a CUDA launch would,
+    to an sm_90 binary with the ptxas it ships (no GPU needed): every divergence, bf16 logits, T != 1, with and without
+    the gradient and its CE term. In a child process, since this one has Triton in interpreter mode."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled") == 2 * len(DIVERGENCES)
 
 
 @requires_cuda
