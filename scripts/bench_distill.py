@@ -107,7 +107,8 @@ def naive_kd(hidden, head, teacher_hidden, teacher_head, labels, options):
 
 
 def loss_memory(args) -> dict:
-    """Peak memory above the inputs, and median time, of forward + backward of the KD loss: fused chunked vs naive.
+    """Peak memory above the inputs, and median time, of forward + backward of the KD loss: fused chunked vs naive,
+    and vs fla-core's fused KL loss where it is installed (the ratio of the two times in the same run).
     HYBRIDIZE_KERNELS=reference times the fused loss on its PyTorch per-row math instead of the Triton rows kernel."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -122,7 +123,8 @@ def loss_memory(args) -> dict:
               "chunk_tokens": args.chunk, "dtype": str(dtype), "device": str(device),
               "kernels": os.environ.get("HYBRIDIZE_KERNELS", "auto")}
     variants = {"fused_chunked": lambda: kd_loss(hidden, head, teacher_hidden, teacher_head, labels, options).loss,
-                "naive_full_logits": lambda: naive_kd(hidden, head, teacher_hidden, teacher_head, labels, options)}
+                "naive_full_logits": lambda: naive_kd(hidden, head, teacher_hidden, teacher_head, labels, options),
+                **peer_kd(hidden, head, teacher_hidden, teacher_head)}
     for name, fn in variants.items():
         try:
             for _ in range(args.repeats + 1):  # the first call warms up (kernel compilation, allocator)
@@ -141,7 +143,26 @@ def loss_memory(args) -> dict:
                 result[name]["peak_gib_above_inputs"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
         except torch.OutOfMemoryError:
             result[name] = {"out_of_memory": True}
+    if "seconds" in result.get(PEER_KD, {}) and "seconds" in result["fused_chunked"]:
+        result["fused_chunked_time_over_peer"] = round(result["fused_chunked"]["seconds"] / result[PEER_KD]["seconds"], 3)
     return result
+
+
+PEER_KD = "fla_fused_kl_div"
+
+
+def peer_kd(hidden, head, teacher_hidden, teacher_head) -> dict:
+    """fla-core's fused KL loss where it is installed: the same forward KL (teacher || student) over the same hidden
+    states and heads, chunked over tokens with the output head inside, mean over tokens, temperature 1 (the
+    defaults timed above). Its kernels need a GPU."""
+    if hidden.device.type != "cuda":
+        return {}
+    try:
+        from fla.modules import FusedKLDivLoss
+    except ImportError:
+        return {}
+    peer = FusedKLDivLoss("batchmean")
+    return {PEER_KD: lambda: peer(hidden, teacher_hidden, head, teacher_head)}
 
 
 def compare(args) -> dict:
