@@ -144,7 +144,8 @@ def loss_memory(args) -> dict:
         except torch.OutOfMemoryError:
             result[name] = {"out_of_memory": True}
     if "seconds" in result.get(PEER_KD, {}) and "seconds" in result["fused_chunked"]:
-        result["fused_chunked_time_over_peer"] = round(result["fused_chunked"]["seconds"] / result[PEER_KD]["seconds"], 3)
+        ratio = result["fused_chunked"]["seconds"] / result[PEER_KD]["seconds"]
+        result["fused_chunked_time_over_peer"] = round(ratio, 3)
     return result
 
 
