@@ -26,6 +26,24 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _nan_filled(_torch_empty_like(*a, **kw)))
 
 
+def interpreted_cuda_test(item: pytest.Item) -> bool:
+    """Whether `item` is a CUDA test (helpers.requires_cuda) about to run on a GPU with TRITON_INTERPRET=1."""
+    from helpers import CUDA_TEST
+
+    cuda_test = any(mark.kwargs.get("reason") == CUDA_TEST for mark in item.iter_markers("skipif"))
+    return cuda_test and os.environ.get("TRITON_INTERPRET") == "1" and torch.cuda.is_available()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A CUDA test checks the compiled kernels. Under the interpreter (this file's default) the kernels would run in
+    the CPU's emulation instead, whose bf16 matmul is wrong: bf16 cases would fail and the others pass without the
+    compiled code having run. So such a test stops with the way to run it."""
+    if interpreted_cuda_test(item):
+        pytest.fail("CUDA tests run the compiled kernels: set TRITON_INTERPRET=0 (e.g. TRITON_INTERPRET=0 pytest -k "
+                    "cuda, or bash scripts/gpu/kernels.sh)", pytrace=False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def interpreter_loops_over_runtime_bounds():
     """Triton 3.6's interpreter holds scalars as 1-element numpy arrays and turns them into ints with int(),

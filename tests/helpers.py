@@ -10,7 +10,8 @@ from hybridize.model import HybridConfig, HybridForCausalLM
 from hybridize.model.configuration_hybrid import BRANCH_TYPES, HEADWISE_TYPES
 from hybridize.model.mamba2 import Mamba2Mixer
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA_TEST = "needs a CUDA GPU"  # the skip reason that marks a CUDA test (conftest refuses to run one interpreted)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_TEST)
 
 
 def rel_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:

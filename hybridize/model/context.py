@@ -19,9 +19,12 @@ class SequenceContext:
     past_tokens: int
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k [B, T, H, D] (heads before dims, as the recurrent mixers hold them) rotated by this forward's RoPE."""
+        """q, k [B, T, H, D] (heads before dims, as the recurrent mixers hold them) rotated by this forward's RoPE, in
+        their own dtype: cos and sin follow the embeddings' dtype, fp32 under autocast, and a recurrence needs q, k in
+        v's dtype."""
         cos, sin = self.position_embeddings
-        return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        return q_rot.to(q.dtype), k_rot.to(k.dtype)
 
     @property
     def new_tokens_mask(self) -> torch.Tensor | None:

@@ -78,6 +78,19 @@ def test_bf16_model_runs_on_the_cpu_and_tracks_fp32():
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
+def test_bf16_autocast_tracks_fp32(plan):
+    """Mixed-precision training: fp32 weights under bf16 autocast, where q, k, v come bf16 from the projections and
+    RoPE's cos and sin stay fp32 (so rotated q, k must be put back in v's dtype: the recurrences need one dtype)."""
+    model = tiny_hybrid(PLANS[plan], **PLAN_OPTIONS.get(plan, {})).float()
+    input_ids = torch.randint(0, 97, (2, 40))
+    expected = full_logits(model, input_ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = full_logits(model, input_ids)
+    rel = (actual.float() - expected).norm() / expected.norm()
+    assert rel < 0.03, f"bf16-autocast logits are {rel:.3f} (relative RMS) from fp32"
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
 def test_chunked_prefill_then_decode_equals_full_forward(plan):
     model = tiny_hybrid(PLANS[plan], **PLAN_OPTIONS.get(plan, {}))
     input_ids = torch.randint(0, 97, (2, 200))

@@ -744,8 +744,6 @@ def chunk_gated_delta_rule(
     H = v.shape[2]
     if k.shape != q.shape or v.shape[:2] != (B, T) or H % HK or g.shape != (B, T, H) or beta.shape != g.shape:
         raise ValueError(f"shapes q {q.shape} k {k.shape} v {v.shape} g {g.shape} beta {beta.shape} do not fit")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if K > 128 or chunk_size not in (16, 32, 64):
         raise ValueError(f"need K <= 128 and chunk_size in (16, 32, 64), got K={K}, chunk_size={chunk_size}")
     if cu_seqlens is not None and B != 1:
