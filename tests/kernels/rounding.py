@@ -8,8 +8,6 @@ and a conditioning ratio computed from the test's data.
 
 import torch
 
-from hybridize.kernels.tuning import INTERPRET
-
 # Unit roundoff u: half the spacing of the numbers near 1. tf32 (what tl.dot makes of fp32 operands on the GPU) keeps
 # fp16's 10 mantissa bits.
 U = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -31,9 +29,9 @@ def random_cotangent(like: torch.Tensor, generator: torch.Generator) -> torch.Te
 
 
 def cast_roundoff(dtype: torch.dtype) -> float:
-    """Relative error of a kernel's cast of an fp32 value to `dtype`: u, rounding to nearest. The Triton 3.6
-    interpreter (the CPU tests) truncates fp32 to bf16 instead, which errs by up to a whole ulp, 2 u."""
-    return 2 * U[dtype] if INTERPRET and dtype == torch.bfloat16 else U[dtype]
+    """Relative error of a kernel's cast of an fp32 value to `dtype`: u, rounding to nearest (on the CPU too: the
+    test setup makes the interpreter round fp32 to bf16 as the GPU does, conftest.interpreter_bf16_as_on_the_gpu)."""
+    return U[dtype]
 
 
 def rounding_tolerances(expected: dict, s2: dict, *, u_in: float = 0.0, casts: int = 0,

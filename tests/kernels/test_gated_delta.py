@@ -247,11 +247,11 @@ def _check_strong_gates(B, T, HK, H, K, V, cu, dtype, device, place=torch.clone)
         assert_rel_rmse(actual["dh0"], expected["dh0"], FP32_TOL["dh0"], "dh0 (relative)")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B, T, HK, H, K, V, cu", STRONG_GATE_CASES)
 def test_triton_chunk_partial_chunk_strong_gates(B, T, HK, H, K, V, cu, dtype, guard):
     """A partial last chunk (T % 64 != 0, or a packed sequence's end) whose gates decay strongly: every output and
-    gradient stays finite and right. (bf16 runs in the CUDA twin: the interpreter's bf16 tl.dot is wrong.)"""
+    gradient stays finite and right."""
     _check_strong_gates(B, T, HK, H, K, V, cu, dtype, "cpu", place=guard.place)
 
 
@@ -275,11 +275,12 @@ def _check_long_half(B, T, HK, H, K, V, cu, dtype, gate, device, place=torch.clo
 
 
 # (B, T, HK, H, K, V, cu_seqlens), gate scale: 0.1 keeps a memory of ~100 tokens, 3 forgets within a few
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("gate", [0.1, 3.0])
 @pytest.mark.parametrize("B, T, HK, H, K, V, cu", [(1, 520, 1, 2, 64, 32, None), (1, 300, 2, 2, 32, 32, [0, 77, 300])])
-def test_triton_chunk_long_half_precision(B, T, HK, H, K, V, cu, gate, guard):
-    """fp16 (the interpreter's bf16 tl.dot is wrong; the CUDA twin runs both, at the model shapes)."""
-    _check_long_half(B, T, HK, H, K, V, cu, torch.float16, gate, "cpu", place=guard.place)
+def test_triton_chunk_long_half_precision(B, T, HK, H, K, V, cu, gate, dtype, guard):
+    """Both 16-bit dtypes, at small heads (the CUDA twin runs them at the model shapes)."""
+    _check_long_half(B, T, HK, H, K, V, cu, dtype, gate, "cpu", place=guard.place)
 
 
 @pytest.mark.parametrize("name, config", BV_CONFIGS)

@@ -210,13 +210,13 @@ def test_triton_strong_decay():
     assert_all_close(actual, expected, kernel_tolerances(*inputs, expected, loss_on=("o",)))
 
 
-def test_triton_half_precision():
-    """Half inputs take the casts that bf16 takes on the GPU (h and dh stored in the input dtype, tl.dot operands).
-    fp16 here: the Triton 3.6 interpreter gets tl.dot on bf16 wrong."""
-    q, k, v, g, h0 = make_inputs(1, 150, 2, 4, 32, 16, dtype=torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision(dtype):
+    """16-bit inputs take their casts as on the GPU (h and dh stored in the input dtype, tl.dot operands)."""
+    q, k, v, g, h0 = make_inputs(1, 150, 2, 4, 32, 16, dtype=dtype)
     expected = run(recurrent_ssd, *fp64(q, k, v, g, h0))
     actual = run(chunk_ssd, q, k, v, g, h0, backend="triton")
-    assert actual["o"].dtype == torch.float16 and actual["ht"].dtype == torch.float32
+    assert actual["o"].dtype == dtype and actual["ht"].dtype == torch.float32
     assert_all_close(actual, expected, kernel_tolerances(q, k, v, g, h0, expected))
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridize.kernels.tuning import INTERPRET, autotune, chunk_range
+from hybridize.kernels.tuning import autotune, chunk_range
 
 from .reference import check_args
 
@@ -37,18 +37,6 @@ MAX_GROUP = BG
 SPLIT_CONFIGS = [
     triton.Config({"BS": bs}, num_warps=w, num_stages=s) for bs in (64, 128) for w in (4, 8) for s in (2, 3, 4)
 ]
-
-
-# The Triton 3.6 interpreter multiplies bf16 tiles in tl.dot as their raw uint16 bits. Under it the operands are
-# upcast first, which is exact (a bf16 or fp16 product fits in fp32), so the CPU tests see the GPU's math.
-_UPCAST_DOT = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
-    if _UPCAST_DOT:
-        a, b = a.to(tl.float32), b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @autotune(SPLIT_CONFIGS, key=["SPLIT_LEN", "G", "D"])
@@ -85,7 +73,7 @@ def _split_kernel(
         m_kv = m_t[:, None] & m_d[None, :]
         b_k = tl.load(p_k + o_t[:, None] * s_ks + o_d[None, :] * s_kd, mask=m_kv, other=0.0)  # [BS, BD]
         b_v = tl.load(p_v + o_t[:, None] * s_vs + o_d[None, :] * s_vd, mask=m_kv, other=0.0)  # [BS, BD]
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION) * qk_scale  # [BG, BS]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale  # [BG, BS]
         b_s = tl.where(m_t[None, :], b_s, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))  # [BG]
         # while a row has seen no valid key its max is -inf; shifting by 0 then gives p = alpha = 0, not NaN
@@ -93,7 +81,7 @@ def _split_kernel(
         b_p = tl.exp2(b_s - b_shift[:, None])  # [BG, BS]
         b_alpha = tl.exp2(b_m - b_shift)  # [BG]
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
         b_m = b_mn
 
     o_row = (i_bh * NS + i_s) * G + o_g  # [BG] row of the [B*Hkv, NS, G] partials
