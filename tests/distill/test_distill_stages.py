@@ -170,3 +170,28 @@ def test_stage2_loss_is_the_kl_of_the_two_models(student, teacher):
     expected = (t.exp() * (t - s)).sum(-1).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     assert metrics["kl"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("recurrent_rope", [False, True])
+def test_both_stages_train_under_bf16_autocast(teacher, recurrent_rope):
+    """On a GPU the stages run with fp32 weights under bf16 autocast (mixed_precision: bf16). The same on the CPU:
+    stage 1's mixers on the teacher's captured inputs and stage 2's whole model give finite losses near the fp32 ones
+    and gradients to every replaced mixer, recurrent RoPE (fp32 cos and sin meeting bf16 q, k) included."""
+    from hybridize.convert.build import convert_model
+
+    student = convert_model(teacher, TINY_LAYER_TYPES, recurrent_rope=recurrent_rope)
+    input_ids = torch.randint(0, student.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    for stage, distiller in ((stage1(), AttentionOutputDistiller(student, teacher)),
+                             (stage2(), KDDistiller(student, teacher, KDOptions(chunk_tokens=32)))):
+        prepare_student(student, stage)
+        with torch.no_grad():
+            expected, _ = distiller(input_ids)
+        student.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = distiller(input_ids)
+        loss.backward()
+        assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=0.05), stage.kind
+        for i, kind in enumerate(TINY_LAYER_TYPES):
+            if kind in ("gated_deltanet", "mamba2"):
+                grads = [p.grad for p in student.model.layers[i].mixer.parameters() if p.requires_grad]
+                assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), (stage.kind, kind)
