@@ -6,7 +6,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -28,19 +27,13 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _nan_filled(_torch_empty_like(*a, **kw)))
 
 
-def interpreted_cuda_test(item: pytest.Item) -> bool:
-    """Whether `item` is a CUDA test (helpers.requires_cuda) about to run on a GPU with TRITON_INTERPRET=1."""
-    from helpers import CUDA_TEST
-
-    cuda_test = any(mark.kwargs.get("reason") == CUDA_TEST for mark in item.iter_markers("skipif"))
-    return cuda_test and os.environ.get("TRITON_INTERPRET") == "1" and torch.cuda.is_available()
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A CUDA test checks the compiled kernels. Under the interpreter (this file's default) the kernels would run in
-    the CPU's emulation instead, whose bf16 matmul is wrong: bf16 cases would fail and the others pass without the
-    compiled code having run. So such a test stops with the way to run it."""
+    the CPU's emulation instead, and the test would pass or fail without the compiled code having run. So such a test
+    stops with the way to run it."""
+    from helpers import interpreted_cuda_test
+
     if interpreted_cuda_test(item):
         pytest.fail("CUDA tests run the compiled kernels: set TRITON_INTERPRET=0 (e.g. TRITON_INTERPRET=0 pytest -k "
                     "cuda, or bash scripts/gpu/kernels.sh)", pytrace=False)
@@ -65,24 +58,13 @@ def interpreter_loops_over_runtime_bounds():
         yield
 
 
-def _bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
-    """bf16 values held as their uint16 bits -> fp32, exactly (a bf16 is an fp32 with the low 16 bits zero)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def _fp32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """fp32 -> bf16 bits, rounded to nearest even, as the GPU's conversion rounds (NaN stays a quiet NaN)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    return np.where(np.isnan(x), ((bits >> 16) | np.uint32(0x40)).astype(np.uint16), rounded)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def interpreter_bf16_as_on_the_gpu():
     """Triton 3.6's interpreter holds bf16 values as their uint16 bits, multiplies those bits in tl.dot as if they
     were integers (garbage), and truncates fp32 to bf16 where the GPU rounds to nearest. Here tl.dot reads bf16
     operands as the fp32 values they are (exact: their products fit in fp32, and the GPU accumulates in fp32), and
     fp32 -> bf16 rounds to nearest even, so that the CPU tests run bf16 kernels with the GPU's arithmetic."""
+    from helpers import bf16_bits_to_fp32, fp32_to_bf16_bits
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
@@ -91,14 +73,14 @@ def interpreter_bf16_as_on_the_gpu():
     def as_fp32(x):
         if x.dtype.scalar != tl.bfloat16:
             return x
-        return interpreter.TensorHandle(_bf16_bits_to_fp32(x.data), tl.float32)
+        return interpreter.TensorHandle(bf16_bits_to_fp32(x.data), tl.float32)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return dot(self, as_fp32(a), as_fp32(b), d, input_precision, max_num_imprecise_acc)
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            return interpreter.TensorHandle(_fp32_to_bf16_bits(src.data), tl.bfloat16)
+            return interpreter.TensorHandle(fp32_to_bf16_bits(src.data), tl.bfloat16)
         return cast(self, src, dst_type)
 
     with pytest.MonkeyPatch.context() as mp:

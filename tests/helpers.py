@@ -1,7 +1,9 @@
 """Test utilities shared by every test module (imported as `helpers`; pytest puts tests/ on sys.path)."""
 
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -12,6 +14,24 @@ from hybridize.model.mamba2 import Mamba2Mixer
 
 CUDA_TEST = "needs a CUDA GPU"  # the skip reason that marks a CUDA test (conftest refuses to run one interpreted)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_TEST)
+
+
+def interpreted_cuda_test(item: pytest.Item) -> bool:
+    """Whether `item` is a CUDA test (helpers.requires_cuda) about to run on a GPU with TRITON_INTERPRET=1."""
+    cuda_test = any(mark.kwargs.get("reason") == CUDA_TEST for mark in item.iter_markers("skipif"))
+    return cuda_test and os.environ.get("TRITON_INTERPRET") == "1" and torch.cuda.is_available()
+
+
+def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
+    """bf16 values held as their uint16 bits -> fp32, exactly (a bf16 is an fp32 with the low 16 bits zero)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def fp32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits, rounded to nearest even, as the GPU's conversion rounds (NaN stays a quiet NaN)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), ((bits >> 16) | np.uint32(0x40)).astype(np.uint16), rounded)
 
 
 def rel_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:

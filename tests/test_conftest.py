@@ -1,26 +1,34 @@
 """The test setup itself: a CUDA test never runs the interpreted kernels, and the interpreter's bf16 is the GPU's."""
 
-import conftest
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import requires_cuda
+from helpers import bf16_bits_to_fp32, fp32_to_bf16_bits, interpreted_cuda_test, requires_cuda
+
+
+def root_conftest(config: pytest.Config):
+    """tests/conftest.py as pytest loaded it (several conftest.py files share the module name)."""
+    here = Path(__file__).with_name("conftest.py")
+    return next(p for p in config.pluginmanager.get_plugins() if getattr(p, "__file__", None) == str(here))
 
 
 def test_a_cuda_test_under_the_interpreter_stops_with_the_fix(request, monkeypatch):
+    setup = root_conftest(request.config).pytest_runtest_setup
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     item = request.node
-    assert not conftest.interpreted_cuda_test(item)  # this test is not a CUDA test
+    assert not interpreted_cuda_test(item)  # this test is not a CUDA test
     item.add_marker(requires_cuda)
-    assert conftest.interpreted_cuda_test(item)
+    assert interpreted_cuda_test(item)
     with pytest.raises(pytest.fail.Exception, match="set TRITON_INTERPRET=0"):
-        conftest.pytest_runtest_setup(item)
+        setup(item)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not conftest.interpreted_cuda_test(item)
-    conftest.pytest_runtest_setup(item)  # compiled kernels: the test runs
+    assert not interpreted_cuda_test(item)
+    setup(item)  # compiled kernels: the test runs
 
 
 
@@ -31,10 +39,10 @@ def test_bf16_conversions_match_torch():
     x = torch.randn(4096, generator=gen) * torch.logspace(-30, 30, 4096)
     ties = (torch.arange(-64, 64, dtype=torch.int32) * 2**16 + 2**15 + (1 << 23) * 127).view(torch.float32)
     x = torch.cat([x, ties, torch.tensor([0.0, -0.0, 3.4e38, -3.4e38, float("inf"), float("-inf")])])
-    bits = conftest._fp32_to_bf16_bits(x.numpy())
+    bits = fp32_to_bf16_bits(x.numpy())
     assert np.array_equal(bits, x.bfloat16().view(torch.int16).numpy().view(np.uint16))
-    assert np.isnan(conftest._bf16_bits_to_fp32(conftest._fp32_to_bf16_bits(np.array([np.nan], np.float32))))
-    assert torch.equal(torch.from_numpy(conftest._bf16_bits_to_fp32(bits)), x.bfloat16().float())
+    assert np.isnan(bf16_bits_to_fp32(fp32_to_bf16_bits(np.array([np.nan], np.float32))))
+    assert torch.equal(torch.from_numpy(bf16_bits_to_fp32(bits)), x.bfloat16().float())
 
 
 @triton.jit
