@@ -30,3 +30,10 @@ def _preferred() -> str:
     if preferred not in ("auto", "reference"):
         raise UserError(f"{ENVIRONMENT_VARIABLE} must be 'auto' or 'reference', got {preferred!r}")
     return preferred
+
+
+def check_one_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The recurrent ops take q, k, v in one dtype, on both backends: the references would upcast mixed dtypes
+    silently where the kernels' matmuls cannot take them."""
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")

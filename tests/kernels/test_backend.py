@@ -6,6 +6,7 @@ import torch
 from hybridize.errors import UserError
 from hybridize.kernels.backend import ENVIRONMENT_VARIABLE, resolve_backend
 from hybridize.kernels.gated_delta import chunk_gated_delta_rule, reference
+from hybridize.kernels.ssd import chunk_ssd
 
 from helpers import requires_cuda
 
@@ -21,6 +22,19 @@ def test_unknown_environment_value_raises(monkeypatch):
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "fla")
     with pytest.raises(UserError, match=ENVIRONMENT_VARIABLE):
         resolve_backend("auto", torch.zeros(1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_recurrent_ops_refuse_mixed_dtypes_on_every_backend(backend, monkeypatch):
+    """q, k in fp32 with v in bf16 (what RoPE under autocast used to hand over): one clear error on both backends,
+    not a silent upcast on one and a matmul failure on the other."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    v, g = torch.randn(1, 8, 2, 16).bfloat16(), -torch.rand(1, 8, 2)
+    with pytest.raises(ValueError, match="q, k, v must share a dtype"):
+        chunk_gated_delta_rule(q, k, v, g, torch.rand(1, 8, 2), backend=backend)
+    with pytest.raises(ValueError, match="q, k, v must share a dtype"):
+        chunk_ssd(q, k, v, g, backend=backend)
 
 
 @requires_cuda

@@ -2,7 +2,7 @@
 
 import torch
 
-from hybridize.kernels.backend import resolve_backend
+from hybridize.kernels.backend import check_one_dtype, resolve_backend
 from hybridize.kernels.gated_delta import chunk, recurrent, reference
 from hybridize.kernels.gated_delta.reference import GateParams, recurrent_gated_delta_rule
 
@@ -32,9 +32,7 @@ def chunk_gated_delta_rule(
     qk_l2norm: q and k are raw; the op L2-normalizes them (1e-6 inside the rsqrt), with their gradients.
     backend: "auto" (Triton on CUDA tensors, else the reference), "triton" or "reference".
     """
-    # checked here for both backends: the reference would upcast mixed dtypes silently where the kernels cannot
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_one_dtype(q, k, v)
     impl = chunk if resolve_backend(backend, q) == "triton" else reference
     return impl.chunk_gated_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,

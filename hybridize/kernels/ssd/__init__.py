@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import check_one_dtype, resolve_backend
 from . import chunk, recurrent, reference
 from .reference import recurrent_ssd
 
@@ -43,6 +43,7 @@ def chunk_ssd(
     Returns:
         o [B, T, H, P] in v's dtype, and the final state [Nseq, H, N, P] fp32 or None.
     """
+    check_one_dtype(q, k, v)
     impl = chunk if resolve_backend(backend, q) == "triton" else reference
     return impl.chunk_ssd(
         q, k, v, g,
