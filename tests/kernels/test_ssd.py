@@ -258,14 +258,15 @@ def _minimal_discrete_ssd(x, dt, A, B, C, D, chunk: int = 16):
     return y, states[:, -1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T", [75, 130])
-def test_mamba2_mapping_matches_minimal_discrete_ssd(T):
+def test_mamba2_mapping_matches_minimal_discrete_ssd(T, dtype):
     """q = C, k = B, v = x * dt, g = A * dt and scale = 1, plus the D skip: the documented mapping (README) gives the
-    minimal discrete SSD of fp16 inputs within fp16 rounding. The op's default scale N^-1/2 is not Mamba2's."""
+    minimal discrete SSD of 16-bit inputs within their rounding. The op's default scale N^-1/2 is not Mamba2's."""
     gen = torch.Generator().manual_seed(3)
     b, G, H, N, P = 2, 2, 4, 16, 32
-    x = torch.randn(b, T, H, P, generator=gen).half().float()
-    B, C = (torch.randn(b, T, G, N, generator=gen).half().float() for _ in range(2))
+    x = torch.randn(b, T, H, P, generator=gen).to(dtype).float()
+    B, C = (torch.randn(b, T, G, N, generator=gen).to(dtype).float() for _ in range(2))
     dt = F.softplus(torch.randn(b, T, H, generator=gen) - 1.0)
     A, D = -torch.exp(torch.randn(H, generator=gen)), torch.randn(H, generator=gen)
     y_ref, state_ref = _minimal_discrete_ssd(x, dt, A, B, C, D)
@@ -281,13 +282,13 @@ def test_mamba2_mapping_matches_minimal_discrete_ssd(T):
     assert_rel_rmse(y_loop + D[:, None] * x, y_ref, tols["y"], "minimal form vs loop")
     assert_rel_rmse(state_loop, state_ref, tols["state"], "minimal form vs loop, state")
 
-    v = (x * dt[..., None]).half()
-    y, state = chunk_ssd(C.half(), B.half(), v, A * dt, scale=1.0, output_final_state=True, backend="triton")
-    # v's own fp16 rounding, then the kernels' casts
-    tols = rounding_tolerances(expected, casts=CASTS + 1, u_in=U[torch.float16], **bound)
+    v = (x * dt[..., None]).to(dtype)
+    y, state = chunk_ssd(C.to(dtype), B.to(dtype), v, A * dt, scale=1.0, output_final_state=True, backend="triton")
+    # v's own rounding, then the kernels' casts
+    tols = rounding_tolerances(expected, casts=CASTS + 1, u_in=U[dtype], **bound)
     assert_rel_rmse(y.float() + D[:, None] * x, y_ref, tols["y"], "y")
     assert_rel_rmse(state, state_ref, tols["state"], "state")
-    y_default, _ = chunk_ssd(C.half(), B.half(), v, A * dt, backend="triton")
+    y_default, _ = chunk_ssd(C.to(dtype), B.to(dtype), v, A * dt, backend="triton")
     assert rel_rmse(y_default.float() + D[:, None] * x, y_ref) > 0.1, "the default scale must not pass for Mamba2's"
 
 
