@@ -31,7 +31,6 @@ def test_a_cuda_test_under_the_interpreter_stops_with_the_fix(request, monkeypat
     setup(item)  # compiled kernels: the test runs
 
 
-
 def test_bf16_conversions_match_torch():
     """fp32 -> bf16 rounds to nearest even as torch (and the GPU) does, ties and overflow included; bf16 -> fp32 is
     exact."""

@@ -8,8 +8,9 @@ and a conditioning ratio computed from the test's data.
 
 import torch
 
-# Unit roundoff u: half the spacing of the numbers near 1. tf32 (what tl.dot makes of fp32 operands on the GPU) keeps
-# fp16's 10 mantissa bits.
+# Unit roundoff u: half the spacing of the numbers near 1, the relative error of a cast to that dtype (rounded to
+# nearest on the CPU too: conftest.interpreter_bf16_as_on_the_gpu makes the interpreter round as the GPU does).
+# tf32 (what tl.dot makes of fp32 operands on the GPU) keeps fp16's 10 mantissa bits.
 U = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 TF32 = 2.0**-11
 # Relative errors, in units of fp32's u, of the GPU's approximate fp32 instructions that Triton emits for exp, exp2,
@@ -26,12 +27,6 @@ def random_cotangent(like: torch.Tensor, generator: torch.Generator) -> torch.Te
     """A random cotangent for `like`, in fp64 but bf16-representable, so that runs in every dtype see the same
     values."""
     return torch.randn(like.shape, generator=generator).bfloat16().to(like.device, torch.float64)
-
-
-def cast_roundoff(dtype: torch.dtype) -> float:
-    """Relative error of a kernel's cast of an fp32 value to `dtype`: u, rounding to nearest (on the CPU too: the
-    test setup makes the interpreter round fp32 to bf16 as the GPU does, conftest.interpreter_bf16_as_on_the_gpu)."""
-    return U[dtype]
 
 
 def rounding_tolerances(expected: dict, s2: dict, *, u_in: float = 0.0, casts: int = 0,

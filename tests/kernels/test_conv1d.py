@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_rel_rmse, rel_rmse, requires_cuda
-from rounding import cast_roundoff, fp64_leaves, random_cotangent, rounding_tolerances, sigmoid_error
+from rounding import U, fp64_leaves, random_cotangent, rounding_tolerances, sigmoid_error
 
 import hybridize.kernels.conv1d as conv1d
 from hybridize.kernels.conv1d import causal_conv1d, causal_conv1d_step
@@ -47,7 +47,7 @@ def _run(backend, x, weight, bias, h0, *, activation, output_final_state=True, c
 def _tolerances(args, expected, *, activation, output_final_state=True, cu_seqlens=None) -> dict:
     """`rounding_tolerances` of the Triton conv on `args` against `expected`, the fp64 reference on the same values.
 
-    The kernel computes in fp32 and rounds each result to the input dtype once (`cast_roundoff`).
+    The kernel computes in fp32 and rounds each result to the input dtype once (u of its dtype).
     z = b + sum_i w_i x_{t-W+1+i} is a chain of W additions of rounded products; y = silu(z) carries z's error times
     silu'(z), plus the sigmoid's and one product's relative error. Each gradient is a sum of terms w_i dz (dx; dh0
     alike) or dz x (dweight) or dz (dbias), with dz = dy silu'(z) = dy (s + z s - z s^2), s = sigmoid(z): chains of
@@ -76,7 +76,7 @@ def _tolerances(args, expected, *, activation, output_final_state=True, cu_seqle
         "dweight": dict(chain=rows + 2, term_error=1 + dz_error),
         "dbias": dict(chain=rows + 2, term_error=dz_error),
     }
-    tols = {name: rounding_tolerances({name: expected[name]}, s2, u_in=cast_roundoff(args[0].dtype), result_casts=1,
+    tols = {name: rounding_tolerances({name: expected[name]}, s2, u_in=U[args[0].dtype], result_casts=1,
                                       **bounds[name])[name] for name in expected if name in bounds}
     return tols | ({"final_state": 0.0} if "final_state" in expected else {})
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_rel_rmse, rel_rmse, requires_cuda
-from rounding import DIV, EXP2, cast_roundoff, rounding_tolerances
+from rounding import DIV, EXP2, U, rounding_tolerances
 
 import hybridize.kernels.decode_attention.split_kv as split_kv
 from hybridize.kernels.decode_attention import decode_attention
@@ -43,7 +43,7 @@ def _tolerance(q, keys, values, valid, expected, *, scale=None, rows=None) -> fl
 
     For a query row, o = sum_j p_j v_j / l with l = sum_j p_j, p_j = exp(s_j - m), s_j = c q . k_j, over the valid
     slots j. The kernel computes in fp32 (scores in log2 units), rounds p to the value dtype before p v (bf16: one
-    cast of the numerator's terms) and rounds o once (`cast_roundoff`). A shift common to a row cancels between
+    cast of the numerator's terms) and rounds o once (u of its dtype). A shift common to a row cancels between
     numerator and denominator; what each p_j brings is its exponent's own absolute error, in u: the dot of D rounded
     products, (sqrt(D) + 1) c S_qk with S_qk^2 = sum_i q_i^2 k_ji^2; the scale (log2 e folded in), rounded and
     applied, 2 |s_j|; the shift, |s_j - m| <= 2 max|s|; exp2; and the rescales of the running sums by exp2 of the
@@ -66,7 +66,7 @@ def _tolerance(q, keys, values, valid, expected, *, scale=None, rows=None) -> fl
     term_error = (D**0.5 + 1) * dot_error + 6 * max_logit + EXP2 * (1 + rescales**0.5) + 2
     if rows is not None:
         expected, s2 = expected[rows], s2[rows]
-    return rounding_tolerances({"out": expected}, {"out": s2}, u_in=cast_roundoff(values.dtype), casts=1,
+    return rounding_tolerances({"out": expected}, {"out": s2}, u_in=U[values.dtype], casts=1,
                                chain=S + rescales, term_error=term_error, result_casts=1, result_error=DIV)["out"]
 
 

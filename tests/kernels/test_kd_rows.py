@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from helpers import requires_cuda
-from rounding import EXP2, U, cast_roundoff
+from rounding import EXP2, U
 
 from hybridize.kernels.kd_rows import DIVERGENCES, kd_rows
 
@@ -52,7 +52,7 @@ class Bounds:
         reverse  grad_scale q r,  r = log q - log p - D     grad_scale q (E (|r| + 3) + err D)
         jsd      grad_scale (1 - beta) q r,  r = log q - log m - KL(q || m), likewise, + 1 E for log m
     plus ce_grad_scale (q1 - onehot): E ce_grad_scale q1; then the fp32 arithmetic that combines the terms (5 u of
-    their sizes, the one-hot's included), and one rounding to the logits' dtype (`cast_roundoff`), which near zero is
+    their sizes, the one-hot's included), and one rounding to the logits' dtype (u of that dtype), which near zero is
     at most one step between fp16's subnormals (2 u of its smallest normal number; negligible for bf16 and fp32)."""
 
     def __init__(self, student, teacher, labels, temperature, divergence, beta=0.5):
@@ -74,7 +74,7 @@ class Bounds:
             self.per_row = self.E[:, 0] * (beta * e_pm + (1 - beta) * e_qm)
         else:
             self.per_row = self.E[:, 0] * (3 + 2 * (t - s).abs().amax(-1))
-        self.out_rounding = cast_roundoff(dtype)
+        self.out_rounding = U[dtype]
         self.subnormal_step = 2 * U[dtype] * torch.finfo(dtype).smallest_normal
 
     def grad(self, expected, grad_scale, ce_grad_scale, d_row):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_rel_rmse, rel_rmse, requires_cuda
-from rounding import DIV, RSQRT, cast_roundoff, fp64_leaves, random_cotangent, rounding_tolerances, sigmoid_error
+from rounding import DIV, RSQRT, U, fp64_leaves, random_cotangent, rounding_tolerances, sigmoid_error
 
 import hybridize.kernels.norm as norm
 from hybridize.kernels.norm import gated_rms_norm
@@ -43,7 +43,7 @@ def _tolerances(args, expected, eps=1e-6) -> dict:
         y = n w g s,   dgate = dy n w s (1 + g (1 - s)),   dweight = sum over rows of dy' n,
         dx = r (dn - n sum_k dn_k n_k / D),   dn = dy' w,
 
-    and rounds each result to the input dtype once (`cast_roundoff`). r's relative error R: mean(x^2) is a sum of D
+    and rounds each result to the input dtype once (u of its dtype). r's relative error R: mean(x^2) is a sum of D
     positive terms, off by sqrt(D) u relative to itself, one more for the squares, then the division by D and eps;
     rsqrt halves that and adds its own. r is common to a row, whose terms are of random sign, so it adds up like the
     others. Each output's terms, chain and the terms' relative error (in u: R for r, R + 1 for n, `sigmoid_error`
@@ -77,7 +77,7 @@ def _tolerances(args, expected, eps=1e-6) -> dict:
     if gate is not None:
         s2["dgate"] = (dy * n * weight * s).square() * (1 + gate.square() * (1 + s.square()))
         bounds["dgate"] = dict(chain=2, term_error=R + 2 * G + 6)
-    return {name: rounding_tolerances({name: expected[name]}, s2, u_in=cast_roundoff(args[0].dtype), result_casts=1,
+    return {name: rounding_tolerances({name: expected[name]}, s2, u_in=U[args[0].dtype], result_casts=1,
                                       **bounds[name])[name] for name in expected}
 
 
