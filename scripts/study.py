@@ -81,10 +81,18 @@ ANALYZE_GDN_DIR = Path(f"{ANALYZE_DIR}-gdn")
 # step-0 KL 3.79 against 3.80; `python scripts/readout_sensitivity.py`, docs/runs/needle-readout_cpu_2026-12-05.md).
 HALF_LIFE_LR = ("stages.0.half_life_lr=1e-2", "stages.1.half_life_lr=3e-3")
 READOUT_LAYERS = "plan=full_attention:0,1,2,7,16,18,20,21 gated_deltanet:rest"
-RECALL_LEVERS = {"": (), "-long-heads": ("init_long_heads=0.25",), "-half-life-lr": HALF_LIFE_LR,
-                 "-long-heads-half-life-lr": ("init_long_heads=0.25", *HALF_LIFE_LR),
-                 "-readout-layers": (READOUT_LAYERS,), "-rope": ("recurrent_rope=true",),
-                 "-rope-long-heads": ("recurrent_rope=true", "init_long_heads=0.25")}
+
+
+def lever(*overrides: str, rope: bool = False, long_heads: float = 0.0) -> tuple[str, ...]:
+    """The GDN recipe's settings for one recall run: recurrent RoPE and long-memory heads are set explicitly, since
+    the recipe ships with both on and the plain run has neither."""
+    return (f"recurrent_rope={str(rope).lower()}", f"init_long_heads={long_heads}", *overrides)
+
+
+RECALL_LEVERS = {"": lever(), "-long-heads": lever(long_heads=0.25), "-half-life-lr": lever(*HALF_LIFE_LR),
+                 "-long-heads-half-life-lr": lever(*HALF_LIFE_LR, long_heads=0.25),
+                 "-readout-layers": lever(READOUT_LAYERS), "-rope": lever(rope=True),
+                 "-rope-long-heads": lever(rope=True, long_heads=0.25)}
 
 
 def kept_layers(plan_file: Path) -> list[int]:

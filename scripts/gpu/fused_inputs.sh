@@ -3,6 +3,8 @@
 # formed inside the kernels (`gdn_fused_inputs: true`, the default) against formed in PyTorch (false), both from one
 # converted hybrid, at each micro batch given, 15 steps of which the last 10 are timed (docs/benchmarks.md,
 # "Distillation throughput"). The text is the packaged corpus: the rate depends neither on it nor on the weights.
+# Both hybrids are converted without the recipe's recurrent RoPE and long-memory heads (a rotation both variants pay
+# alike), as the other throughput rows in docs/benchmarks.md.
 # Runs on any CUDA machine with hybridize installed.
 # Usage: bash scripts/gpu/fused_inputs.sh [MICRO_BATCH ...]   (default 8; OUT: logs, default runs/gpu/fused_inputs;
 # ROOT: the converted hybrids and runs, default runs/fused-inputs; TEACHER: a teacher folder of the same shape,
@@ -30,7 +32,8 @@ for micro_batch in "${@:-8}"; do
     rm -rf "$run"
     echo "== gdn_fused_inputs: $variant, micro batch $micro_batch" | tee -a "$OUT/throughput.log"
     python3 scripts/bench_distill.py throughput --recipe "$recipe" --out "$run" --micro-batch "$micro_batch" --steps 15 \
-      --set "init=$root/init-$variant" ${TEACHER:+--set "teacher=$TEACHER"} --set plan=null --set data.source=corpus 2>&1 | tr '\r' '\n' \
+      --set "init=$root/init-$variant" ${TEACHER:+--set "teacher=$TEACHER"} --set plan=null --set recurrent_rope=false \
+      --set init_long_heads=0 --set data.source=corpus 2>&1 | tr '\r' '\n' \
       | grep -v "it/s\]\|s/it\]" | sed -n '/^{/,/^}/p' | tee -a "$OUT/throughput.log"
   done
 done

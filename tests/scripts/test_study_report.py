@@ -79,6 +79,7 @@ def test_the_recall_runs_are_the_gdn_recipe_with_one_lever_each():
     assert base.plan == "full_attention:0,1,2,8,18,20,23,24 gated_deltanet:rest" and base.init_long_heads == 0
     assert [s.half_life_lr for s in base.stages] == [None, None]
     assert recipes["recall-gdn-long-heads"].init_long_heads == 0.25
+    assert not recipes["recall-gdn-long-heads"].recurrent_rope
     assert [s.half_life_lr for s in recipes["recall-gdn-half-life-lr"].stages] == [1e-2, 3e-3]
     both = recipes["recall-gdn-long-heads-half-life-lr"]
     assert both.init_long_heads == 0.25 and [s.half_life_lr for s in both.stages] == [1e-2, 3e-3]
