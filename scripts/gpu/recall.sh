@@ -6,7 +6,7 @@
 #   4. the needle trace of final/ on both paths (scripts/needle_trace.py).
 # Runs on any CUDA machine with hybridize installed.
 # Usage: bash scripts/gpu/recall.sh RECIPE [DISTILL ARGS...]   (OUT: logs and results; default runs/gpu/recall)
-#   e.g. OUT=runs/gpu/recall-long bash scripts/gpu/recall.sh recipes/smollm2-135m/gdn.yaml --set init_long_heads=0.25
+#   e.g. OUT=runs/gpu/recall-plain bash scripts/gpu/recall.sh recipes/smollm2-135m/gdn.yaml --set recurrent_rope=false
 # EVAL_ARGS: extra `hybridize eval` arguments for step 2 (default: the full suite).
 # Re-entrant: run again after an interruption, it resumes the distillation from its last checkpoint and skips the
 # steps whose results exist.
