@@ -1,5 +1,6 @@
 """Student folders: load one to train, and write one when a stage ends (weights gathered, LoRA merged, renamed into place)."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from ..dtypes import stored_dtype
 from ..errors import UserError
 from ..model import HybridConfig, HybridForCausalLM
 from ..publish.remote_code import add_remote_code
-from .recipe import EndToEndStage, Stage
+from .recipe import EndToEndStage, Recipe, Stage
 from .stages import Distiller, add_lora, merge_lora, trainable_names
 
 
@@ -23,6 +24,24 @@ def check_student_folder(folder: Path) -> None:
     model_type = AutoConfig.from_pretrained(folder).model_type
     if model_type != HybridConfig.model_type:
         raise UserError(f"{folder} holds a {model_type!r} model, not a hybrid; convert it first (hybridize convert)")
+
+
+def check_conversion_options(folder: Path, recipe: Recipe) -> None:
+    """With an `init` folder, the folder holds the conversion options. One that the recipe sets away from its default
+    must be what the folder was converted with (its config; conversion.json for the long-memory heads): otherwise the
+    run would train something else than the recipe says."""
+    config = AutoConfig.from_pretrained(folder)
+    record = folder / "conversion.json"
+    init_options = json.loads(record.read_text()).get("init_options", {}) if record.exists() else {}
+    held = {"recurrent_rope": (config.recurrent_rope, "--recurrent-rope"),
+            "sink_tokens": (config.sliding_window_sinks, "--sink-tokens"),
+            "init_long_heads": (init_options.get("long_memory_heads"), "--init-long-heads")}
+    for key, (found, flag) in held.items():
+        wanted = getattr(recipe, key)
+        if wanted and found != wanted:
+            how = "no conversion.json records it" if found is None else f"it was converted with {key} {found}"
+            raise UserError(f"recipe: {key}: {wanted}, but {folder} differs ({how}); convert it with "
+                            f"`hybridize convert {flag}`, give a `plan` instead of `init`, or leave {key} out")
 
 
 def load_student(folder: Path) -> HybridForCausalLM:

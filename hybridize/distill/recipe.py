@@ -280,11 +280,12 @@ class Recipe:
     stages: list[Stage]
     init: str | None = None  # a converted hybrid folder ...
     plan: str | list[str] | None = None  # ... or a plan (see hybridize.convert.plan): convert first
-    sink_tokens: int = 0  # with a plan: sliding windows also keep each sequence's first this-many tokens
-    # with a plan: the share of each recurrent layer's heads given a 4096-token half-life (convert --init-long-heads)
+    # Conversion options: applied with a plan; with an init folder, one set away from its default must be what the
+    # folder was converted with (checked at start).
+    sink_tokens: int = 0  # sliding windows also keep each sequence's first this-many tokens
+    # the share of each recurrent layer's heads given a 4096-token half-life (convert --init-long-heads)
     init_long_heads: float = 0.0
-    # with a plan: Mamba2 / GDN layers rotate their C, B / q, k by RoPE (convert --recurrent-rope)
-    recurrent_rope: bool = False
+    recurrent_rope: bool = False  # Mamba2 / GDN layers rotate their C, B / q, k by RoPE (convert --recurrent-rope)
     seed: int = 0
     mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16 applies on GPU; CPU runs stay fp32
     compile: bool = True  # KD stages on one GPU or DDP: torch.compile each decoder layer; CPU and FSDP2 stay eager
@@ -297,13 +298,7 @@ class Recipe:
                  "give exactly one of `init` (a converted folder) or `plan`")
         _require(self.sink_tokens >= 0, "sink_tokens", "must be >= 0")
         _check_at_most(self.sink_tokens, MAX_SEQ_LEN, "sink_tokens")
-        _require(self.sink_tokens == 0 or self.plan is not None, "sink_tokens",
-                 "applies when converting a `plan`; a converted `init` folder already fixes its windows")
         _require(0.0 <= self.init_long_heads <= 1.0, "init_long_heads", "must be in [0, 1]")
-        _require(self.init_long_heads == 0 or self.plan is not None, "init_long_heads",
-                 "applies when converting a `plan`; a converted `init` folder already fixes its decays")
-        _require(not self.recurrent_rope or self.plan is not None, "recurrent_rope",
-                 "applies when converting a `plan`; a converted `init` folder already fixes it in its config")
         _require(len(self.stages) > 0, "stages", "list at least one stage")
         names = [stage.name for stage in self.stages]
         for i, name in enumerate(names):

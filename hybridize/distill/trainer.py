@@ -41,7 +41,7 @@ from ..teacher import load_teacher, teacher_identity
 from . import checkpoints
 from .data import StageData, load_documents, stage_data
 from .disk_space import SMALL_FILES, StageWrites, check_disk_room, folder_bytes, free_space, is_disk_full
-from .export import check_student_folder, export_student, load_student
+from .export import check_conversion_options, check_student_folder, export_student, load_student
 from .provenance import portable_data_record, portable_path, portable_recipe
 from .on_policy import OnPolicyFeed
 from .recipe import EndToEndStage, OnPolicyStage, Recipe, Stage, recipe_to_dict
@@ -196,6 +196,7 @@ class Trainer:
         else:
             init = Path(self.recipe.init)
             check_student_folder(init)
+            check_conversion_options(init, self.recipe)
         if self.compiles and any(isinstance(stage, EndToEndStage) for stage in self.recipe.stages):
             compile_decoder_layers(self.teacher)
         place_teacher(self.teacher, self.accelerator)

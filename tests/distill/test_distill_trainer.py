@@ -3,6 +3,7 @@ are one line; FSDP2's bf16 policy reduces gradients in fp32."""
 
 import json
 import os
+import shutil
 import subprocess
 from types import SimpleNamespace
 
@@ -179,6 +180,35 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_models, text_f
     assert code == 2
     [line] = error_lines(err)
     assert line.startswith("hybridize distill: error: ") and message in line
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"recurrent_rope": True}, "recipe: recurrent_rope: True, but {init} differs (it was converted with "
+                               "recurrent_rope False); convert it with `hybridize convert --recurrent-rope`"),
+    ({"sink_tokens": 4}, "recipe: sink_tokens: 4, but {init} differs (it was converted with sink_tokens 0)"),
+    ({"init_long_heads": 0.25}, "recipe: init_long_heads: 0.25, but {init} differs (no conversion.json records it)"),
+])
+def test_conversion_options_that_the_init_folder_lacks_are_one_line(tmp_path, tiny_models, text_file, capsys,
+                                                                     change, message):
+    raw = tiny_recipe(tiny_models, text_file, tmp_path / "run", change)
+    assert distill_main([str(write_recipe(tmp_path / "recipe.yaml", raw))]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert message.format(init=tiny_models / "init") in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_conversion_options_that_the_init_folder_holds_are_accepted(tmp_path, tiny_models, text_file):
+    """A folder converted with recurrent RoPE, sinks and long-memory heads trains under a recipe that names them."""
+    init = tmp_path / "init"
+    shutil.copytree(tiny_models / "init", init)
+    config = json.loads((init / "config.json").read_text())
+    (init / "config.json").write_text(json.dumps(config | {"recurrent_rope": True, "sliding_window_sinks": 4}))
+    (init / "conversion.json").write_text(json.dumps({"init_options": {"long_memory_heads": 0.25}}))
+    raw = tiny_recipe(tiny_models, text_file, tmp_path / "run",
+                      {"init": str(init), "recurrent_rope": True, "sink_tokens": 4, "init_long_heads": 0.25})
+    result = run_distill(write_recipe(tmp_path / "recipe.yaml", raw), "--max-steps", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["recurrent_rope"] is True
 
 
 def test_an_existing_run_needs_resume_and_the_same_recipe(tmp_path, tiny_models, text_file, capsys):
