@@ -59,6 +59,10 @@ def test_the_shipped_smollm2_recipe_runs_in_smoke_mode(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     assert model.config.layer_types.count("full_attention") == 8
+    # the recipe's recall options reach the conversion and the saved model
+    conversion = json.loads((out / "init" / "conversion.json").read_text())
+    assert conversion["recurrent_rope"] and conversion["init_options"]["long_memory_heads"] == 0.25
+    assert model.config.recurrent_rope
     prompt = tokenizer("import os\n", return_tensors="pt")
     assert model.generate(**prompt, max_new_tokens=3, do_sample=False).shape[1] == prompt["input_ids"].shape[1] + 3
 
