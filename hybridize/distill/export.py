@@ -16,29 +16,43 @@ from .recipe import EndToEndStage, Recipe, Stage
 from .stages import Distiller, add_lora, merge_lora, trainable_names
 
 
-def check_student_folder(folder: Path) -> None:
-    """A UserError unless `folder` holds a hybrid (read from its config only)."""
+def check_student_folder(folder: Path) -> HybridConfig:
+    """`folder`'s config; a UserError unless the folder holds a hybrid (read from its config only)."""
     if not (folder / "config.json").exists():
         raise UserError(f"{folder} is not a model folder (no config.json); `init` must name a "
                         "`hybridize convert` output")
-    model_type = AutoConfig.from_pretrained(folder).model_type
-    if model_type != HybridConfig.model_type:
-        raise UserError(f"{folder} holds a {model_type!r} model, not a hybrid; convert it first (hybridize convert)")
-
-
-def check_conversion_options(folder: Path, recipe: Recipe) -> None:
-    """With an `init` folder, the folder holds the conversion options. One that the recipe sets away from its default
-    must be what the folder was converted with (its config; conversion.json for the long-memory heads): otherwise the
-    run would train something else than the recipe says."""
     config = AutoConfig.from_pretrained(folder)
+    if config.model_type != HybridConfig.model_type:
+        raise UserError(f"{folder} holds a {config.model_type!r} model, not a hybrid; convert it first "
+                        "(hybridize convert)")
+    return config
+
+
+def recorded_long_memory_heads(folder: Path) -> float | None:
+    """The long-memory share `folder` was converted with, from its conversion.json (None without one)."""
     record = folder / "conversion.json"
-    init_options = json.loads(record.read_text()).get("init_options", {}) if record.exists() else {}
-    held = {"recurrent_rope": (config.recurrent_rope, "--recurrent-rope"),
-            "sink_tokens": (config.sliding_window_sinks, "--sink-tokens"),
-            "init_long_heads": (init_options.get("long_memory_heads"), "--init-long-heads")}
-    for key, (found, flag) in held.items():
+    if not record.exists():
+        return None
+    try:
+        return json.loads(record.read_text())["init_options"]["long_memory_heads"]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        raise UserError(f"{record} is not a conversion record (no init_options.long_memory_heads); convert "
+                        f"{folder} again") from None
+
+
+def check_conversion_options(folder: Path, config: HybridConfig, recipe: Recipe) -> None:
+    """With an `init` folder (whose config is `config`), the folder holds the conversion options. One that the recipe
+    sets away from its default must be what the folder was converted with (its config; conversion.json for the
+    long-memory heads): otherwise the run would train something else than the recipe says."""
+    held = {"recurrent_rope": (lambda: config.recurrent_rope, "--recurrent-rope"),
+            "sink_tokens": (lambda: config.sliding_window_sinks, "--sink-tokens"),
+            "init_long_heads": (lambda: recorded_long_memory_heads(folder), "--init-long-heads")}
+    for key, (read, flag) in held.items():
         wanted = getattr(recipe, key)
-        if wanted and found != wanted:
+        if not wanted:
+            continue
+        found = read()
+        if found != wanted:
             how = "no conversion.json records it" if found is None else f"it was converted with {key} {found}"
             raise UserError(f"recipe: {key}: {wanted}, but {folder} differs ({how}); convert it with "
                             f"`hybridize convert {flag}`, give a `plan` instead of `init`, or leave {key} out")

@@ -195,8 +195,7 @@ class Trainer:
             init = self.out / "init"
         else:
             init = Path(self.recipe.init)
-            check_student_folder(init)
-            check_conversion_options(init, self.recipe)
+            check_conversion_options(init, check_student_folder(init), self.recipe)
         if self.compiles and any(isinstance(stage, EndToEndStage) for stage in self.recipe.stages):
             compile_decoder_layers(self.teacher)
         place_teacher(self.teacher, self.accelerator)

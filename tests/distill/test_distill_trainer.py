@@ -197,6 +197,17 @@ def test_conversion_options_that_the_init_folder_lacks_are_one_line(tmp_path, ti
     assert not (tmp_path / "run").exists()
 
 
+def test_a_conversion_record_without_the_long_memory_share_is_one_line(tmp_path, tiny_models, text_file, capsys):
+    init = tmp_path / "init"
+    shutil.copytree(tiny_models / "init", init)
+    (init / "conversion.json").write_text("[]")
+    raw = tiny_recipe(tiny_models, text_file, tmp_path / "run", {"init": str(init), "init_long_heads": 0.25})
+    assert distill_main([str(write_recipe(tmp_path / "recipe.yaml", raw))]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert f"{init / 'conversion.json'} is not a conversion record (no init_options.long_memory_heads)" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_conversion_options_that_the_init_folder_holds_are_accepted(tmp_path, tiny_models, text_file):
     """A folder converted with recurrent RoPE, sinks and long-memory heads trains under a recipe that names them."""
     init = tmp_path / "init"
