@@ -3,11 +3,13 @@ packed and ordered by seed.
 
 Order of work: load documents -> shuffle them by seed -> cap at max_documents -> split off the held-out
 documents (before packing, so no document is in both sets) -> tokenize once (eos after each document) ->
-pack per stage into blocks of that stage's seq_len. Training visits blocks in an order fixed by the seed
+repeat the library's parts to their shares of the training tokens, if asked -> pack per stage into blocks of that
+stage's seq_len. Training visits blocks in an order fixed by the seed
 and the epoch, and position k of that stream is the same block for every world size, so a resumed run
 or a run on more GPUs sees the same global batches.
 """
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -70,7 +72,47 @@ def load_documents(config: DataConfig, tokenizer, seed: int) -> Documents:
               "tokens": {"train": _count(train), "held_out": _count(held_out)}}
     if "part" in tokenized.column_names:
         record["tokens_by_part"] = _count_by_part(tokenized)
+    if config.part_shares:
+        train, record["part_shares"] = repeat_parts(train, config.part_shares, seed)
     return Documents(train=train, held_out=held_out, record=record)
+
+
+def repeat_parts(train: datasets.Dataset, shares: dict[str, float], seed: int) -> tuple[datasets.Dataset, dict]:
+    """The training documents with each part repeated so that parts hold `shares` of the tokens; and the record.
+
+    The part with the most tokens per unit of share is read once and sets the pool's size; every other part is
+    repeated r = share * pool / tokens >= 1 times: floor(r) whole copies, then its first documents (in the seeded
+    order) until the fraction's tokens are reached. The pool is then shuffled by seed, so copies of a document
+    land in different packing batches. The held-out split is not touched.
+    """
+    tokens = _count_by_part(train)
+    missing = [part for part in shares if tokens.get(part, 0) == 0]
+    if missing:
+        raise UserError(f"data.part_shares: no training tokens in part(s) {', '.join(missing)}")
+    pool = max(tokens[part] / share for part, share in shares.items())
+    rows_by_part: dict[str, list[int]] = {part: [] for part in shares}
+    for row, part in enumerate(train["part"]):
+        rows_by_part[part].append(row)
+    lengths = train["num_tokens"]
+    chosen: list[int] = []
+    repeats = {}
+    for part, share in shares.items():
+        repeats[part] = share * pool / tokens[part]
+        whole = math.floor(repeats[part] + 1e-9)
+        chosen.extend(rows_by_part[part] * whole)
+        wanted, taken = (repeats[part] - whole) * tokens[part], 0
+        for row in rows_by_part[part]:
+            if taken >= wanted:
+                break
+            chosen.append(row)
+            taken += lengths[row]
+    order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed))
+    weighted = train.select([chosen[i] for i in order.tolist()])
+    counts = _count_by_part(weighted)
+    total = sum(counts.values())
+    record = {"requested": dict(shares), "repeats": {part: round(r, 3) for part, r in repeats.items()},
+              "tokens": counts, "shares": {part: round(n / total, 4) for part, n in counts.items()}}
+    return weighted, record
 
 
 def _tokenize(batch: dict, tokenizer, eos: int) -> dict:

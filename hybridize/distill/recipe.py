@@ -70,6 +70,8 @@ class DataConfig:
     max_documents: int | None = None  # after the seeded shuffle (the first N of a streamed Hub dataset)
     held_out_fraction: float = 0.01  # of documents, split off before packing so no document is in both sets
     num_proc: int | None = None  # tokenizer processes
+    # library only: each part's share of the training tokens; smaller parts are repeated to reach it
+    part_shares: dict[str, float] = field(default_factory=dict)
 
     def check(self) -> None:
         for i, domain in enumerate(self.domains):
@@ -78,6 +80,15 @@ class DataConfig:
         _require(self.max_documents is None or self.max_documents >= 2, "max_documents", "must be >= 2")
         _require(0 <= self.held_out_fraction < 1, "held_out_fraction", "must be in [0, 1)")
         _require(self.num_proc is None or self.num_proc >= 1, "num_proc", "must be >= 1")
+        if self.part_shares:
+            _require(self.source == "library", "part_shares", "only the library source has parts; remove it "
+                     f"or set data.source: library (got {self.source!r})")
+            _require(set(self.part_shares) == set(self.domains), "part_shares",
+                     f"give a share to each of the parts read ({', '.join(self.domains)}), and only to those")
+            for part, share in self.part_shares.items():
+                _require(0 < share <= 1, f"part_shares.{part}", f"must be in (0, 1], got {share:g}")
+            total = sum(self.part_shares.values())
+            _require(abs(total - 1) < 1e-6, "part_shares", f"shares must sum to 1, got {total:g}")
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,7 @@ import datasets
 import pytest
 import torch
 
-from hybridize.distill.data import BlockOrder, StageData, load_documents, pack, stage_data
+from hybridize.distill.data import BlockOrder, StageData, load_documents, pack, repeat_parts, stage_data
 from hybridize.distill.recipe import DataConfig
 from hybridize.errors import UserError
 
@@ -158,3 +158,69 @@ def test_library_source_counts_the_tokens_of_each_part(tmp_path, tokenizer):
     assert loaded.record["source"] == "library" and loaded.record["parts"]["code"]["documents"] == 1
     again = load_documents(config, tokenizer, seed=0)
     assert list(again.train["input_ids"]) == list(loaded.train["input_ids"])  # same order and content
+
+
+def parts_dataset(lengths_by_part: dict[str, list[int]]) -> datasets.Dataset:
+    """Tokenized documents as load_documents makes them: ids (each row distinct), token counts and parts."""
+    rows = {"input_ids": [], "num_tokens": [], "part": []}
+    for part, lengths in lengths_by_part.items():
+        for length in lengths:
+            rows["input_ids"].append([len(rows["part"])] * length)
+            rows["num_tokens"].append(length)
+            rows["part"].append(part)
+    return datasets.Dataset.from_dict(rows)
+
+
+def test_repeat_parts_reaches_each_share_and_reads_the_largest_part_once():
+    lengths = {"code": [40 + 7 * i for i in range(30)], "docs": [13, 29, 8], "prose": [55, 21]}
+    train = parts_dataset(lengths)
+    shares = {"code": 0.5, "docs": 0.25, "prose": 0.25}
+    weighted, record = repeat_parts(train, shares, seed=3)
+    tokens = {part: sum(n) for part, n in lengths.items()}
+    pool = tokens["code"] / shares["code"]  # code has the most tokens per unit of share: read once
+    copies = {}
+    for ids in weighted["input_ids"]:
+        copies[ids[0]] = copies.get(ids[0], 0) + 1
+    code_rows = range(len(lengths["code"]))
+    assert all(copies[row] == 1 for row in code_rows)
+    for part, share in shares.items():
+        # whole copies, then documents until the fraction is reached: overshoot below one document
+        assert 0 <= record["tokens"][part] - share * pool < max(lengths[part])
+        assert abs(record["repeats"][part] - share * pool / tokens[part]) < 1e-3
+    assert record["tokens"] == {part: sum(n for ids, n in zip(weighted["input_ids"], weighted["num_tokens"])
+                                          if train["part"][ids[0]] == part) for part in shares}
+    again, _ = repeat_parts(train, shares, seed=3)
+    assert again["input_ids"] == weighted["input_ids"]  # deterministic
+    other, other_record = repeat_parts(train, shares, seed=4)
+    assert other_record["tokens"] == record["tokens"] and other["input_ids"] != weighted["input_ids"]
+    parts_in_order = [train["part"][ids[0]] for ids in weighted["input_ids"]]
+    assert parts_in_order != sorted(parts_in_order, key=list(shares).index)  # the pool is shuffled, not part by part
+
+
+def test_part_shares_weight_the_library_training_split_and_leave_the_held_out_split(tmp_path, tokenizer):
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(12):
+        (root / f"module_{i}.py").write_text(f"def scale_{i}(value):\n    return value * {i}  # scaled\n" * 12)
+    (root / "guide.md").write_text("This guide says what the package computes and why it does so. " * 12)
+    plain = DataConfig(source="library", roots=[str(root)], domains=["code", "docs"], held_out_fraction=0.2)
+    weighted = DataConfig(**{**plain.__dict__, "part_shares": {"code": 0.6, "docs": 0.4}})
+    natural, shared = load_documents(plain, tokenizer, seed=0), load_documents(weighted, tokenizer, seed=0)
+    assert list(shared.held_out["input_ids"]) == list(natural.held_out["input_ids"])
+    assert "docs" not in set(natural.held_out["part"])  # the single docs document is training text
+    counts = shared.record["part_shares"]["tokens"]
+    assert counts["code"] == natural.record["tokens_by_part"]["code"] - sum(natural.held_out["num_tokens"])
+    assert counts["docs"] >= 0.4 / 0.6 * counts["code"]
+    assert shared.record["part_shares"]["repeats"]["code"] == 1.0
+    data = stage_data(shared, "kd", seq_len=32, global_batch=4, seed=0)
+    assert len(data.train) > len(stage_data(natural, "kd", seq_len=32, global_batch=4, seed=0).train)
+
+
+def test_part_shares_name_a_part_without_training_tokens(tmp_path, tokenizer):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "scale.py").write_text("def scale(value):\n    return value * 2  # twice\n" * 20)
+    config = DataConfig(source="library", roots=[str(root)], domains=["code", "docs"], held_out_fraction=0.0,
+                        part_shares={"code": 0.5, "docs": 0.5})
+    with pytest.raises(UserError, match=r"^data.part_shares: no training tokens in part\(s\) docs$"):
+        load_documents(config, tokenizer, seed=0)

@@ -275,3 +275,17 @@ def test_the_held_out_gap_compares_the_last_train_steps_with_the_final_evaluatio
     stage_one = held_out_gap([{"split": "train", "loss": 1.0}, {"split": "eval", "loss": 1.5}])
     assert stage_one["metric"] == "loss" and stage_one["gap"] == pytest.approx(0.5)
     assert held_out_gap([{"split": "train", "loss": 1.0}]) is None
+
+
+def test_part_shares_are_checked_against_the_source_and_the_parts():
+    library = {"source": "library", "domains": ["code", "prose"]}
+    shares = {"code": 0.75, "prose": 0.25}
+    assert parse_recipe(minimal(data={**library, "part_shares": shares})).data.part_shares == shares
+    assert error_for(minimal(data={"part_shares": {"code": 0.5, "docs": 0.25, "prose": 0.25}})).startswith(
+        "recipe: data.part_shares: only the library source has parts")
+    assert error_for(minimal(data={**library, "part_shares": {"code": 1.0}})).startswith(
+        "recipe: data.part_shares: give a share to each of the parts read (code, prose)")
+    assert error_for(minimal(data={**library, "part_shares": {"code": 0.75, "prose": 0.5}})).startswith(
+        "recipe: data.part_shares: shares must sum to 1, got 1.25")
+    assert error_for(minimal(data={**library, "part_shares": {"code": 1.0, "prose": 0.0}})).startswith(
+        "recipe: data.part_shares.prose: must be in (0, 1]")

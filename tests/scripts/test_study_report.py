@@ -87,4 +87,7 @@ def test_the_recall_runs_are_the_gdn_recipe_with_one_lever_each():
     assert recipes["recall-gdn-rope"].recurrent_rope and not base.recurrent_rope
     combined = recipes["recall-gdn-rope-long-heads"]
     assert combined.recurrent_rope and combined.init_long_heads == 0.25
+    shares = recipes["recall-gdn-rope-long-heads-shares"]
+    assert shares.data.part_shares == {"code": 0.6, "docs": 0.2, "prose": 0.2} and not combined.data.part_shares
+    assert shares.recurrent_rope and shares.init_long_heads == 0.25
     assert {sum(s.tokens for s in r.stages) for r in recipes.values()} == {80_000_000}  # equal tokens
