@@ -100,7 +100,7 @@ def repeat_parts(train: datasets.Dataset, shares: dict[str, float], seed: int) -
         repeats[part] = share * pool / tokens[part]
         whole = math.floor(repeats[part] + 1e-9)
         chosen.extend(rows_by_part[part] * whole)
-        wanted, taken = (repeats[part] - whole) * tokens[part], 0
+        wanted, taken = round((repeats[part] - whole) * tokens[part]), 0  # rounded: the part read once adds none
         for row in rows_by_part[part]:
             if taken >= wanted:
                 break

@@ -224,3 +224,11 @@ def test_part_shares_name_a_part_without_training_tokens(tmp_path, tokenizer):
                         part_shares={"code": 0.5, "docs": 0.5})
     with pytest.raises(UserError, match=r"^data.part_shares: no training tokens in part\(s\) docs$"):
         load_documents(config, tokenizer, seed=0)
+
+
+def test_repeat_parts_reads_the_largest_part_once_through_rounding():
+    # 1006 tokens at share 0.7: share * (tokens / share) / tokens is 1.0000000000000002 in floating point
+    train = parts_dataset({"code": [500, 506], "docs": [30, 41]})
+    weighted, record = repeat_parts(train, {"code": 0.7, "docs": 0.3}, seed=0)
+    assert record["tokens"]["code"] == 1006
+    assert sorted(ids[0] for ids in weighted["input_ids"] if ids[0] < 2) == [0, 1]
