@@ -2,7 +2,9 @@
 packed and ordered by seed.
 
 Order of work: load documents -> shuffle them by seed -> cap at max_documents -> split off the held-out
-documents (before packing, so no document is in both sets) -> tokenize once (eos after each document) ->
+documents (before packing, so no document is in both sets) -> tokenize once (eos after each document; the library
+without max_documents is tokenized before the shuffle, which orders it the same way, and cached per text and
+tokenizer) ->
 repeat the library's parts to their shares of the training tokens, if asked -> pack per stage into blocks of that
 stage's seq_len. Training visits blocks in an order fixed by the seed
 and the epoch, and position k of that stream is the same block for every world size, so a resumed run
@@ -11,16 +13,19 @@ or a run on more GPUs sees the same global batches.
 
 import math
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
+from datasets.fingerprint import Hasher
 
 from .. import corpus, library
 from ..errors import UserError
-from ..teacher import hub_reachable
+from ..teacher import cache_root, hub_reachable
 from .recipe import DataConfig
 
 FILE_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
@@ -49,6 +54,14 @@ def load_documents(config: DataConfig, tokenizer, seed: int) -> Documents:
         dataset = dataset.rename_column(config.text_field, "text")
     dataset = dataset.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True,
                              desc="dropping empty documents")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the teacher's tokenizer has no eos token to separate packed documents")
+    # The whole library is the same text on every run of a machine: tokenized once. A capped one (--smoke) is
+    # tokenized after the cap, like any other source: a few documents, not minutes of text.
+    pretokenized = config.source == "library" and config.max_documents is None
+    if pretokenized:
+        dataset = _library_tokens(dataset, tokenizer, eos, record["digest"], config.num_proc)
     dataset = dataset.shuffle(seed=seed).flatten_indices()
     if config.max_documents is not None and len(dataset) > config.max_documents:
         dataset = dataset.select(range(config.max_documents))
@@ -58,13 +71,7 @@ def load_documents(config: DataConfig, tokenizer, seed: int) -> Documents:
     if held >= len(dataset):
         raise UserError(f"data.held_out_fraction: {config.held_out_fraction} of {len(dataset)} documents "
                         "leaves none to train on")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("the teacher's tokenizer has no eos token to separate packed documents")
-    tokenized = dataset.map(
-        _tokenize, batched=True, remove_columns=["text"], num_proc=config.num_proc, desc="tokenizing",
-        fn_kwargs={"tokenizer": tokenizer, "eos": eos},
-    )
+    tokenized = dataset if pretokenized else _tokenized(dataset, tokenizer, eos, config.num_proc)
     count = len(dataset)
     train = tokenized.select(range(count - held))
     held_out = tokenized.select(list(range(count - held, count)))  # a list: select() rejects an empty range at the end
@@ -113,6 +120,32 @@ def repeat_parts(train: datasets.Dataset, shares: dict[str, float], seed: int) -
     record = {"requested": dict(shares), "repeats": {part: round(r, 3) for part, r in repeats.items()},
               "tokens": counts, "shares": {part: round(n / total, 4) for part, n in counts.items()}}
     return weighted, record
+
+
+def _tokenized(dataset: datasets.Dataset, tokenizer, eos: int, num_proc: int | None) -> datasets.Dataset:
+    return dataset.map(_tokenize, batched=True, remove_columns=["text"], num_proc=num_proc, desc="tokenizing",
+                       fn_kwargs={"tokenizer": tokenizer, "eos": eos})
+
+
+def _library_tokens(dataset: datasets.Dataset, tokenizer, eos: int, digest: str,
+                    num_proc: int | None) -> datasets.Dataset:
+    """The library's documents tokenized, in read order; from the cache when the same text (its digest) met the same
+    tokenizer before. Tokenizing the library takes 1-11 minutes; loading it back, seconds."""
+    key = Hasher.hash((digest, eos, tokenizer))[:16]
+    target = cache_root() / "library-tokens" / key
+    if (target / "dataset_info.json").exists():
+        return datasets.load_from_disk(str(target), keep_in_memory=True)
+    tokenized = _tokenized(dataset, tokenizer, eos, num_proc)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
+    try:
+        tokenized.save_to_disk(str(staging))
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "dataset_info.json").exists():  # another process may have won the race
+            raise
+    return tokenized
 
 
 def _tokenize(batch: dict, tokenizer, eos: int) -> dict:

@@ -232,3 +232,53 @@ def test_repeat_parts_reads_the_largest_part_once_through_rounding():
     weighted, record = repeat_parts(train, {"code": 0.7, "docs": 0.3}, seed=0)
     assert record["tokens"]["code"] == 1006
     assert sorted(ids[0] for ids in weighted["input_ids"] if ids[0] < 2) == [0, 1]
+
+
+def library_root(tmp_path, modules: int = 12):
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    for i in range(modules):
+        (root / f"module_{i}.py").write_text(f"def scale_{i}(value):\n    return value * {i}  # scaled\n" * 12)
+    (root / "guide.md").write_text("This guide says what the package computes and why it does so. " * 12)
+    return root
+
+
+def test_the_library_is_tokenized_once_per_text_and_tokenizer(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("HYBRIDIZE_CACHE", str(tmp_path / "cache"))
+    root = library_root(tmp_path)
+    config = DataConfig(source="library", roots=[str(root)], domains=["code", "docs"], held_out_fraction=0.2)
+    first = load_documents(config, tokenizer, seed=5)
+    assert len(list((tmp_path / "cache" / "library-tokens").iterdir())) == 1
+    calls = []
+    original = tokenizer.__class__.__call__
+    monkeypatch.setattr(tokenizer.__class__, "__call__",
+                        lambda self, *args, **kwargs: calls.append(1) or original(self, *args, **kwargs))
+    again = load_documents(config, tokenizer, seed=5)
+    assert calls == []  # read back from the cache, not tokenized
+    for split in ("train", "held_out"):
+        assert list(getattr(again, split)["input_ids"]) == list(getattr(first, split)["input_ids"])
+        assert list(getattr(again, split)["part"]) == list(getattr(first, split)["part"])
+    assert again.record == first.record
+    reshuffled = load_documents(config, tokenizer, seed=6)  # the cache holds the read order; the seed still shuffles
+    assert calls == [] and list(reshuffled.train["input_ids"]) != list(first.train["input_ids"])
+    documents = [sorted(tuple(ids) for split in (docs.train, docs.held_out) for ids in split["input_ids"])
+                 for docs in (first, reshuffled)]
+    assert documents[0] == documents[1]
+    (root / "module_3.py").write_text("def changed():\n    return 'new text'\n" * 30)
+    changed = load_documents(config, tokenizer, seed=5)
+    assert calls  # new text, new key: tokenized again
+    assert len(list((tmp_path / "cache" / "library-tokens").iterdir())) == 2
+    assert changed.record["digest"] != first.record["digest"]
+
+
+def test_a_capped_library_is_tokenized_after_the_cap_and_not_cached(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("HYBRIDIZE_CACHE", str(tmp_path / "cache"))
+    config = DataConfig(source="library", roots=[str(library_root(tmp_path))], domains=["code", "docs"],
+                        held_out_fraction=0.0, max_documents=3)
+    lengths = []
+    original = tokenizer.__class__.__call__
+    monkeypatch.setattr(tokenizer.__class__, "__call__",
+                        lambda self, text, **kwargs: lengths.append(len(text)) or original(self, text, **kwargs))
+    loaded = load_documents(config, tokenizer, seed=0)
+    assert len(loaded.train) == 3 and sum(lengths) == 3  # three documents tokenized, of the thirteen read
+    assert not (tmp_path / "cache" / "library-tokens").exists()
