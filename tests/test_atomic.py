@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from hybridize.atomic import OUTPUT_RECORD, staged_folder, write_json_atomic
+from hybridize.atomic import OUTPUT_RECORD, staged_folder, write_cache_folder, write_json_atomic
 from hybridize.errors import UserError
 
 
@@ -145,3 +145,30 @@ def test_a_file_named_like_the_output_is_refused(tmp_path):
         with staged_folder(tmp_path / "out"):
             pass
     assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_a_cache_folder_is_renamed_into_place_whole_and_a_lost_race_keeps_the_winner(tmp_path):
+    target = tmp_path / "cache" / "entry"
+
+    def write(folder):
+        (folder / "data.txt").write_text("mine")
+        (folder / "done").write_text("")
+
+    assert write_cache_folder(target, "done", write) == target
+    assert (target / "data.txt").read_text() == "mine" and sorted(p.name for p in target.parent.iterdir()) == ["entry"]
+    # a second writer that finished after the first: its rename fails, the first copy stays, its own is removed
+    assert write_cache_folder(target, "done", lambda folder: (folder / "data.txt").write_text("late")) == target
+    assert (target / "data.txt").read_text() == "mine" and sorted(p.name for p in target.parent.iterdir()) == ["entry"]
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), ValueError("cannot serialize"), KeyboardInterrupt()])
+def test_a_failed_cache_write_leaves_nothing(tmp_path, error):
+    target = tmp_path / "cache" / "entry"
+
+    def fail(folder):
+        (folder / "half.txt").write_text("half")
+        raise error
+
+    with pytest.raises(type(error)):
+        write_cache_folder(target, "done", fail)
+    assert list(target.parent.iterdir()) == []

@@ -13,9 +13,7 @@ or a run on more GPUs sees the same global batches.
 
 import math
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 from datasets.fingerprint import Hasher
 
 from .. import corpus, library
+from ..atomic import write_cache_folder
 from ..errors import UserError
 from ..teacher import cache_root, hub_reachable
 from .recipe import DataConfig
@@ -136,15 +135,7 @@ def _library_tokens(dataset: datasets.Dataset, tokenizer, eos: int, digest: str,
     if (target / "dataset_info.json").exists():
         return datasets.load_from_disk(str(target), keep_in_memory=True)
     tokenized = _tokenized(dataset, tokenizer, eos, num_proc)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
-    try:
-        tokenized.save_to_disk(str(staging))
-        staging.rename(target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "dataset_info.json").exists():  # another process may have won the race
-            raise
+    write_cache_folder(target, "dataset_info.json", lambda folder: tokenized.save_to_disk(str(folder)))
     return tokenized
 
 
