@@ -2,13 +2,12 @@
 packed and ordered by seed.
 
 Order of work: load documents -> shuffle them by seed -> cap at max_documents -> split off the held-out
-documents (before packing, so no document is in both sets) -> tokenize once (eos after each document; the library
-without max_documents is tokenized before the shuffle, which orders it the same way, and cached per text and
-tokenizer) ->
-repeat the library's parts to their shares of the training tokens, if asked -> pack per stage into blocks of that
-stage's seq_len. Training visits blocks in an order fixed by the seed
-and the epoch, and position k of that stream is the same block for every world size, so a resumed run
-or a run on more GPUs sees the same global batches.
+documents (before packing, so no document is in both sets) -> tokenize once (eos after each document) -> repeat
+the library's parts to their shares of the training tokens, if asked -> pack per stage into blocks of that stage's
+seq_len. The whole library (no max_documents) is tokenized before the shuffle instead, which orders it the same
+way, and cached per text and tokenizer. Training visits blocks in an order fixed by the seed and the epoch, and
+position k of that stream is the same block for every world size, so a resumed run or a run on more GPUs sees the
+same global batches.
 """
 
 import math
@@ -104,7 +103,7 @@ def repeat_parts(train: datasets.Dataset, shares: dict[str, float], seed: int) -
     repeats = {}
     for part, share in shares.items():
         repeats[part] = share * pool / tokens[part]
-        whole = math.floor(repeats[part] + 1e-9)
+        whole = math.floor(repeats[part])
         chosen.extend(rows_by_part[part] * whole)
         wanted, taken = round((repeats[part] - whole) * tokens[part]), 0  # rounded: the part read once adds none
         for row in rows_by_part[part]:
