@@ -82,7 +82,8 @@ ANALYZE_GDN_DIR = Path(f"{ANALYZE_DIR}-gdn")
 HALF_LIFE_LR = ("stages.0.half_life_lr=1e-2", "stages.1.half_life_lr=3e-3")
 READOUT_LAYERS = "plan=full_attention:0,1,2,7,16,18,20,21 gated_deltanet:rest"
 # The library is 97% code by tokens; at 80M tokens the recipe ends at 1.27x the teacher's prose perplexity against
-# 1.02x on code (docs/results.md, "recipes/smollm2-135m/gdn.yaml"). These shares repeat docs and prose 10-17x in the pool.
+# 1.02x on code (docs/results.md, "recipes/smollm2-135m/gdn.yaml"). These shares repeat docs and prose 10-17x in the
+# pool.
 PART_SHARES = ("data.part_shares.code=0.6", "data.part_shares.docs=0.2", "data.part_shares.prose=0.2")
 
 

@@ -2,8 +2,9 @@
 # Two plans that keep recall past the window, each with the shipped recipe (12M tokens) and only its plan changed:
 # plan F (attention at layers 3-9 and 18) and the analyzer's plan with every window scored as a sink window (the
 # shipped recipe's plan; docs/runs/headline-12m_h100_2026-11-23.md). Resumable like recipe.sh. Runs on any CUDA
-# machine with hybridize installed. Usage: bash scripts/gpu/candidates.sh   (runs under runs/; OUT: the analysis log and one
-# recipe.sh folder per plan, default runs/gpu/candidates)
+# machine with hybridize installed.
+# Usage: bash scripts/gpu/candidates.sh   (runs under runs/; OUT: the analysis log and one recipe.sh folder per plan,
+# default runs/gpu/candidates)
 set -uo pipefail
 out=${OUT:-runs/gpu/candidates}
 analysis=runs/analyze-smollm2-s4

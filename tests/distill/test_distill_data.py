@@ -171,6 +171,16 @@ def parts_dataset(lengths_by_part: dict[str, list[int]]) -> datasets.Dataset:
     return datasets.Dataset.from_dict(rows)
 
 
+def library_root(tmp_path):
+    """Twelve small modules and one guide: a library root with code and docs."""
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    for i in range(12):
+        (root / f"module_{i}.py").write_text(f"def scale_{i}(value):\n    return value * {i}  # scaled\n" * 12)
+    (root / "guide.md").write_text("This guide says what the package computes and why it does so. " * 12)
+    return root
+
+
 def test_repeat_parts_reaches_each_share_and_reads_the_largest_part_once():
     lengths = {"code": [40 + 7 * i for i in range(30)], "docs": [13, 29, 8], "prose": [55, 21]}
     train = parts_dataset(lengths)
@@ -198,12 +208,8 @@ def test_repeat_parts_reaches_each_share_and_reads_the_largest_part_once():
 
 
 def test_part_shares_weight_the_library_training_split_and_leave_the_held_out_split(tmp_path, tokenizer):
-    root = tmp_path / "root"
-    root.mkdir()
-    for i in range(12):
-        (root / f"module_{i}.py").write_text(f"def scale_{i}(value):\n    return value * {i}  # scaled\n" * 12)
-    (root / "guide.md").write_text("This guide says what the package computes and why it does so. " * 12)
-    plain = DataConfig(source="library", roots=[str(root)], domains=["code", "docs"], held_out_fraction=0.2)
+    plain = DataConfig(source="library", roots=[str(library_root(tmp_path))], domains=["code", "docs"],
+                       held_out_fraction=0.2)
     weighted = DataConfig(**{**plain.__dict__, "part_shares": {"code": 0.6, "docs": 0.4}})
     natural, shared = load_documents(plain, tokenizer, seed=0), load_documents(weighted, tokenizer, seed=0)
     assert list(shared.held_out["input_ids"]) == list(natural.held_out["input_ids"])
@@ -232,15 +238,6 @@ def test_repeat_parts_reads_the_largest_part_once_through_rounding():
     weighted, record = repeat_parts(train, {"code": 0.7, "docs": 0.3}, seed=0)
     assert record["tokens"]["code"] == 1006
     assert sorted(ids[0] for ids in weighted["input_ids"] if ids[0] < 2) == [0, 1]
-
-
-def library_root(tmp_path, modules: int = 12):
-    root = tmp_path / "root"
-    root.mkdir(exist_ok=True)
-    for i in range(modules):
-        (root / f"module_{i}.py").write_text(f"def scale_{i}(value):\n    return value * {i}  # scaled\n" * 12)
-    (root / "guide.md").write_text("This guide says what the package computes and why it does so. " * 12)
-    return root
 
 
 def test_the_library_is_tokenized_once_per_text_and_tokenizer(tmp_path, tokenizer, monkeypatch):
