@@ -11,7 +11,8 @@ Layout of an output directory:
 
 Failing safe: everything the run reads is checked before anything is written; a non-finite loss, gradient,
 held-out loss or weight stops the run before a model is written, and removes the checkpoints whose weights
-produced it; a full disk stops it too. Each is one line naming the last good checkpoint, exit code 2.
+produced it; a full disk or running out of GPU memory stops it too. Each is one line naming the last good
+checkpoint, exit code 2.
 """
 
 import dataclasses
@@ -49,9 +50,12 @@ from .run_lock import RunLock, holds_run_files, remove_stale_partials
 from .stages import build_distiller, parameter_groups, prepare_student
 from .tracking import MetricsLog, flat_config, held_out_gap, missing_tracker_warning, plot_loss_curve, usable_trackers
 
-# What a resumed run may change: where and how it reports, and (say after a NaN) its learning-rate schedule.
+# What a resumed run may change: where and how it reports, (say after a NaN) its learning-rate schedule, and (after
+# running out of GPU memory) how each step's global batch is split and recomputed, which leaves the step's data and
+# loss as they were (StageData.train_batch).
 RESUMABLE_SECTIONS = ("output_dir", "checkpoint", "logging", "compile")
-RESUMABLE_STAGE_KEYS = ("lr", "lr_by_layer_type", "half_life_lr", "warmup_steps", "min_lr_ratio", "max_grad_norm")
+RESUMABLE_STAGE_KEYS = ("lr", "lr_by_layer_type", "half_life_lr", "warmup_steps", "min_lr_ratio", "max_grad_norm",
+                        "micro_batch_size", "gradient_checkpointing")
 
 
 @dataclasses.dataclass
@@ -150,6 +154,11 @@ class Trainer:
         try:
             with tf32_matmuls(self.accelerator.device.type == "cuda"):
                 return self._run_stages()
+        except torch.OutOfMemoryError as err:
+            reason = str(err).splitlines()[0][:160]
+            advice = (self.current.memory_advice() if self.current
+                      else "before any stage trained; free the GPU of other jobs or use one with more memory")
+            raise UserError(f"out of GPU memory ({reason}) {advice}") from None
         except Exception as err:
             if not is_disk_full(err):
                 raise
@@ -490,6 +499,16 @@ class StageRun:
         if latest:
             return f"the last good checkpoint is {latest} (--resume continues from it)"
         return f"no checkpoint of this stage was kept (--resume starts the stage again from {self.source})"
+
+    def memory_advice(self) -> str:
+        """What to change after the stage ran out of GPU memory, and where the run can continue from."""
+        stage, key = self.stage, f"stages.{self.index}"
+        fixes = [f"--set {key}.micro_batch_size=N below {stage.micro_batch_size} (the global batch of "
+                 f"{stage.global_batch_size} stays: more micro batches accumulate)"]
+        if not stage.gradient_checkpointing:
+            fixes.append(f"--set {key}.gradient_checkpointing=true")
+        return (f"in stage {stage.name!r} at micro batch {stage.micro_batch_size} x {stage.seq_len} tokens; "
+                f"{' or '.join(fixes)}; training stopped, {self.last_good()}")
 
     def _stop(self, what: str, first_bad: int) -> None:
         """Stop every process with one line. The weights after `first_bad` or more steps produced something

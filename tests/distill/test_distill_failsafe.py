@@ -256,6 +256,46 @@ def test_a_simulated_full_disk_is_one_line(tmp_path, tiny_models, text_file, mon
     assert (out / "final" / "config.json").exists()
 
 
+def test_out_of_gpu_memory_is_one_line_and_resumes_at_a_smaller_micro_batch(tmp_path, tiny_models, text_file,
+                                                                          monkeypatch, capsys):
+    """Step 3's first backward raises torch.OutOfMemoryError, as CUDA does (a CPU run cannot run out of memory that
+    way): one line with both fixes, naming step 2's checkpoint. The resume at micro batch 1 with checkpointing
+    trains the same global batches, so its steps' losses are an uninterrupted run's."""
+    from accelerate import Accelerator
+
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    raw = one_stage(tiny_models, text_file, out, steps=4)
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    assert distill_main([str(recipe), "--out", str(whole)]) == 0
+    backward, calls = Accelerator.backward, []
+
+    def backward_out_of_memory(self, loss, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # 2 micro batches per step
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nMore lines follow.")
+        return backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "backward", backward_out_of_memory)
+    capsys.readouterr()
+    assert distill_main([str(recipe)]) == 2
+    checkpoint = out / "checkpoints" / "0-kd" / "step-00000002"
+    assert error_lines(capsys.readouterr().err) == [
+        "hybridize distill: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.) in stage 'kd' "
+        "at micro batch 2 x 64 tokens; --set stages.0.micro_batch_size=N below 2 (the global batch of 4 stays: more "
+        "micro batches accumulate) or --set stages.0.gradient_checkpointing=true; training stopped, the last good "
+        f"checkpoint is {checkpoint} (--resume continues from it)"]
+    assert not (out / "final").exists()
+    monkeypatch.setattr(Accelerator, "backward", backward)
+    assert distill_main([str(recipe), "--resume", "--set", "stages.0.micro_batch_size=1",
+                         "--set", "stages.0.gradient_checkpointing=true"]) == 0
+    train = {run: [r["loss"] for r in metrics(run) if r["split"] == "train"] for run in (out, whole)}
+    # Micro batches of 1 sum the same per-sequence losses as micro batches of 2 (every sequence has 64 tokens), so
+    # the steps differ by the order of fp32 sums only (eps 6e-8 per rounding, ~1e-7 seen at step 4); 1e-5 leaves
+    # room for AdamW's normalized step to grow that over two steps, and fails on any other batch.
+    assert len(train[out]) == len(train[whole]) == 4
+    assert train[out] == pytest.approx(train[whole], rel=1e-5)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"teacher": "/nonexistent/teacher"}, "/nonexistent/teacher"),
     ({"plan": "uniform:2:gated_deltanett"}, "unknown layer type 'gated_deltanett'"),
