@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recurrent-rope", action="store_true",
                         help="Mamba2 / GDN layers rotate their C, B / q, k by RoPE, as the teacher's attention "
                              "rotates q, k (docs/model.md); default off")
+    parser.add_argument("--memory-outside-window", action="store_true",
+                        help="the memory branch of window + memory layers reads only the tokens that have left the "
+                             "window, not every token so far (docs/model.md); default off")
     parser.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                         help="dtype of the written hybrid (default: the dtype the teacher's weights are stored in; "
                              "A_log, dt_bias and D stay float32 in every dtype)")
@@ -65,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
     convert_to_folder(args.model, args.plan, args.out, seed=args.seed, overwrite=args.overwrite, options=options,
                       sink_tokens=args.sink_tokens, recurrent_rope=args.recurrent_rope,
-                      dtype=args.dtype and parse_dtype(args.dtype),
+                      memory_outside_window=args.memory_outside_window, dtype=args.dtype and parse_dtype(args.dtype),
                       device=pick_device(args.device))
     return 0

@@ -24,11 +24,11 @@ from ..errors import UserError
 from ..publish.remote_code import add_remote_code
 from ..teacher import load_teacher, teacher_folder, teacher_identity
 from ..teacher_forcing import capture_mixer_io
-from ..model.configuration_hybrid import STATEFUL_TYPES
+from ..model.configuration_hybrid import STATEFUL_TYPES, WINDOW_MEMORY_TYPES
 from .build import check_teacher, convert_state, hybrid_config_from_teacher, model_from_state
 from .calibrate import calibrate_student, teacher_calibration
 from .init import TEACHER_CALIBRATED, InitOptions
-from .plan import describe, plan_headwise_kv_heads, resolve_plan
+from .plan import check_memory_outside_window, describe, plan_headwise_kv_heads, resolve_plan
 from .report import conversion_report, format_report, next_token_stats
 
 
@@ -69,6 +69,16 @@ def fitting_batch(tokenizer, seq_len: int) -> torch.LongTensor:
     return calibration_batch(tokenizer, seq_len=seq_len, blocks_per_domain=2)[1::2]
 
 
+def fitting_seq_len(config, calibration_seq_len: int) -> int:
+    """How long the fitting text is. A window + memory layer's memory is fitted to what its window misses, which is
+    nothing in text no longer than the window: the fit would scale the memory's output to zero, and with its
+    memory_scale at zero as well, neither would ever get a gradient. So such plans fit on twice the window, where
+    half the positions see past it."""
+    if any(kind in WINDOW_MEMORY_TYPES for kind in config.layer_types):
+        return max(calibration_seq_len, 2 * config.sliding_window)
+    return calibration_seq_len
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
@@ -76,7 +86,8 @@ def _peak_rss_gib() -> float:
 def convert_to_folder(
     teacher_name: str | None, plan_spec, out_dir: str | Path, *, seed: int = 0, overwrite: bool = False,
     options: InitOptions = CONVERT_DEFAULTS, sink_tokens: int = 0, recurrent_rope: bool = False,
-    calibration_seq_len: int = 256, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", log=print,
+    memory_outside_window: bool = False, calibration_seq_len: int = 256, dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu", log=print,
 ) -> Path:
     """Write the converted hybrid to `out_dir` and return it; the report is also in out_dir/conversion.json.
 
@@ -90,10 +101,11 @@ def convert_to_folder(
     teacher, tokenizer = load_teacher(teacher_name, dtype=dtype, device=device)
     check_teacher(teacher.config)
     plan = resolve_plan(plan_spec, teacher.config.num_hidden_layers)
+    check_memory_outside_window(plan, memory_outside_window)
     log("plan:\n" + describe(plan))
     config = hybrid_config_from_teacher(teacher.config, plan, dtype=dtype, sliding_window_sinks=sink_tokens,
                                         headwise_kv_heads=plan_headwise_kv_heads(plan_spec),
-                                        recurrent_rope=recurrent_rope)
+                                        recurrent_rope=recurrent_rope, memory_outside_window=memory_outside_window)
     generation_config = teacher.generation_config
 
     input_ids = calibration_batch(tokenizer, seq_len=calibration_seq_len, blocks_per_domain=1).to(device)
@@ -106,8 +118,8 @@ def convert_to_folder(
     fitting, statistics = {}, {}
     if options.uses_teacher and recurrent:
         log(f"teacher attention statistics for {len(recurrent)} recurrent layers")
-        fitting, statistics = teacher_calibration(teacher, fitting_batch(tokenizer, calibration_seq_len).to(device),
-                                                  recurrent)
+        fitting_ids = fitting_batch(tokenizer, fitting_seq_len(config, calibration_seq_len)).to(device)
+        fitting, statistics = teacher_calibration(teacher, fitting_ids, recurrent)
     del teacher
 
     log("building the hybrid from the teacher's weights" + (", then fitting output scales" if fitting else ""))
@@ -128,6 +140,7 @@ def convert_to_folder(
         "init_options": vars(options),
         "sink_tokens": sink_tokens,
         "recurrent_rope": recurrent_rope,
+        "memory_outside_window": memory_outside_window,
         "dtype": dtype_name(dtype),
         "dropped_teacher_tensors": dropped,
         "report": report,

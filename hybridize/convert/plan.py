@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..model.configuration_hybrid import BRANCH_TYPES, LAYER_TYPES, RECURRENT_TYPES
+from ..model.configuration_hybrid import BRANCH_TYPES, LAYER_TYPES, RECURRENT_TYPES, WINDOW_MEMORY_TYPES
 
 H2_CYCLE = ("mamba2", "gated_deltanet", "sliding_attention")
 # One letter per layer type, for one-line plan summaries.
@@ -117,6 +117,13 @@ def resolve_plan(spec: str | list[str], num_layers: int) -> list[str]:
     if len(plan) != num_layers:
         raise UserError(f"plan has {len(plan)} layers but the model has {num_layers}")
     return plan
+
+
+def check_memory_outside_window(plan: list[str], memory_outside_window: bool) -> None:
+    """memory_outside_window changes window + memory layers only: asked for in a plan without one, it is a mistake."""
+    if memory_outside_window and not any(kind in WINDOW_MEMORY_TYPES for kind in plan):
+        raise UserError("memory_outside_window (convert --memory-outside-window) applies to window_gated_deltanet and "
+                        "window_mamba2 layers, and the plan has none")
 
 
 def describe(plan: list[str]) -> str:

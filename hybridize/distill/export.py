@@ -46,6 +46,7 @@ def check_conversion_options(folder: Path, config: HybridConfig, recipe: Recipe)
     long-memory heads): otherwise the run would train something else than the recipe says."""
     held = {"recurrent_rope": (lambda: config.recurrent_rope, "--recurrent-rope"),
             "sink_tokens": (lambda: config.sliding_window_sinks, "--sink-tokens"),
+            "memory_outside_window": (lambda: config.memory_outside_window, "--memory-outside-window"),
             "init_long_heads": (lambda: recorded_long_memory_heads(folder), "--init-long-heads")}
     for key, (read, flag) in held.items():
         wanted = getattr(recipe, key)

@@ -297,6 +297,8 @@ class Recipe:
     # the share of each recurrent layer's heads given a 4096-token half-life (convert --init-long-heads)
     init_long_heads: float = 0.0
     recurrent_rope: bool = False  # Mamba2 / GDN layers rotate their C, B / q, k by RoPE (convert --recurrent-rope)
+    # window + memory layers' memories read only the tokens that have left the window (convert --memory-outside-window)
+    memory_outside_window: bool = False
     seed: int = 0
     mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16 applies on GPU; CPU runs stay fp32
     compile: bool = True  # KD stages on one GPU or DDP: torch.compile each decoder layer; CPU and FSDP2 stay eager

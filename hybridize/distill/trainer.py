@@ -35,7 +35,7 @@ from .. import __version__
 from ..errors import UserError
 from ..atomic import write_json_atomic
 from ..convert.build import check_teacher
-from ..convert.plan import resolve_plan
+from ..convert.plan import check_memory_outside_window, resolve_plan
 from ..model.compiling import compile_decoder_layers
 from ..progress import progress_bar
 from ..teacher import load_teacher, teacher_identity
@@ -200,7 +200,8 @@ class Trainer:
         self.teacher, self.tokenizer = load_teacher(self.recipe.teacher, dtype=torch.bfloat16 if bf16 else torch.float32)
         if self.recipe.plan is not None:
             check_teacher(self.teacher.config)
-            resolve_plan(self.recipe.plan, self.teacher.config.num_hidden_layers)
+            plan = resolve_plan(self.recipe.plan, self.teacher.config.num_hidden_layers)
+            check_memory_outside_window(plan, self.recipe.memory_outside_window)
             init = self.out / "init"
         else:
             init = Path(self.recipe.init)
@@ -261,6 +262,7 @@ class Trainer:
             options = dataclasses.replace(CONVERT_DEFAULTS, long_memory_heads=self.recipe.init_long_heads)
             convert_to_folder(self.recipe.teacher, self.recipe.plan, target, seed=self.recipe.seed, options=options,
                               sink_tokens=self.recipe.sink_tokens, recurrent_rope=self.recipe.recurrent_rope,
+                              memory_outside_window=self.recipe.memory_outside_window,
                               device=self.accelerator.device, log=self.log)
         self.accelerator.wait_for_everyone()
 

@@ -101,6 +101,31 @@ def test_recurrent_rope_reaches_the_saved_config_and_the_forward(tiny_llama, tmp
     assert (rotated_logits[1:] - plain_logits[1:]).abs().max() > 1e-3
 
 
+def test_memory_outside_window_reaches_the_saved_config_and_what_the_memory_reads(tiny_llama, tmp_path, capsys):
+    """--memory-outside-window: config and conversion.json say so; with the memories opened (memory_scale 1), a
+    40-token input (inside the 512-token window) gives the outside-window memories nothing to read, so the logits
+    stay the window's, while the default memories change them. A plan without window + memory layers refuses it."""
+    plan = "full_attention:0 window_gated_deltanet:1 window_mamba2:rest"
+    assert convert(capsys, tiny_llama, "--plan", plan, "--memory-outside-window", "--out", tmp_path / "o")[0] == 0
+    assert convert(capsys, tiny_llama, "--plan", plan, "--out", tmp_path / "d")[0] == 0
+    outside, default = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("o", "d"))
+    assert outside.config.memory_outside_window and not default.config.memory_outside_window
+    assert json.loads((tmp_path / "o" / "conversion.json").read_text())["memory_outside_window"] is True
+    ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        closed = {name: model(ids, use_cache=False).logits for name, model in (("o", outside), ("d", default))}
+        for model in (outside, default):
+            for layer in model.model.layers[1:]:
+                layer.mixer.memory_scale.fill_(1.0)
+        assert torch.equal(outside(ids, use_cache=False).logits, closed["o"])
+        assert (default(ids, use_cache=False).logits - closed["d"]).abs().max() > 1e-3
+    code, refused = convert(capsys, tiny_llama, "--plan", "full_attention:0 gated_deltanet:rest",
+                            "--memory-outside-window", "--out", tmp_path / "n")
+    assert code == 2 and not (tmp_path / "n").exists()
+    assert refused.err.strip() == ("hybridize convert: error: memory_outside_window (convert --memory-outside-window) "
+                                   "applies to window_gated_deltanet and window_mamba2 layers, and the plan has none")
+
+
 def corrupt_copy(tiny_llama, tmp_path):
     folder = tmp_path / "corrupt"
     shutil.copytree(tiny_llama, folder)
@@ -220,7 +245,8 @@ def test_out_dot_in_a_users_folder_keeps_the_users_files(tiny_llama, tmp_path):
 
 def test_window_memory_plan_converts_to_its_window_plan_with_a_calibrated_memory(tiny_llama, tmp_path, capsys):
     """The default (teacher-calibrated) conversion of window + GDN layers gives the window plan's logits exactly, and
-    its memory branches were fitted (their output projection is no longer W_o) while held at zero."""
+    its memory branches were fitted (their output projection is no longer W_o) while held at zero, to text that runs
+    past the window: a fit within it would zero the memories, and no step could open them."""
     code, out = convert(capsys, tiny_llama, "--plan", "full_attention:0 window_gated_deltanet:rest", "--sink-tokens",
                         "2", "--out", tmp_path / "g")
     assert code == 0 and "start as exactly their sliding window" in out.out
@@ -235,6 +261,9 @@ def test_window_memory_plan_converts_to_its_window_plan_with_a_calibrated_memory
     assert not mixer.memory_scale.any()
     assert not torch.equal(mixer.memory.o_proj.weight, teacher.model.layers[1].self_attn.o_proj.weight)
     assert mixer.memory.A_log.dtype == torch.float32
+    hybrid(ids, labels=ids, use_cache=False).loss.backward()
+    for layer in hybrid.model.layers[1:]:  # training can open every memory: its scale has a gradient at step 0
+        assert layer.mixer.memory_scale.grad.abs().max() > 0
     record = json.loads((tmp_path / "g" / "conversion.json").read_text())
     reports = {name: json.loads((tmp_path / name / "conversion.json").read_text())["report"] for name in ("g", "s")}
     assert record["layer_types"][1:] == ["window_gated_deltanet"] * 3

@@ -299,6 +299,8 @@ def test_out_of_gpu_memory_is_one_line_and_resumes_at_a_smaller_micro_batch(tmp_
 @pytest.mark.parametrize("change, message", [
     ({"teacher": "/nonexistent/teacher"}, "/nonexistent/teacher"),
     ({"plan": "uniform:2:gated_deltanett"}, "unknown layer type 'gated_deltanett'"),
+    ({"memory_outside_window": True}, "memory_outside_window (convert --memory-outside-window) applies to "
+                                      "window_gated_deltanet and window_mamba2 layers, and the plan has none"),
     ({"teacher": "QWEN"}, "Llama"),
 ])
 def test_a_run_that_fails_at_its_start_leaves_nothing(tmp_path, tiny_models, text_file, capsys, change, message):

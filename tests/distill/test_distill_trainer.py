@@ -186,6 +186,9 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_models, text_f
     ({"recurrent_rope": True}, "recipe: recurrent_rope: True, but {init} differs (it was converted with "
                                "recurrent_rope False); convert it with `hybridize convert --recurrent-rope`"),
     ({"sink_tokens": 4}, "recipe: sink_tokens: 4, but {init} differs (it was converted with sink_tokens 0)"),
+    ({"memory_outside_window": True}, "recipe: memory_outside_window: True, but {init} differs (it was converted "
+                                      "with memory_outside_window False); convert it with `hybridize convert "
+                                      "--memory-outside-window`"),
     ({"init_long_heads": 0.25}, "recipe: init_long_heads: 0.25, but {init} differs (no conversion.json records it)"),
 ])
 def test_conversion_options_that_the_init_folder_lacks_are_one_line(tmp_path, tiny_models, text_file, capsys,
