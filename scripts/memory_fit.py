@@ -16,7 +16,6 @@ import sys
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import hybridize.model  # noqa: F401  (registers the hybrid classes with transformers)
 from hybridize.corpus import calibration_batch
 from hybridize.model.configuration_hybrid import WINDOW_MEMORY_TYPES
 from hybridize.teacher import load_teacher

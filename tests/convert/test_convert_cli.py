@@ -86,15 +86,23 @@ def test_sink_tokens_reach_the_saved_config_and_the_forward(tiny_llama, tmp_path
                 ).abs().max() > 1e-3
 
 
+def converted_with_and_without(capsys, teacher, tmp_path, plan: str, flag: str) -> list:
+    """The plan converted with the boolean `flag` and without it; the option must reach the saved config and
+    conversion.json under its own name."""
+    key = flag.removeprefix("--").replace("-", "_")
+    for name, extra in (("with", [flag]), ("without", [])):
+        assert convert(capsys, teacher, "--plan", plan, *extra, "--out", tmp_path / name)[0] == 0
+    models = [AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("with", "without")]
+    assert getattr(models[0].config, key) and not getattr(models[1].config, key)
+    assert json.loads((tmp_path / "with" / "conversion.json").read_text())[key] is True
+    return models
+
+
 def test_recurrent_rope_reaches_the_saved_config_and_the_forward(tiny_llama, tmp_path, capsys):
     """--recurrent-rope: the saved hybrid's config and conversion.json say so, and its recurrent layers rotate (their
     logits differ from the same conversion without the option from the second token on)."""
-    plan = "full_attention:0 gated_deltanet:1 mamba2:rest"
-    assert convert(capsys, tiny_llama, "--plan", plan, "--recurrent-rope", "--out", tmp_path / "r")[0] == 0
-    assert convert(capsys, tiny_llama, "--plan", plan, "--out", tmp_path / "p")[0] == 0
-    rotated, plain = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("r", "p"))
-    assert rotated.config.recurrent_rope and not plain.config.recurrent_rope
-    assert json.loads((tmp_path / "r" / "conversion.json").read_text())["recurrent_rope"] is True
+    rotated, plain = converted_with_and_without(capsys, tiny_llama, tmp_path,
+                                                "full_attention:0 gated_deltanet:1 mamba2:rest", "--recurrent-rope")
     ids = torch.randint(0, 49152, (1, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         rotated_logits, plain_logits = (m(ids, use_cache=False).logits[0] for m in (rotated, plain))
@@ -105,12 +113,9 @@ def test_memory_outside_window_reaches_the_saved_config_and_what_the_memory_read
     """--memory-outside-window: config and conversion.json say so; with the memories opened (memory_scale 1), a
     40-token input (inside the 512-token window) gives the outside-window memories nothing to read, so the logits
     stay the window's, while the default memories change them. A plan without window + memory layers refuses it."""
-    plan = "full_attention:0 window_gated_deltanet:1 window_mamba2:rest"
-    assert convert(capsys, tiny_llama, "--plan", plan, "--memory-outside-window", "--out", tmp_path / "o")[0] == 0
-    assert convert(capsys, tiny_llama, "--plan", plan, "--out", tmp_path / "d")[0] == 0
-    outside, default = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("o", "d"))
-    assert outside.config.memory_outside_window and not default.config.memory_outside_window
-    assert json.loads((tmp_path / "o" / "conversion.json").read_text())["memory_outside_window"] is True
+    outside, default = converted_with_and_without(capsys, tiny_llama, tmp_path,
+                                                  "full_attention:0 window_gated_deltanet:1 window_mamba2:rest",
+                                                  "--memory-outside-window")
     ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         closed = {name: model(ids, use_cache=False).logits for name, model in (("o", outside), ("d", default))}
