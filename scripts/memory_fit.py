@@ -16,6 +16,7 @@ import sys
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hybridize.convert.plan import has_window_memory
 from hybridize.corpus import calibration_batch
 from hybridize.model.configuration_hybrid import WINDOW_MEMORY_TYPES
 from hybridize.teacher import load_teacher
@@ -49,7 +50,7 @@ def main() -> int:
     parser.add_argument("hybrid", help="a converted (or distilled) hybrid folder")
     parser.add_argument("--teacher", default=None, help="the teacher (default: the embedded SmolLM2)")
     args = parser.parse_args()
-    if not any(kind in WINDOW_MEMORY_TYPES for kind in AutoConfig.from_pretrained(args.hybrid).layer_types):
+    if not has_window_memory(AutoConfig.from_pretrained(args.hybrid).layer_types):
         print(f"memory_fit: {args.hybrid} has no window + memory layer", file=sys.stderr)
         return 2
     hybrid = AutoModelForCausalLM.from_pretrained(args.hybrid, dtype=torch.float32).eval()

@@ -24,11 +24,11 @@ from ..errors import UserError
 from ..publish.remote_code import add_remote_code
 from ..teacher import load_teacher, teacher_folder, teacher_identity
 from ..teacher_forcing import capture_mixer_io
-from ..model.configuration_hybrid import STATEFUL_TYPES, WINDOW_MEMORY_TYPES
+from ..model.configuration_hybrid import STATEFUL_TYPES
 from .build import check_teacher, convert_state, hybrid_config_from_teacher, model_from_state
 from .calibrate import calibrate_student, teacher_calibration
 from .init import TEACHER_CALIBRATED, InitOptions
-from .plan import check_memory_outside_window, describe, plan_headwise_kv_heads, resolve_plan
+from .plan import check_memory_outside_window, describe, has_window_memory, plan_headwise_kv_heads, resolve_plan
 from .report import conversion_report, format_report, next_token_stats
 
 
@@ -74,7 +74,7 @@ def fitting_seq_len(config, calibration_seq_len: int) -> int:
     nothing in text no longer than the window: the fit would scale the memory's output to zero, and with its
     memory_scale at zero as well, neither would ever get a gradient. So such plans fit on twice the window, where
     half the positions see past it."""
-    if any(kind in WINDOW_MEMORY_TYPES for kind in config.layer_types):
+    if has_window_memory(config.layer_types):
         return max(calibration_seq_len, 2 * config.sliding_window)
     return calibration_seq_len
 

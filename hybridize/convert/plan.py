@@ -119,9 +119,13 @@ def resolve_plan(spec: str | list[str], num_layers: int) -> list[str]:
     return plan
 
 
+def has_window_memory(plan: list[str]) -> bool:
+    return any(kind in WINDOW_MEMORY_TYPES for kind in plan)
+
+
 def check_memory_outside_window(plan: list[str], memory_outside_window: bool) -> None:
     """memory_outside_window changes window + memory layers only: asked for in a plan without one, it is a mistake."""
-    if memory_outside_window and not any(kind in WINDOW_MEMORY_TYPES for kind in plan):
+    if memory_outside_window and not has_window_memory(plan):
         raise UserError("memory_outside_window (convert --memory-outside-window) applies to window_gated_deltanet and "
                         "window_mamba2 layers, and the plan has none")
 

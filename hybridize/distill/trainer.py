@@ -507,7 +507,7 @@ class StageRun:
         stage, key = self.stage, f"stages.{self.index}"
         fixes = [f"--set {key}.micro_batch_size=N below {stage.micro_batch_size} (the global batch of "
                  f"{stage.global_batch_size} stays: more micro batches accumulate)"]
-        if not stage.gradient_checkpointing:
+        if isinstance(stage, EndToEndStage) and not stage.gradient_checkpointing:  # stage 1 runs no decoder layer
             fixes.append(f"--set {key}.gradient_checkpointing=true")
         return (f"in stage {stage.name!r} at micro batch {stage.micro_batch_size} x {stage.seq_len} tokens; "
                 f"{' or '.join(fixes)}; training stopped, {self.last_good()}")

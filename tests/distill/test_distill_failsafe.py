@@ -296,6 +296,22 @@ def test_out_of_gpu_memory_is_one_line_and_resumes_at_a_smaller_micro_batch(tmp_
     assert train[out] == pytest.approx(train[whole], rel=1e-5)
 
 
+def test_out_of_gpu_memory_in_stage_1_suggests_only_a_smaller_micro_batch(tmp_path, tiny_models, text_file,
+                                                                         monkeypatch, capsys):
+    """Stage 1 calls the mixers outside their decoder layers, so gradient checkpointing would not change its memory."""
+    from accelerate import Accelerator
+
+    def backward_out_of_memory(self, loss, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(Accelerator, "backward", backward_out_of_memory)
+    recipe = write_recipe(tmp_path / "r.yaml", one_stage(tiny_models, text_file, tmp_path / "run", steps=2, stage=0))
+    assert distill_main([str(recipe)]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert "in stage 'attention' at micro batch 2 x 64 tokens; --set stages.0.micro_batch_size=N below 2 (the " \
+           "global batch of 4 stays: more micro batches accumulate); training stopped, no checkpoint" in line
+
+
 @pytest.mark.parametrize("change, message", [
     ({"teacher": "/nonexistent/teacher"}, "/nonexistent/teacher"),
     ({"plan": "uniform:2:gated_deltanett"}, "unknown layer type 'gated_deltanett'"),
