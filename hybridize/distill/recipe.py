@@ -131,6 +131,9 @@ class StageConfig:
     # parameter by about the sum of its lrs over a stage, so at the layer's lr a half-life can only stretch a
     # few tens of percent (docs/distill.md, "Learning rates").
     half_life_lr: float | None = None
+    # The lr of window + memory and head-wise layers' recurrent branches (their memory mixer and memory_scale); null:
+    # their layer's lr. memory_scale starts at zero, and AdamW moves it by at most about the sum of its lrs.
+    memory_lr: float | None = None
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio over the stage
     weight_decay: float = 0.0  # matrices only; norms, biases and decay parameters are never decayed
@@ -152,8 +155,9 @@ class StageConfig:
             _require(kind in LAYER_TYPES, f"lr_by_layer_type.{kind}",
                      f"not a layer type; allowed: {', '.join(LAYER_TYPES)}")
             _check_lr(lr, f"lr_by_layer_type.{kind}")
-        if self.half_life_lr is not None:
-            _check_lr(self.half_life_lr, "half_life_lr")
+        for key in ("half_life_lr", "memory_lr"):
+            if getattr(self, key) is not None:
+                _check_lr(getattr(self, key), key)
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check_at_most(self.warmup_steps, MAX_STEPS, "warmup_steps")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")

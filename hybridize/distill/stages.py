@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..losses import KDOptions, attention_output_loss, kd_loss, next_token_labels
-from ..model.modeling_hybrid import HALF_LIFE_PARAMETERS
+from ..model.configuration_hybrid import BRANCH_TYPES
+from ..model.modeling_hybrid import HALF_LIFE_PARAMETERS, MEMORY_BRANCH_PARAMETERS
 from ..teacher_forcing import capture_mixer_io, student_mixer_outputs
 from .on_policy import ContinuationSampler
 from .recipe import AttentionOutputStage, EndToEndStage, LoraConfig, OnPolicyStage, Stage
@@ -99,12 +100,22 @@ def prepare_student(student: nn.Module, stage: Stage) -> LoraModel | None:
     return adapted
 
 
+def check_memory_lr(stages: list[Stage], layer_types: list[str]) -> None:
+    """memory_lr sets the recurrent branch of two-branch layers only: asked for in a plan without one, it is a
+    mistake (it would change nothing)."""
+    for index, stage in enumerate(stages):
+        if stage.memory_lr is not None and not any(kind in BRANCH_TYPES for kind in layer_types):
+            raise UserError(f"stages[{index}].memory_lr applies to the recurrent branch of {', '.join(BRANCH_TYPES)} "
+                            "layers, and the plan has none")
+
+
 def parameter_groups(student: nn.Module, stage: Stage) -> list[dict]:
-    """AdamW groups: lr by the layer type a parameter sits in (LoRA's own lr if set); the recurrent heads'
-    half-life parameters in groups of their own (`half_life_lr`, else their layer's lr), so that the groups are the
-    same whatever lrs a resumed run is given; decay on matrices only."""
+    """AdamW groups: lr by the layer type a parameter sits in (LoRA's own lr if set); the recurrent branches of
+    two-branch layers (`memory_lr`, else their layer's lr) and the recurrent heads' half-life parameters
+    (`half_life_lr`, else the lr they would have without it) in groups of their own, so that the groups are the same
+    whatever lrs a resumed run is given; decay on matrices only."""
     layer_types = student.config.layer_types
-    half_life = re.compile(HALF_LIFE_PARAMETERS)
+    half_life, memory = re.compile(HALF_LIFE_PARAMETERS), re.compile(MEMORY_BRANCH_PARAMETERS)
     groups: dict[tuple, dict] = {}
     for name, param in student.named_parameters():
         if not param.requires_grad:
@@ -113,11 +124,15 @@ def parameter_groups(student: nn.Module, stage: Stage) -> list[dict]:
         lr = stage.lr_by_layer_type.get(kind, stage.lr)
         is_lora = ".lora_" in name
         label = "lora" if is_lora else (kind or "other")
-        if is_lora and stage.lora.lr is not None:
-            lr = stage.lora.lr
-        elif half_life.search(name):
-            label = f"{label} half-life"
-            lr = lr if stage.half_life_lr is None else stage.half_life_lr
+        if is_lora:
+            lr = lr if stage.lora.lr is None else stage.lora.lr
+        else:
+            if memory.search(name):
+                label = f"{label} memory"
+                lr = lr if stage.memory_lr is None else stage.memory_lr
+            if half_life.search(name):
+                label = f"{label} half-life"
+                lr = lr if stage.half_life_lr is None else stage.half_life_lr
         decay = stage.weight_decay if param.ndim >= 2 else 0.0
         group = groups.setdefault((label, lr, decay), {"params": [], "lr": lr, "peak_lr": lr, "weight_decay": decay,
                                                        "label": label})

@@ -47,14 +47,14 @@ from .provenance import portable_data_record, portable_path, portable_recipe
 from .on_policy import OnPolicyFeed
 from .recipe import EndToEndStage, OnPolicyStage, Recipe, Stage, recipe_to_dict
 from .run_lock import RunLock, holds_run_files, remove_stale_partials
-from .stages import build_distiller, parameter_groups, prepare_student
+from .stages import build_distiller, check_memory_lr, parameter_groups, prepare_student
 from .tracking import MetricsLog, flat_config, held_out_gap, missing_tracker_warning, plot_loss_curve, usable_trackers
 
 # What a resumed run may change: where and how it reports, (say after a NaN) its learning-rate schedule, and (after
 # running out of GPU memory) how each step's global batch is split and recomputed, which leaves the step's data and
 # loss as they were (StageData.train_batch).
 RESUMABLE_SECTIONS = ("output_dir", "checkpoint", "logging", "compile")
-RESUMABLE_STAGE_KEYS = ("lr", "lr_by_layer_type", "half_life_lr", "warmup_steps", "min_lr_ratio", "max_grad_norm",
+RESUMABLE_STAGE_KEYS = ("lr", "lr_by_layer_type", "half_life_lr", "memory_lr", "warmup_steps", "min_lr_ratio", "max_grad_norm",
                         "micro_batch_size", "gradient_checkpointing")
 
 
@@ -205,7 +205,10 @@ class Trainer:
             init = self.out / "init"
         else:
             init = Path(self.recipe.init)
-            check_conversion_options(init, check_student_folder(init), self.recipe)
+            init_config = check_student_folder(init)
+            check_conversion_options(init, init_config, self.recipe)
+            plan = init_config.layer_types
+        check_memory_lr(self.recipe.stages, plan)
         if self.compiles and any(isinstance(stage, EndToEndStage) for stage in self.recipe.stages):
             compile_decoder_layers(self.teacher)
         place_teacher(self.teacher, self.accelerator)

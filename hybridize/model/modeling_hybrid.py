@@ -34,6 +34,9 @@ def _recurrent_parameters(*names: str) -> str:
 
 FP32_PARAMETERS = _recurrent_parameters(*_HALF_LIFE_NAMES, "D")
 HALF_LIFE_PARAMETERS = _recurrent_parameters(*_HALF_LIFE_NAMES)  # distill's `half_life_lr`
+# The recurrent branch of a window + memory or head-wise layer: its mixer and the scale that opens it (distill's
+# `memory_lr`).
+MEMORY_BRANCH_PARAMETERS = r"mixer\.(?:memory\.|memory_scale$)"
 
 
 def _branch_mixer(mixer_class, memory_type: str):

@@ -317,6 +317,9 @@ def test_out_of_gpu_memory_in_stage_1_suggests_only_a_smaller_micro_batch(tmp_pa
     ({"plan": "uniform:2:gated_deltanett"}, "unknown layer type 'gated_deltanett'"),
     ({"memory_outside_window": True}, "memory_outside_window (convert --memory-outside-window) applies to "
                                       "window_gated_deltanet and window_mamba2 layers, and the plan has none"),
+    ({"stages.1.memory_lr": 1e-3}, "stages[1].memory_lr applies to the recurrent branch of window_gated_deltanet, "
+                                   "window_mamba2, headwise_gated_deltanet, headwise_mamba2 layers, and the plan has "
+                                   "none"),
     ({"teacher": "QWEN"}, "Llama"),
 ])
 def test_a_run_that_fails_at_its_start_leaves_nothing(tmp_path, tiny_models, text_file, capsys, change, message):

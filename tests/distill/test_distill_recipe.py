@@ -139,6 +139,7 @@ def test_unknown_keys_are_named(raw, key):
     ({"lr": float("nan")}, "stages[1].lr: must be a finite number, got nan"),
     ({"lr_by_layer_type": {"mamba2": 1e31}}, "stages[1].lr_by_layer_type.mamba2: must be in (0, 1e+30]"),
     ({"half_life_lr": 0}, "stages[1].half_life_lr: must be in (0, 1e+30], got 0"),
+    ({"memory_lr": -1e-3}, "stages[1].memory_lr: must be in (0, 1e+30], got -0.001"),
     ({"betas": [0.9, 1.5]}, "stages[1].betas: must be two numbers in [0, 0.9999]"),
     ({"weight_decay": 10.0}, "stages[1].weight_decay: must be in [0, 1], got 10"),
     ({"max_grad_norm": float("inf")}, "stages[1].max_grad_norm: must be a finite number"),

@@ -195,3 +195,46 @@ def test_both_stages_train_under_bf16_autocast(teacher, recurrent_rope):
             if kind in ("gated_deltanet", "mamba2"):
                 grads = [p.grad for p in student.model.layers[i].mixer.parameters() if p.requires_grad]
                 assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), (stage.kind, kind)
+
+
+def test_memory_branches_get_memory_lr_and_open_by_it_in_the_first_adamw_step():
+    """memory_scale starts at zero, and Adam moves it by about its lr per step whatever its gradient's size: the
+    recurrent branch of window + memory and head-wise layers (its mixer and memory_scale) takes memory_lr, the window
+    and kept heads their layer's lr, the branch's half-life parameters half_life_lr where it is set."""
+    from hybridize.model import HybridConfig, HybridForCausalLM
+
+    torch.manual_seed(0)
+    config = HybridConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, sliding_window=8, gdn_chunk_size=16, mamba_chunk_size=16,
+                          layer_types=["window_gated_deltanet", "full_attention", "headwise_mamba2"])
+    student = HybridForCausalLM(config)
+    with torch.no_grad():  # as conversion leaves them: each layer exactly its attention part
+        for i in (0, 2):
+            student.model.layers[i].mixer.memory_scale.zero_()
+    params = dict(student.named_parameters())
+    prepare_student(student, stage2(trainable=["model.layers.*"]))
+    stage = stage2(lr_by_layer_type={"headwise_mamba2": 2e-4}, memory_lr=1e-2)
+    groups, plain_groups = parameter_groups(student, stage), parameter_groups(student, stage2())
+    lr_of = {n: g["lr"] for g in groups for p in g["params"] for n in params if params[n] is p}
+    branch = {n for n in params if n.startswith(("model.layers.0.mixer.memory", "model.layers.2.mixer.memory"))}
+    assert {"model.layers.0.mixer.memory_scale", "model.layers.2.mixer.memory.x_proj.weight"} <= branch
+    assert all(lr_of[n] == 1e-2 for n in branch)
+    assert lr_of["model.layers.0.mixer.window.q_proj.weight"] == 1e-4
+    assert lr_of["model.layers.2.mixer.window.q_proj.weight"] == 2e-4
+    assert lr_of["model.layers.1.mixer.q_proj.weight"] == lr_of["model.layers.0.mlp.up_proj.weight"] == 1e-4
+    with_half_life = parameter_groups(student, stage2(memory_lr=1e-2, half_life_lr=3e-2))
+    assert {g["lr"] for g in with_half_life for p in g["params"] if p is params["model.layers.0.mixer.memory.A_log"]} \
+        == {3e-2}
+    # The same groups of the same parameters whatever the lrs: a resumed run may change memory_lr.
+    for other in (plain_groups, with_half_life):
+        assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in g["params"]] for g in other]
+    optimizer = torch.optim.AdamW(groups, eps=1e-30)
+    input_ids = torch.randint(0, 97, (2, 24))
+    student(input_ids, labels=input_ids).loss.backward()
+    assert params["model.layers.0.mixer.memory.q_proj.weight"].grad.abs().max() == 0  # closed: only the scale learns
+    before = params["model.layers.0.mixer.memory_scale"].detach().clone()
+    optimizer.step()
+    for i in (0, 2):
+        scale = params[f"model.layers.{i}.mixer.memory_scale"]
+        assert (scale.grad != 0).all()
+        assert torch.allclose((scale - before).abs(), torch.tensor(1e-2), rtol=1e-3)

@@ -172,6 +172,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_models
     ({"data.source": "/nonexistent/corpus.jsonl"}, "data.source: /nonexistent/corpus.jsonl does not exist"),
     ({"stages.0.seq_len": 100_000}, "stage 'attention': the training data"),
     ({"init": "/nonexistent/init"}, "/nonexistent/init is not a model folder"),
+    ({"stages.0.memory_lr": 1e-3}, "stages[0].memory_lr applies to the recurrent branch of window_gated_deltanet"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_models, text_file, capsys, change, message):
     raw = tiny_recipe(tiny_models, text_file, tmp_path / "run", change)
