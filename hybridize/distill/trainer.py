@@ -54,8 +54,8 @@ from .tracking import MetricsLog, flat_config, held_out_gap, missing_tracker_war
 # running out of GPU memory) how each step's global batch is split and recomputed, which leaves the step's data and
 # loss as they were (StageData.train_batch).
 RESUMABLE_SECTIONS = ("output_dir", "checkpoint", "logging", "compile")
-RESUMABLE_STAGE_KEYS = ("lr", "lr_by_layer_type", "half_life_lr", "memory_lr", "warmup_steps", "min_lr_ratio", "max_grad_norm",
-                        "micro_batch_size", "gradient_checkpointing")
+RESUMABLE_STAGE_KEYS = ("lr", "lr_by_layer_type", "half_life_lr", "memory_lr", "warmup_steps", "min_lr_ratio",
+                        "max_grad_norm", "micro_batch_size", "gradient_checkpointing")
 
 
 @dataclasses.dataclass

@@ -204,8 +204,9 @@ def test_memory_branches_get_memory_lr_and_open_by_it_in_the_first_adamw_step():
     from hybridize.model import HybridConfig, HybridForCausalLM
 
     torch.manual_seed(0)
-    config = HybridConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, sliding_window=8, gdn_chunk_size=16, mamba_chunk_size=16,
+    config = HybridConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                          gdn_chunk_size=16, mamba_chunk_size=16,
                           layer_types=["window_gated_deltanet", "full_attention", "headwise_mamba2"])
     student = HybridForCausalLM(config)
     with torch.no_grad():  # as conversion leaves them: each layer exactly its attention part
