@@ -365,6 +365,8 @@ def _coerce(tp, value, key: str):
         _require(isinstance(value, list), key, f"expected {_type_name(tp)}, got {value!r}")
         return [_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
+        if value is None:  # `lr_by_layer_type: null` (or --set ...=null) clears a mapping
+            return {}
         _require(isinstance(value, dict), key, f"expected {_type_name(tp)}, got {value!r}")
         return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if _is_dataclass_type(tp):

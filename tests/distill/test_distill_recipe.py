@@ -190,6 +190,8 @@ def test_overrides_set_existing_and_new_keys():
     recipe = parse_recipe(raw)
     assert recipe.stages[1].lr == 5e-5 and recipe.stages[1].lora.rank == 4
     assert recipe.data.max_documents == 10 and recipe.stages[0].lr_by_layer_type == {"mamba2": 0.01}
+    apply_override(raw, "stages.0.lr_by_layer_type=null")  # null clears a mapping
+    assert parse_recipe(raw).stages[0].lr_by_layer_type == {}
     with pytest.raises(UserError, match=r"stages\.7 is not an index of a list of 2"):
         apply_override(raw, "stages.7.lr=1")
     with pytest.raises(UserError, match="expected KEY=VALUE"):
