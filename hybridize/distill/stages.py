@@ -103,8 +103,10 @@ def prepare_student(student: nn.Module, stage: Stage) -> LoraModel | None:
 def check_memory_lr(stages: list[Stage], layer_types: list[str]) -> None:
     """memory_lr sets the recurrent branch of two-branch layers only: asked for in a plan without one, it is a
     mistake (it would change nothing)."""
+    if any(kind in BRANCH_TYPES for kind in layer_types):
+        return
     for index, stage in enumerate(stages):
-        if stage.memory_lr is not None and not any(kind in BRANCH_TYPES for kind in layer_types):
+        if stage.memory_lr is not None:
             raise UserError(f"stages[{index}].memory_lr applies to the recurrent branch of {', '.join(BRANCH_TYPES)} "
                             "layers, and the plan has none")
 
