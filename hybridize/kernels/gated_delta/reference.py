@@ -141,32 +141,33 @@ def _decay_matrix(gc: torch.Tensor, diagonal: int) -> torch.Tensor:
     return torch.where(mask, diff.masked_fill(~mask, 0).exp(), torch.zeros_like(diff))
 
 
-def _chunk_one(q, k, v, g, beta, S, scale, C):
-    """One sequence: q, k [T, H, K]; v [T, H, V]; g, beta [T, H]; S [H, K, V]. Returns o [T, H, V] and S."""
-    T = q.shape[0]
+def _chunk_rows(q, k, v, g, beta, S, scale, C):
+    """N sequences of one length at once: q, k [N, T, H, K]; v [N, T, H, V]; g, beta [N, T, H]; S [N, H, K, V].
+    Returns o [N, T, H, V] and S. Batched over the rows, so the substitution's C - 1 steps run once for all."""
+    T = q.shape[1]
     NC = -(-T // C)
     pad = NC * C - T
     # Zero-padded tokens (k = v = beta = g = 0) leave the state unchanged and are dropped from o.
     q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
     g, beta = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (g, beta))
-    q, k, v = (x.unflatten(0, (NC, C)).permute(2, 0, 1, 3) for x in (q, k, v))  # [H, NC, C, D]
-    g, beta = (x.unflatten(0, (NC, C)).permute(2, 0, 1) for x in (g, beta))  # [H, NC, C]
+    q, k, v = (x.unflatten(1, (NC, C)).permute(0, 3, 1, 2, 4) for x in (q, k, v))  # [N, H, NC, C, D]
+    g, beta = (x.unflatten(1, (NC, C)).permute(0, 3, 1, 2) for x in (g, beta))  # [N, H, NC, C]
 
-    gc = g.cumsum(-1)  # [H, NC, C] log decay from the chunk start
-    A = beta[..., None] * (k @ k.transpose(-1, -2)) * _decay_matrix(gc, -1)  # [H, NC, C, C] strictly lower
+    gc = g.cumsum(-1)  # [N, H, NC, C] log decay from the chunk start
+    A = beta[..., None] * (k @ k.transpose(-1, -2)) * _decay_matrix(gc, -1)  # [N, H, NC, C, C] strictly lower
     Tm = unit_lower_inverse(A)  # (I + A)^{-1}
-    w = Tm @ (k * (beta * gc.exp())[..., None])  # [H, NC, C, K]
-    u = Tm @ (v * beta[..., None])  # [H, NC, C, V]
-    attn = (q @ k.transpose(-1, -2)) * _decay_matrix(gc, 0)  # [H, NC, C, C] causal, diagonal included
+    w = Tm @ (k * (beta * gc.exp())[..., None])  # [N, H, NC, C, K]
+    u = Tm @ (v * beta[..., None])  # [N, H, NC, C, V]
+    attn = (q @ k.transpose(-1, -2)) * _decay_matrix(gc, 0)  # [N, H, NC, C, C] causal, diagonal included
 
     outs = []
     for c in range(NC):
-        v_new = u[:, c] - w[:, c] @ S  # [H, C, V] what the chunk writes, given the state at its start
-        outs.append(scale * (gc[:, c, :, None].exp() * (q[:, c] @ S) + attn[:, c] @ v_new))
-        g_last = gc[:, c, -1]  # [H]
-        k_decay = k[:, c] * (g_last[:, None] - gc[:, c]).exp()[..., None]  # [H, C, K]
-        S = g_last.exp()[:, None, None] * S + k_decay.transpose(-1, -2) @ v_new
-    o = torch.cat(outs, dim=1)[:, :T].transpose(0, 1)  # [T, H, V]
+        v_new = u[:, :, c] - w[:, :, c] @ S  # [N, H, C, V] what the chunk writes, given the state at its start
+        outs.append(scale * (gc[:, :, c, :, None].exp() * (q[:, :, c] @ S) + attn[:, :, c] @ v_new))
+        g_last = gc[:, :, c, -1]  # [N, H]
+        k_decay = k[:, :, c] * (g_last[..., None] - gc[:, :, c]).exp()[..., None]  # [N, H, C, K]
+        S = g_last.exp()[..., None, None] * S + k_decay.transpose(-1, -2) @ v_new
+    o = torch.cat(outs, dim=2)[:, :, :T].transpose(1, 2)  # [N, T, H, V]
     return o, S
 
 
@@ -181,13 +182,18 @@ def chunk_gated_delta_rule(
         q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_params, qk_l2norm
     )
     H = v.shape[2]
+    if cu_seqlens is None:  # equal lengths: every row in one batched pass
+        S = torch.stack([_initial(initial_state, n, H, K, V, dt, q.device) for n in range(len(seqs))])
+        o, S = _chunk_rows(q, k, v, g, beta, S, scale, chunk_size)
+        return o.to(out_dtype), (S if output_final_state else None)
     outs, states = [], []
     for n, (b, bos, eos) in enumerate(seqs):
-        S = _initial(initial_state, n, H, K, V, dt, q.device)
+        S = _initial(initial_state, n, H, K, V, dt, q.device)[None]
         sl = slice(bos, eos)
-        o_n, S = _chunk_one(q[b, sl], k[b, sl], v[b, sl], g[b, sl], beta[b, sl], S, scale, chunk_size)
-        outs.append(o_n)
-        states.append(S)
+        o_n, S = _chunk_rows(q[b : b + 1, sl], k[b : b + 1, sl], v[b : b + 1, sl], g[b : b + 1, sl],
+                             beta[b : b + 1, sl], S, scale, chunk_size)
+        outs.append(o_n[0])
+        states.append(S[0])
     return _finish(outs, states, out_dtype, cu_seqlens, output_final_state)
 
 
