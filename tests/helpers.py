@@ -1,7 +1,10 @@
 """Test utilities shared by every test module (imported as `helpers`; pytest puts tests/ on sys.path)."""
 
+import importlib.util
 import math
 import os
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -14,6 +17,14 @@ from hybridize.model.mamba2 import Mamba2Mixer
 
 CUDA_TEST = "needs a CUDA GPU"  # the skip reason that marks a CUDA test (conftest refuses to run one interpreted)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_TEST)
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script that is not part of the package (scripts/*.py), imported from its file under its file name."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def interpreted_cuda_test(item: pytest.Item) -> bool:

@@ -1,7 +1,6 @@
 """scripts/bench: every case's inputs and variants at tiny shapes on the CPU, the byte and FLOP accounting, the
 ratios in the table and the JSON record, and the entry point's one-line exit without a GPU."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,17 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import requires_cuda
+from helpers import load_script, requires_cuda
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "scripts" / "bench"
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / f"{name}.py")
 
 
 registry = load("registry")

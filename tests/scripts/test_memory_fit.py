@@ -1,6 +1,5 @@
 """scripts/memory_fit.py on a tiny converted window + memory hybrid: a live memory, a zeroed one, and bad input."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -13,15 +12,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from hybridize.cli import main as hybridize_main
 from hybridize.corpus import calibration_batch
 from hybridize.teacher import load_teacher, teacher_folder
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("memory_fit", REPO / "scripts" / "memory_fit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = REPO / "scripts" / "memory_fit.py"
 
 
 def tiny_teacher(folder: Path) -> Path:
@@ -48,7 +42,7 @@ def test_a_converted_memory_is_live_and_a_zeroed_one_adds_nothing(tmp_path):
     assert means["window"] == sum(row["window"] for row in rows) / 2
 
     # The window branch is the sliding_attention plan's layer, and a memory with a zero output adds nothing.
-    script = load_script()
+    script = load_script(SCRIPT)
     hybrid, window_plan = (AutoModelForCausalLM.from_pretrained(tmp_path / name).eval() for name in ("g", "s"))
     for layer in hybrid.model.layers[1:]:
         layer.mixer.memory.o_proj.weight.data.zero_()

@@ -1,23 +1,17 @@
 """scripts/mqar_past_window.py: its recall sequences ask for what has left the window, and a model that reads the
 answers off those sequences scores as it should."""
 
-import importlib.util
 from pathlib import Path
 
 import torch
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("mqar_past_window", REPO / "scripts" / "mqar_past_window.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = REPO / "scripts" / "mqar_past_window.py"
 
 
 def test_each_answer_is_the_value_of_the_key_before_it_and_every_pair_is_past_the_window():
-    script = load_script()
+    script = load_script(SCRIPT)
     pairs, filler = 5, 11
     ids, labels = script.recall_batch(64, pairs, filler, torch.Generator().manual_seed(0))
     assert ids.shape == labels.shape == (64, 4 * pairs + filler)
@@ -35,7 +29,7 @@ def test_each_answer_is_the_value_of_the_key_before_it_and_every_pair_is_past_th
 
 
 def test_answer_loss_scores_only_the_answers():
-    script = load_script()
+    script = load_script(SCRIPT)
     ids, labels = script.recall_batch(4, 3, 6, torch.Generator().manual_seed(1))
 
     class Oracle(torch.nn.Module):

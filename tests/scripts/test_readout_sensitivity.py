@@ -1,7 +1,6 @@
 """scripts/readout_sensitivity.py on a tiny teacher: an all-attention plan keeps the whole readout at KL 0, a replaced
 readout layer adds nothing, and replacing one layer leaves the layers below it exactly the teacher's."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from hybridize.teacher import teacher_folder
-from helpers import save_tiny_teacher
+from helpers import load_script, save_tiny_teacher
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = 3
@@ -54,9 +53,7 @@ def test_layers_leave_the_layers_below_the_replaced_one_as_the_teachers(teacher_
 
 
 def test_recurrent_rope_reaches_the_hybrids(teacher_dir):
-    spec = importlib.util.spec_from_file_location("readout_sensitivity", REPO / "scripts" / "readout_sensitivity.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(REPO / "scripts" / "readout_sensitivity.py")
     plan = ["full_attention", "gated_deltanet", "mamba2"]
     for rope in (False, True):
         hybrid = script.Converter(str(teacher_dir), 200, 0.0, recurrent_rope=rope).hybrid(plan)

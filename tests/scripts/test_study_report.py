@@ -1,21 +1,19 @@
 """scripts/study.py report on the study's committed eval results: the rows, the question panels, the Pareto front."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from helpers import load_script
+
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "docs" / "results" / "study"
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("study", REPO / "scripts" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "study.py")
 
 
 def report(root: Path) -> list[dict]:
