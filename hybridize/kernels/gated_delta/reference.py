@@ -183,7 +183,7 @@ def chunk_gated_delta_rule(
     )
     H = v.shape[2]
     if cu_seqlens is None:  # equal lengths: every row in one batched pass
-        S = torch.stack([_initial(initial_state, n, H, K, V, dt, q.device) for n in range(len(seqs))])
+        S = q.new_zeros(len(seqs), H, K, V) if initial_state is None else initial_state.to(dt)  # [B, H, K, V]
         o, S = _chunk_rows(q, k, v, g, beta, S, scale, chunk_size)
         return o.to(out_dtype), (S if output_final_state else None)
     outs, states = [], []
