@@ -12,6 +12,9 @@ overhead, not the GPU, sets the decode speed. StaticDecoder removes it:
   state and is captured once as a CUDA graph; decoding N tokens is N graph replays;
 - the step is compiled with torch.compile first (on a GPU, by default), so the dozens of small
   element-wise kernels per layer fuse: inside a CUDA graph the launch count, not Python, is what is left;
+- for the same reason each layer's input projections (a window + memory layer's both branches' together) and its
+  MLP's gate and up projections are one GEMM each, over weights concatenated once (FusedProjection): a second copy
+  of those weights, re-read from the model at every prefill, so a decoder built once follows a model in training;
 - prefill runs the model's own forward (the chunked kernels), then copies its cache into the slots;
 - the next token is the argmax, or (with `sampling`) drawn by `sampling.choose_tokens` from uniforms the caller
   gives, held in a device buffer the step reads, so sampling adds no RNG state to the graph.
@@ -30,6 +33,7 @@ from .cache import RecurrentLayerCache, SinkWindowLayer
 from .compiling import allow_recompiles
 from .configuration_hybrid import ATTENTION_TYPES, BRANCH_TYPES
 from .context import SequenceContext, real_token_rank
+from .projections import FusedProjection, fusable
 from .sampling import Sampling, choose_tokens
 
 _SLOT_ALIGN = 8  # attention kernels prefer key lengths that are a multiple of 8; extra slots stay masked
@@ -58,6 +62,34 @@ class WindowMemorySlots:
 
     window: AttentionSlots
     memory: RecurrentLayerCache
+
+
+@dataclass
+class LayerProjections:
+    """One layer's input projections as one GEMM each (None where an adapter wraps a projection): the mixer's (for a
+    window + memory layer, the window's `window_groups` groups, then the memory's) and the MLP's gate and up."""
+
+    mixer: FusedProjection | None
+    mlp: FusedProjection | None
+    window_groups: int = 0
+
+    @classmethod
+    def of(cls, layer, kind: str) -> "LayerProjections":
+        mixer, window_groups = layer.mixer, 0
+        if kind in BRANCH_TYPES:
+            window_groups = len(mixer.window.input_groups)
+            groups = mixer.window.input_groups + mixer.memory.input_groups
+        else:
+            groups = mixer.input_groups
+        fused = [FusedProjection(g) if fusable(g) else None for g in (groups, layer.mlp.input_groups)]
+        return cls(*fused, window_groups)
+
+    def fused(self) -> list[FusedProjection]:
+        return [p for p in (self.mixer, self.mlp) if p is not None]
+
+
+def _projected(projection: FusedProjection | None, x: torch.Tensor):
+    return projection(x) if projection is not None else None
 
 
 class StaticDecoder:
@@ -101,6 +133,8 @@ class StaticDecoder:
                                                            self._recurrent_state(mixer.memory)))
             else:
                 self.layer_caches.append(self._recurrent_state(mixer))
+        self.projections = [LayerProjections.of(layer, kind)
+                            for layer, kind in zip(self.model.model.layers, self.config.layer_types)]
         self.tokens = torch.zeros(batch, self.max_length, dtype=torch.long, device=device)  # prompt + generated
         self.uniforms = torch.zeros(batch, self.max_length, dtype=torch.float32, device=device)  # per token column
         self._next_token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1] input of the next step
@@ -163,17 +197,23 @@ class StaticDecoder:
         hidden = model.embed_tokens(self._next_token)  # [B, 1, C]
         cos, sin = model.rotary_emb(hidden, self._position[:, None])  # [B, 1, D] each
         recurrent_context = SequenceContext(position_embeddings=(cos, sin), attention_mask=None, past_tokens=0)
-        for layer, cache in zip(model.layers, self.layer_caches):
+        for layer, cache, projections in zip(model.layers, self.layer_caches, self.projections):
             x = layer.input_layernorm(hidden)
+            projected = _projected(projections.mixer, x)
             if isinstance(cache, AttentionSlots):
-                mixed = _attention_step(layer.mixer, x, cos, sin, cache, self._index, self._position)
+                mixed = _attention_step(layer.mixer, x, cos, sin, cache, self._index, self._position, projected)
             elif isinstance(cache, WindowMemorySlots):
-                window = _attention_step(layer.mixer.window, x, cos, sin, cache.window, self._index, self._position)
-                mixed = layer.mixer.combine(window, layer.mixer.memory(x, recurrent_context, cache.memory))
+                split = projections.window_groups
+                window_part, memory_part = (projected[:split], projected[split:]) if projected else (None, None)
+                window = _attention_step(layer.mixer.window, x, cos, sin, cache.window, self._index, self._position,
+                                         window_part)
+                memory = layer.mixer.memory(x, recurrent_context, cache.memory, projected=memory_part)
+                mixed = layer.mixer.combine(window, memory)
             else:
-                mixed = layer.mixer(x, recurrent_context, cache)
+                mixed = layer.mixer(x, recurrent_context, cache, projected=projected)
             hidden = hidden + mixed
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            x = layer.post_attention_layernorm(hidden)
+            hidden = hidden + layer.mlp(x, projected=_projected(projections.mlp, x))
         logits = self.model.lm_head(model.norm(hidden))[:, -1]  # [B, V]
         column = (self._index + 1).view(1)
         chosen = choose_tokens(logits, self.uniforms.index_select(1, column)[:, 0], self.sampling)  # [B, 1]
@@ -221,6 +261,9 @@ class StaticDecoder:
             raise ValueError(f"prompt {tuple(input_ids.shape)} does not fit batch {self.batch_size}, "
                              f"max length {self.max_length}")
         self._reset()
+        for projections in self.projections:
+            for fused in projections.fused():
+                fused.refresh()
         if uniforms is not None:
             self.uniforms[:, length : length + uniforms.shape[1]] = uniforms
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
@@ -320,7 +363,7 @@ def _update_sink_validity(slots: AttentionSlots, index) -> None:
 
 
 def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots, index: torch.Tensor,
-                    position: torch.Tensor) -> torch.Tensor:
+                    position: torch.Tensor, projected=None) -> torch.Tensor:
     """One token of (sliding-window) attention against static slots: x [B, 1, C] -> [B, 1, C].
 
     The G query heads that share a KV head go in as G query rows of that head, so the kernel reads each
@@ -329,7 +372,7 @@ def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots,
     """
     batch = x.shape[0]
     heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
-    q, k, v = attention.project_qkv(x)  # [B, H, 1, D], [B, Hkv, 1, D], [B, Hkv, 1, D]
+    q, k, v = attention.project_qkv(x, projected)  # [B, H, 1, D], [B, Hkv, 1, D], [B, Hkv, 1, D]
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     slot = (index % slots.ring).view(1)
     slots.keys.index_copy_(2, slot, k)

@@ -68,6 +68,11 @@ class GatedDeltaNetMixer(nn.Module):
         return key_dim, key_dim, self.num_heads * self.head_v_dim
 
     @property
+    def input_groups(self) -> list[tuple[nn.Linear, ...]]:
+        """The projections of the layer input, grouped as project() takes them: q|k|v (one conv), a, b, g."""
+        return [(self.q_proj, self.k_proj, self.v_proj), (self.a_proj,), (self.b_proj,), (self.g_proj,)]
+
+    @property
     def gate_params(self):
         return ops.GateParams(self.A_log, self.dt_bias, self.b_bias)
 
@@ -89,16 +94,17 @@ class GatedDeltaNetMixer(nn.Module):
             "norm_weight": torch.ones(self.head_v_dim),
         }
 
-    def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None) -> torch.Tensor:
-        """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a RecurrentLayerCache."""
+    def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None,
+                projected=None) -> torch.Tensor:
+        """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a RecurrentLayerCache; projected: the outputs of
+        project(hidden_states, self.input_groups) when the caller computed them (the static decoder, with no
+        padding)."""
         batch, length, _ = hidden_states.shape
         keep = padding_keep(hidden_states, context)  # [B, T, 1] or None
         if keep is not None:
             # Zeroed inputs at left-padding positions leave the state at zero until the first real token.
             hidden_states = hidden_states * keep
-        qkv, a, b, gate = project(
-            hidden_states, [(self.q_proj, self.k_proj, self.v_proj), (self.a_proj,), (self.b_proj,), (self.g_proj,)]
-        )
+        qkv, a, b, gate = projected if projected is not None else project(hidden_states, self.input_groups)
         qkv, conv_state = cached_short_conv(qkv, self.conv_weight, None, layer_cache, keep)  # [B, T, D_conv]
         decoding = is_decoding(layer_cache, length)
         q, k, v = torch.split(qkv, self.conv_channels, dim=-1)

@@ -46,6 +46,11 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(inner, hidden, bias=False)
 
     @property
+    def input_groups(self) -> list[tuple[nn.Linear, ...]]:
+        """The projections of the layer input, grouped as project() takes them: x|B|C (one conv), dt, z."""
+        return [(self.x_proj, self.B_proj, self.C_proj), (self.dt_proj,), (self.z_proj,)]
+
+    @property
     def state_shape(self) -> tuple[int, int, int]:
         """[H, N, P] of the recurrent state."""
         return self.num_heads, self.state_size, self.head_dim
@@ -68,14 +73,17 @@ class Mamba2Mixer(nn.Module):
             "norm_weight": torch.ones(self.head_dim),
         }
 
-    def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None) -> torch.Tensor:
-        """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a RecurrentLayerCache."""
+    def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None,
+                projected=None) -> torch.Tensor:
+        """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a RecurrentLayerCache; projected: the outputs of
+        project(hidden_states, self.input_groups) when the caller computed them (the static decoder, with no
+        padding)."""
         batch, length, _ = hidden_states.shape
         keep = padding_keep(hidden_states, context)  # [B, T, 1] or None
         if keep is not None:
             # Zeroed inputs at left-padding positions leave the state at zero until the first real token.
             hidden_states = hidden_states * keep
-        xbc, dt, z = project(hidden_states, [(self.x_proj, self.B_proj, self.C_proj), (self.dt_proj,), (self.z_proj,)])
+        xbc, dt, z = projected if projected is not None else project(hidden_states, self.input_groups)
         xbc, conv_state = cached_short_conv(xbc, self.conv_weight, self.conv_bias, layer_cache, keep)  # [B, T, D_conv]
         decoding = is_decoding(layer_cache, length)
         x, b, c = torch.split(xbc, self.conv_channels, dim=-1)

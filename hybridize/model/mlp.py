@@ -18,6 +18,11 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, [(self.gate_proj,), (self.up_proj,)])  # [..., I] each
+    @property
+    def input_groups(self) -> list[tuple[nn.Linear, ...]]:
+        return [(self.gate_proj,), (self.up_proj,)]
+
+    def forward(self, x: torch.Tensor, projected=None) -> torch.Tensor:
+        """x [..., C] -> [..., C]; projected: project(x, self.input_groups) when the caller computed it."""
+        gate, up = projected if projected is not None else project(x, self.input_groups)  # [..., I] each
         return self.down_proj(self.act_fn(gate) * up)

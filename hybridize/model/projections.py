@@ -14,17 +14,57 @@ def project(x: torch.Tensor, groups: Sequence[Sequence[nn.Module]]) -> tuple[tor
     concatenated weights: a mixer's five or six projections then cost one GEMM forward and one input-gradient GEMM
     backward instead of one each plus a sum of their input gradients, which matters for small models whose layers
     are launch-bound. Without gradients (prefill, decoding) the layers run one by one: there is no gradient sum to
-    save, and concatenating the weights at every decode step would copy them on each token. A layer wrapped by an
+    save, and concatenating the weights at every decode step would copy them on each token (the static decoder
+    keeps them concatenated once instead: FusedProjection). A layer wrapped by an
     adapter (peft's LoRA replaces nn.Linear with its own module) is called as it is, so the adapter keeps working.
     Fused outputs are views of one [..., N] tensor: contiguous in the last axis only.
     """
-    layers = [layer for group in groups for layer in group]
-    widths = [sum(layer.out_features for layer in group) for group in groups]
-    if not torch.is_grad_enabled() or not all(type(layer) is nn.Linear for layer in layers):
+    if not torch.is_grad_enabled() or not fusable(groups):
         return tuple(torch.cat([layer(x) for layer in group], -1) if len(group) > 1 else group[0](x)
                      for group in groups)
-    weight = torch.cat([layer.weight for layer in layers])  # [N, C]
+    return F.linear(x, *joined_weights(groups)).split(group_widths(groups), dim=-1)
+
+
+def group_widths(groups: Sequence[Sequence[nn.Module]]) -> list[int]:
+    return [sum(layer.out_features for layer in group) for group in groups]
+
+
+def joined_weights(groups: Sequence[Sequence[nn.Module]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layers' weights stacked [N, C] and their biases [N] (zeros for a layer without one; None if none has one)."""
+    layers = [layer for group in groups for layer in group]
+    weight = torch.cat([layer.weight for layer in layers])
     biases = [layer.bias for layer in layers]
     bias = None if all(b is None for b in biases) else torch.cat(
         [layer.weight.new_zeros(layer.out_features) if b is None else b for layer, b in zip(layers, biases)])
-    return F.linear(x, weight, bias).split(widths, dim=-1)
+    return weight, bias
+
+
+def fusable(groups: Sequence[Sequence[nn.Module]]) -> bool:
+    """Whether every layer of groups is a plain nn.Linear (an adapter-wrapped one must be called as it is)."""
+    return all(type(layer) is nn.Linear for group in groups for layer in group)
+
+
+class FusedProjection:
+    """The plain nn.Linear layers of `groups` held as one weight [N, C] (and bias) for inference: calling it gives what
+    project(x, groups) gives, in one GEMM also where project() would run one per layer. The weight is a copy, made
+    once: refresh() re-reads the layers' weights into it in place, so a CUDA graph that reads it stays valid.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[nn.Module]]):
+        if not fusable(groups):
+            raise ValueError("only plain nn.Linear layers can share one weight")
+        self.groups = groups
+        self.widths = group_widths(groups)
+        with torch.no_grad():
+            self.weight, self.bias = joined_weights(groups)  # [N, C], [N] or None
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        weight, bias = joined_weights(self.groups)
+        self.weight.copy_(weight)
+        if bias is not None:
+            self.bias.copy_(bias)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., C] -> one [..., N_group] per group, views of one [..., N] tensor."""
+        return F.linear(x, self.weight, self.bias).split(self.widths, dim=-1)

@@ -1,9 +1,11 @@
 """StaticDecoder gives generate()'s greedy tokens, with its static slots, ring buffers and in-place states."""
 
+import collections
 import math
 
 import pytest
 import torch
+from torch import nn
 from helpers import INTRA_LAYER_TYPES, intra_layer_options, open_mamba2_states, open_memory_branches, requires_cuda
 
 from hybridize.model.fast_decode import StaticDecoder
@@ -111,6 +113,38 @@ def test_decoder_is_reusable():
     decoder = StaticDecoder(model, batch_size=2, max_length=40)
     decoder.generate(first, 12)
     assert torch.equal(decoder.generate(second, 12), _reference(model, second, 12))
+
+
+def test_a_decoder_built_once_follows_weights_changed_in_place():
+    """Each prefill re-reads the weights (on-policy distillation decodes with one decoder while training the model):
+    after an in-place change, the tokens are those of the changed model's generate(), not the old ones."""
+    model = _model()
+    ids = torch.randint(1, 128, (2, 11), generator=torch.Generator().manual_seed(4))
+    decoder = StaticDecoder(model, batch_size=2, max_length=40)
+    before = decoder.generate(ids, 16)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.5 * param.std().nan_to_num() * torch.randn_like(param))
+    after = decoder.generate(ids, 16)
+    assert not torch.equal(after, before), "the change must move the tokens, or this test shows nothing"
+    assert torch.equal(after, _reference(model, ids, 16))
+
+
+def test_each_layer_projects_its_inputs_in_one_gemm():
+    """In a decode step no input projection runs as its own module: each layer's (a window + memory or head-wise
+    layer's both branches' together) and its MLP's gate and up are one GEMM over concatenated weights. The output
+    projections still run as the model's modules."""
+    model = _model()
+    calls = collections.Counter()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_hook(lambda module, args, out, name=name: calls.update([name.split(".")[-1]]))
+    decoder = StaticDecoder(model, batch_size=2, max_length=40)
+    decoder.prefill(torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3)))
+    calls.clear()
+    decoder.decode(3)
+    assert set(calls) == {"o_proj", "out_proj", "down_proj", "lm_head"}  # output projections only
+    assert calls["down_proj"] == 3 * len(LAYERS) and calls["lm_head"] == 3
 
 
 def test_cache_bytes():

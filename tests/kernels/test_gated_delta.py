@@ -411,6 +411,21 @@ def test_triton_step_matches_reference_step():
     assert not torch.equal(state, h0), "the state must be updated in place"
 
 
+def test_triton_step_reads_rows_of_wider_tensors():
+    """The decoder hands the step views of its projections' outputs (q, k, v, g, beta side by side in one [B, N] row
+    each): the kernel reads them through their batch strides, with the results of contiguous copies."""
+    B, HK, H, K, V = 3, 2, 4, 16, 8
+    inputs = _step_inputs(B, HK, H, K, V, seed=5)
+    widths = [HK * K, HK * K, H * V, H, H]
+    wide = torch.cat([x.reshape(B, -1) for x in inputs[:5]] + [torch.randn(B, 3)], -1)  # [B, N] with spare columns
+    views = [part.view(x.shape) for part, x in zip(wide.split(widths + [3], -1), inputs[:5])]
+    assert not any(view.is_contiguous() for view in views)
+    state, state_copy = inputs[5].clone(), inputs[5].clone()
+    o = gated_delta_step(*views, state, backend="triton")
+    o_copy = gated_delta_step(*(view.contiguous() for view in views), state_copy, backend="triton")
+    assert torch.equal(o, o_copy) and torch.equal(state, state_copy)
+
+
 def test_triton_steps_equal_loop():
     (q, k, v, g, beta), h0 = make_inputs(2, 6, 1, 2, 16, 16)
     o_ref, ht_ref = reference.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)

@@ -318,6 +318,21 @@ def test_triton_step_matches_reference(G, H, N, P):
     assert_rel_rmse(state, state_ref, tols["state"], "state")
 
 
+def test_triton_step_reads_rows_of_wider_tensors():
+    """The decoder hands the step views of its projections' outputs (C, B, x dt, g side by side in one [B, N] row
+    each): the kernel reads them through their batch strides, with the results of contiguous copies."""
+    q, k, v, g, _ = make_inputs(3, 1, 2, 4, 16, 8)
+    inputs = [x[:, 0] for x in (q, k, v, g)]
+    wide = torch.cat([x.reshape(3, -1) for x in inputs] + [torch.randn(3, 5)], -1)  # [B, N] with spare columns
+    views = [part.view(x.shape) for part, x in zip(wide.split([x[0].numel() for x in inputs] + [5], -1), inputs)]
+    assert not any(view.is_contiguous() for view in views)
+    state = torch.randn(3, 4, 16, 8, generator=torch.Generator().manual_seed(3))
+    state_copy = state.clone()
+    o = ssd_step(*views, state, backend="triton")
+    o_copy = ssd_step(*(view.contiguous() for view in views), state_copy, backend="triton")
+    assert torch.equal(o, o_copy) and torch.equal(state, state_copy)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_step_loop_matches_recurrent(backend):
     q, k, v, g, h0 = make_inputs(2, 20, 2, 4, 16, 24)

@@ -1,5 +1,6 @@
 """One matmul for several projections of one input (mixers, MLP): the same outputs and gradients as separate calls."""
 
+import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
@@ -7,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from hybridize.model.mlp import GatedMLP
-from hybridize.model.projections import project
+from hybridize.model.projections import FusedProjection, fusable, project
 
 
 def _layers(bias_pattern):
@@ -65,3 +66,31 @@ def test_gated_mlp_equals_llama_mlp_with_the_same_weights():
     assert ours.load_state_dict(theirs.state_dict()).missing_keys == []
     x = torch.randn(2, 7, 12, dtype=torch.float64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_fused_projection_gives_projects_outputs_and_follows_refreshed_weights():
+    """One GEMM over weights concatenated once (the static decoder's): the same outputs as project(), with mixed
+    biases; the weights are a copy, so a change to a layer shows only after refresh()."""
+    q, k, v, a = _layers((True, False, True, False))
+    groups = [(q, k, v), (a,)]
+    fused = FusedProjection(groups)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    with torch.no_grad():
+        for got, want in zip(fused(x), project(x, groups), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        k.weight.add_(1.0)
+        q.bias.mul_(-2.0)
+        stale = fused(x)[0]
+        fused.refresh()
+        fresh, want = fused(x)[0], project(x, groups)[0]
+    assert not torch.allclose(stale, want), "the copy must not follow the layers before refresh()"
+    torch.testing.assert_close(fresh, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_lora_wrapped_projection_is_not_fused():
+    holder = nn.Module()
+    holder.q_proj, holder.k_proj, _, _ = _layers((False,) * 4)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), holder)
+    assert fusable([(holder.k_proj,)]) and not fusable([(holder.q_proj,), (holder.k_proj,)])
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        FusedProjection([(holder.q_proj,), (holder.k_proj,)])

@@ -6,11 +6,13 @@ import triton.language as tl
 
 from hybridize.kernels.gated_delta.inputs import decay_gate
 from hybridize.kernels.gated_delta.reference import L2NORM_EPS, GateParams, check_gate_params
+from hybridize.kernels.layout import batch_rows
 
 
 @triton.jit
 def _step_kernel(
     q, k, v, g, beta, state, o, scale, A_log, dt_bias, b_bias, eps,
+    stride_qb, stride_kb, stride_vb, stride_gb, stride_bb,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     RAW_GATES: tl.constexpr, QK_L2NORM: tl.constexpr,
 ):
@@ -22,11 +24,12 @@ def _step_kernel(
     m_k, m_v = o_k < K, o_v < V
     m_s = m_k[:, None] & m_v[None, :]
 
-    b_q = tl.load(q + (i_b * HK + i_hk) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_k = tl.load(k + (i_b * HK + i_hk) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_v = tl.load(v + i_bh * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-    b_g = tl.load(g + i_bh).to(tl.float32)
-    b_b = tl.load(beta + i_bh).to(tl.float32)
+    # Inputs may be rows of wider tensors (views of the step's projections): each has its own batch stride.
+    b_q = tl.load(q + i_b * stride_qb + i_hk * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_k = tl.load(k + i_b * stride_kb + i_hk * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_v = tl.load(v + i_b * stride_vb + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_g = tl.load(g + i_b * stride_gb + i_h).to(tl.float32)
+    b_b = tl.load(beta + i_b * stride_bb + i_h).to(tl.float32)
     if QK_L2NORM:
         b_q *= tl.rsqrt(tl.sum(b_q * b_q) + eps)
         b_k *= tl.rsqrt(tl.sum(b_k * b_k) + eps)
@@ -58,7 +61,8 @@ def gated_delta_step(
     """One decode token of the gated delta rule (no autograd).
 
     Args:
-        q, k: [B, HK, K]; v: [B, H, V], H a multiple of HK; g (log decay), beta: [B, H].
+        q, k: [B, HK, K]; v: [B, H, V], H a multiple of HK; g (log decay), beta: [B, H]. Any batch stride: each
+            is copied only if its other axes are not contiguous.
         state: [B, H, K, V] fp32, contiguous; updated in place.
         scale: output scale, default K ** -0.5.
         gate_params: GateParams(A_log, dt_bias, b_bias), each [H]: g and beta are then the raw a and b, and the
@@ -75,7 +79,7 @@ def gated_delta_step(
         raise ValueError(f"state must be a contiguous fp32 [B, H, K, V] = {(B, H, K, V)} tensor")
     check_gate_params(gate_params, H)
     scale = K**-0.5 if scale is None else scale
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    q, k, v, g, beta = (batch_rows(x) for x in (q, k, v, g, beta))
     params = (None, None, None) if gate_params is None else tuple(p.contiguous() for p in gate_params)
     launch = _gated_delta_step_op if torch.compiler.is_compiling() else _gated_delta_step
     return launch(q, k, v, g, beta, state, scale, *params, qk_l2norm)
@@ -88,13 +92,14 @@ def _gated_delta_step(
 ) -> torch.Tensor:
     B, HK, K = q.shape
     H, V = v.shape[1], v.shape[2]
-    o = torch.empty_like(v)
+    o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     BK = triton.next_power_of_2(K)
     # The state is read and written once: many small programs keep enough bytes in flight.
     BV = min(triton.next_power_of_2(V), max(4, 4096 // BK))
     _step_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, v, g, beta, state, o, scale, A_log, dt_bias, b_bias, L2NORM_EPS, H=H, HK=HK, K=K, V=V, BK=BK, BV=BV,
-        RAW_GATES=A_log is not None, QK_L2NORM=qk_l2norm, num_warps=4,
+        q, k, v, g, beta, state, o, scale, A_log, dt_bias, b_bias, L2NORM_EPS,
+        *(x.stride(0) for x in (q, k, v, g, beta)),
+        H=H, HK=HK, K=K, V=V, BK=BK, BV=BV, RAW_GATES=A_log is not None, QK_L2NORM=qk_l2norm, num_warps=4,
     )
     return o
 
@@ -108,4 +113,4 @@ _gated_delta_step_op = torch.library.custom_op(
 
 @_gated_delta_step_op.register_fake
 def _(q, k, v, g, beta, state, scale, A_log, dt_bias, b_bias, qk_l2norm):
-    return v.new_empty(v.shape)
+    return torch.empty(v.shape, dtype=v.dtype, device=v.device)

@@ -6,10 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridize.kernels.layout import batch_rows
+
 
 @triton.jit
 def ssd_step_kernel(
-    q, k, v, g, state, o, scale,
+    q, k, v, g, state, o, scale, stride_qb, stride_kb, stride_vb, stride_gb,
     H: tl.constexpr, G: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
 ):
@@ -21,10 +23,11 @@ def ssd_step_kernel(
     m_k, m_v = o_k < N, o_v < P
     m_s = m_k[:, None] & m_v[None, :]
 
-    b_q = tl.load(q + (i_b * G + i_g) * N + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-    b_k = tl.load(k + (i_b * G + i_g) * N + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-    b_v = tl.load(v + i_bh * P + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BV]
-    b_a = tl.exp(tl.load(g + i_bh).to(tl.float32))
+    # Inputs may be rows of wider tensors (views of the step's projections): each has its own batch stride.
+    b_q = tl.load(q + i_b * stride_qb + i_g * N + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+    b_k = tl.load(k + i_b * stride_kb + i_g * N + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+    b_v = tl.load(v + i_b * stride_vb + i_h * P + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BV]
+    b_a = tl.exp(tl.load(g + i_b * stride_gb + i_h).to(tl.float32))
     p_s = state + i_bh.to(tl.int64) * N * P + o_k[:, None] * P + o_v[None, :]
     b_s = tl.load(p_s, mask=m_s, other=0.0) * b_a + b_k[:, None] * b_v[None, :]  # [BK, BV]
     tl.store(p_s, b_s, mask=m_s)
@@ -44,7 +47,8 @@ def ssd_step(
     """One decode token: state <- exp(g) state + k v^T (in place), o = scale * state^T q.
 
     Args:
-        q, k: [B, G, N]; v: [B, H, P]; g: [B, H]; state: [B, H, N, P] fp32 contiguous, updated in place.
+        q, k: [B, G, N]; v: [B, H, P]; g: [B, H], any batch stride (each is copied only if its other axes are not
+            contiguous); state: [B, H, N, P] fp32 contiguous, updated in place.
     Returns:
         o [B, H, P] in v's dtype.
     """
@@ -57,7 +61,7 @@ def ssd_step(
         raise ValueError(f"state must be a contiguous fp32 [{B}, {H}, {N}, {P}] tensor")
     scale = N**-0.5 if scale is None else scale
     launch = _ssd_step_op if torch.compiler.is_compiling() else _ssd_step
-    return launch(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), state, scale)
+    return launch(*(batch_rows(x) for x in (q, k, v, g)), state, scale)
 
 
 def _ssd_step(
@@ -65,12 +69,13 @@ def _ssd_step(
 ) -> torch.Tensor:
     B, G, N = q.shape
     H, P = v.shape[1], v.shape[2]
-    o = torch.empty_like(v)
+    o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     # The whole N in one block; BV keeps the fp32 tile at <= 4096 elements (32 registers a thread at 4 warps).
     BK = max(triton.next_power_of_2(N), 16)
     BV = min(max(triton.next_power_of_2(P), 16), max(4096 // BK, 16))
     grid = (triton.cdiv(P, BV), B * H)
-    ssd_step_kernel[grid](q, k, v, g, state, o, scale, H=H, G=G, N=N, P=P, BK=BK, BV=BV, num_warps=4)
+    ssd_step_kernel[grid](q, k, v, g, state, o, scale, *(x.stride(0) for x in (q, k, v, g)), H=H, G=G, N=N, P=P,
+                          BK=BK, BV=BV, num_warps=4)
     return o
 
 
