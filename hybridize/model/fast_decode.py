@@ -8,6 +8,7 @@ overhead, not the GPU, sets the decode speed. StaticDecoder removes it:
   Mamba2 / GDN conv windows and fp32 recurrent states, updated in place by the decode-step kernels (a window +
   memory layer has both: its window's slots and its memory's state; a head-wise layer too: its attention heads'
   slots and its recurrent heads' state);
+- the layers whose attention windows have one shape share one slot-validity mask, updated once a step;
 - the step reads its position, token and write slot from device tensors, so it has no Python-side
   state and is captured once as a CUDA graph; decoding N tokens is N graph replays;
 - the step is compiled with torch.compile first (on a GPU, by default), so the dozens of small
@@ -42,7 +43,11 @@ _SLOT_ALIGN = 8  # attention kernels prefer key lengths that are a multiple of 8
 @dataclass
 class AttentionSlots:
     """One attention layer's static cache. Token at stream index i lives in slot i % ring (ring = window or S); a
-    row's j-th real token, j < sinks, is also kept in slot ring + j, valid once it has left the ring."""
+    row's j-th real token, j < sinks, is also kept in slot ring + j, valid once it has left the ring.
+
+    Which slots are valid and where the sinks came from depend on the window's shape (ring, sinks, S) and the rows'
+    tokens only, so the layers of one shape share `valid` and `sink_index`, and a decode step updates them once for
+    all of those layers, not once per layer."""
 
     keys: torch.Tensor  # [B, Hkv, S, D]
     values: torch.Tensor  # [B, Hkv, S, D]
@@ -123,6 +128,7 @@ class StaticDecoder:
 
     def _allocate(self) -> None:
         batch, device = self.batch_size, self.device
+        self._window_shapes: dict[tuple[int, int, int], AttentionSlots] = {}  # masks only, by (ring, sinks, slots)
         self.layer_caches: list[AttentionSlots | RecurrentLayerCache | WindowMemorySlots] = []
         for i, kind in enumerate(self.config.layer_types):
             mixer = self.model.model.layers[i].mixer
@@ -147,13 +153,20 @@ class StaticDecoder:
         sinks = attention.sinks if ring < self.max_length else 0  # no token leaves a ring this long
         slots = -(-(ring + sinks) // _SLOT_ALIGN) * _SLOT_ALIGN
         shape = (batch, attention.num_kv_heads, slots, attention.head_dim)
+        if (ring, sinks, slots) not in self._window_shapes:  # the first layer of this shape: its masks are shared
+            self._window_shapes[(ring, sinks, slots)] = AttentionSlots(
+                keys=None, values=None, ring=ring, sinks=sinks,
+                valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
+                sink_index=torch.full((batch, sinks), NO_TOKEN, dtype=torch.long, device=device),
+            )
+        shared = self._window_shapes[(ring, sinks, slots)]
         return AttentionSlots(
             keys=torch.zeros(shape, dtype=self.dtype, device=device),
             values=torch.zeros(shape, dtype=self.dtype, device=device),
-            valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
+            valid=shared.valid,
             ring=ring,
             sinks=sinks,
-            sink_index=torch.full((batch, sinks), NO_TOKEN, dtype=torch.long, device=device),
+            sink_index=shared.sink_index,
         )
 
     def _recurrent_state(self, mixer) -> RecurrentLayerCache:
@@ -171,9 +184,12 @@ class StaticDecoder:
                 if isinstance(c, (AttentionSlots, WindowMemorySlots))]
 
     def _cache_buffers(self) -> list[torch.Tensor]:
+        """Every cache tensor once (the masks a window shape's layers share, once)."""
         out = []
         for cache in self._attention_slot_caches():
-            out += [cache.keys, cache.values, cache.valid, cache.sink_index]
+            out += [cache.keys, cache.values]
+        for masks in self._window_shapes.values():
+            out += [masks.valid, masks.sink_index]
         for cache in self.layer_caches:
             recurrent = cache.memory if isinstance(cache, WindowMemorySlots) else cache
             if isinstance(recurrent, RecurrentLayerCache):
@@ -184,8 +200,8 @@ class StaticDecoder:
         for buffer in [self.tokens, self.uniforms, self._next_token, self._position, self._index,
                        *self._cache_buffers()]:
             buffer.zero_()
-        for cache in self._attention_slot_caches():
-            cache.sink_index.fill_(NO_TOKEN)
+        for masks in self._window_shapes.values():
+            masks.sink_index.fill_(NO_TOKEN)
 
     def cache_nbytes(self) -> int:
         """Bytes of the KV slots, conv windows and recurrent states of all `batch_size` rows."""
@@ -197,6 +213,8 @@ class StaticDecoder:
         hidden = model.embed_tokens(self._next_token)  # [B, 1, C]
         cos, sin = model.rotary_emb(hidden, self._position[:, None])  # [B, 1, D] each
         recurrent_context = SequenceContext(position_embeddings=(cos, sin), attention_mask=None, past_tokens=0)
+        for masks in self._window_shapes.values():
+            _admit_token(masks, self._index, self._position)
         for layer, cache, projections in zip(model.layers, self.layer_caches, self.projections):
             x = layer.input_layernorm(hidden)
             projected = _projected(projections.mixer, x)
@@ -344,17 +362,26 @@ def _fill_slots(slots: AttentionSlots, keys: torch.Tensor, values: torch.Tensor,
         _update_sink_validity(slots, last)
 
 
-def _keep_sink(slots: AttentionSlots, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-               position: torch.Tensor) -> None:
+def _admit_token(masks: AttentionSlots, index: torch.Tensor, position: torch.Tensor) -> None:
+    """Before a step's layers attend: the step's token (stream index `index`, its row's position-th real token) makes
+    its ring slot valid, is noted as a sink if it is among its row's first `sinks` real tokens, and sinks whose token
+    has left the ring become valid. Once for all the layers sharing these masks."""
+    masks.valid.index_fill_(1, (index % masks.ring).view(1), True)
+    if masks.sinks:
+        rows = torch.arange(position.shape[0], device=position.device)
+        sink = position.clamp(max=masks.sinks - 1)  # [B]
+        masks.sink_index[rows, sink] = torch.where(position < masks.sinks, index, masks.sink_index[rows, sink])
+        _update_sink_validity(masks, index)
+
+
+def _keep_sink(slots: AttentionSlots, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
     """The step's token k, v [B, Hkv, 1, D] is its row's position-th real token: the first `sinks` of them also go to
     the sink slots. Written for every row with a where(), so the step stays one static graph."""
     rows = torch.arange(k.shape[0], device=k.device)
     is_sink = position < slots.sinks  # [B]
-    sink = position.clamp(max=slots.sinks - 1)  # [B]
-    where = slots.ring + sink
+    where = slots.ring + position.clamp(max=slots.sinks - 1)  # [B]
     slots.keys[rows, :, where] = torch.where(is_sink[:, None, None], k[:, :, 0], slots.keys[rows, :, where])
     slots.values[rows, :, where] = torch.where(is_sink[:, None, None], v[:, :, 0], slots.values[rows, :, where])
-    slots.sink_index[rows, sink] = torch.where(is_sink, index, slots.sink_index[rows, sink])
 
 
 def _update_sink_validity(slots: AttentionSlots, index) -> None:
@@ -377,10 +404,8 @@ def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots,
     slot = (index % slots.ring).view(1)
     slots.keys.index_copy_(2, slot, k)
     slots.values.index_copy_(2, slot, v)
-    slots.valid.index_fill_(1, slot, True)
     if slots.sinks:
-        _keep_sink(slots, k, v, index, position)
-        _update_sink_validity(slots, index)
+        _keep_sink(slots, k, v, position)
     grouped_q = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, Hkv, G, D]
     out = ops.decode_attention(grouped_q, slots.keys, slots.values, slots.valid)  # [B, Hkv, G, D]
     return attention.o_proj(out.reshape(batch, 1, heads * dim))  # [B, 1, C]

@@ -92,7 +92,8 @@ def test_headwise_layers_decode_as_generate(padded, headwise_window, kind):
 @pytest.mark.parametrize("kind", ["headwise_gated_deltanet", "headwise_mamba2"])
 def test_headwise_layers_cache_only_their_attention_heads_keys(kind):
     """A head-wise layer keeping 1 of 2 KV heads holds half the K/V slots a full-attention layer holds, plus its
-    recurrent heads' state (2 GDN or Mamba2 heads of head dim 16: the other KV head's query heads)."""
+    recurrent heads' state (2 GDN or Mamba2 heads of head dim 16: the other KV head's query heads); the two layers'
+    slots have one shape, so they share one validity mask."""
     model = _model(["full_attention", kind])
     decoder = StaticDecoder(model, 2, 40)
     config, slots = model.config, 40
@@ -101,8 +102,8 @@ def test_headwise_layers_cache_only_their_attention_heads_keys(kind):
     assert recurrent.state_shape == (2, 16, 16)
     assert sum(recurrent.conv_channels) == 3 * 2 * 16  # q, k, v (x, B, C) of 2 heads
     state = 2 * (math.prod(recurrent.state_shape) * 4 + sum(recurrent.conv_channels) * 3 * 4)
-    valid = 2 * slots
-    assert decoder.cache_nbytes() == (2 * kv + valid) + (kv + valid + state)
+    valid = 2 * slots  # one validity mask for both layers' full-length slots
+    assert decoder.cache_nbytes() == 2 * kv + kv + valid + state
 
 
 def test_decoder_is_reusable():
@@ -167,12 +168,13 @@ def test_window_memory_layers_hold_a_cache_that_does_not_grow_with_the_length():
     small, large = StaticDecoder(model, 2, 40), StaticDecoder(model, 2, 400)
     assert small.cache_nbytes() == large.cache_nbytes()
     config, slots = model.config, 8  # the 5-token window rounded up to 8 slots
-    window = 2 * (2 * config.num_key_value_heads * config.head_dim * 4 + 1) * slots  # K, V fp32 and validity, batch 2
+    window = 2 * 2 * config.num_key_value_heads * config.head_dim * 4 * slots  # K, V fp32, batch 2
+    valid = 2 * slots  # one validity mask for both windows, of one shape
     memory = 0
     for layer in model.model.layers:
         mixer = layer.mixer.memory
         memory += 2 * (math.prod(mixer.state_shape) * 4 + sum(mixer.conv_channels) * 3 * 4)
-    assert small.cache_nbytes() == 2 * window + memory
+    assert small.cache_nbytes() == 2 * window + valid + memory
 
 
 def test_rejects_prompts_that_do_not_fit():
