@@ -43,14 +43,15 @@ def speeds(decoder: StaticDecoder, prompt: torch.Tensor, steps: int) -> tuple[fl
     return prompt.numel() / (prefilled - start), prompt.shape[0] * steps / (done - prefilled)
 
 
-def model_of_type(config: HybridConfig, kind: str) -> HybridForCausalLM:
+def model_of_type(config: HybridConfig, kind: str, device: str = "cuda") -> HybridForCausalLM:
+    """A bf16 model of config's shape with every layer `kind` and random weights."""
     options = config.to_dict()
     for key in ("architectures", "auto_map", "dtype", "transformers_version"):
         options.pop(key, None)
     layers = config.num_hidden_layers
     options["layer_types"] = [kind] * layers
     options["headwise_kv_heads"] = {str(i): [0] for i in range(layers)} if kind.startswith("headwise_") else {}
-    return HybridForCausalLM(HybridConfig(**options)).to("cuda", torch.bfloat16).eval()
+    return HybridForCausalLM(HybridConfig(**options)).to(device, torch.bfloat16).eval()
 
 
 def main() -> None:
