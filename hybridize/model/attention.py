@@ -123,7 +123,8 @@ class Attention(nn.Module):
         """The projections of the layer input, grouped as project() takes them."""
         return [(self.q_proj,), (self.k_proj,), (self.v_proj,)]
 
-    def project_qkv(self, hidden_states: torch.Tensor, projected=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(self, hidden_states: torch.Tensor,
+                    projected=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, T, C] -> q [B, H, T, D], k and v [B, Hkv, T, D], before RoPE. projected: the outputs of
         project(hidden_states, self.input_groups) when the caller computed them (the static decoder does, in one GEMM
         with the layer's other projections)."""
