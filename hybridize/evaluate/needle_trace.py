@@ -3,7 +3,8 @@
 Two passkey prompts identical but for the hidden number are run side by side, a chunk at a time, through the
 model's own cache (the path `generate()` prefills with). After each chunk, per layer, the number's footprint:
 - in the residual stream: the relative difference between the two prompts' hidden states at the chunk's last token;
-- in the recurrent state of a Mamba2 or Gated DeltaNet layer: the relative difference between the two states.
+- in the recurrent state of a Mamba2 or Gated DeltaNet layer, or of the memory branch of a window + memory or
+  head-wise layer: the relative difference between the two states.
 Before the needle both are exactly 0 (causality). A recurrent layer whose state footprint falls towards 0 between the
 needle and the question has forgotten the number; the teacher's residual footprints show what its layers carry.
 Whether the attention that is kept looks at the number: per full-attention layer, the most attention any head puts
@@ -21,7 +22,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..model import HybridForCausalLM
-from ..model.cache import HybridCache, RecurrentLayerCache
+from ..model.cache import HybridCache, RecurrentLayerCache, WindowMemoryLayerCache
 from ..model.gated_deltanet import GatedDeltaNetMixer
 from ..model.mamba2 import Mamba2Mixer
 from .recall import Haystack, passkey_prompt
@@ -122,6 +123,7 @@ def needle_trace(model, tokenizer, length: int = 1024, depth: float = 0.25, chun
         row = {"tokens": min(start + chunk, length), "residual": [_relative_difference(h[0, -1], h[1, -1]) for h in layers],
                "state": [], "state_norm": []}
         for layer in cache.layers:
+            layer = layer.memory if isinstance(layer, WindowMemoryLayerCache) else layer
             state = layer.recurrent_state if isinstance(layer, RecurrentLayerCache) else None
             row["state"].append(None if state is None else _relative_difference(state[0], state[1]))
             row["state_norm"].append(None if state is None else float(state[0].norm()))

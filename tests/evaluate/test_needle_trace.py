@@ -12,7 +12,8 @@ import torch
 from hybridize.evaluate.common import load_pair
 from hybridize.evaluate.needle_trace import NUMBERS, _decaying_mixers, needle_trace
 from hybridize.evaluate.recall import Haystack, passkey_prompt
-from helpers import intra_layer_model
+from hybridize.model import HybridForCausalLM
+from helpers import intra_layer_model, open_memory_branches
 
 SETTINGS = {"length": 200, "depth": 0.5, "chunk": 40}
 
@@ -91,6 +92,22 @@ def test_the_recurrent_branches_of_intra_layer_types_are_traced():
     mixers = _decaying_mixers(model)
     assert sorted(mixers) == list(range(len(model.config.layer_types)))
     assert all(mixer is model.model.layers[i].mixer.memory for i, mixer in mixers.items())
+
+
+def test_the_memory_states_of_window_memory_layers_carry_the_number(pair):
+    """A window + memory layer's memory branch has a state like a recurrent layer's: 0 before the needle, the
+    number's footprint after it (its window keeps no state)."""
+    student, _, tokenizer = pair
+    config = copy.deepcopy(student.config)
+    config.layer_types = [("window_gated_deltanet", "window_mamba2")[i % 2] for i in range(config.num_hidden_layers)]
+    config.sliding_window = 16  # shorter than the needle's distance to the question
+    torch.manual_seed(0)
+    model = HybridForCausalLM(config).eval()
+    open_memory_branches(model)
+    trace = needle_trace(model, tokenizer, **SETTINGS)
+    for row in _before_needle(trace):
+        assert all(value == 0.0 for value in row["state"])
+    assert all(value > 0 for value in trace["rows"][-1]["state"])
 
 
 def test_attention_on_the_number_is_the_full_forwards_attention_weights(pair, identity_dir):
