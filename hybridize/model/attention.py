@@ -123,13 +123,10 @@ class Attention(nn.Module):
         """The projections of the layer input, grouped as project() takes them."""
         return [(self.q_proj,), (self.k_proj,), (self.v_proj,)]
 
-    def project_qkv(self, hidden_states: torch.Tensor,
-                    projected=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B, T, C] -> q [B, H, T, D], k and v [B, Hkv, T, D], before RoPE. projected: the outputs of
-        project(hidden_states, self.input_groups) when the caller computed them (the static decoder does, in one GEMM
-        with the layer's other projections)."""
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, C] -> q [B, H, T, D], k and v [B, Hkv, T, D], before RoPE."""
         batch, length, _ = hidden_states.shape
-        q, k, v = projected if projected is not None else project(hidden_states, self.input_groups)
+        q, k, v = project(hidden_states, self.input_groups)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)

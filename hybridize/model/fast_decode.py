@@ -8,7 +8,8 @@ overhead, not the GPU, sets the decode speed. StaticDecoder removes it:
   Mamba2 / GDN conv windows and fp32 recurrent states, updated in place by the decode-step kernels (a window +
   memory layer has both: its window's slots and its memory's state; a head-wise layer too: its attention heads'
   slots and its recurrent heads' state);
-- the layers whose attention windows have one shape share one slot-validity mask, updated once a step;
+- the layers whose attention windows have one shape share one slot-validity mask and the step's write slots,
+  updated once a step; each attention layer's RoPE and K/V writes are then one kernel (rope_store);
 - the step reads its position, token and write slot from device tensors, so it has no Python-side
   state and is captured once as a CUDA graph; decoding N tokens is N graph replays;
 - the step is compiled with torch.compile first (on a GPU, by default), so the dozens of small
@@ -27,14 +28,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from . import ops
 from .cache import RecurrentLayerCache, SinkWindowLayer
 from .compiling import allow_recompiles
 from .configuration_hybrid import ATTENTION_TYPES, BRANCH_TYPES
 from .context import SequenceContext, real_token_rank
-from .projections import FusedProjection, fusable
+from .projections import FusedProjection, fusable, project
 from .sampling import Sampling, choose_tokens
 
 _SLOT_ALIGN = 8  # attention kernels prefer key lengths that are a multiple of 8; extra slots stay masked
@@ -45,9 +45,9 @@ class AttentionSlots:
     """One attention layer's static cache. Token at stream index i lives in slot i % ring (ring = window or S); a
     row's j-th real token, j < sinks, is also kept in slot ring + j, valid once it has left the ring.
 
-    Which slots are valid and where the sinks came from depend on the window's shape (ring, sinks, S) and the rows'
-    tokens only, so the layers of one shape share `valid` and `sink_index`, and a decode step updates them once for
-    all of those layers, not once per layer."""
+    Which slots are valid, where the sinks came from and which slots a step writes depend on the window's shape
+    (ring, sinks, S) and the rows' tokens only, so the layers of one shape share `valid`, `sink_index`, `slot` and
+    `sink_slot`, and a decode step updates them once for all of those layers, not once per layer."""
 
     keys: torch.Tensor  # [B, Hkv, S, D]
     values: torch.Tensor  # [B, Hkv, S, D]
@@ -55,6 +55,8 @@ class AttentionSlots:
     ring: int
     sinks: int = 0
     sink_index: torch.Tensor | None = None  # [B, sinks] stream index of each sink token; NO_TOKEN until seen
+    slot: torch.Tensor | None = None  # [1] the ring slot the step's token goes to
+    sink_slot: torch.Tensor | None = None  # [B] the sink slot it also goes to in each row, or -1
 
 
 NO_TOKEN = 2**62  # a sink_index that never leaves the ring: the row has not had that many real tokens yet
@@ -158,6 +160,8 @@ class StaticDecoder:
                 keys=None, values=None, ring=ring, sinks=sinks,
                 valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
                 sink_index=torch.full((batch, sinks), NO_TOKEN, dtype=torch.long, device=device),
+                slot=torch.zeros(1, dtype=torch.long, device=device),
+                sink_slot=torch.full((batch,), -1, dtype=torch.long, device=device),
             )
         shared = self._window_shapes[(ring, sinks, slots)]
         return AttentionSlots(
@@ -167,6 +171,8 @@ class StaticDecoder:
             ring=ring,
             sinks=sinks,
             sink_index=shared.sink_index,
+            slot=shared.slot,
+            sink_slot=shared.sink_slot,
         )
 
     def _recurrent_state(self, mixer) -> RecurrentLayerCache:
@@ -189,7 +195,7 @@ class StaticDecoder:
         for cache in self._attention_slot_caches():
             out += [cache.keys, cache.values]
         for masks in self._window_shapes.values():
-            out += [masks.valid, masks.sink_index]
+            out += [masks.valid, masks.sink_index]  # the step's slots are not cache: they are rewritten every step
         for cache in self.layer_caches:
             recurrent = cache.memory if isinstance(cache, WindowMemorySlots) else cache
             if isinstance(recurrent, RecurrentLayerCache):
@@ -202,6 +208,7 @@ class StaticDecoder:
             buffer.zero_()
         for masks in self._window_shapes.values():
             masks.sink_index.fill_(NO_TOKEN)
+            masks.sink_slot.fill_(-1)
 
     def cache_nbytes(self) -> int:
         """Bytes of the KV slots, conv windows and recurrent states of all `batch_size` rows."""
@@ -219,12 +226,11 @@ class StaticDecoder:
             x = layer.input_layernorm(hidden)
             projected = _projected(projections.mixer, x)
             if isinstance(cache, AttentionSlots):
-                mixed = _attention_step(layer.mixer, x, cos, sin, cache, self._index, self._position, projected)
+                mixed = _attention_step(layer.mixer, x, cos, sin, cache, projected)
             elif isinstance(cache, WindowMemorySlots):
                 split = projections.window_groups
                 window_part, memory_part = (projected[:split], projected[split:]) if projected else (None, None)
-                window = _attention_step(layer.mixer.window, x, cos, sin, cache.window, self._index, self._position,
-                                         window_part)
+                window = _attention_step(layer.mixer.window, x, cos, sin, cache.window, window_part)
                 memory = layer.mixer.memory(x, recurrent_context, cache.memory, projected=memory_part)
                 mixed = layer.mixer.combine(window, memory)
             else:
@@ -363,25 +369,20 @@ def _fill_slots(slots: AttentionSlots, keys: torch.Tensor, values: torch.Tensor,
 
 
 def _admit_token(masks: AttentionSlots, index: torch.Tensor, position: torch.Tensor) -> None:
-    """Before a step's layers attend: the step's token (stream index `index`, its row's position-th real token) makes
-    its ring slot valid, is noted as a sink if it is among its row's first `sinks` real tokens, and sinks whose token
-    has left the ring become valid. Once for all the layers sharing these masks."""
-    masks.valid.index_fill_(1, (index % masks.ring).view(1), True)
+    """Before a step's layers attend: the step's token (stream index `index`, its row's position-th real token) goes
+    to ring slot `slot`, which becomes valid; if it is among its row's first `sinks` real tokens it also goes to that
+    row's `sink_slot` and is noted as a sink; sinks whose token has left the ring become valid. Once for all the
+    layers sharing these masks; each layer's rope_store then writes its K/V to those slots. Written for every row
+    with a where(), so the step stays one static graph."""
+    masks.slot.copy_((index % masks.ring).view(1))
+    masks.valid.index_fill_(1, masks.slot, True)
     if masks.sinks:
         rows = torch.arange(position.shape[0], device=position.device)
+        is_sink = position < masks.sinks  # [B]
         sink = position.clamp(max=masks.sinks - 1)  # [B]
-        masks.sink_index[rows, sink] = torch.where(position < masks.sinks, index, masks.sink_index[rows, sink])
+        masks.sink_slot.copy_(torch.where(is_sink, masks.ring + sink, -1))
+        masks.sink_index[rows, sink] = torch.where(is_sink, index, masks.sink_index[rows, sink])
         _update_sink_validity(masks, index)
-
-
-def _keep_sink(slots: AttentionSlots, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
-    """The step's token k, v [B, Hkv, 1, D] is its row's position-th real token: the first `sinks` of them also go to
-    the sink slots. Written for every row with a where(), so the step stays one static graph."""
-    rows = torch.arange(k.shape[0], device=k.device)
-    is_sink = position < slots.sinks  # [B]
-    where = slots.ring + position.clamp(max=slots.sinks - 1)  # [B]
-    slots.keys[rows, :, where] = torch.where(is_sink[:, None, None], k[:, :, 0], slots.keys[rows, :, where])
-    slots.values[rows, :, where] = torch.where(is_sink[:, None, None], v[:, :, 0], slots.values[rows, :, where])
 
 
 def _update_sink_validity(slots: AttentionSlots, index) -> None:
@@ -389,23 +390,19 @@ def _update_sink_validity(slots: AttentionSlots, index) -> None:
     slots.valid[:, slots.ring : slots.ring + slots.sinks] = slots.sink_index <= index - slots.ring
 
 
-def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots, index: torch.Tensor,
-                    position: torch.Tensor, projected=None) -> torch.Tensor:
+def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots, projected=None) -> torch.Tensor:
     """One token of (sliding-window) attention against static slots: x [B, 1, C] -> [B, 1, C].
 
     The G query heads that share a KV head go in as G query rows of that head, so the kernel reads each
     cached K/V once instead of a G-times repeated copy; the mask depends on the key only, so this is exact.
-    On a GPU the split-KV kernel spreads the slots over the SMs; on the CPU the fp32 reference runs.
+    On a GPU the split-KV kernel spreads the slots over the SMs, and RoPE with the K/V writes to the slots _admit_token
+    chose is one more launch (rope_store); on the CPU the fp32 references run.
     """
     batch = x.shape[0]
     heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
-    q, k, v = attention.project_qkv(x, projected)  # [B, H, 1, D], [B, Hkv, 1, D], [B, Hkv, 1, D]
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    slot = (index % slots.ring).view(1)
-    slots.keys.index_copy_(2, slot, k)
-    slots.values.index_copy_(2, slot, v)
-    if slots.sinks:
-        _keep_sink(slots, k, v, position)
-    grouped_q = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, Hkv, G, D]
+    q, k, v = projected if projected is not None else project(x, attention.input_groups)  # [B, 1, H*D], [B, 1, Hkv*D]
+    q = ops.rope_store(q.view(batch, heads, dim), k.view(batch, kv_heads, dim), v.view(batch, kv_heads, dim),
+                       cos[:, 0], sin[:, 0], slots.keys, slots.values, slots.slot, slots.sink_slot)  # [B, H, D]
+    grouped_q = q.view(batch, kv_heads, heads // kv_heads, dim)  # [B, Hkv, G, D]
     out = ops.decode_attention(grouped_q, slots.keys, slots.values, slots.valid)  # [B, Hkv, G, D]
     return attention.o_proj(out.reshape(batch, 1, heads * dim))  # [B, 1, C]

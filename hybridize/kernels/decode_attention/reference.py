@@ -39,3 +39,24 @@ def decode_attention(
     kept = values.to(dt).masked_fill(~valid[:, None, :, None], 0.0)  # [B, Hkv, S, D]
     out = (weights @ kept) / torch.where(total > 0, total, 1.0)  # [B, Hkv, G, D], 0 where no slot is valid
     return out.to(q.dtype)
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, sink_slot: torch.Tensor) -> torch.Tensor:
+    """One decode token's attention inputs into static slots; see rope_store in __init__. The rotation is Llama's
+    (x cos + rotate_half(x) sin) in fp32, so on fp32 inputs it equals transformers' apply_rotary_pos_emb bit for bit."""
+    dt = compute_dtype(q)
+    cos, sin = cos.to(dt)[:, None], sin.to(dt)[:, None]  # [B, 1, D]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dt)
+        half = x.shape[-1] // 2
+        return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), -1) * sin)
+
+    k_rot = rotate(k).to(keys.dtype)  # [B, Hkv, D]
+    keys.index_copy_(2, slot, k_rot[:, :, None])
+    values.index_copy_(2, slot, v.to(values.dtype)[:, :, None])
+    rows = (sink_slot >= 0).nonzero().flatten()  # [n] rows whose token is also one of their sinks
+    keys[rows, :, sink_slot[rows]] = k_rot[rows]
+    values[rows, :, sink_slot[rows]] = v.to(values.dtype)[rows]
+    return rotate(q).to(q.dtype)
