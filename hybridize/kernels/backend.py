@@ -1,7 +1,9 @@
 """Choose between the Triton kernels and the fp32 PyTorch references.
 
 `HYBRIDIZE_KERNELS=reference` makes every "auto" call take the reference path, CUDA tensors included: the same model,
-eval or training run on the plain PyTorch math, to tell a kernel defect from a modelling one.
+eval or training run on the plain PyTorch math, to tell a kernel defect from a modelling one. `HYBRIDIZE_KERNELS=triton`
+makes every "auto" call take the Triton kernels, CPU tensors included (which needs TRITON_INTERPRET=1: the Triton
+interpreter runs them), so a whole model's use of the kernels can be checked on a machine without a GPU.
 """
 
 import os
@@ -19,7 +21,10 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if _preferred() == "auto" and x.is_cuda else "reference"
+        preferred = _preferred()
+        if preferred != "triton":
+            return "triton" if preferred == "auto" and x.is_cuda else "reference"
+        backend = "triton"
     if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
     return backend
@@ -27,8 +32,8 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 def _preferred() -> str:
     preferred = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
-    if preferred not in ("auto", "reference"):
-        raise UserError(f"{ENVIRONMENT_VARIABLE} must be 'auto' or 'reference', got {preferred!r}")
+    if preferred not in ("auto", "reference", "triton"):
+        raise UserError(f"{ENVIRONMENT_VARIABLE} must be 'auto', 'reference' or 'triton', got {preferred!r}")
     return preferred
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from helpers import INTRA_LAYER_TYPES, intra_layer_options, open_mamba2_states, open_memory_branches, requires_cuda
 
+from hybridize.kernels.decode_attention import store
 from hybridize.model.fast_decode import StaticDecoder
 from hybridize.model import HybridConfig, HybridForCausalLM
 
@@ -146,6 +147,29 @@ def test_each_layer_projects_its_inputs_in_one_gemm():
     decoder.decode(3)
     assert set(calls) == {"o_proj", "out_proj", "down_proj", "lm_head"}  # output projections only
     assert calls["down_proj"] == 3 * len(LAYERS) and calls["lm_head"] == 3
+
+
+def test_the_triton_kernels_decode_as_the_references(monkeypatch):
+    """Every kernel the decoder calls (prefill's chunked ones; the step's conv, GDN and SSD steps, gated norm, RoPE
+    with the slot writes, split-KV attention) on its Triton path, interpreted: the tokens of the references. The step
+    hands the kernels views of its joined projections with their own batch strides, and shared write slots; a kernel
+    that misread either would change the tokens."""
+    model = _model(["window_gated_deltanet", "sliding_attention", "window_mamba2", "gated_deltanet", "mamba2"],
+                   sinks=2)
+    ids = torch.randint(1, 128, (2, 11), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0  # one real token: its row's second sink arrives while decoding
+    reference = StaticDecoder(model, batch_size=2, max_length=24)
+    want = reference.generate(ids, 10, attention_mask=mask)
+    launches, launch = [], store._rope_store
+    monkeypatch.setattr(store, "_rope_store", lambda *args: launches.append(1) or launch(*args))
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "triton")
+    kernels = StaticDecoder(model, batch_size=2, max_length=24)
+    assert torch.equal(kernels.generate(ids, 10, attention_mask=mask), want)
+    assert len(launches) == (2 + 9) * 3  # (2 warm-up + 9 decode steps) x 3 attention layers (2 of them windows)
+    # every slot and state the steps wrote, not only the argmax: fp32 kernels against fp32 references
+    for got, expected in zip(kernels._cache_buffers(), reference._cache_buffers(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_cache_bytes():

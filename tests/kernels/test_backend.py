@@ -1,4 +1,5 @@
-"""The backend choice: "auto" follows the tensor's device unless HYBRIDIZE_KERNELS=reference asks for the references."""
+"""The backend choice: "auto" follows the tensor's device unless HYBRIDIZE_KERNELS asks for the references (or for the
+Triton kernels, interpreted on CPU tensors)."""
 
 import pytest
 import torch
@@ -16,6 +17,16 @@ def test_explicit_backend_beats_the_environment(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", torch.zeros(1)) == "triton"
     assert resolve_backend("auto", torch.zeros(1)) == "reference"
+
+
+def test_environment_sends_cpu_calls_to_the_interpreted_kernels(monkeypatch):
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("auto", torch.zeros(1)) == "triton"
+    assert resolve_backend("reference", torch.zeros(1)) == "reference"  # an explicit backend still wins
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("auto", torch.zeros(1))
 
 
 def test_unknown_environment_value_raises(monkeypatch):
