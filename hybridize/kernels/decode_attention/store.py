@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridize.kernels.layout import batch_rows
+
 
 @triton.jit
 def _rotated(x, c1, c2, s1, s2, o, m, HALF: tl.constexpr):
@@ -61,7 +63,7 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     """See rope_store in __init__; the Triton version (keys and values' last axis contiguous)."""
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("keys and values need a contiguous last axis")
-    q, k, v, cos, sin = (x if x[0].is_contiguous() else x.contiguous() for x in (q, k, v, cos, sin))
+    q, k, v, cos, sin = (batch_rows(x) for x in (q, k, v, cos, sin))
     launch = _rope_store_op if torch.compiler.is_compiling() else _rope_store
     return launch(q, k, v, cos, sin, keys, values, slot, sink_slot)
 
