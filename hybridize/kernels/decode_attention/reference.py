@@ -53,10 +53,14 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         half = x.shape[-1] // 2
         return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), -1) * sin)
 
-    k_rot = rotate(k).to(keys.dtype)  # [B, Hkv, D]
+    k_rot, v = rotate(k).to(keys.dtype), v.to(values.dtype)  # [B, Hkv, D] each
     keys.index_copy_(2, slot, k_rot[:, :, None])
-    values.index_copy_(2, slot, v.to(values.dtype)[:, :, None])
-    rows = (sink_slot >= 0).nonzero().flatten()  # [n] rows whose token is also one of their sinks
-    keys[rows, :, sink_slot[rows]] = k_rot[rows]
-    values[rows, :, sink_slot[rows]] = v.to(values.dtype)[rows]
+    values.index_copy_(2, slot, v[:, :, None])
+    # Every row is written, with a where() keeping what a row without a sink slot holds: no data-dependent shapes,
+    # so a decode step on this path can still be captured as a CUDA graph.
+    rows = torch.arange(k.shape[0], device=k.device)
+    is_sink = (sink_slot >= 0)[:, None, None]  # [B, 1, 1]
+    where = sink_slot.clamp(min=0)  # [B]
+    keys[rows, :, where] = torch.where(is_sink, k_rot, keys[rows, :, where])
+    values[rows, :, where] = torch.where(is_sink, v, values[rows, :, where])
     return rotate(q).to(q.dtype)
