@@ -41,22 +41,27 @@ _SLOT_ALIGN = 8  # attention kernels prefer key lengths that are a multiple of 8
 
 
 @dataclass
-class AttentionSlots:
-    """One attention layer's static cache. Token at stream index i lives in slot i % ring (ring = window or S); a
-    row's j-th real token, j < sinks, is also kept in slot ring + j, valid once it has left the ring.
+class SlotMasks:
+    """Token at stream index i lives in slot i % ring (ring = window or S); a row's j-th real token, j < sinks, is
+    also kept in slot ring + j, valid once it has left the ring. Which slots are valid, where the sinks came from and
+    which slots a step writes depend on this shape (ring, sinks, S) and the rows' tokens only, so the attention layers
+    of one shape share one SlotMasks, which a decode step updates once for all of them."""
 
-    Which slots are valid, where the sinks came from and which slots a step writes depend on the window's shape
-    (ring, sinks, S) and the rows' tokens only, so the layers of one shape share `valid`, `sink_index`, `slot` and
-    `sink_slot`, and a decode step updates them once for all of those layers, not once per layer."""
+    ring: int
+    sinks: int
+    valid: torch.Tensor  # [B, S] bool: the slot holds a real (not padding) token the next query may see
+    sink_index: torch.Tensor  # [B, sinks] stream index of each sink token; NO_TOKEN until seen
+    slot: torch.Tensor  # [1] the ring slot the step's token goes to
+    sink_slot: torch.Tensor  # [B] the sink slot it also goes to in each row, or -1
+
+
+@dataclass
+class AttentionSlots:
+    """One attention layer's static cache: its K/V slots, and the masks it shares with the layers of its shape."""
 
     keys: torch.Tensor  # [B, Hkv, S, D]
     values: torch.Tensor  # [B, Hkv, S, D]
-    valid: torch.Tensor  # [B, S] bool: the slot holds a real (not padding) token the next query may see
-    ring: int
-    sinks: int = 0
-    sink_index: torch.Tensor | None = None  # [B, sinks] stream index of each sink token; NO_TOKEN until seen
-    slot: torch.Tensor | None = None  # [1] the ring slot the step's token goes to
-    sink_slot: torch.Tensor | None = None  # [B] the sink slot it also goes to in each row, or -1
+    masks: SlotMasks
 
 
 NO_TOKEN = 2**62  # a sink_index that never leaves the ring: the row has not had that many real tokens yet
@@ -130,7 +135,7 @@ class StaticDecoder:
 
     def _allocate(self) -> None:
         batch, device = self.batch_size, self.device
-        self._window_shapes: dict[tuple[int, int, int], AttentionSlots] = {}  # masks only, by (ring, sinks, slots)
+        self._window_shapes: dict[tuple[int, int, int], SlotMasks] = {}  # by (ring, sinks, slots)
         self.layer_caches: list[AttentionSlots | RecurrentLayerCache | WindowMemorySlots] = []
         for i, kind in enumerate(self.config.layer_types):
             mixer = self.model.model.layers[i].mixer
@@ -155,25 +160,17 @@ class StaticDecoder:
         sinks = attention.sinks if ring < self.max_length else 0  # no token leaves a ring this long
         slots = -(-(ring + sinks) // _SLOT_ALIGN) * _SLOT_ALIGN
         shape = (batch, attention.num_kv_heads, slots, attention.head_dim)
-        if (ring, sinks, slots) not in self._window_shapes:  # the first layer of this shape: its masks are shared
-            self._window_shapes[(ring, sinks, slots)] = AttentionSlots(
-                keys=None, values=None, ring=ring, sinks=sinks,
+        if (ring, sinks, slots) not in self._window_shapes:  # the first layer of this shape
+            self._window_shapes[(ring, sinks, slots)] = SlotMasks(
+                ring=ring, sinks=sinks,
                 valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
                 sink_index=torch.full((batch, sinks), NO_TOKEN, dtype=torch.long, device=device),
                 slot=torch.zeros(1, dtype=torch.long, device=device),
                 sink_slot=torch.full((batch,), -1, dtype=torch.long, device=device),
             )
-        shared = self._window_shapes[(ring, sinks, slots)]
-        return AttentionSlots(
-            keys=torch.zeros(shape, dtype=self.dtype, device=device),
-            values=torch.zeros(shape, dtype=self.dtype, device=device),
-            valid=shared.valid,
-            ring=ring,
-            sinks=sinks,
-            sink_index=shared.sink_index,
-            slot=shared.slot,
-            sink_slot=shared.sink_slot,
-        )
+        return AttentionSlots(keys=torch.zeros(shape, dtype=self.dtype, device=device),
+                              values=torch.zeros(shape, dtype=self.dtype, device=device),
+                              masks=self._window_shapes[(ring, sinks, slots)])
 
     def _recurrent_state(self, mixer) -> RecurrentLayerCache:
         cache = RecurrentLayerCache()
@@ -195,7 +192,7 @@ class StaticDecoder:
         for cache in self._attention_slot_caches():
             out += [cache.keys, cache.values]
         for masks in self._window_shapes.values():
-            out += [masks.valid, masks.sink_index]  # the step's slots are not cache: they are rewritten every step
+            out += [masks.valid, masks.sink_index]  # not slot and sink_slot: every step rewrites them
         for cache in self.layer_caches:
             recurrent = cache.memory if isinstance(cache, WindowMemorySlots) else cache
             if isinstance(recurrent, RecurrentLayerCache):
@@ -350,25 +347,27 @@ def _copy_state(cache: RecurrentLayerCache, prefilled: RecurrentLayerCache) -> N
 def _fill_slots(slots: AttentionSlots, keys: torch.Tensor, values: torch.Tensor, key_slots: torch.Tensor,
                 mask: torch.Tensor) -> None:
     """Copy prefill K/V [B, Hkv, n, D] of the prompt's stream indices key_slots [n] into their ring slots, and each
-    row's first `sinks` real tokens into its sink slots; mask [B, T] is the prompt's (0 at left padding)."""
+    row's first `sinks` real tokens into its sink slots; mask [B, T] is the prompt's (0 at left padding). The shared
+    masks get the same values from every layer of their shape."""
+    masks = slots.masks
     last = mask.shape[1] - 1  # the ring now holds stream indices (last - ring, last]
-    in_ring = key_slots > last - slots.ring  # [n]
+    in_ring = key_slots > last - masks.ring  # [n]
     index = key_slots[in_ring]
-    where = index % slots.ring
+    where = index % masks.ring
     slots.keys[:, :, where] = keys[:, :, in_ring]
     slots.values[:, :, where] = values[:, :, in_ring]
-    slots.valid[:, where] = mask[:, index]
-    if slots.sinks:
+    masks.valid[:, where] = mask[:, index]
+    if masks.sinks:
         rank = real_token_rank(mask)[:, key_slots]  # [B, n]
-        rows, cols = ((rank < slots.sinks) & mask[:, key_slots]).nonzero(as_tuple=True)
+        rows, cols = ((rank < masks.sinks) & mask[:, key_slots]).nonzero(as_tuple=True)
         sink = rank[rows, cols]
-        slots.keys[rows, :, slots.ring + sink] = keys[rows, :, cols]
-        slots.values[rows, :, slots.ring + sink] = values[rows, :, cols]
-        slots.sink_index[rows, sink] = key_slots[cols]
-        _update_sink_validity(slots, last)
+        slots.keys[rows, :, masks.ring + sink] = keys[rows, :, cols]
+        slots.values[rows, :, masks.ring + sink] = values[rows, :, cols]
+        masks.sink_index[rows, sink] = key_slots[cols]
+        _update_sink_validity(masks, last)
 
 
-def _admit_token(masks: AttentionSlots, index: torch.Tensor, position: torch.Tensor) -> None:
+def _admit_token(masks: SlotMasks, index: torch.Tensor, position: torch.Tensor) -> None:
     """Before a step's layers attend: the step's token (stream index `index`, its row's position-th real token) goes
     to ring slot `slot`, which becomes valid; if it is among its row's first `sinks` real tokens it also goes to that
     row's `sink_slot` and is noted as a sink; sinks whose token has left the ring become valid. Once for all the
@@ -385,9 +384,9 @@ def _admit_token(masks: AttentionSlots, index: torch.Tensor, position: torch.Ten
         _update_sink_validity(masks, index)
 
 
-def _update_sink_validity(slots: AttentionSlots, index) -> None:
+def _update_sink_validity(masks: SlotMasks, index) -> None:
     """A sink slot is seen only once its token has left the ring (stream index <= index - ring): never twice."""
-    slots.valid[:, slots.ring : slots.ring + slots.sinks] = slots.sink_index <= index - slots.ring
+    masks.valid[:, masks.ring : masks.ring + masks.sinks] = masks.sink_index <= index - masks.ring
 
 
 def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots, projected=None) -> torch.Tensor:
@@ -402,7 +401,8 @@ def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots,
     heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
     q, k, v = projected if projected is not None else project(x, attention.input_groups)  # [B, 1, H*D], [B, 1, Hkv*D]
     q = ops.rope_store(q.view(batch, heads, dim), k.view(batch, kv_heads, dim), v.view(batch, kv_heads, dim),
-                       cos[:, 0], sin[:, 0], slots.keys, slots.values, slots.slot, slots.sink_slot)  # [B, H, D]
+                       cos[:, 0], sin[:, 0], slots.keys, slots.values, slots.masks.slot,
+                       slots.masks.sink_slot)  # [B, H, D]
     grouped_q = q.view(batch, kv_heads, heads // kv_heads, dim)  # [B, Hkv, G, D]
-    out = ops.decode_attention(grouped_q, slots.keys, slots.values, slots.valid)  # [B, Hkv, G, D]
+    out = ops.decode_attention(grouped_q, slots.keys, slots.values, slots.masks.valid)  # [B, Hkv, G, D]
     return attention.o_proj(out.reshape(batch, 1, heads * dim))  # [B, 1, C]
