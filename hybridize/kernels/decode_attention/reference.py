@@ -1,6 +1,7 @@
 """One-token attention over static KV slots in plain PyTorch: the fp32 ground truth for the split-KV Triton kernel."""
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 def check_args(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
@@ -43,17 +44,11 @@ def decode_attention(
 
 def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, sink_slot: torch.Tensor) -> torch.Tensor:
-    """One decode token's attention inputs into static slots; see rope_store in __init__. The rotation is Llama's
-    (x cos + rotate_half(x) sin) in fp32, so on fp32 inputs it equals transformers' apply_rotary_pos_emb bit for bit."""
+    """One decode token's attention inputs into static slots; see rope_store in __init__. The rotation is
+    transformers' Llama RoPE, computed in fp32."""
     dt = compute_dtype(q)
-    cos, sin = cos.to(dt)[:, None], sin.to(dt)[:, None]  # [B, 1, D]
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(dt)
-        half = x.shape[-1] // 2
-        return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), -1) * sin)
-
-    k_rot, v = rotate(k).to(keys.dtype), v.to(values.dtype)  # [B, Hkv, D] each
+    q_rot, k_rot = apply_rotary_pos_emb(q.to(dt), k.to(dt), cos.to(dt), sin.to(dt))  # cos, sin [B, D] -> [B, 1, D]
+    k_rot, v = k_rot.to(keys.dtype), v.to(values.dtype)  # [B, Hkv, D] each
     keys.index_copy_(2, slot, k_rot[:, :, None])
     values.index_copy_(2, slot, v[:, :, None])
     # Every row is written, with a where() keeping what a row without a sink slot holds: no data-dependent shapes,
@@ -63,4 +58,4 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     where = sink_slot.clamp(min=0)  # [B]
     keys[rows, :, where] = torch.where(is_sink, k_rot, keys[rows, :, where])
     values[rows, :, where] = torch.where(is_sink, v, values[rows, :, where])
-    return rotate(q).to(q.dtype)
+    return q_rot.to(q.dtype)
