@@ -36,6 +36,8 @@ class GatedDeltaNetMixer(nn.Module):
     gives it that many heads, each with its own q and k: a head-wise layer's recurrent part.
     """
 
+    plain_recurrence = True  # recurrence() is the delta rule on this token: a decode step may run as one launch
+
     def __init__(self, config, layer_idx: int, heads: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
@@ -105,8 +107,14 @@ class GatedDeltaNetMixer(nn.Module):
             # Zeroed inputs at left-padding positions leave the state at zero until the first real token.
             hidden_states = hidden_states * keep
         qkv, a, b, gate = projected if projected is not None else project(hidden_states, self.input_groups)
-        qkv, conv_state = cached_short_conv(qkv, self.conv_weight, None, layer_cache, keep)  # [B, T, D_conv]
         decoding = is_decoding(layer_cache, length)
+        if decoding and self.fused_inputs and self.plain_recurrence and not self.rope:  # conv, rule, norm: one launch
+            o = ops.gated_delta_layer_step(
+                qkv[:, 0], a[:, 0], b[:, 0], gate[:, 0], self.conv_weight, layer_cache.conv_state,
+                layer_cache.recurrent_state, self.gate_params, self.norm_weight, k_heads=self.num_k_heads,
+                scale=self.head_k_dim**-0.5, norm_eps=self.norm_eps)  # [B, H*V]
+            return self.o_proj(o[:, None])
+        qkv, conv_state = cached_short_conv(qkv, self.conv_weight, None, layer_cache, keep)  # [B, T, D_conv]
         q, k, v = torch.split(qkv, self.conv_channels, dim=-1)
         q = q.view(batch, length, self.num_k_heads, self.head_k_dim)  # [B, T, HK, K]
         k = k.view(batch, length, self.num_k_heads, self.head_k_dim)  # [B, T, HK, K]

@@ -40,6 +40,8 @@ class OutsideWindowGatedDeltaNet(GatedDeltaNetMixer):
     """A Gated DeltaNet whose query at t reads a state of tokens up to t - sliding_window only: those that have left
     the window. Same parameters as GatedDeltaNetMixer."""
 
+    plain_recurrence = False  # its decode step writes a delayed token: not the one-launch layer step
+
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.delay = config.sliding_window

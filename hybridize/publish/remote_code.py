@@ -22,6 +22,8 @@ AUTO_MAP = {
 }
 KERNEL_PACKAGE = "hybridize.kernels."
 _BARE_RELATIVE = re.compile(r"^from \. import (\w+)$", re.MULTILINE)
+# A reference that builds on another op's reference imports it absolutely; the exported copy imports its ref_ file.
+_OTHER_REFERENCE = re.compile(r"^from hybridize\.kernels\.(\w+)\.reference import", re.MULTILINE)
 
 # The exported ops.py. The installed `hybridize` is identified by reading its __init__.py, never by importing it:
 # a different package that took the name on an index must not run in the process of someone loading the model.
@@ -89,14 +91,20 @@ def kernel_imports() -> list[tuple[str, list[str]]]:
     return found
 
 
-def _reference_source(op: str, names: list[str]) -> str:
-    """The op's reference.py, checked to be self-contained and to define every name the model imports."""
+def _reference_source(op: str, names: list[str], exported_ops: set[str]) -> str:
+    """The op's reference.py, checked to import nothing but the other exported references and to define every name
+    the model imports; its imports of those references become imports of their ref_ files."""
     path = Path(model_package.__file__).parent.parent / "kernels" / op / "reference.py"
     source = path.read_text()
     tree = ast.parse(source)
     relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
     if relative:
         raise RuntimeError(f"{path} imports relatively (line {relative[0].lineno}); the exported copy would break")
+    unexported = sorted(set(_OTHER_REFERENCE.findall(source)) - exported_ops)
+    if unexported:
+        raise RuntimeError(f"{path} builds on the reference of {', '.join(unexported)}, which the model does not "
+                           "import from hybridize/model/ops.py, so the export would not carry it")
+    source = _OTHER_REFERENCE.sub(lambda m: f"from .ref_{m.group(1)} import", source)
     defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     defined |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
     missing = sorted(set(names) - defined)
@@ -121,7 +129,7 @@ def write_code(folder: Path) -> list[str]:
         written.append(path.name)
     imports = kernel_imports()
     for op, names in imports:
-        (folder / f"ref_{op}.py").write_text(_reference_source(op, names))
+        (folder / f"ref_{op}.py").write_text(_reference_source(op, names, {op for op, _ in imports}))
         written.append(f"ref_{op}.py")
     (folder / "ops.py").write_text(ops_source(imports))
     return [*written, "ops.py"]

@@ -10,7 +10,7 @@ from helpers import INTRA_LAYER_TYPES, assert_rel_rmse, intra_layer_model, rel_r
 
 from hybridize.kernels import conv1d, gated_delta, norm, ssd
 from hybridize.model import HybridCache, HybridConfig, HybridForCausalLM
-from hybridize.model.configuration_hybrid import BRANCH_TYPES
+from hybridize.model.configuration_hybrid import BRANCH_TYPES, WINDOW_MEMORY_TYPES
 
 PLAN = ["mamba2", "full_attention", "gated_deltanet", "sliding_attention", "mamba2", "gated_deltanet"]
 
@@ -59,10 +59,14 @@ def test_cuda_training_tracks_reference_loss():
 
 # The Triton function behind each op the model calls: (op package, its Triton module, function name).
 TRITON_FUNCTIONS = [(gated_delta, "chunk", "chunk_gated_delta_rule"), (gated_delta, "recurrent", "gated_delta_step"),
+                    (gated_delta, "layer_step", "gated_delta_layer_step"),
                     (ssd, "chunk", "chunk_ssd"), (ssd, "recurrent", "ssd_step"), (conv1d, "chunk", "causal_conv1d"),
                     (conv1d, "recurrent", "causal_conv1d_step"), (norm, "chunk", "gated_rms_norm")]
-# The chunked and single-step kernels of each recurrent mixer; every such mixer also runs the conv and the norm.
-RECURRENCE_KERNELS = {"gated_deltanet": ("chunk_gated_delta_rule", "gated_delta_step"), "mamba2": ("chunk_ssd", "ssd_step")}
+# The chunked kernel of each recurrent mixer and its decode step's kernels; every such mixer also runs the conv and
+# the norm. A Gated DeltaNet step is one launch (conv, delta rule and norm), unless its writes wait outside a window.
+CHUNK_KERNELS = {"gated_deltanet": "chunk_gated_delta_rule", "mamba2": "chunk_ssd"}
+STEP_KERNELS = {"gated_deltanet": {"gated_delta_layer_step"}, "mamba2": {"causal_conv1d_step", "ssd_step"}}
+DELAYED_STEP_KERNELS = {"gated_deltanet": {"causal_conv1d_step", "gated_delta_step"}, "mamba2": STEP_KERNELS["mamba2"]}
 FP32_UNIT = 2.0**-24  # unit roundoff
 
 
@@ -86,12 +90,15 @@ def triton_kernels():
         yield ran
 
 
-def kernels_of(layer_types: list[str], decoding: bool) -> set[str]:
-    """The Triton functions a model of `layer_types` must run: chunked ones, plus the steps when decoding."""
-    recurrent = {BRANCH_TYPES[kind] for kind in layer_types}
-    chunked = {"causal_conv1d", "gated_rms_norm"} | {RECURRENCE_KERNELS[mixer][0] for mixer in recurrent}
-    steps = {"causal_conv1d_step"} | {RECURRENCE_KERNELS[mixer][1] for mixer in recurrent}
-    return chunked | steps if decoding else chunked
+def kernels_of(layer_types: list[str], decoding: bool, delayed: bool = False) -> set[str]:
+    """The Triton functions a model of `layer_types` must run: chunked ones, plus the steps' when decoding (with
+    `delayed`, window + memory layers whose memories write only what has left the window)."""
+    chunked = {"causal_conv1d", "gated_rms_norm"} | {CHUNK_KERNELS[BRANCH_TYPES[kind]] for kind in layer_types}
+    if not decoding:
+        return chunked
+    step_kernels = [DELAYED_STEP_KERNELS if delayed and kind in WINDOW_MEMORY_TYPES else STEP_KERNELS
+                    for kind in layer_types]
+    return chunked.union(*(kernels[BRANCH_TYPES[kind]] for kernels, kind in zip(step_kernels, layer_types)))
 
 
 def assert_as_exact_as_the_reference(actual: torch.Tensor, reference: torch.Tensor, exact: torch.Tensor,
@@ -161,6 +168,6 @@ def test_interpreted_kernels_prefill_and_decode_intra_layer_types_as_the_referen
     reference = prefill_then_decode(model, input_ids, attention_mask, prefill=(13, 29))
     with triton_kernels() as ran:
         actual = prefill_then_decode(model, input_ids, attention_mask, prefill=(13, 29))
-    assert ran == kernels_of(INTRA_LAYER_TYPES, decoding=True)
+    assert ran == kernels_of(INTRA_LAYER_TYPES, decoding=True, delayed=windowed)
     exact = prefill_then_decode(copy.deepcopy(model).double(), input_ids, attention_mask, prefill=(13, 29))
     assert_as_exact_as_the_reference(actual, reference, exact, "logits")

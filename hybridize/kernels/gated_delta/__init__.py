@@ -3,10 +3,11 @@
 import torch
 
 from hybridize.kernels.backend import check_one_dtype, resolve_backend
-from hybridize.kernels.gated_delta import chunk, recurrent, reference
+from hybridize.kernels.gated_delta import chunk, layer_step, recurrent, reference
 from hybridize.kernels.gated_delta.reference import GateParams, recurrent_gated_delta_rule
 
-__all__ = ["GateParams", "chunk_gated_delta_rule", "gated_delta_step", "recurrent_gated_delta_rule"]
+__all__ = ["GateParams", "chunk_gated_delta_rule", "gated_delta_layer_step", "gated_delta_step",
+           "recurrent_gated_delta_rule"]
 
 
 def chunk_gated_delta_rule(
@@ -60,3 +61,30 @@ def gated_delta_step(
     """
     impl = recurrent if resolve_backend(backend, q) == "triton" else reference
     return impl.gated_delta_step(q, k, v, g, beta, state, scale=scale, gate_params=gate_params, qk_l2norm=qk_l2norm)
+
+
+def gated_delta_layer_step(
+    qkv: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gate: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    state: torch.Tensor,
+    gate_params: GateParams,
+    norm_weight: torch.Tensor,
+    *,
+    k_heads: int,
+    scale: float | None = None,
+    norm_eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decode token of a Gated DeltaNet layer between its projections: short conv + SiLU of qkv (conv_state
+    updated in place), L2-normed q and k, the gate and beta from the raw a and b, the delta rule (state updated in
+    place) and the gated RMSNorm of the output; see `layer_step.gated_delta_layer_step` for shapes.
+
+    backend: "auto" (Triton on CUDA tensors, else the reference), "triton" or "reference".
+    """
+    impl = layer_step if resolve_backend(backend, qkv) == "triton" else reference
+    return impl.gated_delta_layer_step(qkv, a, b, gate, conv_weight, conv_state, state, gate_params, norm_weight,
+                                       k_heads=k_heads, scale=scale, norm_eps=norm_eps)

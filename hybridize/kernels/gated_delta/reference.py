@@ -10,6 +10,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from hybridize.kernels.conv1d.reference import causal_conv1d_step
+from hybridize.kernels.norm.reference import gated_rms_norm
+
 L2NORM_EPS = 1e-6  # inside the rsqrt
 
 
@@ -213,3 +216,18 @@ def gated_delta_step(q, k, v, g, beta, state, *, scale=None, gate_params=None, q
     S = S + k[..., None] * delta[..., None, :]
     state.copy_(S)
     return (scale * torch.einsum("bhkv,bhk->bhv", S, q)).to(v.dtype)
+
+
+def gated_delta_layer_step(qkv, a, b, gate, conv_weight, conv_state, state, gate_params, norm_weight, *, k_heads,
+                           scale=None, norm_eps=1e-6):
+    """A Gated DeltaNet layer's decode step from its raw projections, as the kernel in layer_step.py computes it: the
+    conv step, the delta step and the gated norm one after another, in fp32 throughout (the kernel keeps its
+    intermediates in fp32 too). conv_state and state are updated in place; returns o [B, H V] in qkv's dtype."""
+    B, H, K, V = state.shape
+    dt = _compute_dtype(state)
+    y = causal_conv1d_step(qkv.to(dt), conv_weight, None, conv_state=conv_state, activation="silu")
+    q, k, v = y.split([k_heads * K, k_heads * K, H * V], dim=-1)
+    o = gated_delta_step(q.view(B, k_heads, K), k.view(B, k_heads, K), v.view(B, H, V), a, b, state, scale=scale,
+                         gate_params=gate_params, qk_l2norm=True)  # [B, H, V]
+    o = gated_rms_norm(o, gate.reshape(B, H, V).to(dt), norm_weight, eps=norm_eps)
+    return o.reshape(B, H * V).to(qkv.dtype)
