@@ -191,8 +191,9 @@ def causal_conv1d_bwd_kernel(
     # the initial state's column c sits at position c-W+1, so it takes the dx formula there
     if USE_INITIAL_STATE:
         if i_c == 0:
-            b_dh0, _, _, _, _, _ = _conv_bwd_rows(
-                p_x, p_h, p_dy, 1 - W, T, b_w0, b_w1, b_w2, b_w3, b_b, o_d, m_d, D, 4, W, USE_INITIAL_STATE, USE_SILU)
+            # [0], not `b_dh0, _, ...`: `_` holds an int above, and a branch may not give it another type
+            b_dh0 = _conv_bwd_rows(
+                p_x, p_h, p_dy, 1 - W, T, b_w0, b_w1, b_w2, b_w3, b_b, o_d, m_d, D, 4, W, USE_INITIAL_STATE, USE_SILU)[0]
             if USE_FINAL_STATE_GRAD:
                 # when T < W-1 the final state's column j is the initial state's column T+j
                 o_j = o_w - T

@@ -44,18 +44,19 @@ def _rope_store_kernel(
         tl.store(p_out + HALF + o, r2.to(q_out.dtype.element_ty), mask=m)
     else:
         i_kv = i_h - H
-        r1, r2 = _rotated(k + i_b * s_kb + i_kv * 2 * HALF, c1, c2, s1, s2, o, m, HALF)
-        r1, r2 = r1.to(keys.dtype.element_ty), r2.to(keys.dtype.element_ty)
+        # names of their own: a variable of both branches must have one type where they join (compiled Triton)
+        k1, k2 = _rotated(k + i_b * s_kb + i_kv * 2 * HALF, c1, c2, s1, s2, o, m, HALF)
+        k1, k2 = k1.to(keys.dtype.element_ty), k2.to(keys.dtype.element_ty)
         p_v = v + i_b * s_vb + i_kv * 2 * HALF
         v1 = tl.load(p_v + o, mask=m, other=0.0).to(values.dtype.element_ty)
         v2 = tl.load(p_v + HALF + o, mask=m, other=0.0).to(values.dtype.element_ty)
         p_k = keys + i_b.to(tl.int64) * s_kcb + i_kv * s_kch
         p_vc = values + i_b.to(tl.int64) * s_vcb + i_kv * s_vch
         ring = tl.load(slot)
-        _store_head(p_k + ring * s_kcs, p_vc + ring * s_vcs, r1, r2, v1, v2, o, m, HALF)
+        _store_head(p_k + ring * s_kcs, p_vc + ring * s_vcs, k1, k2, v1, v2, o, m, HALF)
         sink = tl.load(sink_slot + i_b)
         if sink >= 0:  # the row's token is one of its first `sinks`: also kept in its sink slot
-            _store_head(p_k + sink * s_kcs, p_vc + sink * s_vcs, r1, r2, v1, v2, o, m, HALF)
+            _store_head(p_k + sink * s_kcs, p_vc + sink * s_vcs, k1, k2, v1, v2, o, m, HALF)
 
 
 def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
