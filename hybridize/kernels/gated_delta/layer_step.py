@@ -13,27 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridize.kernels.conv1d.recurrent import conv_step_channels
 from hybridize.kernels.gated_delta.inputs import decay_gate
 from hybridize.kernels.gated_delta.reference import L2NORM_EPS, GateParams, check_gate_params
 from hybridize.kernels.layout import batch_rows
-
-
-@triton.jit
-def _conv_silu(x_row, w, p_window, s_sw, o_c, m_c, W: tl.constexpr, BW: tl.constexpr):
-    """silu(conv) [BC] fp32 of channels o_c, with their window shifted left and the new input appended, in place."""
-    o_w = tl.arange(0, BW)
-    m_old = m_c[:, None] & (o_w < W - 1)[None, :]
-    b_x = tl.load(x_row + o_c, mask=m_c, other=0.0)  # [BC]
-    b_old = tl.load(p_window + o_w[None, :] * s_sw, mask=m_old, other=0.0)  # [BC, BW]: the W-1 stored inputs
-    b_win = tl.where((o_w == W - 1)[None, :], b_x[:, None].to(tl.float32), b_old.to(tl.float32))
-    b_w = tl.load(w + o_c[:, None] * W + o_w[None, :], mask=m_c[:, None] & (o_w < W)[None, :], other=0.0)
-    b_y = tl.sum(b_win * b_w.to(tl.float32), 1)  # [BC]
-    b_new = tl.load(p_window + (o_w + 1)[None, :] * s_sw, mask=m_c[:, None] & (o_w < W - 2)[None, :], other=0.0)
-    b_new = tl.where((o_w == W - 2)[None, :], b_x[:, None].to(b_new.dtype), b_new)
-    # other threads of this program read cells that these stores overwrite: all reads must land first
-    tl.debug_barrier()
-    tl.store(p_window + o_w[None, :] * s_sw, b_new, mask=m_old)
-    return b_y * tl.sigmoid(b_y)
 
 
 @triton.jit
@@ -50,14 +33,15 @@ def _layer_step_kernel(
     w_row = window + i_b * s_wb
     # channels: q [HK*K], then k [HK*K], then v [H*V]
     c_q, c_k = i_hk * K + o_k, HK * K + i_hk * K + o_k
-    b_q = _conv_silu(x_row, conv_w, w_row + c_q[:, None] * s_wc, s_ww, c_q, m_k, W, BW)  # [BK]
-    b_k = _conv_silu(x_row, conv_w, w_row + c_k[:, None] * s_wc, s_ww, c_k, m_k, W, BW)  # [BK]
+    b_q = conv_step_channels(x_row, conv_w, None, w_row + c_q[:, None] * s_wc, s_ww, c_q, m_k, W, BW, False, True)
+    b_k = conv_step_channels(x_row, conv_w, None, w_row + c_k[:, None] * s_wc, s_ww, c_k, m_k, W, BW, False, True)
     b_q *= tl.rsqrt(tl.sum(b_q * b_q) + l2_eps)
     b_k *= tl.rsqrt(tl.sum(b_k * b_k) + l2_eps)
     for i_g in range(H // HK):
         i_h = i_hk * (H // HK) + i_g
         c_v = 2 * HK * K + i_h * V + o_v
-        b_v = _conv_silu(x_row, conv_w, w_row + c_v[:, None] * s_wc, s_ww, c_v, m_v, W, BW)  # [BV]
+        b_v = conv_step_channels(x_row, conv_w, None, w_row + c_v[:, None] * s_wc, s_ww, c_v, m_v, W, BW, False,
+                                 True)  # [BV]
         b_g, _ = decay_gate(tl.load(a + i_b * s_ab + i_h), tl.load(A_log + i_h).to(tl.float32),
                             tl.load(dt_bias + i_h).to(tl.float32))
         b_beta = tl.sigmoid(tl.load(b + i_b * s_bb + i_h).to(tl.float32) + tl.load(b_bias + i_h).to(tl.float32))
