@@ -21,6 +21,8 @@ class Mamba2Mixer(nn.Module):
     and mamba_num_groups) gives it that many heads, each with its own B and C: a head-wise layer's recurrent part.
     """
 
+    plain_recurrence = True  # recurrence() is the SSD on this token: a decode step may run as one launch
+
     def __init__(self, config, layer_idx: int, heads: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
@@ -84,8 +86,14 @@ class Mamba2Mixer(nn.Module):
             # Zeroed inputs at left-padding positions leave the state at zero until the first real token.
             hidden_states = hidden_states * keep
         xbc, dt, z = projected if projected is not None else project(hidden_states, self.input_groups)
-        xbc, conv_state = cached_short_conv(xbc, self.conv_weight, self.conv_bias, layer_cache, keep)  # [B, T, D_conv]
         decoding = is_decoding(layer_cache, length)
+        if decoding and self.plain_recurrence and not self.rope:  # conv, SSD, skip and norm: one launch
+            y = ops.ssd_layer_step(
+                xbc[:, 0], dt[:, 0], z[:, 0], self.conv_weight, self.conv_bias, layer_cache.conv_state,
+                layer_cache.recurrent_state, self.A_log, self.dt_bias, self.D, self.norm_weight,
+                groups=self.num_groups, scale=self.state_size**-0.5, norm_eps=self.norm_eps)  # [B, H*P]
+            return self.out_proj(y[:, None])
+        xbc, conv_state = cached_short_conv(xbc, self.conv_weight, self.conv_bias, layer_cache, keep)  # [B, T, D_conv]
         x, b, c = torch.split(xbc, self.conv_channels, dim=-1)
         x = x.view(batch, length, self.num_heads, self.head_dim)  # [B, T, H, P]
         b = b.view(batch, length, self.num_groups, self.state_size)  # [B, T, G, N]

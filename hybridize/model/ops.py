@@ -13,7 +13,7 @@ from hybridize.kernels.conv1d import causal_conv1d, causal_conv1d_step
 from hybridize.kernels.decode_attention import decode_attention, rope_store
 from hybridize.kernels.gated_delta import GateParams, chunk_gated_delta_rule, gated_delta_layer_step, gated_delta_step
 from hybridize.kernels.norm import gated_rms_norm
-from hybridize.kernels.ssd import chunk_ssd, ssd_step
+from hybridize.kernels.ssd import chunk_ssd, ssd_layer_step, ssd_step
 
 causal_conv1d = torch.compiler.disable(causal_conv1d)
 chunk_gated_delta_rule = torch.compiler.disable(chunk_gated_delta_rule)
@@ -31,4 +31,5 @@ __all__ = [
     "gated_rms_norm",
     "chunk_ssd",
     "ssd_step",
+    "ssd_layer_step",
 ]

@@ -61,6 +61,8 @@ class OutsideWindowMamba2(Mamba2Mixer):
     """A Mamba2 whose query at t reads a state of tokens up to t - sliding_window only (its D skip still reads the
     current token). Same parameters as Mamba2Mixer."""
 
+    plain_recurrence = False  # its decode step writes a delayed token: not the one-launch layer step
+
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.delay = config.sliding_window

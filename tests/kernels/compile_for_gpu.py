@@ -34,6 +34,7 @@ from hybridize.kernels.gated_delta.reference import GateParams
 from hybridize.kernels.kd_rows import online
 from hybridize.kernels.norm import chunk as norm_chunk
 from hybridize.kernels.ssd import chunk as ssd_chunk
+from hybridize.kernels.ssd import layer_step as ssd_layer_step
 from hybridize.kernels.ssd import recurrent as ssd_recurrent
 
 
@@ -59,7 +60,7 @@ _jit_run = JITFunction.run
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
     kernel = _jit_run(self, *args, grid=grid, warmup=True, **kwargs)
-    compiled.add(self.fn.__name__)
+    compiled.add(f"{self.fn.__module__}.{self.fn.__name__}")
     return kernel
 
 
@@ -115,7 +116,14 @@ def ssd(dtype):
     o, ht = ssd_chunk.chunk_ssd(q, k, v, g, initial_state=h0, output_final_state=True)
     _grads([o, ht], [q, k, v, g, h0])
     with torch.no_grad():
-        ssd_recurrent.ssd_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], h0.detach().clone())
+        state = h0.detach().clone()
+        ssd_recurrent.ssd_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state)
+        channels = H * P + 2 * G * N
+        per_head = [torch.randn(H) for _ in range(3)]
+        ssd_layer_step.ssd_layer_step(
+            torch.randn(B, channels).to(dtype), torch.randn(B, H), torch.randn(B, H * P).to(dtype),
+            torch.randn(channels, 4).to(dtype), torch.randn(channels).to(dtype), torch.randn(B, channels, 3).to(dtype),
+            state, *per_head, torch.ones(P).to(dtype), groups=G)
 
 
 def conv(dtype):
@@ -156,15 +164,19 @@ OPS = [gated_delta, ssd, conv, norm, decode_attention, kd_rows]
 
 
 def launched_kernels() -> set[str]:
-    """Names of the package's @triton.jit kernels that its sources launch (`name[grid](...)`)."""
+    """Qualified names of the package's kernels: every autotuned @triton.jit function (only launches are tuned), and
+    every other one that its module's source launches by name (`name[grid](...)`)."""
     names = set()
     for info in pkgutil.walk_packages(hybridize.kernels.__path__, "hybridize.kernels."):
         module = importlib.import_module(info.name)
         source = inspect.getsource(module)
         for name, value in vars(module).items():
-            if isinstance(value, (JITFunction, Autotuner)) and value.__module__ == info.name \
-                    and re.search(rf"\b{name}\[", source):
-                names.add(value.fn.__name__ if isinstance(value, JITFunction) else value.fn.fn.__name__)
+            tuned = isinstance(value, Autotuner)
+            if not (tuned or isinstance(value, JITFunction)):
+                continue
+            fn = value.fn.fn if tuned else value.fn
+            if fn.__module__ == info.name and (tuned or re.search(rf"\b{name}\[", source)):
+                names.add(f"{fn.__module__}.{fn.__name__}")
     return names
 
 

@@ -59,14 +59,15 @@ def test_cuda_training_tracks_reference_loss():
 
 # The Triton function behind each op the model calls: (op package, its Triton module, function name).
 TRITON_FUNCTIONS = [(gated_delta, "chunk", "chunk_gated_delta_rule"), (gated_delta, "recurrent", "gated_delta_step"),
-                    (gated_delta, "layer_step", "gated_delta_layer_step"),
+                    (gated_delta, "layer_step", "gated_delta_layer_step"), (ssd, "layer_step", "ssd_layer_step"),
                     (ssd, "chunk", "chunk_ssd"), (ssd, "recurrent", "ssd_step"), (conv1d, "chunk", "causal_conv1d"),
                     (conv1d, "recurrent", "causal_conv1d_step"), (norm, "chunk", "gated_rms_norm")]
 # The chunked kernel of each recurrent mixer and its decode step's kernels; every such mixer also runs the conv and
-# the norm. A Gated DeltaNet step is one launch (conv, delta rule and norm), unless its writes wait outside a window.
+# the norm. A decode step is one launch (conv, recurrence and norm), unless the memory's writes wait outside a window.
 CHUNK_KERNELS = {"gated_deltanet": "chunk_gated_delta_rule", "mamba2": "chunk_ssd"}
-STEP_KERNELS = {"gated_deltanet": {"gated_delta_layer_step"}, "mamba2": {"causal_conv1d_step", "ssd_step"}}
-DELAYED_STEP_KERNELS = {"gated_deltanet": {"causal_conv1d_step", "gated_delta_step"}, "mamba2": STEP_KERNELS["mamba2"]}
+STEP_KERNELS = {"gated_deltanet": {"gated_delta_layer_step"}, "mamba2": {"ssd_layer_step"}}
+DELAYED_STEP_KERNELS = {"gated_deltanet": {"causal_conv1d_step", "gated_delta_step"},
+                        "mamba2": {"causal_conv1d_step", "ssd_step"}}
 FP32_UNIT = 2.0**-24  # unit roundoff
 
 

@@ -9,10 +9,10 @@ from typing import Optional, Tuple
 import torch
 
 from ..backend import check_one_dtype, resolve_backend
-from . import chunk, recurrent, reference
+from . import chunk, layer_step, recurrent, reference
 from .reference import recurrent_ssd
 
-__all__ = ["chunk_ssd", "ssd_step", "recurrent_ssd"]
+__all__ = ["chunk_ssd", "ssd_step", "ssd_layer_step", "recurrent_ssd"]
 
 
 def chunk_ssd(
@@ -72,3 +72,32 @@ def ssd_step(
     """
     impl = recurrent if resolve_backend(backend, q) == "triton" else reference
     return impl.ssd_step(q, k, v, g, state, scale=scale)
+
+
+def ssd_layer_step(
+    xbc: torch.Tensor,
+    dt: torch.Tensor,
+    z: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor,
+    conv_state: torch.Tensor,
+    state: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    D: torch.Tensor,
+    norm_weight: torch.Tensor,
+    *,
+    groups: int,
+    scale: Optional[float] = None,
+    norm_eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decode token of a Mamba2 layer between its projections: short conv + SiLU of xbc (conv_state updated in
+    place), dt and the decay from the raw dt, the SSD step (state updated in place), the D skip and the gated RMSNorm;
+    see `layer_step.ssd_layer_step` for shapes.
+
+    backend: "auto" (Triton on CUDA tensors, else the reference), "triton" or "reference".
+    """
+    impl = layer_step if resolve_backend(backend, xbc) == "triton" else reference
+    return impl.ssd_layer_step(xbc, dt, z, conv_weight, conv_bias, conv_state, state, A_log, dt_bias, D, norm_weight,
+                               groups=groups, scale=scale, norm_eps=norm_eps)

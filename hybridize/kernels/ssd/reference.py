@@ -10,6 +10,9 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from hybridize.kernels.conv1d.reference import causal_conv1d_step
+from hybridize.kernels.norm.reference import gated_rms_norm
+
 # fn(q, k, v, g, h0, scale) -> (o, ht) on one batch of equal-length sequences, heads already expanded.
 _SequenceFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 
@@ -163,3 +166,22 @@ def ssd_step(
     q, k = _expand_groups(q, H).to(state.dtype), _expand_groups(k, H).to(state.dtype)
     state.mul_(g.to(state.dtype).exp()[..., None, None]).add_(k[..., :, None] * v.to(state.dtype)[..., None, :])
     return (torch.einsum("bhn,bhnp->bhp", q, state) * scale).to(v.dtype)
+
+
+def ssd_layer_step(xbc, dt, z, conv_weight, conv_bias, conv_state, state, A_log, dt_bias, D, norm_weight, *, groups,
+                   scale=None, norm_eps=1e-6):
+    """A Mamba2 layer's decode step from its raw projections, as the kernel in layer_step.py computes it: the conv
+    step, dt and the decay, the SSD step, the D skip and the gated norm one after another, in fp32 throughout (the
+    kernel keeps its intermediates in fp32 too). conv_state and state are updated in place; returns o [B, H P] in
+    xbc's dtype."""
+    B, H, N, P = state.shape
+    dtype = torch.float64 if state.dtype == torch.float64 else torch.float32
+    y = causal_conv1d_step(xbc.to(dtype), conv_weight, conv_bias, conv_state=conv_state, activation="silu")
+    x, b, c = y.split([H * P, groups * N, groups * N], dim=-1)
+    x = x.view(B, H, P)
+    step = F.softplus(dt.to(dtype) + dt_bias.to(dtype))  # [B, H]
+    decay = -torch.exp(A_log.to(dtype)) * step
+    o = ssd_step(c.view(B, groups, N), b.view(B, groups, N), x * step[..., None], decay, state, scale=scale)
+    o = o + D.to(dtype)[:, None] * x  # [B, H, P]
+    o = gated_rms_norm(o, z.reshape(B, H, P).to(dtype), norm_weight, eps=norm_eps)
+    return o.reshape(B, H * P).to(xbc.dtype)
