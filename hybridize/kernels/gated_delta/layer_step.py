@@ -2,8 +2,8 @@
 and v (its window updated in place), the L2 norms, the gate and beta from the raw a and b, the gated delta rule on the
 fp32 state (updated in place) and the gated RMSNorm of the output.
 
-Three launches a layer (conv step, delta step, norm) were most of a recurrent layer's decode time at batch 16: each
-moves a few kilobytes, so a launch costs more than its work. One program per (batch row, q/k head) does all of it,
+Unfused, that is three launches (conv step, delta step, norm), each moving a few kilobytes at a decode batch of 16,
+where a launch costs more than its work. One program per (batch row, q/k head) does all of it,
 keeping the conv outputs and the output in fp32 registers between the stages (the unfused ops round both to the
 input dtype). A program owns its q/k head's channels and the value heads that read them, so no two programs touch
 the same conv window.

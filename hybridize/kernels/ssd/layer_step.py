@@ -2,8 +2,9 @@
 (its window updated in place), dt = softplus(dt_raw + dt_bias) and the log decay -exp(A_log) dt, the SSD step on the
 fp32 state with v = x dt (updated in place), the D skip and the gated RMSNorm of the output.
 
-As for the Gated DeltaNet layer step (kernels/gated_delta/layer_step.py): the unfused step is five or so launches
-(conv, the dt arithmetic, SSD step, D skip, norm) that each move a few kilobytes. One program per (batch row, B/C
+As for the Gated DeltaNet layer step (kernels/gated_delta/layer_step.py): unfused, the conv step, the SSD step and
+the norm are launches of their own, with the dt arithmetic and the D skip as element-wise kernels between them, each
+moving a few kilobytes. One program per (batch row, B/C
 group) owns that group's B and C channels and the x channels of its heads, so no two programs touch the same conv
 window; conv outputs and the output stay in fp32 between the stages.
 """
