@@ -83,6 +83,15 @@ def _leaf(*shape, dtype, grad=True):
     return torch.randn(*shape).to(dtype).requires_grad_(grad)
 
 
+CU_SEQLENS = torch.tensor([0, 37, 80], dtype=torch.int32)  # two packed sequences in the 80 tokens of row 0
+CU_SEQLENS_37 = torch.tensor([0, 20, 37], dtype=torch.int32)
+
+
+def _packed_states(h0):
+    """One initial state per packed sequence, from the batch's first row's."""
+    return torch.cat([h0[:1], h0[:1]])
+
+
 def gated_delta(dtype):
     B, T, HK, H, K, V = 1, 80, 2, 4, 64, 64
     q, k = _leaf(B, T, HK, K, dtype=dtype), _leaf(B, T, HK, K, dtype=dtype)
@@ -90,12 +99,15 @@ def gated_delta(dtype):
     a, b = _leaf(B, T, H, dtype=torch.float32), _leaf(B, T, H, dtype=torch.float32)
     params = GateParams(*(_leaf(H, dtype=torch.float32) for _ in range(3)))
     h0 = _leaf(B, H, K, V, dtype=torch.float32)
-    for raw in (False, True):
-        o, ht = gdn_chunk.chunk_gated_delta_rule(q, k, v, a, b, initial_state=h0, output_final_state=True,
-                                                 gate_params=params if raw else None, qk_l2norm=raw)
+    # training (raw inputs, no states), prefill into a cache, chunked prefill, and packed sequences
+    for raw, initial, final, packed in [(True, False, False, False), (True, False, True, False),
+                                        (False, True, True, False), (True, True, True, True),
+                                        (False, False, False, True)]:
+        o, ht = gdn_chunk.chunk_gated_delta_rule(
+            q, k, v, a, b, initial_state=_packed_states(h0) if initial and packed else h0 if initial else None,
+            output_final_state=final, cu_seqlens=CU_SEQLENS if packed else None,
+            gate_params=params if raw else None, qk_l2norm=raw)
         _grads([o, ht], [q, k, v, a, b, h0, *params])
-    o, _ = gdn_chunk.chunk_gated_delta_rule(q, k, v, a, b, cu_seqlens=torch.tensor([0, 37, 80], dtype=torch.int32))
-    _grads([o], [q, k, v, a, b])
     with torch.no_grad():
         step = [x[:, 0] for x in (q, k, v, a, b)]
         state = h0.detach().clone()
@@ -113,8 +125,11 @@ def ssd(dtype):
     q, k = _leaf(B, T, G, N, dtype=dtype), _leaf(B, T, G, N, dtype=dtype)
     v, g = _leaf(B, T, H, P, dtype=dtype), (-torch.rand(B, T, H)).requires_grad_()
     h0 = _leaf(B, H, N, P, dtype=torch.float32)
-    o, ht = ssd_chunk.chunk_ssd(q, k, v, g, initial_state=h0, output_final_state=True)
-    _grads([o, ht], [q, k, v, g, h0])
+    for initial, final, packed in [(False, False, False), (True, True, False), (True, True, True)]:
+        o, ht = ssd_chunk.chunk_ssd(
+            q, k, v, g, initial_state=_packed_states(h0) if initial and packed else h0 if initial else None,
+            output_final_state=final, cu_seqlens=CU_SEQLENS if packed else None)
+        _grads([o, ht], [q, k, v, g, h0])
     with torch.no_grad():
         state = h0.detach().clone()
         ssd_recurrent.ssd_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state)
@@ -130,16 +145,23 @@ def conv(dtype):
     B, T, D, W = 2, 37, 96, 4
     x, weight, bias = _leaf(B, T, D, dtype=dtype), _leaf(D, W, dtype=dtype), _leaf(D, dtype=dtype)
     h0 = _leaf(B, D, W - 1, dtype=dtype)
-    y, state = conv_chunk.causal_conv1d(x, weight, bias, activation="silu", initial_state=h0,
-                                        output_final_state=True)
-    _grads([y, state], [x, weight, bias, h0])
+    for with_bias, activation, initial, final, packed in [(False, "silu", False, False, False),
+                                                         (True, "silu", True, True, False),
+                                                         (True, None, True, True, True)]:
+        rows = x[:1] if packed else x
+        y, state = conv_chunk.causal_conv1d(
+            rows, weight, bias if with_bias else None, activation=activation,
+            initial_state=_packed_states(h0) if initial and packed else h0 if initial else None,
+            output_final_state=final, cu_seqlens=CU_SEQLENS_37 if packed else None)
+        _grads([y, state], [x, weight, bias, h0])
     with torch.no_grad():
         conv_recurrent.causal_conv1d_step(x[:, 0], weight, bias, conv_state=h0.detach().clone(), activation="silu")
 
 
 def norm(dtype):
     x, gate, weight = _leaf(3, 5, 64, dtype=dtype), _leaf(3, 5, 64, dtype=dtype), _leaf(64, dtype=dtype)
-    _grads([norm_chunk.gated_rms_norm(x, gate, weight)], [x, gate, weight])
+    for gated in (True, False):
+        _grads([norm_chunk.gated_rms_norm(x, gate if gated else None, weight)], [x, gate, weight])
 
 
 def decode_attention(dtype):
