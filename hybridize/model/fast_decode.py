@@ -9,7 +9,8 @@ overhead, not the GPU, sets the decode speed. StaticDecoder removes it:
   memory layer has both: its window's slots and its memory's state; a head-wise layer too: its attention heads'
   slots and its recurrent heads' state);
 - the layers whose attention windows have one shape share one slot-validity mask and the step's write slots,
-  updated once a step; each attention layer's RoPE and K/V writes are then one kernel (rope_store);
+  updated once a step; each attention layer's RoPE and K/V writes are then one kernel (rope_store), and each
+  Gated DeltaNet or Mamba2 mixer's step from its projections to its output projection another (the layer steps);
 - the step reads its position, token and write slot from device tensors, so it has no Python-side
   state and is captured once as a CUDA graph; decoding N tokens is N graph replays;
 - the step is compiled with torch.compile first (on a GPU, by default), so the dozens of small
