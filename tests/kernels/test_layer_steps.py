@@ -154,9 +154,11 @@ def test_triton_steps_follow_the_recurrence(layer):
 def test_rejects_mismatched_shapes(layer):
     spec = STEPS[layer]
     t = _inputs(2, 1, 2, 8, 8, bias=spec.bias)
-    t["gate"] = t["gate"][:, :-1]
-    with pytest.raises(ValueError, match="do not fit"):
-        spec.step(t, 1, "triton")
+    for name, wrong, message in [("gate", t["gate"][:, :-1], "do not fit"),
+                                  ("conv_state", t["conv_state"][..., 1:], "conv_state must be"),
+                                  ("state", t["state"].to(torch.bfloat16), "contiguous fp32")]:
+        with pytest.raises(ValueError, match=message):
+            spec.step({**t, name: wrong}, 1, "triton")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])

@@ -16,7 +16,7 @@ import triton.language as tl
 from hybridize.kernels.conv1d.recurrent import conv_step_channels
 from hybridize.kernels.gated_delta.inputs import decay_gate
 from hybridize.kernels.gated_delta.reference import L2NORM_EPS, GateParams, check_gate_params
-from hybridize.kernels.layout import batch_rows
+from hybridize.kernels.layout import batch_rows, check_layer_step_buffers
 
 
 @triton.jit
@@ -95,11 +95,7 @@ def gated_delta_layer_step(
         raise ValueError(f"shapes qkv {tuple(qkv.shape)} a {tuple(a.shape)} b {tuple(b.shape)} gate "
                          f"{tuple(gate.shape)} conv_weight {tuple(conv_weight.shape)} norm_weight "
                          f"{tuple(norm_weight.shape)} do not fit state [B, H, K, V] = {(B, H, K, V)}, HK {k_heads}")
-    if state.dtype != torch.float32 or not state.is_contiguous():
-        raise ValueError("state must be a contiguous fp32 [B, H, K, V] tensor")
-    if conv_state.shape != (B, channels, conv_weight.shape[1] - 1):
-        raise ValueError(f"conv_state must be [B, D, W-1] = {(B, channels, conv_weight.shape[1] - 1)}, "
-                         f"got {tuple(conv_state.shape)}")
+    check_layer_step_buffers(conv_state, state, channels, conv_weight.shape[1])
     check_gate_params(gate_params, H)
     scale = K**-0.5 if scale is None else scale
     launch = _layer_step_op if torch.compiler.is_compiling() else _layer_step

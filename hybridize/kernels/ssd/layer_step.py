@@ -15,7 +15,7 @@ import triton.language as tl
 
 from hybridize.kernels.conv1d.recurrent import conv_step_channels
 from hybridize.kernels.gated_delta.inputs import softplus
-from hybridize.kernels.layout import batch_rows
+from hybridize.kernels.layout import batch_rows, check_layer_step_buffers
 
 
 @triton.jit
@@ -92,11 +92,7 @@ def ssd_layer_step(
         raise ValueError(f"shapes xbc {tuple(xbc.shape)} dt {tuple(dt.shape)} z {tuple(z.shape)} conv_weight "
                          f"{tuple(conv_weight.shape)} norm_weight {tuple(norm_weight.shape)} do not fit state "
                          f"[B, H, N, P] = {(B, H, N, P)}, G {groups}")
-    if state.dtype != torch.float32 or not state.is_contiguous():
-        raise ValueError("state must be a contiguous fp32 [B, H, N, P] tensor")
-    if conv_state.shape != (B, channels, conv_weight.shape[1] - 1):
-        raise ValueError(f"conv_state must be [B, D, W-1] = {(B, channels, conv_weight.shape[1] - 1)}, "
-                         f"got {tuple(conv_state.shape)}")
+    check_layer_step_buffers(conv_state, state, channels, conv_weight.shape[1])
     scale = N**-0.5 if scale is None else scale
     launch = _layer_step_op if torch.compiler.is_compiling() else _layer_step
     return launch(batch_rows(xbc), batch_rows(dt), batch_rows(z), conv_weight.contiguous(), conv_bias.contiguous(),
