@@ -102,8 +102,11 @@ def test_reference_is_the_unfused_reference_ops(layer):
     spec, shape = STEPS[layer], (2, 1, 2, 8, 8)
     t = _inputs(*shape, bias=spec.bias)
     expected = {name: x if x is None else x.clone() for name, x in t.items()}
-    o = spec.step(t, 1, "reference")
-    torch.testing.assert_close(o, spec.unfused(expected, 1), rtol=0, atol=0)
+    o, unfused = spec.step(t, 1, "reference"), spec.unfused(expected, 1)
+    # The same fp32 ops on tensors of other layouts, which CPU kernels may sum in another order: each output passes
+    # through two sums of at most 8 terms (the state contraction, the norm's mean), so the two differ by at most
+    # 2 * 8 roundings of the output's scale.
+    torch.testing.assert_close(o, unfused, rtol=0, atol=16 * torch.finfo(torch.float32).eps * unfused.abs().max())
     assert torch.equal(t["conv_state"], expected["conv_state"]) and torch.equal(t["state"], expected["state"])
     assert not torch.equal(t["state"], _inputs(*shape, bias=spec.bias)["state"]), "the state is updated in place"
 
