@@ -38,6 +38,19 @@ def test_plain_linears_match_separate_calls_with_and_without_biases():
         _check_against_separate([(q,), (k,), (v,), (a,)], x)
 
 
+def test_joined_outputs_start_every_row_on_a_16_byte_boundary():
+    """Widths 8 + 4 + 4 + 3 = 19: the joined GEMM writes rows of 64 (zero weights in the last 45, dropped), so neither
+    cuBLAS nor torch.compile meets an unaligned row; the groups are views of that [..., 64] output, for training and
+    the decoder alike."""
+    q, k, v, a = _layers((True, False, True, False))
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    fused = FusedProjection([(q, k, v), (a,)])
+    assert fused.weight.shape == (64, 12) and fused.bias.shape == (64,)
+    for outputs in (project(x, [(q, k, v), (a,)]), fused(x)):
+        assert [t.shape[-1] for t in outputs] == [16, 3]
+        assert all(t.stride(-2) == 64 for t in outputs)
+
+
 def test_without_gradients_the_same_outputs():
     q, k, v, a = _layers((True, False, True, False))
     x = torch.randn(2, 5, 12, dtype=torch.float64)
