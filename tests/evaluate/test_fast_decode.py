@@ -218,6 +218,17 @@ def test_compiled_step_gives_the_same_tokens():
     assert torch.equal(decoder.generate(ids, 16), _reference(model, ids, 16))
 
 
+def test_compiled_step_around_the_triton_kernels_picks_greedy_tokens(monkeypatch):
+    """The step compiled around the Triton kernels' ops, as on a GPU (here the interpreter runs them), for every layer
+    type with sink windows: each token it picks is the argmax of one uncached forward, up to fp32 rounding."""
+    model = _model(sinks=2)
+    ids = torch.randint(1, 128, (4, 33), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "triton")
+    tokens = StaticDecoder(model, batch_size=4, max_length=64, compile_step=True, log=pytest.fail).generate(ids, 24)
+    monkeypatch.delenv("HYBRIDIZE_KERNELS")
+    _assert_near_greedy(model, tokens, 33, 0.01)
+
+
 def _assert_near_greedy(model, tokens: torch.Tensor, prompt: int, tolerance: float,
                         prompt_mask: torch.Tensor | None = None) -> None:
     """Each generated token is the argmax, up to `tolerance` x the logits' spread, of one uncached forward over the
