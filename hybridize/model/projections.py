@@ -56,9 +56,7 @@ def joined_weights(groups: Sequence[Sequence[nn.Module]]) -> tuple[torch.Tensor,
 
 def split_groups(y: torch.Tensor, widths: Sequence[int]) -> tuple[torch.Tensor, ...]:
     """y [..., N'] from the joined weights -> one view per group, the alignment padding left out."""
-    padding = y.shape[-1] - sum(widths)
-    parts = y.split([*widths, padding] if padding else list(widths), dim=-1)
-    return parts[: len(widths)]
+    return y.split([*widths, y.shape[-1] - sum(widths)], dim=-1)[:-1]
 
 
 def fusable(groups: Sequence[Sequence[nn.Module]]) -> bool:

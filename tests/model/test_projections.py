@@ -38,7 +38,7 @@ def test_plain_linears_match_separate_calls_with_and_without_biases():
         _check_against_separate([(q,), (k,), (v,), (a,)], x)
 
 
-def test_joined_outputs_start_every_row_on_a_16_byte_boundary():
+def test_joined_outputs_start_every_row_on_a_128_byte_boundary():
     """Widths 8 + 4 + 4 + 3 = 19: the joined GEMM writes rows of 64 (zero weights in the last 45, dropped), so neither
     cuBLAS nor torch.compile meets an unaligned row; the groups are views of that [..., 64] output, for training and
     the decoder alike."""
