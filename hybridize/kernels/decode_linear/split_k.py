@@ -28,7 +28,9 @@ def _split_k_kernel(
     tile = rm[:, None] * N + rn[None, :]
     inside = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(partials + i_s * M * N + tile, acc, mask=inside)
-    # acq_rel: this program's partial is visible before its count, and the last one reads every partial after it
+    # Every thread's stores issued (the barrier), then the count (acq_rel, one thread): this program's partial is
+    # visible to whichever program counts last, and that one reads every partial after its count.
+    tl.debug_barrier()
     finished = tl.atomic_add(counts + i_n, 1)
     if finished == SLICES - 1:
         total = tl.zeros((BM, BN), dtype=tl.float32)
