@@ -11,6 +11,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .cache import SinkWindowLayer
+from .compiling import allow_recompiles
 from .context import SequenceContext, real_token_rank
 from .projections import project
 
@@ -61,12 +62,14 @@ _MAX_BLOCK_MASKS = 16
 
 def _flex_attention():
     """flex_attention compiled once. Eager it computes every score densely; compiled it is one fused kernel that
-    skips the tiles outside the block mask. Shapes are left to torch.compile's default: a second sequence length
-    recompiles once for dynamic lengths, where dynamic=False would recompile for every new length and, past
-    dynamo's recompile limit, fall back to the dense eager path."""
+    skips the tiles outside the block mask. Shapes are static: each new sequence length compiles once more (a few
+    seconds; past dynamo's recompile limit, raised to 64 by allow_recompiles, the dense eager path). torch.compile's
+    default would recompile a second length with a dynamic one, and Inductor (torch 2.11, Triton 3.6, H100) cannot
+    lower flex_attention at a dynamic length: NoValidChoicesError at head dims 16 and 64, fp32 and bf16."""
     global _compiled_flex_attention
     if _compiled_flex_attention is None:
-        _compiled_flex_attention = torch.compile(flex_attention)
+        allow_recompiles()
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex_attention
 
 

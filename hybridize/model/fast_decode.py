@@ -15,12 +15,9 @@ overhead, not the GPU, sets the decode speed. StaticDecoder removes it:
   state and is captured once as a CUDA graph; decoding N tokens is N graph replays;
 - the step is compiled with torch.compile first (on a GPU, by default), so the dozens of small
   element-wise kernels per layer fuse: inside a CUDA graph the launch count, not Python, is what is left;
-- for the same reason each layer's input projections (a window + memory layer's both branches' together), its
-  MLP's gate and up projections, and a window + memory layer's two output projections are one GEMM each, over
-  weights concatenated once (FusedProjection, FusedOutputs): a second copy of those weights, re-read from the model
-  at every prefill, so a decoder built once follows a model in training; every plain linear layer of the step
-  runs as ops.decode_linear, a split-K kernel on the GPU that spreads the step's few rows over the whole GPU
-  (cuBLAS tiles only the output at this shape, so a few SMs stream each weight);
+- for the same reason each layer's input projections (a window + memory layer's both branches' together) and its
+  MLP's gate and up projections are one GEMM each, over weights concatenated once (FusedProjection): a second copy
+  of those weights, re-read from the model at every prefill, so a decoder built once follows a model in training;
 - prefill runs the model's own forward (the chunked kernels), then copies its cache into the slots;
 - the next token is the argmax, or (with `sampling`) drawn by `sampling.choose_tokens` from uniforms the caller
   gives, held in a device buffer the step reads, so sampling adds no RNG state to the graph.
@@ -32,14 +29,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from . import ops
 from .cache import RecurrentLayerCache, SinkWindowLayer
 from .compiling import allow_recompiles
 from .configuration_hybrid import ATTENTION_TYPES, BRANCH_TYPES
 from .context import SequenceContext, real_token_rank
-from .projections import FusedOutputs, FusedProjection, fusable, project
+from .projections import FusedProjection, fusable, project
 from .sampling import Sampling, choose_tokens
 
 _SLOT_ALIGN = 8  # attention kernels prefer key lengths that are a multiple of 8; extra slots stay masked
@@ -84,30 +80,25 @@ class WindowMemorySlots:
 @dataclass
 class LayerProjections:
     """One layer's input projections as one GEMM each (None where an adapter wraps a projection): the mixer's (for a
-    window + memory layer, the window's `window_groups` groups, then the memory's) and the MLP's gate and up; and a
-    window + memory layer's two output projections with its memory_scale as one GEMM (`output`)."""
+    window + memory layer, the window's `window_groups` groups, then the memory's) and the MLP's gate and up."""
 
     mixer: FusedProjection | None
     mlp: FusedProjection | None
     window_groups: int = 0
-    output: FusedOutputs | None = None
 
     @classmethod
     def of(cls, layer, kind: str) -> "LayerProjections":
         mixer, window_groups = layer.mixer, 0
-        output = None
         if kind in BRANCH_TYPES:
             window_groups = len(mixer.window.input_groups)
             groups = mixer.window.input_groups + mixer.memory.input_groups
-            outputs = (mixer.window.o_proj, mixer.memory.output_projection)
-            output = FusedOutputs(*outputs, mixer.memory_scale) if fusable([outputs]) else None
         else:
             groups = mixer.input_groups
         fused = [FusedProjection(g) if fusable(g) else None for g in (groups, layer.mlp.input_groups)]
-        return cls(*fused, window_groups, output)
+        return cls(*fused, window_groups)
 
-    def fused(self) -> list[FusedProjection | FusedOutputs]:
-        return [p for p in (self.mixer, self.mlp, self.output) if p is not None]
+    def fused(self) -> list[FusedProjection]:
+        return [p for p in (self.mixer, self.mlp) if p is not None]
 
 
 def _projected(projection: FusedProjection | None, x: torch.Tensor):
@@ -233,19 +224,18 @@ class StaticDecoder:
             x = layer.input_layernorm(hidden)
             projected = _projected(projections.mixer, x)
             if isinstance(cache, AttentionSlots):
-                mixed = _linear(layer.mixer.o_proj, _attention_step(layer.mixer, x, cos, sin, cache, projected))
+                mixed = _attention_step(layer.mixer, x, cos, sin, cache, projected)
             elif isinstance(cache, WindowMemorySlots):
                 split = projections.window_groups
                 window_part, memory_part = (projected[:split], projected[split:]) if projected else (None, None)
-                window = _attention_step(layer.mixer.window, x, cos, sin, cache.window, window_part)  # [B, 1, H*D]
-                memory = layer.mixer.memory.head_outputs(x, recurrent_context, cache.memory, projected=memory_part)
-                mixed = _branches_out(layer.mixer, projections.output, window, memory)
+                window = _attention_step(layer.mixer.window, x, cos, sin, cache.window, window_part)
+                memory = layer.mixer.memory(x, recurrent_context, cache.memory, projected=memory_part)
+                mixed = layer.mixer.combine(window, memory)
             else:
-                heads = layer.mixer.head_outputs(x, recurrent_context, cache, projected=projected)
-                mixed = _linear(layer.mixer.output_projection, heads)
+                mixed = layer.mixer(x, recurrent_context, cache, projected=projected)
             hidden = hidden + mixed
             x = layer.post_attention_layernorm(hidden)
-            hidden = hidden + _linear(layer.mlp.down_proj, layer.mlp.gated(x, _projected(projections.mlp, x)))
+            hidden = hidden + layer.mlp(x, projected=_projected(projections.mlp, x))
         logits = self.model.lm_head(model.norm(hidden))[:, -1]  # [B, V]
         column = (self._index + 1).view(1)
         chosen = choose_tokens(logits, self.uniforms.index_select(1, column)[:, 0], self.sampling)  # [B, 1]
@@ -400,22 +390,8 @@ def _update_sink_validity(masks: SlotMasks, index) -> None:
     masks.valid[:, masks.ring : masks.ring + masks.sinks] = masks.sink_index <= index - masks.ring
 
 
-def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A plain nn.Linear through ops.decode_linear (the step's few rows); an adapter-wrapped one called as it is."""
-    return ops.decode_linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
-
-
-def _branches_out(mixer, joined: FusedOutputs | None, window: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """A window + memory layer's output [B, 1, C] from its branches' head outputs, the window's [B, 1, H*D] and the
-    memory's [B, 1, Hm*V]: one GEMM where both output projections are plain layers."""
-    if joined is not None:
-        return joined(window, memory)
-    return mixer.combine(_linear(mixer.window.o_proj, window), _linear(mixer.memory.output_projection, memory))
-
-
 def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots, projected=None) -> torch.Tensor:
-    """One token of (sliding-window) attention against static slots: x [B, 1, C] -> its heads' outputs
-    [B, 1, H*D], before the output projection.
+    """One token of (sliding-window) attention against static slots: x [B, 1, C] -> [B, 1, C].
 
     The G query heads that share a KV head go in as G query rows of that head, so the kernel reads each
     cached K/V once instead of a G-times repeated copy; the mask depends on the key only, so this is exact.
@@ -430,4 +406,4 @@ def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots,
                        slots.masks.sink_slot)  # [B, H, D]
     grouped_q = q.view(batch, kv_heads, heads // kv_heads, dim)  # [B, Hkv, G, D]
     out = ops.decode_attention(grouped_q, slots.keys, slots.values, slots.masks.valid)  # [B, Hkv, G, D]
-    return out.reshape(batch, 1, heads * dim)
+    return attention.o_proj(out.reshape(batch, 1, heads * dim))  # [B, 1, C]

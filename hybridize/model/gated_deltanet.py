@@ -96,20 +96,11 @@ class GatedDeltaNetMixer(nn.Module):
             "norm_weight": torch.ones(self.head_v_dim),
         }
 
-    @property
-    def output_projection(self) -> nn.Linear:
-        return self.o_proj
-
     def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None,
                 projected=None) -> torch.Tensor:
         """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a RecurrentLayerCache; projected: the outputs of
         project(hidden_states, self.input_groups) when the caller computed them (the static decoder, with no
         padding)."""
-        return self.o_proj(self.head_outputs(hidden_states, context, layer_cache, projected))
-
-    def head_outputs(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None,
-                     projected=None) -> torch.Tensor:
-        """What forward() hands its output projection: the heads' normed, gated outputs [B, T, H*V]."""
         batch, length, _ = hidden_states.shape
         keep = padding_keep(hidden_states, context)  # [B, T, 1] or None
         if keep is not None:
@@ -122,7 +113,7 @@ class GatedDeltaNetMixer(nn.Module):
                 qkv[:, 0], a[:, 0], b[:, 0], gate[:, 0], self.conv_weight, layer_cache.conv_state,
                 layer_cache.recurrent_state, self.gate_params, self.norm_weight, k_heads=self.num_k_heads,
                 scale=self.head_k_dim**-0.5, norm_eps=self.norm_eps)  # [B, H*V]
-            return o[:, None]
+            return self.o_proj(o[:, None])
         qkv, conv_state = cached_short_conv(qkv, self.conv_weight, None, layer_cache, keep)  # [B, T, D_conv]
         q, k, v = torch.split(qkv, self.conv_channels, dim=-1)
         q = q.view(batch, length, self.num_k_heads, self.head_k_dim)  # [B, T, HK, K]
@@ -140,7 +131,7 @@ class GatedDeltaNetMixer(nn.Module):
             layer_cache.conv_state = conv_state
         gate = gate.view(batch, length, self.num_heads, self.head_v_dim)
         o = ops.gated_rms_norm(o, gate, self.norm_weight, eps=self.norm_eps)
-        return o.reshape(batch, length, -1)
+        return self.o_proj(o.reshape(batch, length, -1))
 
     def log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[B, T, H] fp32 log a_t of each head at these mixer inputs [B, T, C]."""

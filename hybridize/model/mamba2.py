@@ -75,20 +75,11 @@ class Mamba2Mixer(nn.Module):
             "norm_weight": torch.ones(self.head_dim),
         }
 
-    @property
-    def output_projection(self) -> nn.Linear:
-        return self.out_proj
-
     def forward(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None,
                 projected=None) -> torch.Tensor:
         """hidden_states [B, T, C] -> [B, T, C]; layer_cache is a RecurrentLayerCache; projected: the outputs of
         project(hidden_states, self.input_groups) when the caller computed them (the static decoder, with no
         padding)."""
-        return self.out_proj(self.head_outputs(hidden_states, context, layer_cache, projected))
-
-    def head_outputs(self, hidden_states: torch.Tensor, context: SequenceContext, layer_cache=None,
-                     projected=None) -> torch.Tensor:
-        """What forward() hands its output projection: the heads' normed, gated outputs [B, T, H*P]."""
         batch, length, _ = hidden_states.shape
         keep = padding_keep(hidden_states, context)  # [B, T, 1] or None
         if keep is not None:
@@ -101,7 +92,7 @@ class Mamba2Mixer(nn.Module):
                 xbc[:, 0], dt[:, 0], z[:, 0], self.conv_weight, self.conv_bias, layer_cache.conv_state,
                 layer_cache.recurrent_state, self.A_log, self.dt_bias, self.D, self.norm_weight,
                 groups=self.num_groups, scale=self.state_size**-0.5, norm_eps=self.norm_eps)  # [B, H*P]
-            return y[:, None]
+            return self.out_proj(y[:, None])
         xbc, conv_state = cached_short_conv(xbc, self.conv_weight, self.conv_bias, layer_cache, keep)  # [B, T, D_conv]
         x, b, c = torch.split(xbc, self.conv_channels, dim=-1)
         x = x.view(batch, length, self.num_heads, self.head_dim)  # [B, T, H, P]
@@ -117,7 +108,7 @@ class Mamba2Mixer(nn.Module):
         y = y + self.D[:, None].to(y.dtype) * x
         z = z.view(batch, length, self.num_heads, self.head_dim)
         y = ops.gated_rms_norm(y, z, self.norm_weight, eps=self.norm_eps)
-        return y.reshape(batch, length, -1)
+        return self.out_proj(y.reshape(batch, length, -1))
 
     def steps_and_log_decay(self, dt_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(dt, log decay g = -exp(A_log) dt), [B, T, H] fp32 each, from the raw dt projection [B, T, H]."""

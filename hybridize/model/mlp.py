@@ -24,9 +24,5 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, projected=None) -> torch.Tensor:
         """x [..., C] -> [..., C]; projected: project(x, self.input_groups) when the caller computed it."""
-        return self.down_proj(self.gated(x, projected))
-
-    def gated(self, x: torch.Tensor, projected=None) -> torch.Tensor:
-        """What forward() hands down_proj: act(gate(x)) * up(x) [..., I]."""
         gate, up = projected if projected is not None else project(x, self.input_groups)  # [..., I] each
-        return self.act_fn(gate) * up
+        return self.down_proj(self.act_fn(gate) * up)

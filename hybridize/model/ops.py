@@ -11,7 +11,6 @@ import torch
 # `hybridize push` reads these import lines to write the exported model's ops.py (hybridize.publish.export).
 from hybridize.kernels.conv1d import causal_conv1d, causal_conv1d_step
 from hybridize.kernels.decode_attention import decode_attention, rope_store
-from hybridize.kernels.decode_linear import decode_linear
 from hybridize.kernels.gated_delta import GateParams, chunk_gated_delta_rule, gated_delta_layer_step, gated_delta_step
 from hybridize.kernels.norm import gated_rms_norm
 from hybridize.kernels.ssd import chunk_ssd, ssd_layer_step, ssd_step
@@ -24,7 +23,6 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_step",
     "decode_attention",
-    "decode_linear",
     "rope_store",
     "GateParams",
     "chunk_gated_delta_rule",

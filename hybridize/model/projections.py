@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-
 
 def project(x: torch.Tensor, groups: Sequence[Sequence[nn.Module]]) -> tuple[torch.Tensor, ...]:
     """One output per group, the group's layers applied to x [..., C] and concatenated on the last axis.
@@ -88,40 +86,5 @@ class FusedProjection:
             self.bias.copy_(bias)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x [..., C] -> one [..., N_group] per group, views of one [..., N'] tensor (N' = N aligned); a decode
-        step's few rows go through ops.decode_linear."""
-        return split_groups(ops.decode_linear(x, self.weight, self.bias), self.widths)
-
-
-class FusedOutputs:
-    """first(a) + scale * second(b) for plain nn.Linear layers first and second with one output width C and a
-    per-channel scale [C] (a window + memory layer's two output projections and its memory_scale), as one GEMM over
-    [a, b] for inference: the weight [C, Da + Db] is [W_first, scale * W_second]. It saves the decoder a GEMM and a
-    sum per layer and token. The weight is a copy made once; refresh() re-reads it in place, as FusedProjection's.
-    """
-
-    def __init__(self, first: nn.Module, second: nn.Module, scale: torch.Tensor):
-        if not fusable([[first, second]]):
-            raise ValueError("only plain nn.Linear layers can share one weight")
-        self.first, self.second, self.scale = first, second, scale
-        with torch.no_grad():
-            self.weight, self.bias = self._joined()  # [C, Da + Db], [C] or None
-
-    def _joined(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        first, second = self.first, self.second
-        wide = torch.promote_types(first.weight.dtype, torch.float32)  # the scaled weight rounds once, at the end
-        scale = self.scale.to(wide)[:, None]  # [C, 1]
-        weight = torch.cat([first.weight, (scale * second.weight.to(wide)).to(first.weight.dtype)], 1)
-        biases = [b.to(wide) * s for b, s in ((first.bias, 1), (second.bias, scale[:, 0])) if b is not None]
-        return weight, sum(biases).to(weight.dtype) if biases else None
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        weight, bias = self._joined()
-        self.weight.copy_(weight)
-        if bias is not None:
-            self.bias.copy_(bias)
-
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a [..., Da], b [..., Db] -> [..., C], through ops.decode_linear as FusedProjection."""
-        return ops.decode_linear(torch.cat([a, b], -1), self.weight, self.bias)
+        """x [..., C] -> one [..., N_group] per group, views of one [..., N'] tensor (N' = N aligned)."""
+        return split_groups(F.linear(x, self.weight, self.bias), self.widths)

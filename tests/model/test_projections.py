@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from hybridize.model.mlp import GatedMLP
-from hybridize.model.projections import FusedOutputs, FusedProjection, fusable, project
+from hybridize.model.projections import FusedProjection, fusable, project
 
 
 def _layers(bias_pattern):
@@ -100,28 +100,6 @@ def test_a_fused_projection_gives_projects_outputs_and_follows_refreshed_weights
     torch.testing.assert_close(fresh, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("biases", [(False, False), (True, False), (True, True)])
-def test_fused_outputs_equal_the_scaled_sum_and_follow_refreshed_weights(biases):
-    """A window + memory layer's two output projections and its per-channel memory scale as one GEMM: first(a) +
-    scale * second(b), with any biases; the weight is a copy, so a change to a layer or the scale shows after
-    refresh()."""
-    torch.manual_seed(0)
-    first = nn.Linear(6, 5, bias=biases[0], dtype=torch.float64)
-    second = nn.Linear(4, 5, bias=biases[1], dtype=torch.float64)
-    scale = torch.randn(5, dtype=torch.float64)
-    fused = FusedOutputs(first, second, scale)
-    a, b = torch.randn(3, 1, 6, dtype=torch.float64), torch.randn(3, 1, 4, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(a, b), first(a) + scale * second(b), rtol=1e-12, atol=1e-12)
-        second.weight.add_(1.0)
-        scale.mul_(-3.0)
-        stale = fused(a, b)
-        fused.refresh()
-        want = first(a) + scale * second(b)
-    assert not torch.allclose(stale, want), "the copy must not follow the layers before refresh()"
-    torch.testing.assert_close(fused(a, b), want, rtol=1e-12, atol=1e-12)
-
-
 def test_a_lora_wrapped_projection_is_not_fused():
     holder = nn.Module()
     holder.q_proj, holder.k_proj, _, _ = _layers((False,) * 4)
@@ -129,5 +107,3 @@ def test_a_lora_wrapped_projection_is_not_fused():
     assert fusable([(holder.k_proj,)]) and not fusable([(holder.q_proj,), (holder.k_proj,)])
     with pytest.raises(ValueError, match="plain nn.Linear"):
         FusedProjection([(holder.q_proj,), (holder.k_proj,)])
-    with pytest.raises(ValueError, match="plain nn.Linear"):
-        FusedOutputs(holder.q_proj, holder.k_proj, torch.ones(8))

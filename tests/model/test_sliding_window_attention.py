@@ -149,3 +149,18 @@ def test_cuda_sliding_layer_takes_flex_and_matches_the_cpu_mask_path(autocast, t
     assert calls == ["cuda"]
     for label, actual, expected in zip(("out", "dWq", "dWv"), outputs["gpu"], outputs["cpu"]):
         assert_rel_rmse(actual, expected, tol, label)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_cuda_flex_without_gradients_takes_a_new_length_every_call(dtype, tol):
+    """An evaluation's uncached forwards: no gradients, a new length each call, in one process. torch.compile's
+    default would compile the second length with a dynamic one, which Inductor cannot lower for flex attention
+    (NoValidChoicesError); each length compiles on its own instead."""
+    for length in (33, 81, 120, 300):
+        q, k, v = qkv(2, 6, 2, length, dim=64, device="cuda", dtype=dtype)
+        mask = dense_mask(length, 16, 2).cuda()
+        with torch.no_grad():
+            flex = sliding_window_attention(q, k, v, 16, 2)
+            sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        assert_rel_rmse(flex.float(), sdpa.float(), tol, f"length {length}")

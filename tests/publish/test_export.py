@@ -230,7 +230,7 @@ def _load_remotely(python: Path, folder: Path, tmp_path: Path, command=None, env
     return torch.load(tmp_path / "out.pt")
 
 
-REFERENCE_KERNELS = {"ref_conv1d", "ref_decode_attention", "ref_decode_linear", "ref_gated_delta", "ref_norm", "ref_ssd"}
+REFERENCE_KERNELS = {"ref_conv1d", "ref_decode_attention", "ref_gated_delta", "ref_norm", "ref_ssd"}
 
 
 def test_converted_folder_loads_where_hybridize_is_not_importable(hybrid_dir, tmp_path):
