@@ -16,7 +16,8 @@ _torch_empty_like = torch.empty_like
 
 def _nan_filled(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
-        t.fill_(float("nan"))
+        with torch.no_grad():  # torch.compile itself allocates leaves that require grad (Inductor's pattern inputs)
+            t.fill_(float("nan"))
     return t
 
 
