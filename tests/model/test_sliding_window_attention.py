@@ -9,14 +9,6 @@ from hybridize.model import HybridConfig, HybridModel, attention
 from hybridize.model.attention import _window_block_mask, attention_mask_for, sliding_window_attention
 
 
-@pytest.fixture(autouse=True)
-def compiled_every_time():
-    """Each dtype, grad mode and size-1 specialization here is one more compiled flex graph; past dynamo's limit
-    (8) flex would run eagerly, densely, ignoring the block mask, and these tests would no longer test it."""
-    with torch._dynamo.config.patch(recompile_limit=64):
-        yield
-
-
 TILE = 128  # flex attention's default block size
 
 # (batch, query heads, KV heads, length, window, sinks): lengths off the 128-row tile; GQA ratio 3 and none; one
