@@ -125,6 +125,19 @@ def test_many_splits_with_empty_ones(monkeypatch):
     _check(q, keys, values, valid)
 
 
+def test_merge_over_more_splits_than_it_reads_at_once(monkeypatch):
+    """19 splits of 16 keys: the last split of a row to finish merges them in three reads of MERGE_SPLITS, and
+    leaves the row's count at zero, so a second call (a CUDA graph replay) merges again, to the same values."""
+    monkeypatch.setattr(split_kv, "SPLIT_KEYS", 16)
+    q, keys, values, valid = _make(3, 2, 3, 300, 16, seed=2)
+    splits = split_kv.split_plan(300, 6, sms=split_kv.NOMINAL_SMS)[0]
+    assert splits > 2 * split_kv.MERGE_SPLITS
+    valid[1, 40:200] = False  # empty splits between full ones
+    first = _check(q, keys, values, valid)
+    assert not split_kv._arrival_counts(6, q.device).any(), "every count back at zero"
+    assert torch.equal(decode_attention(q, keys, values, valid, backend="triton"), first)
+
+
 @pytest.mark.parametrize("BS", sorted({c.kwargs["BS"] for c in split_kv.SPLIT_CONFIGS}))
 def test_every_key_tile(BS):
     config = next(c for c in split_kv.SPLIT_CONFIGS if c.kwargs["BS"] == BS)

@@ -1,8 +1,9 @@
 """Split-KV ("flash-decoding") attention for one new token per sequence over static KV slots, in Triton.
 
 The key axis of every (batch row, KV head) is cut into splits that run as separate programs, so a small batch
-still fills the GPU; each split writes a partial softmax (running max m, sum l, unnormalised output acc) and a
-second small kernel merges the splits. The math and the split rule are in README.md.
+still fills the GPU; each split writes a partial softmax (running max m, sum l, unnormalised output acc), and the
+last split of a row to finish (an atomic count per row) merges the row's partials in the same launch. The math and
+the split rule are in README.md.
 """
 
 import functools
@@ -22,8 +23,9 @@ PROGRAMS_PER_SM = 4
 # A split holds a multiple of SPLIT_KEYS keys (so every BS below divides it): fewer keys would not pay for
 # loading the query rows and writing the partial.
 SPLIT_KEYS = 128
-# The merge kernel holds all splits of a row in one tile.
 MAX_SPLITS = 64
+# The merging program reads the partials of this many splits at a time ([splits, BG, BD] fp32 in registers).
+MERGE_SPLITS = 8
 # When Triton runs interpreted (CPU tests), split as an H100 would.
 NOMINAL_SMS = 132
 # Query rows per program: the G <= 16 heads of a KV head, padded to 16, the smallest tl.dot side. Padding wastes
@@ -42,10 +44,10 @@ SPLIT_CONFIGS = [
 @autotune(SPLIT_CONFIGS, key=["SPLIT_LEN", "G", "D"])
 @triton.jit
 def _split_kernel(
-    q, k, v, valid, m_part, l_part, acc_part, qk_scale,
+    q, k, v, valid, m_part, l_part, acc_part, arrived, o, qk_scale,
     s_kb, s_kh, s_ks, s_kd, s_vb, s_vh, s_vs, s_vd, S, SPLIT_LEN, NS,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    MS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -84,30 +86,51 @@ def _split_kernel(
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
         b_m = b_mn
 
-    o_row = (i_bh * NS + i_s) * G + o_g  # [BG] row of the [B*Hkv, NS, G] partials
-    tl.store(m_part + o_row, b_m, mask=m_g)
-    tl.store(l_part + o_row, b_l, mask=m_g)
-    tl.store(acc_part + o_row[:, None] * D + o_d[None, :], b_acc, mask=m_g[:, None] & m_d[None, :])
+    m_out = m_g[:, None] & m_d[None, :]
+    p_o = o + (i_bh * G + o_g[:, None]) * D + o_d[None, :]  # [BG, BD] this row's G outputs
+    if NS == 1:  # the split is the whole row: nothing to merge
+        tl.store(p_o, (b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]).to(o.dtype.element_ty), mask=m_out)
+    else:
+        o_row = (i_bh * NS + i_s) * G + o_g  # [BG] row of the [B*Hkv, NS, G] partials
+        tl.store(m_part + o_row, b_m, mask=m_g)
+        tl.store(l_part + o_row, b_l, mask=m_g)
+        tl.store(acc_part + o_row[:, None] * D + o_d[None, :], b_acc, mask=m_out)
+        # Every thread's stores issued (the barrier), then the count (acq_rel, one thread): this split's partial is
+        # visible to whichever split of the row counts last, and that one reads every partial after its count.
+        tl.debug_barrier()
+        if tl.atomic_add(arrived + i_bh, 1) == NS - 1:
+            _merge_row(m_part, l_part, acc_part, p_o, i_bh, NS, G, D, BG, BD, MS, m_out)
+            tl.atomic_xchg(arrived + i_bh, 0)  # ready for the next launch (a CUDA graph replays this one)
 
 
 @triton.jit
-def _merge_kernel(m_part, l_part, acc_part, o, NS, G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-                  BD: tl.constexpr):
-    i_bhg = tl.program_id(0)
-    i_bh, i_g = i_bhg // G, i_bhg % G
-    o_n, o_d = tl.arange(0, BN), tl.arange(0, BD)
-    m_n, m_d = o_n < NS, o_d < D
-    o_row = (i_bh * NS + o_n) * G + i_g  # [BN] this query row in every split
-
-    b_m = tl.load(m_part + o_row, mask=m_n, other=float("-inf"))  # [BN]
-    b_l = tl.load(l_part + o_row, mask=m_n, other=0.0)  # [BN]
-    b_acc = tl.load(acc_part + o_row[:, None] * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-    b_mx = tl.max(b_m, 0)
-    # splits that saw no valid key (m = -inf) get weight 0; if none did, every weight is 0 and so is the output
-    b_w = tl.exp2(b_m - tl.where(b_mx == float("-inf"), 0.0, b_mx))  # [BN]
-    b_l = tl.sum(b_w * b_l, 0)
-    b_o = tl.sum(b_w[:, None] * b_acc, 0) / tl.where(b_l > 0, b_l, 1.0)  # [BD]
-    tl.store(o + i_bhg * D + o_d, b_o.to(o.dtype.element_ty), mask=m_d)
+def _merge_row(m_part, l_part, acc_part, p_o, i_bh, NS, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr,
+               BD: tl.constexpr, MS: tl.constexpr, m_out):
+    """o = sum_i exp2(m_i - m) acc_i / sum_i exp2(m_i - m) l_i over the NS partials of row i_bh, MS splits at a time
+    merged into a running (m, l, acc) like the tiles of a split."""
+    o_n, o_g, o_d = tl.arange(0, MS), tl.arange(0, BG), tl.arange(0, BD)
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, BD], tl.float32)
+    for i_n in range(0, tl.cdiv(NS, MS)):
+        n = i_n * MS + o_n  # [MS] split index
+        rows = (i_bh * NS + n[:, None]) * G + o_g[None, :]  # [MS, BG] rows of the partials
+        m_rows = (n[:, None] < NS) & (o_g[None, :] < G)
+        # .cg: read past L1, which the other SMs' writes do not update
+        b_ms = tl.load(m_part + rows, mask=m_rows, other=float("-inf"), cache_modifier=".cg")  # [MS, BG]
+        b_ls = tl.load(l_part + rows, mask=m_rows, other=0.0, cache_modifier=".cg")  # [MS, BG]
+        b_accs = tl.load(acc_part + rows[:, :, None] * D + o_d[None, None, :],
+                         mask=m_rows[:, :, None] & (o_d < D)[None, None, :], other=0.0,
+                         cache_modifier=".cg")  # [MS, BG, BD]
+        b_mn = tl.maximum(b_m, tl.max(b_ms, 0))  # [BG]
+        # splits that saw no valid key (m = -inf) get weight 0; while none did, the shift is 0, not -inf
+        b_shift = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_w = tl.exp2(b_ms - b_shift[None, :])  # [MS, BG]
+        b_alpha = tl.exp2(b_m - b_shift)  # [BG]
+        b_l = b_l * b_alpha + tl.sum(b_w * b_ls, 0)
+        b_acc = b_acc * b_alpha[:, None] + tl.sum(b_w[:, :, None] * b_accs, 0)
+        b_m = b_mn
+    tl.store(p_o, (b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]).to(p_o.dtype.element_ty), mask=m_out)
 
 
 @functools.lru_cache
@@ -153,7 +176,7 @@ def _decode_attention(
     B, HKV, G, D = q.shape
     S = keys.shape[2]
     NS, split_len = split_plan(S, B * HKV, sms=_sm_count(q.device))
-    m_part = torch.empty(B * HKV, NS, G, dtype=torch.float32, device=q.device)
+    m_part = torch.empty(B * HKV, NS, G, dtype=torch.float32, device=q.device)  # unused if NS == 1
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(B * HKV, NS, G, D, dtype=torch.float32, device=q.device)
     o = torch.empty_like(q)
@@ -161,14 +184,24 @@ def _decode_attention(
     # fp32 operands would go through tf32 by default: 10 mantissa bits, far from the fp32 reference
     precision = "ieee" if keys.dtype == torch.float32 else "tf32"
     _split_kernel[(B * HKV, NS)](
-        q, keys, values, valid.view(torch.uint8), m_part, l_part, acc_part, scale * math.log2(math.e),
-        *keys.stride(), *values.stride(), S, split_len, NS,
-        HKV=HKV, G=G, D=D, BG=BG, BD=BD, DOT_PRECISION=precision,
-    )
-    _merge_kernel[(B * HKV * G,)](
-        m_part, l_part, acc_part, o, NS, G=G, D=D, BN=triton.next_power_of_2(NS), BD=BD, num_warps=4,
+        q, keys, values, valid.view(torch.uint8), m_part, l_part, acc_part, _arrival_counts(B * HKV, q.device), o,
+        scale * math.log2(math.e), *keys.stride(), *values.stride(), S, split_len, NS,
+        HKV=HKV, G=G, D=D, BG=BG, BD=BD, MS=min(MERGE_SPLITS, triton.next_power_of_2(NS)), DOT_PRECISION=precision,
     )
     return o
+
+
+# Per device, the rows' arrival counts: zero between launches (each launch's merging programs reset theirs), so they
+# are allocated and zeroed once, before any CUDA graph capture (the decoder warms up first). A larger batch gets a
+# larger buffer; the smaller ones stay alive, since a captured graph may still point at them.
+_counts: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _arrival_counts(rows: int, device: torch.device) -> torch.Tensor:
+    buffers = _counts.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < rows:
+        buffers.append(torch.zeros(max(rows, 4096), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 # torch.compile keeps the two launches as this one opaque op instead of tracing them and the torch.empty buffers
