@@ -23,6 +23,7 @@ PROGRAMS_PER_SM = 4
 # A split holds a multiple of SPLIT_KEYS keys (so every BS below divides it): fewer keys would not pay for
 # loading the query rows and writing the partial.
 SPLIT_KEYS = 128
+# More splits than this would only add partials for the merge to read.
 MAX_SPLITS = 64
 # The merging program reads the partials of this many splits at a time ([splits, BG, BD] fp32 in registers).
 MERGE_SPLITS = 8
