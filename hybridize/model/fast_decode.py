@@ -15,6 +15,9 @@ overhead, not the GPU, sets the decode speed. StaticDecoder removes it:
   state and is captured once as a CUDA graph; decoding N tokens is N graph replays;
 - the step is compiled with torch.compile first (on a GPU, by default), so the dozens of small
   element-wise kernels per layer fuse: inside a CUDA graph the launch count, not Python, is what is left;
+- a window + memory (or head-wise) layer's two branches run at once on a GPU, the memory branch on a second stream
+  that joins before the layer's MLP, so the step waits for the longer branch, not both; the step is then compiled
+  as pieces between those forks (StaticDecoder._step), one compiled piece serving every layer of its shape;
 - for the same reason each layer's input projections (a window + memory layer's both branches' together) and its
   MLP's gate and up projections are one GEMM each, over weights concatenated once (FusedProjection): a second copy
   of those weights, re-read from the model at every prefill, so a decoder built once follows a model in training;
@@ -125,9 +128,7 @@ class StaticDecoder:
         if self.use_cuda_graph and not on_gpu:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.compiled = on_gpu if compile_step is None else compile_step
-        if self.compiled:
-            allow_recompiles()
-        self._run_step = torch.compile(self._step, dynamic=False) if self.compiled else self._step
+        self._use_pieces(compiled=self.compiled)
         with torch.inference_mode():
             self._allocate()
             self._warm_up(log)
@@ -149,6 +150,7 @@ class StaticDecoder:
                 self.layer_caches.append(self._recurrent_state(mixer))
         self.projections = [LayerProjections.of(layer, kind)
                             for layer, kind in zip(self.model.model.layers, self.config.layer_types)]
+        self._layer_pieces = list(zip(self.model.model.layers, self.projections, self.layer_caches))
         self.tokens = torch.zeros(batch, self.max_length, dtype=torch.long, device=device)  # prompt + generated
         self.uniforms = torch.zeros(batch, self.max_length, dtype=torch.float32, device=device)  # per token column
         self._next_token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1] input of the next step
@@ -212,31 +214,72 @@ class StaticDecoder:
         """Bytes of the KV slots, conv windows and recurrent states of all `batch_size` rows."""
         return sum(b.numel() * b.element_size() for b in self._cache_buffers())
 
+    def _use_pieces(self, *, compiled: bool) -> None:
+        """The step's pieces (see _step), each compiled on its own or eager, and where each segment starts and ends."""
+        kinds = self.config.layer_types
+        forks = [i for i, kind in enumerate(kinds) if kind in BRANCH_TYPES]
+        # segment k: after fork k - 1 joins (none for the first), the layers up to fork k (the end for the last)
+        self._segments = list(zip([None] + forks, [range(a, b) for a, b in zip([0] + [i + 1 for i in forks],
+                                                                            forks + [len(kinds)])], forks + [None]))
+        # the memory branches' stream; the CPU runs the branches in turn
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and forks else None
+        if compiled:
+            allow_recompiles()
+        wrap = (lambda piece: torch.compile(piece, dynamic=False)) if compiled else (lambda piece: piece)
+        self._run_segment, self._run_window, self._run_memory = map(wrap, (_segment, _window_branch, _memory_branch))
+
     def _step(self) -> None:
-        """Decode one token for every row: read _next_token at _index, write the chosen one to tokens[:, _index + 1]."""
+        """Decode one token for every row: read _next_token at _index, write the chosen one to tokens[:, _index + 1].
+
+        A window + memory (or head-wise) layer's two branches depend only on the layer's input, so on a GPU its
+        memory branch runs on a second stream while its window branch runs on the first, joined before the layer's
+        MLP: each branch is a few small kernels that fill few SMs, and the step's critical path then holds the longer
+        branch instead of both. Around those forks the step runs as pieces: a segment from one join to the next fork
+        (the layers in between, with their norms, projections and MLPs), and the two branches of each such layer,
+        each compiled on its own. Pieces take the layers, caches and projections they run as arguments, so one
+        compiled piece serves every layer of its shape; a plan without two-branch layers is one segment, the whole
+        step.
+        """
+        hidden = cos = sin = mixed = None
+        pieces = self._layer_pieces  # (layer, projections, cache) each
+        for joined, between, fork in self._segments:
+            out = self._run_segment(
+                self if joined is None or fork is None else None,
+                None if joined is None else pieces[joined][:2], [pieces[i] for i in between],
+                None if fork is None else pieces[fork][:2], hidden, mixed, cos, sin)
+            if fork is None:
+                return
+            hidden, cos, sin, x, window_part, memory_part = out
+            mixed = self._branches(fork, x, cos, sin, window_part, memory_part)
+
+    def _branches(self, i: int, x, cos, sin, window_part, memory_part) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's window and memory outputs, [B, 1, C] each; on a GPU the memory branch on the side stream. The
+        inputs stay referenced until the join, so the allocator cannot give their memory to the first stream while
+        the second still reads it."""
+        mixer, cache = self.model.model.layers[i].mixer, self.layer_caches[i]
+        if self._side_stream is None:
+            return (self._run_window(mixer, cache.window, x, cos, sin, window_part),
+                    self._run_memory(mixer, cache.memory, x, cos, sin, memory_part))
+        main = torch.cuda.current_stream(self.device)
+        self._side_stream.wait_stream(main)
+        with torch.cuda.stream(self._side_stream):
+            memory = self._run_memory(mixer, cache.memory, x, cos, sin, memory_part)
+        window = self._run_window(mixer, cache.window, x, cos, sin, window_part)
+        main.wait_stream(self._side_stream)
+        return window, memory
+
+    def _start_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The embedding of each row's token [B, 1, C], its RoPE tables [B, 1, D] each, and the slot masks' update."""
         model = self.model.model
         hidden = model.embed_tokens(self._next_token)  # [B, 1, C]
         cos, sin = model.rotary_emb(hidden, self._position[:, None])  # [B, 1, D] each
-        recurrent_context = SequenceContext(position_embeddings=(cos, sin), attention_mask=None, past_tokens=0)
         for masks in self._window_shapes.values():
             _admit_token(masks, self._index, self._position)
-        for layer, cache, projections in zip(model.layers, self.layer_caches, self.projections):
-            x = layer.input_layernorm(hidden)
-            projected = _projected(projections.mixer, x)
-            if isinstance(cache, AttentionSlots):
-                mixed = _attention_step(layer.mixer, x, cos, sin, cache, projected)
-            elif isinstance(cache, WindowMemorySlots):
-                split = projections.window_groups
-                window_part, memory_part = (projected[:split], projected[split:]) if projected else (None, None)
-                window = _attention_step(layer.mixer.window, x, cos, sin, cache.window, window_part)
-                memory = layer.mixer.memory(x, recurrent_context, cache.memory, projected=memory_part)
-                mixed = layer.mixer.combine(window, memory)
-            else:
-                mixed = layer.mixer(x, recurrent_context, cache, projected=projected)
-            hidden = hidden + mixed
-            x = layer.post_attention_layernorm(hidden)
-            hidden = hidden + layer.mlp(x, projected=_projected(projections.mlp, x))
-        logits = self.model.lm_head(model.norm(hidden))[:, -1]  # [B, V]
+        return hidden, cos, sin
+
+    def _end_step(self, hidden: torch.Tensor) -> None:
+        """The next token from the last layer's output [B, 1, C], written to tokens and to the next step's input."""
+        logits = self.model.lm_head(self.model.model.norm(hidden))[:, -1]  # [B, V]
         column = (self._index + 1).view(1)
         chosen = choose_tokens(logits, self.uniforms.index_select(1, column)[:, 0], self.sampling)  # [B, 1]
         self.tokens.index_copy_(1, column, chosen)
@@ -256,21 +299,22 @@ class StaticDecoder:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             try:
                 for _ in range(2):
-                    self._run_step()
+                    self._step()
             except Exception as err:  # compile errors come from dynamo, inductor and Triton alike
                 if not self.compiled:
                     raise
                 log(f"fast decode: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                     "using the eager step")
-                self.compiled, self._run_step = False, self._step
-                self._run_step()
+                self.compiled = False
+                self._use_pieces(compiled=False)
+                self._step()
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._run_step()
+            self._step()
         return graph
 
     @torch.inference_mode()
@@ -312,7 +356,7 @@ class StaticDecoder:
             if self._graph is not None:
                 self._graph.replay()
             else:
-                self._run_step()
+                self._step()
 
     def generate(self, input_ids: torch.LongTensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
                  uniforms: torch.Tensor | None = None) -> torch.LongTensor:
@@ -388,6 +432,56 @@ def _admit_token(masks: SlotMasks, index: torch.Tensor, position: torch.Tensor) 
 def _update_sink_validity(masks: SlotMasks, index) -> None:
     """A sink slot is seen only once its token has left the ring (stream index <= index - ring): never twice."""
     masks.valid[:, masks.ring : masks.ring + masks.sinks] = masks.sink_index <= index - masks.ring
+
+
+def _segment(decoder, joined, between, fork, hidden, mixed, cos, sin):
+    """One segment of StaticDecoder._step. Without `joined` it starts the step (`decoder._start_step`); otherwise it
+    finishes that two-branch layer (layer, projections): its branches' outputs `mixed` combined, then its MLP. Then the
+    layers of `between` ((layer, projections, cache) each, none with two branches). Then, with `fork` (layer,
+    projections), that layer's input norm and joined projection, returned for its branches as (hidden, cos, sin, x,
+    window part, memory part); without, the step's end (`decoder._end_step`)."""
+    if joined is None:
+        hidden, cos, sin = decoder._start_step()
+    else:
+        layer, projections = joined
+        hidden = _mlp_half(layer, projections, hidden, layer.mixer.combine(*mixed))
+    for layer, projections, cache in between:
+        x = layer.input_layernorm(hidden)
+        projected = _projected(projections.mixer, x)
+        if isinstance(cache, AttentionSlots):
+            mixed = _attention_step(layer.mixer, x, cos, sin, cache, projected)
+        else:
+            mixed = layer.mixer(x, _recurrent_context(cos, sin), cache, projected=projected)
+        hidden = _mlp_half(layer, projections, hidden, mixed)
+    if fork is None:
+        decoder._end_step(hidden)
+        return None
+    layer, projections = fork
+    x = layer.input_layernorm(hidden)
+    projected = _projected(projections.mixer, x)
+    split = projections.window_groups
+    window_part, memory_part = (projected[:split], projected[split:]) if projected else (None, None)
+    return hidden, cos, sin, x, window_part, memory_part
+
+
+def _mlp_half(layer, projections: LayerProjections, hidden: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """A layer after its mixer: the residual add, the post-attention norm, the MLP and its residual add."""
+    hidden = hidden + mixed
+    x = layer.post_attention_layernorm(hidden)
+    return hidden + layer.mlp(x, projected=_projected(projections.mlp, x))
+
+
+def _window_branch(mixer, slots: AttentionSlots, x: torch.Tensor, cos, sin, window_part) -> torch.Tensor:
+    return _attention_step(mixer.window, x, cos, sin, slots, window_part)
+
+
+def _memory_branch(mixer, cache: RecurrentLayerCache, x: torch.Tensor, cos, sin, memory_part) -> torch.Tensor:
+    return mixer.memory(x, _recurrent_context(cos, sin), cache, projected=memory_part)
+
+
+def _recurrent_context(cos: torch.Tensor, sin: torch.Tensor) -> SequenceContext:
+    """What a recurrent mixer's decode step reads: its position's RoPE tables (recurrent RoPE), no mask, no past."""
+    return SequenceContext(position_embeddings=(cos, sin), attention_mask=None, past_tokens=0)
 
 
 def _attention_step(attention, x: torch.Tensor, cos, sin, slots: AttentionSlots, projected=None) -> torch.Tensor:

@@ -218,6 +218,26 @@ def test_compiled_step_gives_the_same_tokens():
     assert torch.equal(decoder.generate(ids, 16), _reference(model, ids, 16))
 
 
+def test_compiled_pieces_serve_every_layer_and_decoder():
+    """The step compiles as pieces between the two-branch layers' forks (docs/model.md): one graph per segment shape
+    and per branch type, however many layers share it; a second decoder of the model compiles nothing new. Its
+    tokens are generate()'s."""
+    from torch._dynamo.utils import counters
+
+    model = _model(["window_gated_deltanet"] * 5 + ["full_attention", "gated_deltanet", "headwise_gated_deltanet"],
+                   headwise_kv_heads={"7": [0]})
+    ids = torch.randint(1, 128, (2, 11), generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = StaticDecoder(model, batch_size=2, max_length=32, compile_step=True, log=pytest.fail)
+    # segments: start -> fork 0; from one window + memory layer to the next (4 of them, one graph); layer 4 -> attention,
+    # GDN -> fork 7; fork 7 -> end. Branches: window and memory, head-wise attention and memory.
+    assert counters["stats"]["unique_graphs"] == 4 + 4
+    assert torch.equal(decoder.generate(ids, 16), _reference(model, ids, 16))
+    StaticDecoder(model, batch_size=2, max_length=32, compile_step=True, log=pytest.fail)
+    assert counters["stats"]["unique_graphs"] == 4 + 4, "the second decoder reuses every piece"
+
+
 def test_compiled_step_around_the_triton_kernels_picks_greedy_tokens(monkeypatch):
     """The step compiled around the Triton kernels' ops, as on a GPU (here the interpreter runs them), for every layer
     type with sink windows: each token it picks is the argmax of one uncached forward, up to fp32 rounding."""
