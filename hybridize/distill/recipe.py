@@ -140,6 +140,9 @@ class StageConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    # Window lengths drawn per optimizer step for the windows of window + memory layers (window_draws.py); null:
+    # their own window throughout.
+    train_windows: list[int] | None = None
 
     def check(self) -> None:
         _require(self.name.replace("-", "").replace("_", "").isalnum(), "name", "use letters, digits, - and _")
@@ -168,6 +171,9 @@ class StageConfig:
                  f"must be two numbers in [0, 0.9999], got {self.betas}")
         _require(self.max_grad_norm is None or 0 < self.max_grad_norm <= 1e6, "max_grad_norm",
                  f"must be in (0, 1e6] (or null: no clipping), got {self.max_grad_norm}")
+        if self.train_windows is not None:
+            _require(len(self.train_windows) > 0 and all(isinstance(w, int) and w >= 1 for w in self.train_windows),
+                     "train_windows", f"must be a list of window lengths >= 1, got {self.train_windows}")
 
     def steps(self) -> int:
         """Optimizer steps that spend the token budget (the last one may overshoot it by less than a step)."""
@@ -255,6 +261,8 @@ class OnPolicyStage(EndToEndStage):
                  f"must be in (0, 1) (forward_kl and reverse_kl are its limits), got {self.jsd_beta:g}")
         _require(0 <= self.on_policy_fraction <= 1, "on_policy_fraction",
                  f"must be in [0, 1], got {self.on_policy_fraction:g}")
+        # the student generates with its own windows: a drawn one would cut its ring short
+        _require(self.train_windows is None, "train_windows", "applies to attention_output and kd stages")
 
 
 STAGE_KINDS = {cls.KIND: cls for cls in (AttentionOutputStage, KDStage, OnPolicyStage)}

@@ -48,6 +48,7 @@ from .on_policy import OnPolicyFeed
 from .recipe import EndToEndStage, OnPolicyStage, Recipe, Stage, recipe_to_dict
 from .run_lock import RunLock, holds_run_files, remove_stale_partials
 from .stages import build_distiller, check_memory_lr, parameter_groups, prepare_student
+from .window_draws import branch_windows, check_plan_has_branch_windows, check_train_windows, draw_window, trained_window
 from .tracking import MetricsLog, flat_config, held_out_gap, missing_tracker_warning, plot_loss_curve, usable_trackers
 
 # What a resumed run may change: where and how it reports, (say after a NaN) its learning-rate schedule, and (after
@@ -209,6 +210,7 @@ class Trainer:
             check_conversion_options(init, init_config, self.recipe)
             plan = init_config.layer_types
         check_memory_lr(self.recipe.stages, plan)
+        check_plan_has_branch_windows(self.recipe.stages, plan)
         if self.compiles and any(isinstance(stage, EndToEndStage) for stage in self.recipe.stages):
             compile_decoder_layers(self.teacher)
         place_teacher(self.teacher, self.accelerator)
@@ -363,6 +365,9 @@ class StageRun:
         set_seed(trainer.recipe.seed + self.index)
         student = load_student(self.source)
         prepare_student(student, stage)
+        self.windows = branch_windows(student) if stage.train_windows else []
+        if stage.train_windows:
+            check_train_windows(stage.train_windows, self.windows, stage.name)
         if trainer.compiles and isinstance(stage, EndToEndStage):
             compile_decoder_layers(student)  # stage 1 calls the mixers alone, outside their layers
         groups = parameter_groups(student, stage)
@@ -440,7 +445,9 @@ class StageRun:
             factor = lr_factor(step, self.total_steps, stage.warmup_steps, stage.min_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
-            loss, parts = self._accumulate(step)
+            window = draw_window(stage.train_windows, trainer.recipe.seed, self.index, step) if self.windows else None
+            with trained_window(self.windows, window):
+                loss, parts = self._accumulate(step)
             grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
             means = self._mean_over_processes(loss, parts)
             loss_value, grad_value = means.pop("loss"), float(grad_norm)
@@ -461,6 +468,8 @@ class StageRun:
             seconds = time.perf_counter() - started
             row = {"split": "train", "loss": loss_value, "grad_norm": grad_value, "lr": stage.lr * factor,
                    "tokens_per_s": self.tokens_per_step / seconds, "seconds": seconds, **means}
+            if window is not None:
+                row["train_window"] = window
             if self.feed:
                 row.update(self.feed.step_metrics(step, seconds))
             if torch.cuda.is_available():
