@@ -100,15 +100,20 @@ def prepare_student(student: nn.Module, stage: Stage) -> LoraModel | None:
     return adapted
 
 
-def check_memory_lr(stages: list[Stage], layer_types: list[str]) -> None:
-    """memory_lr sets the recurrent branch of two-branch layers only: asked for in a plan without one, it is a
-    mistake (it would change nothing)."""
+# Stage keys that act on two-branch layers only, and what of those layers each one sets.
+BRANCH_KEYS = {"memory_lr": "the recurrent branch", "train_windows": "the windows"}
+
+
+def check_branch_keys(stages: list[Stage], layer_types: list[str]) -> None:
+    """memory_lr and train_windows act on two-branch layers only: asked for in a plan without one, they are a
+    mistake (they would change nothing)."""
     if any(kind in BRANCH_TYPES for kind in layer_types):
         return
     for index, stage in enumerate(stages):
-        if stage.memory_lr is not None:
-            raise UserError(f"stages[{index}].memory_lr applies to the recurrent branch of {', '.join(BRANCH_TYPES)} "
-                            "layers, and the plan has none")
+        for key, what in BRANCH_KEYS.items():
+            if getattr(stage, key) is not None:
+                raise UserError(f"stages[{index}].{key} applies to {what} of {', '.join(BRANCH_TYPES)} layers, "
+                                "and the plan has none")
 
 
 def parameter_groups(student: nn.Module, stage: Stage) -> list[dict]:

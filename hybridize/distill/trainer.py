@@ -47,8 +47,8 @@ from .provenance import portable_data_record, portable_path, portable_recipe
 from .on_policy import OnPolicyFeed
 from .recipe import EndToEndStage, OnPolicyStage, Recipe, Stage, recipe_to_dict
 from .run_lock import RunLock, holds_run_files, remove_stale_partials
-from .stages import build_distiller, check_memory_lr, parameter_groups, prepare_student
-from .window_draws import branch_windows, check_plan_has_branch_windows, check_train_windows, draw_window, trained_window
+from .stages import build_distiller, check_branch_keys, parameter_groups, prepare_student
+from .window_draws import draw_window, trained_window, windows_to_draw
 from .tracking import MetricsLog, flat_config, held_out_gap, missing_tracker_warning, plot_loss_curve, usable_trackers
 
 # What a resumed run may change: where and how it reports, (say after a NaN) its learning-rate schedule, and (after
@@ -209,8 +209,7 @@ class Trainer:
             init_config = check_student_folder(init)
             check_conversion_options(init, init_config, self.recipe)
             plan = init_config.layer_types
-        check_memory_lr(self.recipe.stages, plan)
-        check_plan_has_branch_windows(self.recipe.stages, plan)
+        check_branch_keys(self.recipe.stages, plan)
         if self.compiles and any(isinstance(stage, EndToEndStage) for stage in self.recipe.stages):
             compile_decoder_layers(self.teacher)
         place_teacher(self.teacher, self.accelerator)
@@ -365,9 +364,7 @@ class StageRun:
         set_seed(trainer.recipe.seed + self.index)
         student = load_student(self.source)
         prepare_student(student, stage)
-        self.windows = branch_windows(student) if stage.train_windows else []
-        if stage.train_windows:
-            check_train_windows(stage.train_windows, self.windows, stage.name)
+        self.windows = windows_to_draw(student, stage.train_windows, stage.name)
         if trainer.compiles and isinstance(stage, EndToEndStage):
             compile_decoder_layers(student)  # stage 1 calls the mixers alone, outside their layers
         groups = parameter_groups(student, stage)

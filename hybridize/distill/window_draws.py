@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..model.configuration_hybrid import BRANCH_TYPES
 from ..model.window_memory import WindowMemoryMixer
 
 
@@ -26,25 +25,20 @@ def branch_windows(model: nn.Module) -> list[nn.Module]:
     return [m.window for m in model.modules() if isinstance(m, WindowMemoryMixer) and m.window.window is not None]
 
 
-def check_plan_has_branch_windows(stages: list, layer_types: list[str]) -> None:
-    """At the run's start: train_windows in a plan without two-branch layers is a mistake (it would change nothing)."""
-    if any(kind in BRANCH_TYPES for kind in layer_types):
-        return
-    for index, stage in enumerate(stages):
-        if stage.train_windows is not None:
-            raise UserError(f"stages[{index}].train_windows applies to the windows of {', '.join(BRANCH_TYPES)} "
-                            "layers, and the plan has none")
-
-
-def check_train_windows(lengths: list[int], windows: list[nn.Module], stage: str) -> None:
-    """At the stage's start: one line where `train_windows` cannot apply to this student's windows."""
+def windows_to_draw(student: nn.Module, lengths: list[int] | None, stage: str) -> list[nn.Module]:
+    """The windows a stage with `train_windows` = lengths draws for (none without it); one line where the lengths
+    cannot apply to this student's windows."""
+    if lengths is None:
+        return []
+    windows = branch_windows(student)
     if not windows:
         raise UserError(f"stage {stage!r}: train_windows needs window + memory or windowed head-wise layers; "
                         "this student has none")
-    longest = min(w.window for w in windows)
-    if max(lengths) > longest:
+    shortest = min(w.window for w in windows)
+    if max(lengths) > shortest:
         raise UserError(f"stage {stage!r}: train_windows {lengths} holds a window longer than the model's "
-                        f"({longest}): a training window can only be shorter")
+                        f"({shortest}): a training window can only be shorter")
+    return windows
 
 
 def draw_window(lengths: list[int], seed: int, stage_index: int, step: int) -> int:
