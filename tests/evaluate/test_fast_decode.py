@@ -1,6 +1,7 @@
 """StaticDecoder gives generate()'s greedy tokens, with its static slots, ring buffers and in-place states."""
 
 import collections
+import copy
 import math
 
 import pytest
@@ -254,12 +255,18 @@ def _assert_near_greedy(model, tokens: torch.Tensor, prompt: int, tolerance: flo
     """Each generated token is the argmax, up to `tolerance` x the logits' spread, of one uncached forward over the
     same tokens (prompt_mask [B, prompt]: 0 at left padding). Greedy trajectories cannot be compared once rounding
     flips a near-tie (the rows then go different ways), but every single choice can: a wrong cache slot or state
-    picks tokens far below the top."""
+    picks tokens far below the top. The forward runs on the CPU, where the windows take SDPA with a dense mask and
+    the recurrent layers the PyTorch references: a GPU decoder is checked against other code than its own, and not
+    against Inductor's flex attention, whose lowering fails at this model's head dim of 16 on an H100
+    (NoValidChoicesError; flex attention has CUDA tests of its own)."""
     mask = None
     if prompt_mask is not None:
-        mask = torch.cat([prompt_mask, prompt_mask.new_ones(tokens.shape[0], tokens.shape[1] - prompt)], 1)
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(tokens.shape[0], tokens.shape[1] - prompt)], 1).cpu()
+    reference = model if tokens.device.type == "cpu" else copy.deepcopy(model).cpu()
     with torch.no_grad():
-        logits = model(input_ids=tokens, attention_mask=mask, use_cache=False).logits[:, prompt - 1 : -1].float()
+        logits = reference(input_ids=tokens.cpu(), attention_mask=mask, use_cache=False).logits
+    logits = logits[:, prompt - 1 : -1].float()
+    tokens = tokens.cpu()
     chosen = logits.gather(-1, tokens[:, prompt:, None])[..., 0]  # [B, new]
     top, spread = logits.amax(-1), logits.amax(-1) - logits.amin(-1)
     shortfall = ((top - chosen) / spread).max().item()
