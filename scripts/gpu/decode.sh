@@ -3,7 +3,8 @@
 # layer steps, RoPE and slot writes, the decode attention kernel, the windows' flex attention), then the
 # constant-memory plan's bench at 8K / batch 16 against the teacher's static-cache path and the kernel table of its
 # step (docs/benchmarks.md, "Hybrid against teacher"). The plan is converted from a random-weight teacher of
-# SmolLM2's config saved in bf16: decode speed depends on the shapes, not on the weights' values. Runs on any CUDA machine with hybridize installed.
+# SmolLM2's config saved in bf16: decode speed depends on the shapes, not on the weights' values. Runs on any CUDA
+# machine with hybridize installed.
 # Usage: bash scripts/gpu/decode.sh   (OUT: logs, the bench and versions.txt; default runs/gpu/decode;
 # ROOT: the teacher and the converted plan, default runs/decode; TOKENIZER: a local tokenizer folder, default the
 # embedded teacher's; TEST_LIMIT: seconds for the tests, default 900)
