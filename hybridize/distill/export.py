@@ -28,26 +28,33 @@ def check_student_folder(folder: Path) -> HybridConfig:
     return config
 
 
-def recorded_long_memory_heads(folder: Path) -> float | None:
-    """The long-memory share `folder` was converted with, from its conversion.json (None without one)."""
+def recorded_init_option(folder: Path, name: str) -> float | str | None:
+    """The init option `name` (an InitOptions field) that `folder` was converted with, from its conversion.json
+    (None without one)."""
     record = folder / "conversion.json"
     if not record.exists():
         return None
     try:
-        return json.loads(record.read_text())["init_options"]["long_memory_heads"]
+        return json.loads(record.read_text())["init_options"][name]
     except (json.JSONDecodeError, TypeError, KeyError):
-        raise UserError(f"{record} is not a conversion record (no init_options.long_memory_heads); convert "
+        raise UserError(f"{record} is not a conversion record (no init_options.{name}); convert "
                         f"{folder} again") from None
 
 
 def check_conversion_options(folder: Path, config: HybridConfig, recipe: Recipe) -> None:
     """With an `init` folder (whose config is `config`), the folder holds the conversion options. One that the recipe
     sets away from its default must be what the folder was converted with (its config; conversion.json for the
-    long-memory heads): otherwise the run would train something else than the recipe says."""
+    init options): otherwise the run would train something else than the recipe says."""
+    def recorded(name):
+        return lambda: recorded_init_option(folder, name)
+
     held = {"recurrent_rope": (lambda: config.recurrent_rope, "--recurrent-rope"),
             "sink_tokens": (lambda: config.sliding_window_sinks, "--sink-tokens"),
             "memory_outside_window": (lambda: config.memory_outside_window, "--memory-outside-window"),
-            "init_long_heads": (lambda: recorded_long_memory_heads(folder), "--init-long-heads")}
+            "init_long_heads": (recorded("long_memory_heads"), "--init-long-heads"),
+            "init_gate": (recorded("gate"), "--init-gate"),
+            "init_decay": (recorded("decay"), "--init-decay"),
+            "init_beta": (recorded("beta"), "--init-beta")}
     for key, (read, flag) in held.items():
         wanted = getattr(recipe, key)
         if not wanted:
@@ -55,8 +62,9 @@ def check_conversion_options(folder: Path, config: HybridConfig, recipe: Recipe)
         found = read()
         if found != wanted:
             how = "no conversion.json records it" if found is None else f"it was converted with {key} {found}"
+            command = flag if wanted is True else f"{flag} {wanted}"
             raise UserError(f"recipe: {key}: {wanted}, but {folder} differs ({how}); convert it with "
-                            f"`hybridize convert {flag}`, give a `plan` instead of `init`, or leave {key} out")
+                            f"`hybridize convert {command}`, give a `plan` instead of `init`, or leave {key} out")
 
 
 def load_student(folder: Path) -> HybridForCausalLM:

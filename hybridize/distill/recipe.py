@@ -308,6 +308,11 @@ class Recipe:
     sink_tokens: int = 0  # sliding windows also keep each sequence's first this-many tokens
     # the share of each recurrent layer's heads given a 4096-token half-life (convert --init-long-heads)
     init_long_heads: float = 0.0
+    # Mamba2 / GDN output gate, state decay and GDN write strength (convert --init-gate, --init-decay, --init-beta);
+    # unset: the convert default, teacher-calibrated
+    init_gate: Literal["zero", "random", "teacher"] | None = None
+    init_decay: Literal["slow", "random", "teacher"] | None = None
+    init_beta: Literal["half", "teacher"] | None = None
     recurrent_rope: bool = False  # Mamba2 / GDN layers rotate their C, B / q, k by RoPE (convert --recurrent-rope)
     # window + memory layers' memories read only the tokens that have left the window (convert --memory-outside-window)
     memory_outside_window: bool = False
@@ -324,6 +329,8 @@ class Recipe:
         _require(self.sink_tokens >= 0, "sink_tokens", "must be >= 0")
         _check_at_most(self.sink_tokens, MAX_SEQ_LEN, "sink_tokens")
         _require(0.0 <= self.init_long_heads <= 1.0, "init_long_heads", "must be in [0, 1]")
+        _require(not self.init_long_heads or self.init_decay in (None, "teacher"), "init_long_heads",
+                 f"applies to init_decay teacher (the default), not {self.init_decay}")
         _require(len(self.stages) > 0, "stages", "list at least one stage")
         names = [stage.name for stage in self.stages]
         for i, name in enumerate(names):

@@ -263,7 +263,9 @@ class Trainer:
             from ..convert.pipeline import CONVERT_DEFAULTS, convert_to_folder
 
             self.log(f"converting {self.recipe.teacher} with plan {self.recipe.plan!r} into {target}")
-            options = dataclasses.replace(CONVERT_DEFAULTS, long_memory_heads=self.recipe.init_long_heads)
+            chosen = {"gate": self.recipe.init_gate, "decay": self.recipe.init_decay, "beta": self.recipe.init_beta}
+            options = dataclasses.replace(CONVERT_DEFAULTS, long_memory_heads=self.recipe.init_long_heads,
+                                          **{name: value for name, value in chosen.items() if value is not None})
             convert_to_folder(self.recipe.teacher, self.recipe.plan, target, seed=self.recipe.seed, options=options,
                               sink_tokens=self.recipe.sink_tokens, recurrent_rope=self.recipe.recurrent_rope,
                               memory_outside_window=self.recipe.memory_outside_window,

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from helpers import requires_cuda
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from distill_support import REPO, kill_after, metrics, run_distill, tiny_recipe, write_recipe
 
 from hybridize.cli import COMMANDS
+from hybridize.convert.pipeline import CONVERT_DEFAULTS
 from hybridize.cli import main as hybridize_main
 from hybridize.distill.__main__ import main as distill_main
 from hybridize.distill.recipe import parse_recipe, recipe_to_dict
@@ -191,6 +193,8 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_models, text_f
                                       "with memory_outside_window False); convert it with `hybridize convert "
                                       "--memory-outside-window`"),
     ({"init_long_heads": 0.25}, "recipe: init_long_heads: 0.25, but {init} differs (no conversion.json records it)"),
+    ({"init_gate": "zero"}, "recipe: init_gate: zero, but {init} differs (no conversion.json records it); convert "
+                            "it with `hybridize convert --init-gate zero`"),
 ])
 def test_conversion_options_that_the_init_folder_lacks_are_one_line(tmp_path, tiny_models, text_file, capsys,
                                                                      change, message):
@@ -210,6 +214,38 @@ def test_a_conversion_record_without_the_long_memory_share_is_one_line(tmp_path,
     [line] = error_lines(capsys.readouterr().err)
     assert f"{init / 'conversion.json'} is not a conversion record (no init_options.long_memory_heads)" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_an_init_folder_converted_with_other_init_options_is_one_line(tmp_path, tiny_models, text_file, capsys):
+    init = tmp_path / "init"
+    shutil.copytree(tiny_models / "init", init)
+    (init / "conversion.json").write_text(json.dumps({"init_options": {"gate": "teacher", "decay": "slow"}}))
+    raw = tiny_recipe(tiny_models, text_file, tmp_path / "run", {"init": str(init), "init_decay": "slow",
+                                                                 "init_gate": "zero"})
+    assert distill_main([str(write_recipe(tmp_path / "recipe.yaml", raw))]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert f"recipe: init_gate: zero, but {init} differs (it was converted with init_gate teacher)" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plans_init_options_come_from_the_recipe(tmp_path, tiny_models, text_file):
+    """init_gate / init_decay / init_beta are convert's --init-gate / --init-decay / --init-beta: the run converts its
+    plan with them and records them; one left unset keeps the convert default."""
+    run = tmp_path / "run"
+    raw = tiny_recipe(tiny_models, text_file, run, {"plan": "uniform:2:gated_deltanet", "init": None,
+                                                    "init_gate": "zero", "init_decay": "slow"})
+    assert distill_main([str(write_recipe(tmp_path / "recipe.yaml", raw)), "--max-steps", "1"]) == 0
+    options = json.loads((run / "init" / "conversion.json").read_text())["init_options"]
+    assert (options["gate"], options["decay"], options["beta"]) == ("zero", "slow", CONVERT_DEFAULTS.beta)
+    assert CONVERT_DEFAULTS.gate != "zero" and CONVERT_DEFAULTS.decay != "slow"  # else this test shows nothing
+    init = load_file(run / "init" / "model.safetensors")
+    layers = [i for i, kind in enumerate(json.loads((run / "init" / "config.json").read_text())["layer_types"])
+              if kind == "gated_deltanet"]
+    assert layers
+    for layer in layers:  # slow decay: every head's rate exp(A_log) * softplus(dt_bias) is 0.01 a token
+        prefix = f"model.layers.{layer}.mixer."
+        rate = init[prefix + "A_log"].float().exp() * F.softplus(init[prefix + "dt_bias"].float())
+        assert torch.allclose(rate, torch.full_like(rate, 0.01), rtol=1e-5), rate
 
 
 def test_conversion_options_that_the_init_folder_holds_are_accepted(tmp_path, tiny_models, text_file):

@@ -88,4 +88,7 @@ def test_the_recall_runs_are_the_gdn_recipe_with_one_lever_each():
     shares = recipes["recall-gdn-rope-long-heads-shares"]
     assert shares.data.part_shares == {"code": 0.6, "docs": 0.2, "prose": 0.2} and not combined.data.part_shares
     assert shares.recurrent_rope and shares.init_long_heads == 0.25
+    uncalibrated = recipes["recall-gdn-rope-uncalibrated"]
+    assert (uncalibrated.init_gate, uncalibrated.init_decay, uncalibrated.init_beta) == ("zero", "slow", "half")
+    assert uncalibrated.recurrent_rope and uncalibrated.init_long_heads == 0 and combined.init_gate is None
     assert {sum(s.tokens for s in r.stages) for r in recipes.values()} == {80_000_000}  # equal tokens
