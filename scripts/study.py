@@ -89,6 +89,9 @@ PART_SHARES = ("data.part_shares.code=0.6", "data.part_shares.docs=0.2", "data.p
 # At 4M + 10M tokens with recurrent RoPE it trains to KL 0.496 against the calibrated init's 0.760 (docs/results.md,
 # "Recall levers at equal tokens").
 UNCALIBRATED = ("init_gate=zero", "init_decay=slow", "init_beta=half")
+# A quarter of stage 2's blocks with a 32-token span of their text copied 1K+ tokens further on: text whose
+# prediction needs retrieval past what a window or a short memory holds (docs/distill.md, "Copied spans").
+COPIES = ("stages.1.copied_spans={share: 0.25, tokens: 32, min_gap: 1024}",)
 
 
 def lever(*overrides: str, rope: bool = False, long_heads: float = 0.0) -> tuple[str, ...]:
@@ -102,7 +105,8 @@ RECALL_LEVERS = {"": lever(), "-long-heads": lever(long_heads=0.25), "-half-life
                  "-readout-layers": lever(READOUT_LAYERS), "-rope": lever(rope=True),
                  "-rope-long-heads": lever(rope=True, long_heads=0.25),
                  "-rope-long-heads-shares": lever(*PART_SHARES, rope=True, long_heads=0.25),
-                 "-rope-uncalibrated": lever(*UNCALIBRATED, rope=True)}
+                 "-rope-uncalibrated": lever(*UNCALIBRATED, rope=True),
+                 "-rope-long-heads-copies": lever(*COPIES, rope=True, long_heads=0.25)}
 
 
 def kept_layers(plan_file: Path) -> list[int]:

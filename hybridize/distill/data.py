@@ -7,7 +7,7 @@ the library's parts to their shares of the training tokens, if asked -> pack per
 seq_len. The whole library (no max_documents) is tokenized before the shuffle instead, which orders it the same
 way, and cached per text and tokenizer. Training visits blocks in an order fixed by the seed and the epoch, and
 position k of that stream is the same block for every world size, so a resumed run or a run on more GPUs sees the
-same global batches.
+same global batches; a stage with `copied_spans` changes some of those blocks, by position (copied_spans.py).
 """
 
 import math
@@ -24,7 +24,8 @@ from .. import corpus, library
 from ..atomic import write_cache_folder
 from ..errors import UserError
 from ..teacher import cache_root, hub_reachable
-from .recipe import DataConfig
+from .copied_spans import copy_spans
+from .recipe import CopiedSpans, DataConfig
 
 FILE_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
                 ".parquet": "parquet"}
@@ -258,6 +259,8 @@ class StageData:
     held_out: datasets.Dataset
     seq_len: int
     order: BlockOrder
+    copied_spans: CopiedSpans | None = None  # applied to training blocks only
+    seed: int = 0
 
     def train_batch(self, step: int, micro: int, micro_batch: int, global_batch: int, rank: int,
                     world: int) -> torch.Tensor:
@@ -267,7 +270,8 @@ class StageData:
         (m * world + r) * micro_batch, so the union over ranks and micro batches is that same global batch.
         """
         start = self.stream_start(step, micro, micro_batch, global_batch, rank, world)
-        return self.train[self.order.blocks(start, micro_batch)]["input_ids"]
+        blocks = self.train[self.order.blocks(start, micro_batch)]["input_ids"]
+        return blocks if self.copied_spans is None else copy_spans(blocks, start, self.copied_spans, self.seed)
 
     @staticmethod
     def stream_start(step: int, micro: int, micro_batch: int, global_batch: int, rank: int, world: int) -> int:
@@ -291,7 +295,7 @@ class StageData:
 
 
 def stage_data(documents: Documents, stage_name: str, seq_len: int, global_batch: int, seed: int,
-               num_proc: int | None = None) -> StageData:
+               num_proc: int | None = None, copied_spans: CopiedSpans | None = None) -> StageData:
     """Pack the documents for one stage; one UserError line if they cannot fill a global batch of sequences."""
     train = pack(documents.train, seq_len, num_proc)
     tokens = documents.record["tokens"]["train"]
@@ -301,4 +305,5 @@ def stage_data(documents: Documents, stage_name: str, seq_len: int, global_batch
             f"{seq_len}, fewer than one global batch of {global_batch}; use more data or a shorter seq_len"
         )
     held_out = pack(documents.held_out, seq_len, num_proc) if len(documents.held_out) else documents.held_out
-    return StageData(train=train, held_out=held_out, seq_len=seq_len, order=BlockOrder(len(train), seed))
+    return StageData(train=train, held_out=held_out, seq_len=seq_len, order=BlockOrder(len(train), seed),
+                     copied_spans=copied_spans, seed=seed)

@@ -112,6 +112,21 @@ class LoraConfig:
 
 
 @dataclass(kw_only=True)
+class CopiedSpans:
+    """Training blocks in which a span of the text recurs further on, so that predicting the copy needs what was read
+    `min_gap` or more tokens earlier (copied_spans.py, docs/distill.md "Copied spans"). Held-out blocks stay as read."""
+
+    share: float  # of the stage's training blocks that get one copied span
+    tokens: int = 32  # span length
+    min_gap: int = 1024  # tokens between the end of the span and the start of its copy
+
+    def check(self) -> None:
+        _require(0 < self.share <= 1, "share", f"must be in (0, 1], got {self.share:g}")
+        _require(self.tokens >= 1, "tokens", f"must be >= 1, got {self.tokens}")
+        _require(self.min_gap >= 0, "min_gap", f"must be >= 0, got {self.min_gap}")
+
+
+@dataclass(kw_only=True)
 class StageConfig:
     """What every stage has: its budget, batch geometry and optimizer settings.
 
@@ -143,6 +158,7 @@ class StageConfig:
     # Window lengths drawn per optimizer step for the windows of window + memory layers (window_draws.py); null:
     # their own window throughout.
     train_windows: list[int] | None = None
+    copied_spans: CopiedSpans | None = None  # null: the blocks as read
 
     def check(self) -> None:
         _require(self.name.replace("-", "").replace("_", "").isalnum(), "name", "use letters, digits, - and _")
@@ -174,6 +190,11 @@ class StageConfig:
         if self.train_windows is not None:
             _require(len(self.train_windows) > 0 and all(isinstance(w, int) and w >= 1 for w in self.train_windows),
                      "train_windows", f"must be a list of window lengths >= 1, got {self.train_windows}")
+        if self.copied_spans is not None:
+            spans = self.copied_spans
+            _require(2 * spans.tokens + spans.min_gap <= self.seq_len, "copied_spans",
+                     f"a span of {spans.tokens}, a gap of {spans.min_gap} and the copy need "
+                     f"{2 * spans.tokens + spans.min_gap} tokens, more than seq_len {self.seq_len}")
 
     def steps(self) -> int:
         """Optimizer steps that spend the token budget (the last one may overshoot it by less than a step)."""

@@ -358,7 +358,7 @@ class StageRun:
         # Packed now, while the run is still being checked: a seq_len the data cannot fill is an error at start.
         with self.accelerator.main_process_first():
             self.data: StageData = stage_data(trainer.documents, stage.name, stage.seq_len, stage.global_batch_size,
-                                              trainer.recipe.seed, trainer.recipe.data.num_proc)
+                                              trainer.recipe.seed, trainer.recipe.data.num_proc, stage.copied_spans)
 
     def train(self) -> None:
         trainer, stage, accelerator = self.trainer, self.stage, self.accelerator

@@ -15,6 +15,11 @@ TINY_LAYER_TYPES = ["gated_deltanet", "full_attention", "mamba2", "sliding_atten
 TINY_WINDOW = 24
 
 
+def error_lines(stderr: str) -> list[str]:
+    """The one-line errors a command printed (the CLI's "error:" lines)."""
+    return [line for line in stderr.splitlines() if "error:" in line]
+
+
 def tiny_recipe(tiny_models: Path, text_file: Path, output_dir: Path, changes: dict | None = None) -> dict:
     """A two-stage recipe over the tiny models: 4 steps each of 4 x 64 tokens; `changes` maps dotted keys to values."""
     recipe = {

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 import torch
-from distill_support import (REPO, distill_command, kill_after, metrics, run_distill, tiny_recipe, wait_for,
-                             write_recipe)
+from distill_support import (REPO, distill_command, error_lines, kill_after, metrics, run_distill, tiny_recipe,
+                             wait_for, write_recipe)
 from safetensors.torch import load_file, save_file
 
 from hybridize.distill import checkpoints
@@ -23,10 +23,6 @@ from hybridize.distill.recipe import parse_recipe, recipe_to_dict
 from hybridize.distill.run_lock import RunLock
 from hybridize.distill.trainer import Trainer
 from hybridize.errors import UserError
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "error:" in line]
 
 
 def one_stage(tiny_models, text_file, out, steps: int, stage: int = 1) -> dict:

@@ -15,7 +15,7 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from helpers import requires_cuda
 from safetensors.torch import load_file
-from distill_support import REPO, kill_after, metrics, run_distill, tiny_recipe, write_recipe
+from distill_support import REPO, error_lines, kill_after, metrics, run_distill, tiny_recipe, write_recipe
 
 from hybridize.cli import COMMANDS
 from hybridize.convert.pipeline import CONVERT_DEFAULTS
@@ -24,10 +24,6 @@ from hybridize.distill.__main__ import main as distill_main
 from hybridize.distill.recipe import parse_recipe, recipe_to_dict
 from hybridize.distill.trainer import Trainer, reduce_gradients_in_fp32, tf32_matmuls
 from hybridize.evaluate.common import recorded_teacher
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "error:" in line]
 
 
 def test_stage2_lowers_the_kl(tmp_path, tiny_models, text_file):

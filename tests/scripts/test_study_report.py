@@ -66,7 +66,7 @@ def test_pareto_front_keeps_only_unbeaten_points_by_speed():
 
 def test_the_recall_runs_are_the_gdn_recipe_with_one_lever_each():
     """Each recall run's settings bind to the shipped recipe (a renamed key would fail here, not on the GPU)."""
-    from hybridize.distill.recipe import parse_recipe, read_recipe
+    from hybridize.distill.recipe import CopiedSpans, parse_recipe, read_recipe
 
     study = load_study()
     recall = [run for run in study.runs() if run.question == "recall"]
@@ -91,4 +91,7 @@ def test_the_recall_runs_are_the_gdn_recipe_with_one_lever_each():
     uncalibrated = recipes["recall-gdn-rope-uncalibrated"]
     assert (uncalibrated.init_gate, uncalibrated.init_decay, uncalibrated.init_beta) == ("zero", "slow", "half")
     assert uncalibrated.recurrent_rope and uncalibrated.init_long_heads == 0 and combined.init_gate is None
+    copies = recipes["recall-gdn-rope-long-heads-copies"]
+    assert copies.stages[1].copied_spans == CopiedSpans(share=0.25, tokens=32, min_gap=1024)
+    assert copies.stages[0].copied_spans is None and combined.stages[1].copied_spans is None
     assert {sum(s.tokens for s in r.stages) for r in recipes.values()} == {80_000_000}  # equal tokens
