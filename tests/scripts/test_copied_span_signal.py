@@ -1,5 +1,6 @@
 """scripts/copied_span_signal.py on a tiny teacher: within the window the all-window copy is the teacher (KL 0 with
-or without a span), past it the window misses part of the teacher."""
+or without a span), past it the window misses part of the teacher, and a student that is the teacher misses
+nothing."""
 
 import json
 import subprocess
@@ -21,10 +22,10 @@ def teacher_dir(tmp_path_factory):
     return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-llama", tokenizer, 2, max_positions=2048)
 
 
-def signal(teacher_dir, out: Path, seq_len: int, min_gap: int) -> dict:
+def signal(teacher_dir, out: Path, seq_len: int, min_gap: int, *more: str) -> dict:
     done = subprocess.run([sys.executable, "scripts/copied_span_signal.py", "--teacher", str(teacher_dir),
                            "--seq-len", str(seq_len), "--tokens", "8", "--min-gap", str(min_gap), "--blocks", "1",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--out", str(out), *more], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(out.read_text())["domains"]
 
@@ -39,4 +40,6 @@ def test_inside_the_window_nothing_is_missed_and_past_it_something_is(teacher_di
     past = signal(teacher_dir, tmp_path / "past.json", seq_len=1100, min_gap=700)
     for row in past.values():
         assert row["kl_block_as_read"] > 1e-6 and row["kl_copy_positions_copied"] > 1e-6, row
-
+    itself = signal(teacher_dir, tmp_path / "itself.json", 1100, 700, "--student", str(teacher_dir))
+    for row in itself.values():
+        assert all(value == pytest.approx(0, abs=1e-6) for value in row.values()), row
