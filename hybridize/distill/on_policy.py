@@ -3,7 +3,8 @@
 A step is on-policy with probability `on_policy_fraction`, else teacher-forced (KD on the training blocks with the
 same divergence). On an on-policy step every sequence of the global batch is a block's first prompt_tokens,
 continued by the student for new_tokens with its own cached decode; the teacher scores prompt + continuation in
-one forward, and the divergence is taken on the rows that predict the student's tokens only.
+one forward, and the divergence is taken on the rows that predict the student's tokens only. With `generator:
+teacher` the teacher continues the prompts instead (sequence-level KD), and the loss covers the teacher's tokens.
 
 Randomness holds no state: whether step s generates, and the uniforms that draw sequence k's tokens, are fixed by
 (seed, stage, s) and (seed, stage, stream position of k). A resumed run, a run on more processes and a run that
@@ -106,6 +107,18 @@ class ContinuationSampler:
                 # and read the weights in place, so each step decodes with the weights the optimizer left.
                 self._decoder = StaticDecoder(self.student, prompts.shape[0], self.length, sampling=self.sampling)
             return self._decoder.generate(prompts, self.new_tokens, uniforms=uniforms.to(prompts.device))
+
+
+class TeacherContinuations:
+    """The teacher's continuations (`generator: teacher`): the teacher's own cache loop, in its own weights; the
+    student plays no part in what is generated."""
+
+    def __init__(self, teacher: nn.Module, stage: OnPolicyStage):
+        self.teacher = teacher
+        self.sampling = Sampling(temperature=stage.sample_temperature, top_k=stage.top_k, top_p=stage.top_p)
+
+    def __call__(self, prompts: torch.LongTensor, uniforms: torch.Tensor) -> torch.LongTensor:
+        return cached_continuations(self.teacher, prompts, uniforms.to(prompts.device), self.sampling)
 
 
 class OnPolicyFeed:

@@ -264,6 +264,9 @@ class OnPolicyStage(EndToEndStage):
     divergence: Literal[DIVERGENCES] = "reverse_kl"
     jsd_beta: float = 0.5  # jsd only: the teacher's weight in the mixture
     on_policy_fraction: float = 1.0  # lambda: the share of steps that generate; the others are teacher-forced
+    # who continues the prompts: the student (on-policy), or the teacher (sequence-level KD: the student learns
+    # the teacher's own continuations, the path a greedy comparison with the teacher is decided on)
+    generator: Literal["student", "teacher"] = "student"
 
     def check(self) -> None:
         super().check()

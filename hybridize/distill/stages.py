@@ -19,7 +19,7 @@ from ..losses import KDOptions, attention_output_loss, kd_loss, next_token_label
 from ..model.configuration_hybrid import BRANCH_TYPES
 from ..model.modeling_hybrid import HALF_LIFE_PARAMETERS, MEMORY_BRANCH_PARAMETERS
 from ..teacher_forcing import capture_mixer_io, student_mixer_outputs
-from .on_policy import ContinuationSampler
+from .on_policy import ContinuationSampler, TeacherContinuations
 from .recipe import AttentionOutputStage, EndToEndStage, LoraConfig, OnPolicyStage, Stage
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -215,7 +215,8 @@ class KDDistiller(Distiller):
 
 
 class OnPolicyDistiller(KDDistiller):
-    """The stage's divergence on a loss mask; called with sample_uniforms, the student's continuations instead.
+    """The stage's divergence on a loss mask; called with sample_uniforms, the continuations of the stage's
+    `generator` (the student, or the teacher) instead.
 
     Generation goes through forward so that DDP and FSDP2 see it as a forward of the prepared model (FSDP2
     gathers the sharded weights only inside one).
@@ -225,11 +226,12 @@ class OnPolicyDistiller(KDDistiller):
         options = KDOptions(temperature=stage.temperature, chunk_tokens=stage.kl_chunk_tokens,
                             divergence=stage.divergence, jsd_beta=stage.jsd_beta)
         super().__init__(student, teacher, options)
-        self.sampler = ContinuationSampler(student, stage, static_decode)
+        self.sampler = (TeacherContinuations(teacher, stage) if stage.generator == "teacher"
+                        else ContinuationSampler(student, stage, static_decode))
 
     def forward(self, input_ids, loss_mask=None, sample_uniforms=None):
         """input_ids [B, T] (and loss_mask [B, T]) -> (loss, metrics); with sample_uniforms [B, L], input_ids are
-        prompts [B, P] and the result is the student's sequences [B, P + L] (no gradient)."""
+        prompts [B, P] and the result is the generator's sequences [B, P + L] (no gradient)."""
         if sample_uniforms is not None:
             return self.sampler(input_ids, sample_uniforms)
         loss, parts = super().forward(input_ids, loss_mask)

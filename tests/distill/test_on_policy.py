@@ -17,7 +17,7 @@ from distill_support import REPO, distill_command, metrics, run_distill, tiny_re
 from hybridize.distill.export import load_student
 from hybridize.losses import KDOptions, kd_loss
 from hybridize.distill.on_policy import (
-    ContinuationSampler, generated_loss_mask, sampling_uniforms, step_generates,
+    ContinuationSampler, TeacherContinuations, generated_loss_mask, sampling_uniforms, step_generates,
 )
 from hybridize.distill.recipe import OnPolicyStage, load_recipe, parse_recipe
 from hybridize.distill.stages import OnPolicyDistiller
@@ -169,6 +169,24 @@ def test_static_and_cached_decode_sample_the_students_own_tokens(models, samplin
             config.sample_temperature, config.top_k, config.top_p)), expected)
 
 
+@pytest.mark.parametrize("sampling", [dict(sample_temperature=1.0), dict(sample_temperature=0.0)],
+                         ids=["plain", "greedy"])
+def test_the_teacher_as_generator_samples_the_teachers_own_tokens(models, sampling):
+    """generator: teacher gives the teacher's no-cache continuations, whatever the student's weights."""
+    student, teacher = models
+    config = stage(generator="teacher", **sampling)
+    torch.manual_seed(5)
+    prompts = torch.randint(1, 1000, (2, config.prompt_tokens))
+    uniforms = sampling_uniforms(seed=0, stage_index=0, first_position=4, count=2, new_tokens=config.new_tokens)
+    expected = reference_continuations(teacher, prompts, uniforms, Sampling(config.sample_temperature))
+    assert torch.equal(TeacherContinuations(teacher, config)(prompts, uniforms), expected)
+    for learner in (student, load_teacher_with_other_weights(student)):
+        generated = OnPolicyDistiller(learner, teacher, config, static_decode=True)(prompts, sample_uniforms=uniforms)
+        assert torch.equal(generated, expected)
+    assert not torch.equal(reference_continuations(student, prompts, uniforms, Sampling(config.sample_temperature)),
+                           expected)  # the student would have continued otherwise
+
+
 def load_teacher_with_other_weights(teacher):
     import copy
 
@@ -235,6 +253,34 @@ def test_a_mixed_stage_trains_and_reports_its_generation_cost(tmp_path, tiny_mod
     assert evals[-1]["divergence"] < evals[0]["divergence"], evals
 
 
+def test_a_stage_trains_on_the_teachers_continuations(tmp_path, tiny_models, text_file, tokenizer, models):
+    """generator: teacher trains the student on what the teacher wrote: another first loss than on the student's own
+    continuations at the same draws, and afterwards the student is closer to the teacher on the teacher's greedy
+    continuations of text prompts."""
+    first = {}
+    for generator in ("student", "teacher"):
+        raw = on_policy_recipe(tiny_models, text_file, tmp_path / generator, generator=generator,
+                               sample_temperature=0.0, divergence="forward_kl", lr=3e-3)
+        Trainer(parse_recipe(raw)).run()
+        train = [r for r in metrics(tmp_path / generator) if r["split"] == "train"]
+        assert [r["on_policy"] for r in train] == [1.0] * 6
+        first[generator] = train[0]["loss"]
+    assert first["teacher"] != pytest.approx(first["student"], rel=1e-3)
+    _, teacher = models
+    config = stage(generator="teacher", sample_temperature=0.0, divergence="forward_kl")
+    texts = [json.loads(line)["text"] for line in text_file.read_text().splitlines()[:8]]
+    prompts = torch.stack([torch.tensor(tokenizer(t)["input_ids"][: config.prompt_tokens]) for t in texts])
+    uniforms = sampling_uniforms(seed=0, stage_index=0, first_position=0, count=8, new_tokens=config.new_tokens)
+    divergences = []
+    for folder in (tiny_models / "init", tmp_path / "teacher" / "final"):
+        distiller = OnPolicyDistiller(load_student(folder).eval(), teacher, config, static_decode=False)
+        with torch.no_grad():
+            sequences = distiller(prompts, sample_uniforms=uniforms)
+            mask = generated_loss_mask(sequences, config.prompt_tokens, tokenizer.eos_token_id)
+            divergences.append(distiller(sequences, loss_mask=mask)[1]["divergence"].item())
+    assert divergences[1] < divergences[0], divergences
+
+
 def test_kill_and_resume_gives_the_same_next_steps(tmp_path, tiny_models, text_file):
     """Killed after a checkpoint, resumed: the same steps generate, from the same draws, to the same losses."""
     raw = on_policy_recipe(tiny_models, text_file, tmp_path / "unused", on_policy_fraction=0.7, tokens=8 * 4 * 24,
@@ -290,6 +336,7 @@ def test_a_smoke_run_through_the_cli(tmp_path, tiny_models, text_file):
     ({"top_k": -5}, "stages[0].top_k: must be >= 0 (0: no limit), got -5"),
     ({"new_tokens": 0, "seq_len": 12}, "stages[0].new_tokens: must be >= 1, got 0"),
     ({"ce_weight": 0.5}, "stages[0].ce_weight: unknown key; allowed:"),
+    ({"generator": "both"}, "stages[0].generator: allowed values: student, teacher; got 'both'"),
 ])
 def test_bad_on_policy_values_are_one_line_naming_the_key(change, line):
     raw = {"teacher": "t", "init": "i", "output_dir": "o", "stages": [ON_POLICY | change]}
