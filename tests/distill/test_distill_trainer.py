@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from distill_support import REPO, error_lines, kill_after, metrics, run_distill, tiny_recipe, write_recipe
 
 from hybridize.cli import COMMANDS
-from hybridize.convert.pipeline import CONVERT_DEFAULTS
 from hybridize.cli import main as hybridize_main
+from hybridize.convert.pipeline import CONVERT_DEFAULTS
 from hybridize.distill.__main__ import main as distill_main
 from hybridize.distill.recipe import parse_recipe, recipe_to_dict
 from hybridize.distill.trainer import Trainer, reduce_gradients_in_fp32, tf32_matmuls
