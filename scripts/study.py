@@ -85,19 +85,22 @@ READOUT_LAYERS = "plan=full_attention:0,1,2,7,16,18,20,21 gated_deltanet:rest"
 # 1.02x on code (docs/results.md, "recipes/smollm2-135m/gdn.yaml"). These shares repeat docs and prose 10-17x in the
 # pool.
 PART_SHARES = ("data.part_shares.code=0.6", "data.part_shares.docs=0.2", "data.part_shares.prose=0.2")
-# The init before teacher calibration: every GDN layer an exact skip, each head a ~100-token memory writing at 1/2.
-# At 4M + 10M tokens with recurrent RoPE it trains to KL 0.496 against the calibrated init's 0.760 (docs/results.md,
-# "Recall levers at equal tokens").
+# The recall runs below were measured at the teacher-calibrated init; `-rope-uncalibrated` at the convert default
+# (every GDN layer an exact skip, each head a ~100-token memory writing at 1/2), which at 4M + 10M tokens with
+# recurrent RoPE trains to KL 0.496 against the calibrated init's 0.760 (docs/results.md, "Recall levers at equal
+# tokens").
+CALIBRATED = ("init_gate=teacher", "init_decay=teacher", "init_beta=teacher")
 UNCALIBRATED = ("init_gate=zero", "init_decay=slow", "init_beta=half")
 # A quarter of stage 2's blocks with a 32-token span of their text copied 1K+ tokens further on: text whose
 # prediction needs retrieval past what a window or a short memory holds (docs/distill.md, "Copied spans").
 COPIES = ("stages.1.copied_spans={share: 0.25, tokens: 32, min_gap: 1024}",)
 
 
-def lever(*overrides: str, rope: bool = False, long_heads: float = 0.0) -> tuple[str, ...]:
-    """The GDN recipe's settings for one recall run: recurrent RoPE and long-memory heads are set explicitly, since
-    the recipe ships with both on and the plain run has neither."""
-    return (f"recurrent_rope={str(rope).lower()}", f"init_long_heads={long_heads}", *overrides)
+def lever(*overrides: str, rope: bool = False, long_heads: float = 0.0,
+          init: tuple[str, ...] = CALIBRATED) -> tuple[str, ...]:
+    """The GDN recipe's settings for one recall run: the init, recurrent RoPE and long-memory heads are set
+    explicitly, since the recipe ships with RoPE on and the plain run has neither."""
+    return (*init, f"recurrent_rope={str(rope).lower()}", f"init_long_heads={long_heads}", *overrides)
 
 
 RECALL_LEVERS = {"": lever(), "-long-heads": lever(long_heads=0.25), "-half-life-lr": lever(*HALF_LIFE_LR),
@@ -105,7 +108,7 @@ RECALL_LEVERS = {"": lever(), "-long-heads": lever(long_heads=0.25), "-half-life
                  "-readout-layers": lever(READOUT_LAYERS), "-rope": lever(rope=True),
                  "-rope-long-heads": lever(rope=True, long_heads=0.25),
                  "-rope-long-heads-shares": lever(*PART_SHARES, rope=True, long_heads=0.25),
-                 "-rope-uncalibrated": lever(*UNCALIBRATED, rope=True),
+                 "-rope-uncalibrated": lever(rope=True, init=UNCALIBRATED),
                  "-rope-long-heads-copies": lever(*COPIES, rope=True, long_heads=0.25)}
 
 

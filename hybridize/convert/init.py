@@ -61,7 +61,7 @@ class InitOptions:
         return "teacher" in (self.gate, self.decay, self.beta) or self.align_steps > 0
 
 
-# The conversion default for Mamba2 / GDN layers (docs/conversion.md has the measurements behind it).
+# Every option read from the teacher's attention on calibration text (docs/conversion.md, "Init options").
 TEACHER_CALIBRATED = InitOptions(gate="teacher", decay="teacher", beta="teacher")
 
 # Write strengths of the sharpest (entropy 0) and the most uniform (entropy 1) teacher heads.

@@ -118,7 +118,11 @@ class TeacherContinuations:
         self.sampling = Sampling(temperature=stage.sample_temperature, top_k=stage.top_k, top_p=stage.top_p)
 
     def __call__(self, prompts: torch.LongTensor, uniforms: torch.Tensor) -> torch.LongTensor:
-        return cached_continuations(self.teacher, prompts, uniforms.to(prompts.device), self.sampling)
+        # The trainer compiles the teacher's decoder layers for its scoring forwards. Through them, the cache loop
+        # would be traced again for each layer index and cache length until dynamo's recompile limit (generation
+        # was 95% of each step's time on an H100), so it runs them eager.
+        with torch.compiler.set_stance("force_eager"):
+            return cached_continuations(self.teacher, prompts, uniforms.to(prompts.device), self.sampling)
 
 
 class OnPolicyFeed:

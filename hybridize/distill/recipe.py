@@ -333,7 +333,7 @@ class Recipe:
     # the share of each recurrent layer's heads given a 4096-token half-life (convert --init-long-heads)
     init_long_heads: float = 0.0
     # Mamba2 / GDN output gate, state decay and GDN write strength (convert --init-gate, --init-decay, --init-beta);
-    # unset: the convert default, teacher-calibrated
+    # unset: the convert default (zero, slow, half)
     init_gate: Literal["zero", "random", "teacher"] | None = None
     init_decay: Literal["slow", "random", "teacher"] | None = None
     init_beta: Literal["half", "teacher"] | None = None
@@ -353,8 +353,9 @@ class Recipe:
         _require(self.sink_tokens >= 0, "sink_tokens", "must be >= 0")
         _check_at_most(self.sink_tokens, MAX_SEQ_LEN, "sink_tokens")
         _require(0.0 <= self.init_long_heads <= 1.0, "init_long_heads", "must be in [0, 1]")
-        _require(not self.init_long_heads or self.init_decay in (None, "teacher"), "init_long_heads",
-                 f"applies to init_decay teacher (the default), not {self.init_decay}")
+        # With an init folder the decay is the folder's, checked against it at start (distill/export.py).
+        _require(not self.init_long_heads or self.plan is None or self.init_decay == "teacher", "init_long_heads",
+                 f"applies to init_decay: teacher, not {self.init_decay or 'slow (the default)'}")
         _require(len(self.stages) > 0, "stages", "list at least one stage")
         names = [stage.name for stage in self.stages]
         for i, name in enumerate(names):

@@ -86,12 +86,12 @@ def test_sink_tokens_reach_the_saved_config_and_the_forward(tiny_llama, tmp_path
                 ).abs().max() > 1e-3
 
 
-def converted_with_and_without(capsys, teacher, tmp_path, plan: str, flag: str) -> list:
-    """The plan converted with the boolean `flag` and without it; the option must reach the saved config and
-    conversion.json under its own name."""
+def converted_with_and_without(capsys, teacher, tmp_path, plan: str, flag: str, *options: str) -> list:
+    """The plan converted with the boolean `flag` and without it (both with `options`); the option must reach the
+    saved config and conversion.json under its own name."""
     key = flag.removeprefix("--").replace("-", "_")
     for name, extra in (("with", [flag]), ("without", [])):
-        assert convert(capsys, teacher, "--plan", plan, *extra, "--out", tmp_path / name)[0] == 0
+        assert convert(capsys, teacher, "--plan", plan, *extra, *options, "--out", tmp_path / name)[0] == 0
     models = [AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("with", "without")]
     assert getattr(models[0].config, key) and not getattr(models[1].config, key)
     assert json.loads((tmp_path / "with" / "conversion.json").read_text())[key] is True
@@ -100,9 +100,11 @@ def converted_with_and_without(capsys, teacher, tmp_path, plan: str, flag: str) 
 
 def test_recurrent_rope_reaches_the_saved_config_and_the_forward(tiny_llama, tmp_path, capsys):
     """--recurrent-rope: the saved hybrid's config and conversion.json say so, and its recurrent layers rotate (their
-    logits differ from the same conversion without the option from the second token on)."""
+    logits differ from the same conversion without the option from the second token on). The gates start open
+    (teacher), since layers that start as exact skips give the same logits whether they rotate or not."""
     rotated, plain = converted_with_and_without(capsys, tiny_llama, tmp_path,
-                                                "full_attention:0 gated_deltanet:1 mamba2:rest", "--recurrent-rope")
+                                                "full_attention:0 gated_deltanet:1 mamba2:rest", "--recurrent-rope",
+                                                "--init-gate", "teacher")
     ids = torch.randint(0, 49152, (1, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         rotated_logits, plain_logits = (m(ids, use_cache=False).logits[0] for m in (rotated, plain))
@@ -191,13 +193,20 @@ def test_interrupted_conversion_leaves_nothing_behind(tiny_llama, tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
-def test_default_init_is_teacher_calibrated_and_the_report_shows_the_zero_gate_init_beside_it(tiny_llama, tmp_path,
-                                                                                             capsys):
-    code, out = convert(capsys, tiny_llama, "--plan", "h2:1", "--out", tmp_path / "a")
+def test_default_init_is_the_zero_gate_and_a_calibrated_report_shows_the_zero_gate_init_beside_it(tiny_llama,
+                                                                                                  tmp_path, capsys):
+    code, out = convert(capsys, tiny_llama, "--plan", "h2:1", "--out", tmp_path / "d")
+    assert code == 0
+    record = json.loads((tmp_path / "d" / "conversion.json").read_text())
+    assert record["init_options"] == {"conv": "identity", "gate": "zero", "decay": "slow", "beta": "half",
+                                      "align_steps": 0, "long_memory_heads": 0.0}
+    assert all(row["relative_error"] == 1.0 for row in record["report"]["layers"]
+               if row["type"] in ("mamba2", "gated_deltanet"))
+    assert "zero_gate_init" not in record["report"]  # it is the init itself
+    code, out = convert(capsys, tiny_llama, "--plan", "h2:1", "--out", tmp_path / "a", "--init-gate", "teacher",
+                        "--init-decay", "teacher", "--init-beta", "teacher")
     assert code == 0
     record = json.loads((tmp_path / "a" / "conversion.json").read_text())
-    assert record["init_options"] == {"conv": "identity", "gate": "teacher", "decay": "teacher", "beta": "teacher",
-                                      "align_steps": 0, "long_memory_heads": 0.0}
     baseline = record["report"]["zero_gate_init"]
     assert f"zero-gate init (Mamba2 / GDN layers skipped): KL {baseline['kl_teacher_hybrid']:.4f}" in out.out
     # the calibrated layers are no longer skips (the zero gate reads exactly 1.0000)
@@ -249,11 +258,12 @@ def test_out_dot_in_a_users_folder_keeps_the_users_files(tiny_llama, tmp_path):
 
 
 def test_window_memory_plan_converts_to_its_window_plan_with_a_calibrated_memory(tiny_llama, tmp_path, capsys):
-    """The default (teacher-calibrated) conversion of window + GDN layers gives the window plan's logits exactly, and
-    its memory branches were fitted (their output projection is no longer W_o) while held at zero, to text that runs
+    """The teacher-calibrated conversion of window + GDN layers gives the window plan's logits exactly, and its
+    memory branches were fitted (their output projection is no longer W_o) while held at zero, to text that runs
     past the window: a fit within it would zero the memories, and no step could open them."""
     code, out = convert(capsys, tiny_llama, "--plan", "full_attention:0 window_gated_deltanet:rest", "--sink-tokens",
-                        "2", "--out", tmp_path / "g")
+                        "2", "--out", tmp_path / "g", "--init-gate", "teacher", "--init-decay", "teacher",
+                        "--init-beta", "teacher")
     assert code == 0 and "start as exactly their sliding window" in out.out
     assert convert(capsys, tiny_llama, "--plan", "full_attention:0 sliding_attention:rest", "--sink-tokens", "2",
                    "--out", tmp_path / "s")[0] == 0

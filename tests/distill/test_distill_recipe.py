@@ -170,7 +170,7 @@ def test_invalid_top_level_values_are_named():
     assert error_for({**plan, "sink_tokens": -1}).startswith("recipe: sink_tokens: must be >= 0")
     assert parse_recipe({**plan, "sink_tokens": 4}).sink_tokens == 4
     assert error_for({**plan, "init_long_heads": 1.5}).startswith("recipe: init_long_heads: must be in [0, 1]")
-    assert parse_recipe({**plan, "init_long_heads": 0.25}).init_long_heads == 0.25
+    assert parse_recipe({**plan, "init_long_heads": 0.25, "init_decay": "teacher"}).init_long_heads == 0.25
     assert parse_recipe({**plan, "recurrent_rope": True}).recurrent_rope is True
     chosen = parse_recipe({**plan, "init_gate": "zero", "init_decay": "slow", "init_beta": "half"})
     assert (chosen.init_gate, chosen.init_decay, chosen.init_beta) == ("zero", "slow", "half")
@@ -178,7 +178,9 @@ def test_invalid_top_level_values_are_named():
     assert error_for({**plan, "init_gate": "closed"}).startswith("recipe: init_gate: allowed values: zero, random, "
                                                                 "teacher")
     assert error_for({**plan, "init_decay": "slow", "init_long_heads": 0.25}).startswith(
-        "recipe: init_long_heads: applies to init_decay teacher (the default), not slow")
+        "recipe: init_long_heads: applies to init_decay: teacher, not slow")
+    assert error_for({**plan, "init_long_heads": 0.25}).startswith(
+        "recipe: init_long_heads: applies to init_decay: teacher, not slow (the default)")
     # With an init folder they parse too: the trainer checks them against the folder (test_distill_trainer.py).
     assert parse_recipe(minimal(recurrent_rope=True, init_long_heads=0.25, sink_tokens=4)).sink_tokens == 4
     raw = minimal()

@@ -187,6 +187,25 @@ def test_the_teacher_as_generator_samples_the_teachers_own_tokens(models, sampli
                            expected)  # the student would have continued otherwise
 
 
+def test_the_teacher_generates_eager_through_its_compiled_layers(models):
+    """The trainer compiles the teacher's layers; its continuations must not trace the cache loop (a graph per layer
+    index and cache length) and must equal the eager teacher's."""
+    import copy
+
+    from hybridize.model.compiling import compile_decoder_layers
+
+    _, teacher = models
+    compiled = copy.deepcopy(teacher)
+    compile_decoder_layers(compiled, backend="aot_eager")
+    config = stage(generator="teacher")
+    prompts = torch.randint(1, 1000, (2, config.prompt_tokens), generator=torch.Generator().manual_seed(6))
+    uniforms = sampling_uniforms(seed=0, stage_index=0, first_position=0, count=2, new_tokens=config.new_tokens)
+    frames = torch._dynamo.utils.counters["frames"]["total"]
+    generated = TeacherContinuations(compiled, config)(prompts, uniforms)
+    assert torch._dynamo.utils.counters["frames"]["total"] == frames
+    assert torch.equal(generated, TeacherContinuations(teacher, config)(prompts, uniforms))
+
+
 def load_teacher_with_other_weights(teacher):
     import copy
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from hybridize.convert.init import TEACHER_CALIBRATED
 from hybridize.convert.pipeline import convert_to_folder
 from hybridize.evaluate.common import load_pair
 from hybridize.teacher import teacher_folder
@@ -22,8 +23,9 @@ def teacher_dir(tmp_path_factory, tokenizer):
 
 
 def _convert(tmp_path_factory, teacher_dir, plan: str):
+    """The teacher-calibrated init: its recurrent layers' gates start open, so they count in what eval measures."""
     folder = tmp_path_factory.mktemp("hybrid") / plan.replace(":", "-")
-    return convert_to_folder(str(teacher_dir), plan, folder, log=lambda *_: None)
+    return convert_to_folder(str(teacher_dir), plan, folder, options=TEACHER_CALIBRATED, log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")

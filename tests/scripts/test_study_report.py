@@ -90,7 +90,7 @@ def test_the_recall_runs_are_the_gdn_recipe_with_one_lever_each():
     assert shares.recurrent_rope and shares.init_long_heads == 0.25
     uncalibrated = recipes["recall-gdn-rope-uncalibrated"]
     assert (uncalibrated.init_gate, uncalibrated.init_decay, uncalibrated.init_beta) == ("zero", "slow", "half")
-    assert uncalibrated.recurrent_rope and uncalibrated.init_long_heads == 0 and combined.init_gate is None
+    assert uncalibrated.recurrent_rope and uncalibrated.init_long_heads == 0 and combined.init_gate == "teacher"
     copies = recipes["recall-gdn-rope-long-heads-copies"]
     assert copies.stages[1].copied_spans == CopiedSpans(share=0.25, tokens=32, min_gap=1024)
     assert copies.stages[0].copied_spans is None and combined.stages[1].copied_spans is None
