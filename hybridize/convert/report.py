@@ -67,9 +67,10 @@ RECURRENT = ("mamba2", "gated_deltanet")
 LEGEND = ("rel. error = |layer output - teacher attention output| / |teacher attention output| on the calibration "
           "tokens,\n  each layer fed the teacher's input: 0 = the teacher's attention exactly, 1 = the layer adds "
           "nothing (as if\n  skipped), above 1 = worse than skipping.")
-RECURRENT_NOTE = ("  Mamba2 / Gated DeltaNet layers read 1.0000 when their output gate starts at zero (--init-gate "
-                  "zero): they\n  output exactly 0, so the model starts as the teacher without those attention "
-                  "layers and distillation\n  opens the gates. KL and perplexity below compare init choices at step 0.")
+RECURRENT_NOTE = ("  Mamba2 / Gated DeltaNet layers read 1.0000 when their output gate starts at zero (the default): "
+                  "they\n  output exactly 0, so the model starts as the teacher without those attention layers and "
+                  "distillation\n  opens the gates. With another --init-gate, the zero-gate init's KL and perplexity "
+                  "follow the\n  chosen init's.")
 WINDOW_MEMORY_NOTE = ("  window + memory layers (window_gated_deltanet, window_mamba2) start as exactly their sliding "
                       "window: the\n  memory branch's output scale is 0 until distillation opens it, so they read "
                       "what sliding_attention would.")

@@ -384,7 +384,8 @@ def test_the_on_policy_variants_train_on_their_base_recipes_tokens(variant):
     assert sum(s.tokens for s in recipe.stages) == sum(s.tokens for s in base.stages)
     assert [s.KIND for s in recipe.stages] == [s.KIND for s in base.stages] + ["on_policy"]
     assert recipe.stages[:-2] == base.stages[:-1] and recipe.plan == base.plan
-    assert (recipe.recurrent_rope, recipe.init_long_heads) == (base.recurrent_rope, base.init_long_heads)
+    conversion = lambda r: (r.recurrent_rope, r.init_long_heads, r.init_gate, r.init_decay, r.init_beta)  # noqa: E731
+    assert conversion(recipe) == conversion(base)
     assert recipe.stages[-2].tokens == base.stages[-1].tokens - recipe.stages[-1].tokens
 
 
