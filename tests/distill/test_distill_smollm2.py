@@ -20,6 +20,7 @@ PLAN = "gated_deltanet:3,11 mamba2:7 full_attention:rest"
 def test_stage1_lowers_each_replaced_layers_error_on_the_embedded_teacher(tmp_path, text_file):
     raw = {
         "teacher": "smollm2-135m", "plan": PLAN, "output_dir": str(tmp_path / "run"), "init_long_heads": 0.3,
+        "init_gate": "teacher", "init_decay": "teacher", "init_beta": "teacher",
         "data": {"source": str(text_file), "held_out_fraction": 0.1},
         "stages": [{"name": "attention", "kind": "attention_output", "tokens": 6 * 256, "seq_len": 64,
                     "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3}],
@@ -61,7 +62,8 @@ def test_the_shipped_smollm2_recipe_runs_in_smoke_mode(tmp_path):
     assert model.config.layer_types.count("full_attention") == 8
     # the recipe's recall options reach the conversion and the saved model
     conversion = json.loads((out / "init" / "conversion.json").read_text())
-    assert conversion["recurrent_rope"] and conversion["init_options"]["long_memory_heads"] == 0.25
+    assert conversion["recurrent_rope"] and conversion["init_options"]["long_memory_heads"] == 0
+    assert [conversion["init_options"][k] for k in ("gate", "decay", "beta")] == ["zero", "slow", "half"]
     assert model.config.recurrent_rope
     prompt = tokenizer("import os\n", return_tensors="pt")
     assert model.generate(**prompt, max_new_tokens=3, do_sample=False).shape[1] == prompt["input_ids"].shape[1] + 3
