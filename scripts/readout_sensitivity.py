@@ -8,7 +8,8 @@ on the passkey's number (scripts/needle_trace.py; on SmolLM2-135M, 20-23). A hyb
 attention over those layers, as a share of the teacher's (a replaced read-out layer adds 0).
 `layers`: each layer alone replaced by --mixer, the rest the teacher's, and the read-out left.
 `plans`: each plan's step-0 KL on the calibration text's held-out blocks and its read-out.
-Every hybrid gets the teacher-calibrated init (the convert default), fitted in memory; nothing is written but --out.
+Every hybrid gets the teacher-calibrated init (what the recorded runs used), fitted in memory; nothing is written but
+--out.
 --recurrent-rope builds them as `hybridize convert --recurrent-rope` does.
 """
 
@@ -19,7 +20,8 @@ import torch
 
 from hybridize.convert.build import hybrid_config_from_teacher
 from hybridize.convert.calibrate import teacher_calibration
-from hybridize.convert.pipeline import CONVERT_DEFAULTS, build_hybrid, fitting_batch
+from hybridize.convert.init import TEACHER_CALIBRATED
+from hybridize.convert.pipeline import build_hybrid, fitting_batch
 from hybridize.convert.plan import resolve_plan
 from hybridize.convert.report import model_stats, next_token_stats
 from hybridize.corpus import calibration_batch
@@ -48,7 +50,7 @@ class Converter:
         config = hybrid_config_from_teacher(self.teacher.config, plan, dtype=self.teacher.dtype,
                                             recurrent_rope=self.recurrent_rope)
         fitting = {i: self.fitting[i] for i, kind in enumerate(plan) if kind != "full_attention"}
-        return build_hybrid(self.folder, config, CONVERT_DEFAULTS, 0, self.statistics, fitting)[0].eval()
+        return build_hybrid(self.folder, config, TEACHER_CALIBRATED, 0, self.statistics, fitting)[0].eval()
 
     def readout(self, hybrid) -> dict:
         attention = needle_trace(hybrid, self.tokenizer, self.length)["needle_attention"]
