@@ -1,6 +1,7 @@
 """The on_policy stage: its divergences, the generated batch's loss mask, generation by the student alone and
 reproducible from the seed, exact resume, a smoke run through the CLI, and its recipe checks."""
 
+import copy
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from hybridize.distill.recipe import OnPolicyStage, load_recipe, parse_recipe
 from hybridize.distill.stages import OnPolicyDistiller
 from hybridize.distill.trainer import Trainer
 from hybridize.errors import UserError
+from hybridize.model.compiling import compile_decoder_layers
 from hybridize.model.fast_decode import StaticDecoder
 from hybridize.model.sampling import Sampling, choose_tokens
 from hybridize.teacher import load_teacher
@@ -190,10 +192,6 @@ def test_the_teacher_as_generator_samples_the_teachers_own_tokens(models, sampli
 def test_the_teacher_generates_eager_through_its_compiled_layers(models):
     """The trainer compiles the teacher's layers; its continuations must not trace the cache loop (a graph per layer
     index and cache length) and must equal the eager teacher's."""
-    import copy
-
-    from hybridize.model.compiling import compile_decoder_layers
-
     _, teacher = models
     compiled = copy.deepcopy(teacher)
     compile_decoder_layers(compiled, backend="aot_eager")
@@ -207,8 +205,6 @@ def test_the_teacher_generates_eager_through_its_compiled_layers(models):
 
 
 def load_teacher_with_other_weights(teacher):
-    import copy
-
     other = copy.deepcopy(teacher)
     with torch.no_grad():
         for param in other.parameters():
