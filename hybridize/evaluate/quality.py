@@ -5,9 +5,11 @@ Every number is taken on the same token blocks for both models in one pass over 
 - KL(teacher||student): the mean over positions of sum_v p_t(v) (log p_t(v) - log p_s(v)), in nats;
 - top-1 agreement: the share of positions where both models' most likely next token is the same;
 - greedy agreement: prompts cut from the same blocks, continued greedily for 32 tokens by each model;
-  the share of continuations identical to the teacher's, and the mean length of the matching prefix.
+  the share of continuations identical to the teacher's (with its 95% Wilson interval: at 48 continuations a share
+  of 0.3 is known to about +-0.13), and the mean length of the matching prefix.
 """
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -101,12 +103,23 @@ def _ppl(nll: float, count: int) -> float:
     return float(torch.tensor(nll / count).exp())
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% (z) Wilson score interval of a share successes / trials: unlike the normal approximation it stays
+    inside [0, 1] and is not empty at 0 or at every trial."""
+    share, z2 = successes / trials, z * z / trials
+    centre = (share + z2 / 2) / (1 + z2)
+    half = z / (1 + z2) * math.sqrt(share * (1 - share) / trials + z2 / (4 * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _agreement(sums: dict) -> dict:
     return {
         "teacher_ppl": _ppl(sums["teacher_nll"], sums["predicted"]),
         "kl": sums["kl"] / sums["positions"],
         "top1": sums["top1"] / sums["positions"],
         "greedy_exact": sums["greedy_exact"] / sums["greedy_count"],
+        "greedy_exact_interval": list(wilson_interval(sums["greedy_exact"], sums["greedy_count"])),
+        "greedy_count": sums["greedy_count"],
         "greedy_prefix": sums["greedy_prefix"] / sums["greedy_count"],
     }
 
@@ -132,7 +145,12 @@ def quality_table(results: dict) -> str:
     new = results["settings"]["greedy_new_tokens"]
     header = ["domain", "ppl hybrid", "ppl teacher", "ppl ratio", "KL(t||s)", "top-1 agree",
               f"greedy{new} exact", "matched prefix"]
-    return format_table(header, rows)
+    table = format_table(header, rows)
+    overall = results["all"]
+    if "greedy_exact_interval" not in overall:
+        return table
+    low, high = overall["greedy_exact_interval"]
+    return f"{table}\ngreedy{new} exact over {overall['greedy_count']} continuations: 95% interval {low:.3f}-{high:.3f}"
 
 
 def compare(student, teacher, tokenizer, *, small: bool = True, settings: QualitySettings | None = None, log=print):
