@@ -3,6 +3,8 @@
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +17,7 @@ from hybridize.model import HybridConfig, HybridForCausalLM
 from hybridize.model.configuration_hybrid import BRANCH_TYPES, HEADWISE_TYPES
 from hybridize.model.mamba2 import Mamba2Mixer
 
+REPO = Path(__file__).resolve().parents[1]
 CUDA_TEST = "needs a CUDA GPU"  # the skip reason that marks a CUDA test (conftest refuses to run one interpreted)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_TEST)
 
@@ -25,6 +28,12 @@ def load_script(path: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_script(name: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python scripts/NAME ARGS...` from the repository root, as a user runs it, its output captured."""
+    return subprocess.run([sys.executable, f"scripts/{name}", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def interpreted_cuda_test(item: pytest.Item) -> bool:

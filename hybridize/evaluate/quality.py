@@ -104,8 +104,8 @@ def _ppl(nll: float, count: int) -> float:
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
-    """The 95% (z) Wilson score interval of a share successes / trials: unlike the normal approximation it stays
-    inside [0, 1] and is not empty at 0 or at every trial."""
+    """The Wilson score interval (95% at the default z) of the share successes / trials: unlike the normal
+    approximation it stays inside [0, 1] and is not empty at 0 or at every trial."""
     share, z2 = successes / trials, z * z / trials
     centre = (share + z2 / 2) / (1 + z2)
     half = z / (1 + z2) * math.sqrt(share * (1 - share) / trials + z2 / (4 * trials))
@@ -147,7 +147,7 @@ def quality_table(results: dict) -> str:
               f"greedy{new} exact", "matched prefix"]
     table = format_table(header, rows)
     overall = results["all"]
-    if "greedy_exact_interval" not in overall:
+    if "greedy_exact_interval" not in overall:  # the hybrid alone: no agreement to bound
         return table
     low, high = overall["greedy_exact_interval"]
     return f"{table}\ngreedy{new} exact over {overall['greedy_count']} continuations: 95% interval {low:.3f}-{high:.3f}"

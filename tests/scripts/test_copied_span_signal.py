@@ -3,17 +3,14 @@ or without a span), past it the window misses part of the teacher, and a student
 nothing."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from hybridize.teacher import teacher_folder
-from helpers import save_tiny_teacher
+from helpers import run_script, save_tiny_teacher
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +20,8 @@ def teacher_dir(tmp_path_factory):
 
 
 def signal(teacher_dir, out: Path, seq_len: int, min_gap: int, *more: str) -> dict:
-    done = subprocess.run([sys.executable, "scripts/copied_span_signal.py", "--teacher", str(teacher_dir),
-                           "--seq-len", str(seq_len), "--tokens", "8", "--min-gap", str(min_gap), "--blocks", "1",
-                           "--out", str(out), *more], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = run_script("copied_span_signal.py", "--teacher", teacher_dir, "--seq-len", seq_len, "--tokens", 8,
+                      "--min-gap", min_gap, "--blocks", 1, "--out", out, *more)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(out.read_text())["domains"]
 

@@ -3,18 +3,14 @@ each weight matrix's spread, norms untouched, bf16 rounding at share 0, the same
 more KL through the eval's own measurement."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from hybridize.teacher import load_teacher, teacher_folder
-from helpers import load_script, save_tiny_teacher
+from helpers import REPO, load_script, run_script, save_tiny_teacher
 
-REPO = Path(__file__).resolve().parents[2]
 noisy_copy = load_script(REPO / "scripts" / "greedy_at_equal_kl.py").noisy_copy
 
 
@@ -43,9 +39,8 @@ def test_a_noisy_copy_has_the_named_noise_in_its_matrices_only(teacher_dir):
 
 def test_more_noise_is_more_kl_through_the_eval(teacher_dir, tmp_path):
     out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, "scripts/greedy_at_equal_kl.py", "--teacher", str(teacher_dir), "--small",
-                           "--noise", "0.01,0.2", "--device", "cpu", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    done = run_script("greedy_at_equal_kl.py", "--teacher", teacher_dir, "--small", "--noise", "0.01,0.2",
+                      "--device", "cpu", "--out", out)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [row["noise"] for row in rows] == [0.01, 0.2]

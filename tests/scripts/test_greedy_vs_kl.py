@@ -2,17 +2,15 @@
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO, run_script
+
 RESULTS = REPO / "docs" / "results"
 NOISE = RESULTS / "greedy-at-equal-kl" / "rows.json"
 
 
 def greedy_vs_kl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/greedy_vs_kl.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return run_script("greedy_vs_kl.py", *args, timeout=300)
 
 
 def test_rows_are_each_folders_whole_eval_by_kl_and_folders_without_one_are_skipped(tmp_path):

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -12,9 +10,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from hybridize.cli import main as hybridize_main
 from hybridize.corpus import calibration_batch
 from hybridize.teacher import load_teacher, teacher_folder
-from helpers import load_script
+from helpers import REPO, load_script, run_script
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "memory_fit.py"
 
 
@@ -33,8 +30,7 @@ def test_a_converted_memory_is_live_and_a_zeroed_one_adds_nothing(tmp_path):
     plans = {"g": "full_attention:0 window_gated_deltanet:rest", "s": "full_attention:0 sliding_attention:rest"}
     for name, plan in plans.items():
         assert hybridize_main(["convert", str(teacher), "--plan", plan, "--out", str(tmp_path / name)]) == 0
-    done = subprocess.run([sys.executable, "scripts/memory_fit.py", str(tmp_path / "g"), "--teacher", str(teacher)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = run_script("memory_fit.py", tmp_path / "g", "--teacher", teacher)
     assert done.returncode == 0, done.stderr[-2000:]
     *rows, means = [json.loads(line) for line in done.stdout.splitlines()]
     assert [row["layer"] for row in rows] == [1, 2]
@@ -63,7 +59,6 @@ def test_a_hybrid_without_window_memory_layers_is_one_line(tmp_path):
     teacher = tiny_teacher(tmp_path / "teacher")
     assert hybridize_main(["convert", str(teacher), "--plan", "full_attention:0 gated_deltanet:rest",
                            "--out", str(tmp_path / "g")]) == 0
-    done = subprocess.run([sys.executable, "scripts/memory_fit.py", str(tmp_path / "g")], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = run_script("memory_fit.py", tmp_path / "g", timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip() == f"memory_fit: {tmp_path / 'g'} has no window + memory layer"

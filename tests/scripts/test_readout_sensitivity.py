@@ -2,17 +2,14 @@
 readout layer adds nothing, and replacing one layer leaves the layers below it exactly the teacher's."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from hybridize.teacher import teacher_folder
-from helpers import load_script, save_tiny_teacher
+from helpers import REPO, load_script, run_script, save_tiny_teacher
 
-REPO = Path(__file__).resolve().parents[2]
 LAYERS = 3
 
 
@@ -24,9 +21,8 @@ def teacher_dir(tmp_path_factory):
 
 def run(teacher_dir, out: Path, *args: str) -> dict:
     # threshold 0: every layer of the random teacher counts as a readout layer
-    done = subprocess.run([sys.executable, "scripts/readout_sensitivity.py", *args, "--teacher", str(teacher_dir),
-                           "--length", "200", "--threshold", "0", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = run_script("readout_sensitivity.py", *args, "--teacher", teacher_dir, "--length", 200, "--threshold", 0,
+                      "--out", out)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(out.read_text())
 

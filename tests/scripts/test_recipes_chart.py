@@ -2,16 +2,14 @@
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO, run_script
+
 RESULTS = REPO / "docs" / "results"
 
 
 def chart(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/recipes_chart.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return run_script("recipes_chart.py", *args, timeout=300)
 
 
 def test_rows_come_from_each_folders_eval_and_bench_and_unbenched_folders_are_left_off(tmp_path):

@@ -2,13 +2,10 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from helpers import load_script
+from helpers import REPO, load_script, run_script
 
-REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "docs" / "results" / "study"
 
 
@@ -17,8 +14,7 @@ def load_study():
 
 
 def report(root: Path) -> list[dict]:
-    done = subprocess.run([sys.executable, "scripts/study.py", "report", "--root", str(root)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = run_script("study.py", "report", "--root", root, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((root / "study.json").read_text())
 
