@@ -26,7 +26,8 @@ def print_kernel_table(title: str, fn, *, repeats: int = 3, rows: int = 25, warm
     """Run fn once to warm up (autotuning, compilation) unless told not to, then `repeats` times under the profiler.
 
     Prints each kernel's device ms per call, its share, and its launches per call; with a warm-up, also the host and
-    wall ms per call of `repeats` unprofiled calls (`host_and_wall_ms`), which the kernel total is a part of.
+    wall ms per call of `repeats` unprofiled calls (`host_and_wall_ms`), which the kernel total is a part of, and
+    where that host time goes (`print_host_rows`).
     """
     if warm_up:
         fn()
@@ -40,6 +41,27 @@ def print_kernel_table(title: str, fn, *, repeats: int = 3, rows: int = 25, warm
         host, wall = host_and_wall_ms(fn, repeats)
         print(f"   unprofiled: {host:.3f} ms host, {wall:.3f} ms wall per call")
     print_rows(kernels, repeats, rows)
+    if warm_up:
+        print_host_rows(fn, repeats)
+
+
+def print_host_rows(fn, repeats: int, rows: int = 12) -> None:
+    """The host's side of `repeats` calls: the operators and CUDA runtime / driver calls with the most self time.
+
+    A synchronizing call (cudaStreamSynchronize, a device-to-host copy) shows as one long row, where launch overhead
+    is many short cudaLaunchKernel / cuLaunchKernelEx rows; what the rows leave of the host time is Python.
+    """
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            fn()
+    synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)  # us over all repeats
+    print(f"   host, profiled: {total / repeats / 1e3:.3f} ms per call in operators and runtime calls")
+    for e in events[:rows]:
+        print(f"  {e.self_cpu_time_total / repeats / 1e3:8.3f} ms host  x{e.count // repeats:<4d} {e.key[:90]}")
 
 
 def print_kernels(title: str, prof, repeats: int) -> list:
