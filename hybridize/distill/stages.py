@@ -19,6 +19,7 @@ from ..losses import KDOptions, attention_output_loss, kd_loss, next_token_label
 from ..model.configuration_hybrid import BRANCH_TYPES
 from ..model.modeling_hybrid import HALF_LIFE_PARAMETERS, MEMORY_BRANCH_PARAMETERS
 from ..teacher_forcing import capture_mixer_io, student_mixer_outputs
+from .merged_lora import MergedLoraLinear
 from .on_policy import ContinuationSampler, TeacherContinuations
 from .recipe import AttentionOutputStage, EndToEndStage, LoraConfig, OnPolicyStage, Stage
 
@@ -80,6 +81,7 @@ def add_lora(student: nn.Module, stage: EndToEndStage, trained: set[str]) -> Lor
                         "layer is already trained in full by `trainable`")
     config = PeftLoraConfig(r=stage.lora.rank, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
                             target_modules=targets, bias="none")
+    config._register_custom_module({nn.Linear: MergedLoraLinear})  # peft's layer, one GEMM a call (merged_lora.py)
     return LoraModel(student, config, LORA_ADAPTER)
 
 
