@@ -43,7 +43,7 @@ def forward_and_grads(model: LoraModel, x: torch.Tensor, dy: torch.Tensor, autoc
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = model(x)
     y.backward(dy)
-    layer = model.model.proj
+    layer = getattr(model.model.proj, "_orig_mod", model.model.proj)  # compiled or not
     return {"y": y.detach().float(), "dx": x.grad.float(), "dA": full(layer.lora_A["default"].weight.grad),
             "dB": full(layer.lora_B["default"].weight.grad)}
 
@@ -85,6 +85,18 @@ def test_bf16_autocast_within_two_roundings_of_the_exact_function():
         error = (ours[name].double() - value).abs()
         assert (error <= 3 * 2.0**-8 * scale[name] + 1e-12).all(), (name, (error / scale[name]).max().item())
     assert ours["dA"].dtype == ours["dB"].dtype == torch.float32  # the adapters' own dtype
+
+
+def test_traces_as_one_graph_under_autocast():
+    """The trainer compiles decoder layers: the layer must trace without a graph break (fullgraph raises on one),
+    autocast queries and the Function included, and give the eager results."""
+    x, dy = torch.randn(3, 5, DIN), torch.randn(3, 5, DOUT)
+    eager = forward_and_grads(adapted(True), x, dy, autocast=True)
+    model = adapted(True)
+    model.model.proj = torch.compile(model.model.proj, backend="aot_eager", fullgraph=True)
+    compiled = forward_and_grads(model, x, dy, autocast=True)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=0, atol=0, msg=name)
 
 
 def test_dropout_or_a_disabled_adapter_runs_peft_forward(monkeypatch):
