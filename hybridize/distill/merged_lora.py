@@ -55,12 +55,14 @@ class MergedLoraFunction(torch.autograd.Function):
 
 
 class MergedLoraLinear(PeftLoraLinear):
-    """peft's LoRA `Linear`, whose forward runs `MergedLoraFunction` in the plain case: one active vanilla adapter
-    without dropout on a frozen layer, adapters neither merged nor disabled. Anything else is peft's own forward.
-    Merging, unloading and the state dict are peft's."""
+    """peft's LoRA `Linear`, whose forward runs `MergedLoraFunction` in the plain case while gradients are recorded:
+    one active vanilla adapter without dropout on a frozen layer, adapters neither merged nor disabled. Anything else
+    is peft's own forward, and so is every forward without gradients (held-out evals, the on-policy stage's
+    generation): forming W' reads and writes the weight, which costs more than the adapter's outputs when a call
+    has few tokens. Merging, unloading and the state dict are peft's."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter = self._plain_adapter()
+        adapter = self._plain_adapter() if torch.is_grad_enabled() else None
         if adapter is None or args or kwargs:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()

@@ -99,12 +99,14 @@ def test_traces_as_one_graph_under_autocast():
         torch.testing.assert_close(compiled[name], eager[name], rtol=0, atol=0, msg=name)
 
 
-def test_dropout_or_a_disabled_adapter_runs_peft_forward(monkeypatch):
+def test_dropout_a_disabled_adapter_or_no_gradients_run_peft_forward(monkeypatch):
     def refuse(*args):
         raise AssertionError("the merged path ran")
 
     monkeypatch.setattr(merged_lora.MergedLoraFunction, "apply", refuse)
     x = torch.randn(2, DIN)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(True).model.proj(x), adapted(False).model.proj(x))
     with_dropout = adapted(True, dropout=0.1)
     with_dropout.eval()  # dropout off, so that the two layers compare
     torch.testing.assert_close(with_dropout.model.proj(x), adapted(False, dropout=0.1).eval().model.proj(x))
