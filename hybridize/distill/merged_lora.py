@@ -63,7 +63,7 @@ class MergedLoraLinear(PeftLoraLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter = self._plain_adapter() if torch.is_grad_enabled() else None
-        if adapter is None or args or kwargs:
+        if adapter is None or args or kwargs or x.dim() < 2:  # the backward flattens the token dims
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         device = x.device.type

@@ -107,6 +107,8 @@ def test_dropout_a_disabled_adapter_or_no_gradients_run_peft_forward(monkeypatch
     x = torch.randn(2, DIN)
     with torch.no_grad():
         torch.testing.assert_close(adapted(True).model.proj(x), adapted(False).model.proj(x))
+    one_token = torch.randn(DIN, requires_grad=True)  # no token dimension to flatten
+    torch.testing.assert_close(adapted(True).model.proj(one_token), adapted(False).model.proj(one_token))
     with_dropout = adapted(True, dropout=0.1)
     with_dropout.eval()  # dropout off, so that the two layers compare
     torch.testing.assert_close(with_dropout.model.proj(x), adapted(False, dropout=0.1).eval().model.proj(x))
