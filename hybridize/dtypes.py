@@ -3,7 +3,8 @@
 Policy (docs/conversion.md, "Dtypes"): a teacher is read in the dtype its weights are stored in, and conversion
 writes the hybrid in that dtype unless `--dtype` says otherwise. The mixers' decay and skip parameters (A_log,
 dt_bias, D) stay fp32 in every saved hybrid (`HybridPreTrainedModel._keep_in_fp32_modules_strict`). Training
-loads the student in fp32 (master weights) and runs bf16 autocast; the teacher runs in the autocast dtype.
+loads the student in fp32 (master weights) and runs bf16 autocast; the teacher runs in the autocast dtype. A kd stage
+holds its frozen linear weights in bf16 where that is exact (distill/frozen_weights.py).
 """
 
 import json

@@ -43,6 +43,7 @@ from . import checkpoints
 from .data import StageData, load_documents, stage_data
 from .disk_space import SMALL_FILES, StageWrites, check_disk_room, folder_bytes, free_space, is_disk_full
 from .export import check_conversion_options, check_student_folder, export_student, load_student
+from .frozen_weights import frozen_weight_dtype, hold_frozen_linears
 from .provenance import portable_data_record, portable_path, portable_recipe
 from .on_policy import OnPolicyFeed
 from .recipe import EndToEndStage, OnPolicyStage, Recipe, Stage, recipe_to_dict
@@ -366,6 +367,8 @@ class StageRun:
         set_seed(trainer.recipe.seed + self.index)
         student = load_student(self.source)
         prepare_student(student, stage)
+        held_dtype = frozen_weight_dtype(stage, accelerator.mixed_precision, accelerator.is_fsdp2)
+        held = hold_frozen_linears(student, held_dtype) if held_dtype is not None else 0
         self.windows = windows_to_draw(student, stage.train_windows, stage.name)
         if trainer.compiles and isinstance(stage, EndToEndStage):
             compile_decoder_layers(student)  # stage 1 calls the mixers alone, outside their layers
@@ -385,6 +388,7 @@ class StageRun:
             f"{f' (stopping after {self.stop})' if self.stop < self.total_steps else ''}, "
             f"{self.accumulation} micro batch(es) of {stage.micro_batch_size} per process per step, "
             f"{trained / 1e6:.2f}M trained parameters"
+            f"{f', {held / 1e6:.2f}M frozen linear weights held in {accelerator.mixed_precision}' if held else ''}"
         )
         if trainer.progress.step == 0:
             self._check_held_out(self._evaluate(), "before the first step")
