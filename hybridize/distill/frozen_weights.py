@@ -18,13 +18,9 @@ from torch import nn
 from .recipe import KDStage, Stage
 
 
-def exactly_representable(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether every value of `tensor` survives a round trip through `dtype` unchanged."""
-    return torch.equal(tensor.to(dtype).to(tensor.dtype), tensor)
-
-
 def hold_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
-    """Cast each frozen `nn.Linear`'s weight and bias to `dtype` where that is exact; returns the elements cast.
+    """Cast each frozen `nn.Linear`'s weight and bias to `dtype` where that is exact (every value survives the
+    round trip unchanged); returns the elements cast.
 
     Call after the trained parameters are chosen (requires_grad set) and before the model is compiled or wrapped.
     """
@@ -36,9 +32,10 @@ def hold_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
         params = list(module.parameters(recurse=False))
         if any(p.requires_grad or id(p) in embedded or p.dtype == dtype for p in params):
             continue
-        if all(exactly_representable(p.detach(), dtype) for p in params):
-            for p in params:
-                p.data = p.data.to(dtype)
+        low = [p.detach().to(dtype) for p in params]
+        if all(torch.equal(q.to(p.dtype), p) for p, q in zip(params, low)):
+            for p, q in zip(params, low):
+                p.data = q
                 cast += p.numel()
     return cast
 
@@ -46,9 +43,9 @@ def hold_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
 def frozen_weight_dtype(stage: Stage, mixed_precision: str, sharded: bool) -> torch.dtype | None:
     """The dtype a stage holds its student's frozen linear weights in, or None to keep them fp32.
 
-    kd stages under bf16 autocast (`mixed_precision: bf16`, on a GPU) on one process or under DDP. Not an on_policy stage, whose student also
-    generates outside autocast in its own weights, and not under FSDP2, which shards and gathers the weights of a
-    layer as one group.
+    kd stages under bf16 autocast (`mixed_precision: bf16`, on a GPU) on one process or under DDP. Not an on_policy
+    stage, whose student also generates outside autocast in its own weights, and not under FSDP2, which shards and
+    gathers the weights of a layer as one group.
     """
     if not isinstance(stage, KDStage) or sharded:
         return None
